@@ -1,0 +1,156 @@
+"""hpcbatch's settings, registered with ``dask.config`` under ``hpcbatch``.
+
+Defaults live in ``hpcbatch.yaml`` beside this module; environment variables work
+the Dask way (``DASK_HPCBATCH__MEMORY_FRACTION=0.5``) and ``dask config get
+hpcbatch`` shows them.  Profiles (``configs/*.yaml``, or any file) are merged on
+top.  Read once at the edge (CLI or public entry points) with :func:`load` and pass
+the values down; nothing deeper calls ``dask.config.get``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import dask.config
+import yaml
+
+from .errors import ConfigError
+
+_DEFAULTS_FILE = Path(__file__).with_name("hpcbatch.yaml")
+PROFILE_DIR = Path(__file__).with_name("profiles")
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}: fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping, e.g. 'hpcbatch: {{...}}'")
+    return data
+
+
+DEFAULTS: dict = _read_yaml(_DEFAULTS_FILE)
+dask.config.update_defaults(DEFAULTS)
+
+
+def _check_keys(given: Mapping, known: Mapping, where: str, prefix: str = "") -> None:
+    for key, value in given.items():
+        canonical = str(key).replace("_", "-")
+        if canonical not in known:
+            raise ConfigError(
+                f"unknown setting '{prefix}{key}' in {where}: known settings at this level are "
+                + ", ".join(sorted(known))
+            )
+        if isinstance(known[canonical], dict) and known[canonical] and isinstance(value, Mapping):
+            if canonical != "thresholds" or set(value) - set(known[canonical]):
+                _check_keys(value, known[canonical], where, f"{prefix}{canonical}.")
+
+
+def _normalise(data: Mapping) -> dict:
+    return {
+        str(k).replace("_", "-"): _normalise(v) if isinstance(v, Mapping) else v
+        for k, v in data.items()
+    }
+
+
+def read_file(path: str | Path) -> dict:
+    """A config/profile file's ``hpcbatch`` settings, keys checked against the defaults."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist: check the path")
+    data = _read_yaml(path)
+    if set(data) != {"hpcbatch"}:
+        bad = sorted(set(data) - {"hpcbatch"}) or ["(nothing)"]
+        raise ConfigError(
+            f"config file {path} must have one top-level key 'hpcbatch', found {bad[0]!r}"
+        )
+    section = data["hpcbatch"] or {}
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"'hpcbatch' in {path} must be a mapping of settings")
+    _check_keys(section, DEFAULTS["hpcbatch"], str(path))
+    return _normalise(section)
+
+
+def profile_path(name: str) -> Path:
+    """Where the named profile lives: the packaged ``profiles/`` (copied from configs/)."""
+    candidates = [PROFILE_DIR / f"{name}.yaml", Path.cwd() / "configs" / f"{name}.yaml"]
+    for path in candidates:
+        if path.exists():
+            return path
+    known = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+    raise ConfigError(
+        f"unknown profile {name!r}: choose one of {', '.join(known)} or pass --config FILE"
+    )
+
+
+def load(
+    profile: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: Mapping | None = None,
+) -> dict:
+    """The effective ``hpcbatch`` settings: defaults < env/dask config < profile < file < overrides.
+
+    ``overrides`` are flag values; ``None`` values are ignored so unset flags keep the
+    configured value.
+    """
+    settings = copy.deepcopy(dask.config.get("hpcbatch"))
+    settings = _normalise(settings)
+    _check_keys(settings, DEFAULTS["hpcbatch"], "dask config (DASK_HPCBATCH__* or ~/.config/dask)")
+    layers = []
+    if profile:
+        layers.append(read_file(profile_path(profile)))
+    if config_file:
+        layers.append(read_file(config_file))
+    if overrides:
+        layers.append(_normalise({k: v for k, v in overrides.items() if v is not None}))
+    for layer in layers:
+        settings = dask.config.merge(settings, layer)
+    validate(settings)
+    return settings
+
+
+def validate(settings: Mapping[str, Any]) -> None:
+    fraction = settings.get("memory-fraction")
+    try:
+        fraction = float(fraction)
+    except (TypeError, ValueError):
+        raise ConfigError(f"memory-fraction must be a number in (0, 1), got {fraction!r}") from None
+    if not 0 < fraction < 1:
+        raise ConfigError(
+            f"memory-fraction must be between 0 and 1 (exclusive), got {fraction}: e.g. 0.6"
+        )
+    backend = settings["cluster"]["backend"]
+    if backend not in ("local", "slurm", "address"):
+        raise ConfigError(f"unknown cluster backend {backend!r}: use local, slurm or address")
+
+
+def plan_settings(settings: Mapping[str, Any], **overrides: Any):
+    """Build :class:`~hpcbatch.planner.PlanSettings` from loaded settings."""
+    from .planner import PlanSettings
+    from .units import parse_bytes
+
+    values = dict(
+        memory_fraction=float(settings["memory-fraction"]),
+        reserve_bytes=parse_bytes(settings["reserve"], what="reserve"),
+        threads_per_worker=int(settings["threads-per-worker"]),
+        max_workers=settings["max-workers"],
+        min_chunk=int(settings["min-chunk"]),
+        max_chunk=settings["max-chunk"],
+        chunks_per_worker=int(settings["chunks-per-worker"]),
+        gpu_memory_fraction=float(settings["gpu-memory-fraction"]),
+        thresholds=dict(settings["thresholds"]),
+    )
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return PlanSettings(**values)

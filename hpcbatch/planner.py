@@ -1,0 +1,389 @@
+"""The memory planner: ``Footprint`` + ``Resources`` + settings -> ``Plan``.
+
+Pure functions and frozen dataclasses only: no I/O, no config reads, nothing
+started.  The planner picks the number of Dask workers, threads per worker, the
+``memory_limit`` of each worker and the chunk size (items of work per task) so
+that each worker's predicted peak stays under ``memory_fraction`` of its limit.
+
+The memory model of one worker process::
+
+    peak = baseline                      # interpreter + torch/Pyro, per process
+         + copied shared input           # a copy per worker (pickled/scattered)
+         + copied model weights
+         + threads x chunk x per_item    # the work in flight
+
+A memory-mapped input (or memory-mapped weights) is one page-cache copy per node:
+it is taken off the node's memory once instead of off every worker's budget.
+
+Preference order: as many workers as CPUs (one thread each) while the
+per-worker copies still leave room for at least ``min_chunk`` items; the chunk
+shrinks before the worker count drops; fewer workers only when the fixed
+per-worker copies dominate.  Every choice is explained in ``Plan.reasons``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+from .errors import ConfigError, PlanInfeasibleError
+from .resources import Resources
+from .units import format_bytes
+
+DEFAULT_THRESHOLDS = {"target": 0.6, "spill": 0.7, "pause": 0.8, "terminate": 0.95}
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What one worker holds regardless of work, and what one item of work costs."""
+
+    workload: str
+    item_name: str
+    n_items: int
+    per_item_bytes: int
+    baseline_bytes: int
+    model_bytes: int = 0
+    model_mmap: bool = False
+    shared_input_bytes: int = 0
+    shared_input_mmap: bool = True
+    gpu_per_item_bytes: int = 0
+    gpu_fixed_bytes: int = 0
+    source: str = "analytic"
+    details: tuple[tuple[str, int], ...] = ()
+    shrink_hints: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.n_items <= 0:
+            raise ConfigError(
+                f"the number of {self.item_name}s must be positive, got {self.n_items}"
+            )
+        for name in ("per_item_bytes", "baseline_bytes", "model_bytes", "shared_input_bytes"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"footprint {name} must not be negative")
+
+    @property
+    def fixed_bytes(self) -> int:
+        """Bytes every worker process holds before any item of work."""
+        return (
+            self.baseline_bytes
+            + (0 if self.shared_input_mmap else self.shared_input_bytes)
+            + (0 if self.model_mmap else self.model_bytes)
+        )
+
+    @property
+    def node_shared_bytes(self) -> int:
+        """Bytes held once per node (memory-mapped inputs and weights)."""
+        return (self.shared_input_bytes if self.shared_input_mmap else 0) + (
+            self.model_bytes if self.model_mmap else 0
+        )
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    memory_fraction: float = 0.6
+    min_chunk: int = 1
+    max_chunk: int | None = None
+    chunk_size: int | None = None
+    max_workers: int | None = None
+    n_workers: int | None = None
+    threads_per_worker: int = 1
+    reserve_bytes: int = 256 * 1024**2
+    chunks_per_worker: int = 4
+    use_gpu: bool = False
+    gpu_memory_fraction: float = 0.8
+    thresholds: dict = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
+
+    def __post_init__(self) -> None:
+        if not 0 < self.memory_fraction < 1:
+            raise ConfigError(
+                f"memory fraction must be between 0 and 1 (exclusive), got {self.memory_fraction}: "
+                "e.g. --memory-fraction 0.6"
+            )
+        if not 0 < self.gpu_memory_fraction < 1:
+            raise ConfigError(
+                f"GPU memory fraction must be between 0 and 1 (exclusive), got {self.gpu_memory_fraction}"
+            )
+        for name in ("min_chunk", "threads_per_worker", "chunks_per_worker"):
+            if getattr(self, name) < 1:
+                raise ConfigError(
+                    f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
+                )
+        for name in ("max_chunk", "chunk_size", "max_workers", "n_workers"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.max_chunk is not None and self.max_chunk < self.min_chunk:
+            raise ConfigError(f"max-chunk {self.max_chunk} is below min-chunk {self.min_chunk}")
+        if self.reserve_bytes < 0:
+            raise ConfigError("reserve-bytes must not be negative")
+        if set(self.thresholds) != set(DEFAULT_THRESHOLDS):
+            raise ConfigError(f"thresholds must name exactly {sorted(DEFAULT_THRESHOLDS)}")
+        for name, value in self.thresholds.items():
+            if value is not False and not 0 < float(value) <= 1:
+                raise ConfigError(f"threshold {name} must be in (0, 1] or false, got {value}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    n_workers: int
+    threads_per_worker: int
+    memory_limit_bytes: int
+    chunk_size: int
+    n_chunks: int
+    predicted_peak_bytes: int
+    memory_fraction: float
+    binding: str
+    reasons: tuple[str, ...]
+    footprint: Footprint
+    resources: Resources
+    gpu_batch_size: int | None = None
+    thresholds: dict = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
+
+    @property
+    def predicted_node_bytes(self) -> int:
+        return self.n_workers * self.memory_limit_bytes + self.footprint.node_shared_bytes
+
+    def to_dict(self) -> dict:
+        return {
+            "workload": self.footprint.workload,
+            "n_workers": self.n_workers,
+            "threads_per_worker": self.threads_per_worker,
+            "memory_limit_bytes": self.memory_limit_bytes,
+            "chunk_size": self.chunk_size,
+            "n_chunks": self.n_chunks,
+            "item_name": self.footprint.item_name,
+            "n_items": self.footprint.n_items,
+            "predicted_peak_bytes": self.predicted_peak_bytes,
+            "memory_fraction": self.memory_fraction,
+            "footprint_source": self.footprint.source,
+            "binding": self.binding,
+            "gpu_batch_size": self.gpu_batch_size,
+            "thresholds": dict(self.thresholds),
+            "reasons": list(self.reasons),
+            "footprint": asdict(self.footprint),
+            "resources": self.resources.to_dict(),
+        }
+
+
+# --------------------------------------------------------------- helpers ----
+
+
+def chunk_capacity(budget_bytes: float, per_item_bytes: int, threads: int) -> int:
+    """How many items fit in ``budget_bytes`` when ``threads`` chunks run at once."""
+    if budget_bytes < 0:
+        return 0
+    if per_item_bytes <= 0:
+        return 2**62
+    return int(budget_bytes // (per_item_bytes * threads))
+
+
+def gpu_batch_size(free_bytes: int, fixed_bytes: int, per_item_bytes: int, fraction: float) -> int:
+    """Items per GPU batch that fit in ``fraction`` of the free device memory (0 if none)."""
+    if per_item_bytes <= 0:
+        raise ConfigError("GPU per-item bytes must be positive to size a GPU batch")
+    return max(0, int((free_bytes * fraction - fixed_bytes) // per_item_bytes))
+
+
+def min_memory_bytes(footprint: Footprint, settings: PlanSettings, chunk: int | None = None) -> int:
+    """The smallest allocation on which one worker can run a chunk of ``chunk`` items."""
+    chunk = chunk or settings.min_chunk
+    worker = (
+        footprint.fixed_bytes + chunk * footprint.per_item_bytes * settings.threads_per_worker
+    ) / settings.memory_fraction
+    return int(math.ceil(worker + settings.reserve_bytes + footprint.node_shared_bytes))
+
+
+def _infeasible(
+    footprint: Footprint, resources: Resources, settings: PlanSettings
+) -> PlanInfeasibleError:
+    need = min_memory_bytes(footprint, settings, settings.chunk_size)
+    request_g = max(1, math.ceil(need / 1024**3))
+    hints = [f"request --mem={request_g}G"]
+    if settings.chunk_size and settings.chunk_size > settings.min_chunk:
+        hints.append(f"lower the chunk size below {settings.chunk_size}")
+    hints += list(footprint.shrink_hints)
+    copies = ""
+    if footprint.fixed_bytes >= settings.memory_fraction * need * 0.5:
+        copies = f" (each worker holds {format_bytes(footprint.fixed_bytes)} before any work)"
+    return PlanInfeasibleError(
+        f"{footprint.workload} needs at least {need / 1e9:.1f} GB{copies} but the allocation has "
+        f"{resources.memory_bytes / 1e9:.1f} GB ({resources.memory_source}): "
+        + ", or ".join(hints),
+        min_memory_bytes=need,
+    )
+
+
+def _worker_options(
+    footprint: Footprint, resources: Resources, settings: PlanSettings
+) -> tuple[int, str]:
+    """The most workers worth trying and the constraint that caps them."""
+    if settings.n_workers is not None:
+        return settings.n_workers, "n_workers set"
+    by_cpu = max(1, resources.cpus // settings.threads_per_worker)
+    cap, why = by_cpu, "cpus"
+    if settings.max_workers is not None and settings.max_workers < cap:
+        cap, why = settings.max_workers, "max_workers"
+    min_items = settings.chunk_size or settings.min_chunk
+    by_items = max(1, math.ceil(footprint.n_items / min_items))
+    if by_items < cap:
+        cap, why = by_items, "items"
+    return cap, why
+
+
+# ------------------------------------------------------------------ plan ----
+
+
+def make_plan(
+    footprint: Footprint, resources: Resources, settings: PlanSettings | None = None
+) -> Plan:
+    """Choose workers, threads, memory limit and chunk size; raise if nothing fits."""
+    settings = settings or PlanSettings()
+    threads = settings.threads_per_worker
+    fraction = settings.memory_fraction
+    usable = resources.memory_bytes - settings.reserve_bytes - footprint.node_shared_bytes
+    if usable <= 0:
+        raise _infeasible(footprint, resources, settings)
+
+    top, cap_reason = _worker_options(footprint, resources, settings)
+    chosen = None
+    for n in range(top, 0, -1):
+        limit = usable // n
+        budget = fraction * limit - footprint.fixed_bytes
+        capacity = chunk_capacity(budget, footprint.per_item_bytes, threads)
+        need = settings.chunk_size or settings.min_chunk
+        if capacity >= need:
+            chosen = (n, limit, capacity)
+            break
+        if settings.n_workers is not None:
+            break
+    if chosen is None:
+        raise _infeasible(footprint, resources, settings)
+    n, limit, capacity = chosen
+
+    chunk, chunk_reason = _choose_chunk(footprint, settings, n, capacity)
+    peak = footprint.fixed_bytes + threads * chunk * footprint.per_item_bytes
+    binding = cap_reason if n == top else "memory (per-worker copies)"
+    if n == top and chunk == capacity and chunk_reason.startswith("memory"):
+        binding = "memory (chunk size)"
+
+    reasons = _reasons(
+        footprint, resources, settings, n, top, cap_reason, limit, chunk, chunk_reason, peak
+    )
+    gpu_batch = _plan_gpu(footprint, resources, settings, n)
+    if gpu_batch is not None:
+        reasons.append(gpu_batch[1])
+    return Plan(
+        n_workers=n,
+        threads_per_worker=threads,
+        memory_limit_bytes=int(limit),
+        chunk_size=int(chunk),
+        n_chunks=math.ceil(footprint.n_items / chunk),
+        predicted_peak_bytes=int(peak),
+        memory_fraction=fraction,
+        binding=binding,
+        reasons=tuple(reasons),
+        footprint=footprint,
+        resources=resources,
+        gpu_batch_size=gpu_batch[0] if gpu_batch else None,
+        thresholds=dict(settings.thresholds),
+    )
+
+
+def _choose_chunk(
+    footprint: Footprint, settings: PlanSettings, n: int, capacity: int
+) -> tuple[int, str]:
+    item = footprint.item_name
+    if settings.chunk_size is not None:
+        return settings.chunk_size, f"{settings.chunk_size} {item}s per chunk as requested"
+    balance = max(
+        settings.min_chunk, math.ceil(footprint.n_items / (n * settings.chunks_per_worker))
+    )
+    options = [
+        (capacity, f"memory: the most {item}s whose working set fits under the target"),
+        (balance, f"load balance: about {settings.chunks_per_worker} chunks per worker"),
+    ]
+    if settings.max_chunk is not None:
+        options.append((settings.max_chunk, "max-chunk setting"))
+    return min(options, key=lambda option: option[0])
+
+
+def _reasons(
+    footprint: Footprint,
+    resources: Resources,
+    settings: PlanSettings,
+    n: int,
+    top: int,
+    cap_reason: str,
+    limit: int,
+    chunk: int,
+    chunk_reason: str,
+    peak: int,
+) -> list[str]:
+    fb = format_bytes
+    item = footprint.item_name
+    reasons = [
+        f"allocation: {fb(resources.memory_bytes)} ({resources.memory_source}), "
+        f"{resources.cpus} CPUs ({resources.cpus_source}); {fb(settings.reserve_bytes)} kept for "
+        "scheduler and client",
+    ]
+    if footprint.shared_input_bytes:
+        how = (
+            "memory-mapped: one page-cache copy per node"
+            if footprint.shared_input_mmap
+            else "copied into every worker"
+        )
+        reasons.append(f"shared input {fb(footprint.shared_input_bytes)} is {how}")
+    if footprint.model_bytes:
+        how = "memory-mapped once per node" if footprint.model_mmap else "loaded into every worker"
+        reasons.append(f"model weights {fb(footprint.model_bytes)} are {how}")
+    cap_text = {
+        "cpus": f"one worker per CPU ({resources.cpus} CPUs / {settings.threads_per_worker} thread each)",
+        "max_workers": f"max-workers caps at {settings.max_workers}",
+        "items": f"only {footprint.n_items} {item}s to share out",
+        "n_workers set": f"{settings.n_workers} workers as requested",
+    }[cap_reason]
+    if n == top:
+        reasons.append(f"workers: {n}, {cap_text}")
+    else:
+        reasons.append(
+            f"workers: {n}, not {top} ({cap_text}): with {n + 1} workers each limit would be "
+            f"{fb((limit * n) // (n + 1))} and the fixed per-worker copies of "
+            f"{fb(footprint.fixed_bytes)} would leave no room for {settings.chunk_size or settings.min_chunk} "
+            f"{item}(s) under {settings.memory_fraction:.0%}"
+        )
+    reasons.append(
+        f"chunk: {chunk} {item}s at {fb(footprint.per_item_bytes)} each ({chunk_reason})"
+    )
+    reasons.append(
+        f"predicted peak per worker: {fb(peak)} = {fb(footprint.fixed_bytes)} fixed + "
+        f"{settings.threads_per_worker} x {chunk} x {fb(footprint.per_item_bytes)}; "
+        f"{peak / limit:.0%} of the {fb(limit)} memory limit (target {settings.memory_fraction:.0%}); "
+        f"footprint {footprint.source}"
+    )
+    return reasons
+
+
+def _plan_gpu(
+    footprint: Footprint, resources: Resources, settings: PlanSettings, n_workers: int
+) -> tuple[int, str] | None:
+    if not settings.use_gpu or not resources.gpus or footprint.gpu_per_item_bytes <= 0:
+        return None
+    sharing = math.ceil(n_workers / len(resources.gpus))
+    free = min(gpu.free_bytes for gpu in resources.gpus) // sharing
+    batch = gpu_batch_size(
+        free, footprint.gpu_fixed_bytes, footprint.gpu_per_item_bytes, settings.gpu_memory_fraction
+    )
+    if batch < 1:
+        raise PlanInfeasibleError(
+            f"the GPU has {format_bytes(free)} free per worker, less than the "
+            f"{format_bytes(footprint.gpu_fixed_bytes + footprint.gpu_per_item_bytes)} one item needs: "
+            "free the GPU or run without --use-gpu"
+        )
+    return batch, (
+        f"GPU batch: {batch} items = {settings.gpu_memory_fraction:.0%} of {format_bytes(free)} free per worker, "
+        f"less {format_bytes(footprint.gpu_fixed_bytes)} fixed, at {format_bytes(footprint.gpu_per_item_bytes)} each"
+    )
+
+
+def with_source(footprint: Footprint, source: str) -> Footprint:
+    return replace(footprint, source=source)

@@ -1,0 +1,1 @@
+"""Minibatched posterior predictive sampling for Pyro models over Dask."""

@@ -1,0 +1,1 @@
+"""Stock batch prediction: SQL bars -> 105 features -> 60-day windows -> torch model -> SQL."""
