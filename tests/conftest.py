@@ -1,0 +1,61 @@
+"""Project-wide pytest fixtures: real throwaway servers (PostgreSQL, single-node SLURM).
+
+The servers themselves are started and stopped by `tests/services.py`; here they
+are session fixtures that skip, printing the reason, where the server truly cannot
+be installed or started. Subdirectories may add their own conftest.py.
+
+- `postgres_url`: SQLAlchemy URL of a running PostgreSQL (session). Set
+  `HPCBATCH_TEST_POSTGRES_URL` to use an existing server instead of starting one.
+- `postgres_db_url`: a fresh, empty database on that server per test (dropped after).
+- `slurm_cluster_env`: a running munged + slurmctld + slurmd (session); a dict with
+  `SLURM_CONF`, `env` (os.environ plus SLURM_CONF), `partition`, `dir`, `node`, ...
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import services  # noqa: E402  (tests/ is not a package)
+
+
+def _skip_or_fail(reason: str) -> None:
+    """Skip with the reason; fail instead when HPCBATCH_REQUIRE_SERVICES=1 (CI can demand them)."""
+    if os.environ.get("HPCBATCH_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"required test service unavailable: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """`postgresql+psycopg://postgres@127.0.0.1:PORT/postgres` of a throwaway server."""
+    external = os.environ.get("HPCBATCH_TEST_POSTGRES_URL")
+    if external:
+        yield external
+        return
+    server = services.PostgresServer()
+    try:
+        server.start()
+    except (services.ServiceUnavailable, OSError, services.subprocess.SubprocessError) as e:
+        print(f"\nPostgreSQL unavailable: {e}", file=sys.stderr)
+        _skip_or_fail(f"PostgreSQL unavailable: {e}")
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_db_url(postgres_url: str) -> Iterator[str]:
+    """A fresh empty database (unique name) on the session server, dropped after the test."""
+    name, url = services.create_database(postgres_url)
+    try:
+        yield url
+    finally:
+        services.drop_database(postgres_url, name)
