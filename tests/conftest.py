@@ -59,3 +59,33 @@ def postgres_db_url(postgres_url: str) -> Iterator[str]:
         yield url
     finally:
         services.drop_database(postgres_url, name)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster_env() -> Iterator[dict]:
+    """A running single-node SLURM (munged, slurmctld, slurmd) for this session.
+
+    Yields a dict: `SLURM_CONF` (path), `env` (os.environ without outer SLURM_* plus
+    SLURM_CONF, for subprocess calls), `dir`, `partition`, `node`, `cpus`,
+    `real_memory_mb`, `jobcomp` (the job completion file), `pids`. Client commands
+    and dask-jobqueue need SLURM_CONF in os.environ: use the `slurm_env` fixture.
+    """
+    cluster = services.SlurmTestCluster(real_memory_mb=8000)
+    try:
+        cluster.start()
+    except (services.ServiceUnavailable, OSError, services.subprocess.SubprocessError) as e:
+        print(f"\nSLURM unavailable: {e}", file=sys.stderr)
+        _skip_or_fail(f"SLURM unavailable: {e}")
+    try:
+        yield cluster.info()
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def slurm_env(slurm_cluster_env: dict, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """`slurm_cluster_env` with SLURM_CONF set (and outer SLURM_* removed) in os.environ."""
+    for key in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("SLURM_CONF", slurm_cluster_env["SLURM_CONF"])
+    return slurm_cluster_env

@@ -298,3 +298,283 @@ def drop_database(server_url: str, name: str) -> None:
 
 def _libpq(sqlalchemy_url: str) -> str:
     return sqlalchemy_url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+# ---------------------------------------------------------------- SLURM
+
+SLURM_BINARIES = ("slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "munged", "munge")
+
+SLURM_CONF_TEMPLATE = """\
+# Single-node test cluster written by tests/services.py; everything lives in {dir}
+ClusterName={cluster}
+SlurmctldHost={host}(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={munge_socket}
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+StateSaveLocation={dir}/state
+SlurmdSpoolDir={dir}/spool
+SlurmctldPidFile={dir}/slurmctld.pid
+SlurmdPidFile={dir}/slurmd.pid
+SlurmctldLogFile={dir}/slurmctld.log
+SlurmdLogFile={dir}/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+DefMemPerCPU={def_mem_per_cpu}
+JobAcctGatherType=jobacct_gather/linux
+JobAcctGatherFrequency=1
+JobAcctGatherParams=OverMemoryKill
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/filetxt
+JobCompLoc={dir}/jobcomp.log
+MpiDefault=none
+MailProg=/bin/true
+ReturnToService=2
+KillWait=3
+MinJobAge=600
+SlurmctldTimeout=30
+SlurmdTimeout=60
+SchedulerParameters=sched_interval=2
+NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 CPUs={cpus} Sockets={sockets} CoresPerSocket={cores} ThreadsPerCore={threads} RealMemory={real_memory} State=UNKNOWN
+PartitionName={partition} Nodes={node} Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+def slurmd_hardware() -> dict[str, int]:
+    """CPUs, Sockets, CoresPerSocket, ThreadsPerCore and RealMemory from `slurmd -C`."""
+    r = subprocess.run([_which("slurmd") or "slurmd", "-C"], capture_output=True, text=True,
+                       timeout=30)
+    fields = dict(kv.split("=", 1) for kv in r.stdout.split() if "=" in kv)
+    try:
+        cpus = int(fields["CPUs"])
+        sockets = int(fields.get("SocketsPerBoard", fields.get("Sockets", 1))) * int(
+            fields.get("Boards", 1))
+        return {"cpus": cpus, "sockets": sockets,
+                "cores": int(fields.get("CoresPerSocket", cpus)),
+                "threads": int(fields.get("ThreadsPerCore", 1)),
+                "memory_mb": int(fields.get("RealMemory", 0))}
+    except (KeyError, ValueError) as e:
+        raise ServiceUnavailable(f"cannot read the node's hardware from 'slurmd -C': {r.stdout!r}"
+                                 ) from e
+
+
+class SlurmTestCluster:
+    """munged + slurmctld + slurmd in the foreground, in one temp dir on free ports.
+
+    The node has a unique name per instance (`slurmd -N`), its own munge socket and
+    key, state and spool dirs, so concurrent instances do not see each other.
+    `stop()` cancels the jobs, stops the daemons by PID and kills any process that
+    still carries this instance's SLURM_CONF (job steps, Dask workers).
+    """
+
+    def __init__(self, real_memory_mb: int = 8000, partition: str = "debug") -> None:
+        self.real_memory_mb = real_memory_mb
+        self.partition = partition
+        self.dir: Path | None = None
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.node = f"hb{uuid.uuid4().hex[:6]}"
+        self.host = socket.gethostname().split(".")[0]
+
+    # paths
+    @property
+    def conf(self) -> Path:
+        assert self.dir is not None
+        return self.dir / "slurm.conf"
+
+    @property
+    def munge_socket(self) -> Path:
+        assert self.dir is not None
+        return self.dir / "munge" / "munge.socket"
+
+    def env(self) -> dict[str, str]:
+        """os.environ without any outer SLURM job's variables, plus this SLURM_CONF."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+        env["SLURM_CONF"] = str(self.conf)
+        return env
+
+    def info(self) -> dict:
+        assert self.dir is not None
+        return {
+            "SLURM_CONF": str(self.conf),
+            "env": self.env(),
+            "dir": str(self.dir),
+            "partition": self.partition,
+            "node": self.node,
+            "real_memory_mb": self.real_memory_mb,
+            "cpus": self.hw["cpus"],
+            "jobcomp": str(self.dir / "jobcomp.log"),
+            "munge_socket": str(self.munge_socket),
+            "pids": {name: p.pid for name, p in self.procs.items()},
+        }
+
+    def start(self) -> SlurmTestCluster:
+        if not is_root():
+            raise ServiceUnavailable("starting a test SLURM needs root (slurmd runs jobs as users)")
+        apt_install(["slurm-wlm", "munge"], have_binaries(*SLURM_BINARIES))
+        try:
+            pwd.getpwnam("munge")
+        except KeyError as e:
+            raise ServiceUnavailable("no 'munge' system user (package munge incomplete)") from e
+        cleanup_stale_slurm()
+        self.hw = slurmd_hardware()
+        self.real_memory_mb = min(self.real_memory_mb, max(1000, self.hw["memory_mb"] // 2))
+        self.dir = make_service_dir("slurm")
+        try:
+            self._start_munge()
+            self._write_conf()
+            self._start_slurm()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start_munge(self) -> None:
+        assert self.dir is not None
+        mdir = self.dir / "munge"
+        mdir.mkdir(mode=0o700)
+        key = mdir / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        pw = pwd.getpwnam("munge")
+        for p in (mdir, key):
+            os.chown(p, pw.pw_uid, pw.pw_gid)
+        key.chmod(0o400)
+        cmd = as_user("munge", [
+            _which("munged") or "munged", "-F", "--force",
+            f"--socket={self.munge_socket}", f"--key-file={key}",
+            f"--log-file={mdir / 'munged.log'}", f"--pid-file={mdir / 'munged.pid'}",
+            f"--seed-file={mdir / 'munged.seed'}",
+        ])
+        self._spawn("munged", cmd)
+        self._wait(lambda: self.munge_socket.exists(), 15, "munged did not create its socket",
+                   "munged", mdir / "munged.log")
+        enc = subprocess.run(["munge", "-n", "-S", str(self.munge_socket)], capture_output=True,
+                             timeout=10)
+        dec = subprocess.run(["unmunge", "-S", str(self.munge_socket)], input=enc.stdout,
+                             capture_output=True, timeout=10)
+        if dec.returncode != 0:
+            raise ServiceUnavailable(f"munge round trip failed: {dec.stderr.decode().strip()}")
+
+    def _write_conf(self) -> None:
+        assert self.dir is not None
+        for sub in ("state", "spool"):
+            (self.dir / sub).mkdir()
+        ctld_port = free_port()
+        slurmd_port = free_port({ctld_port})
+        self.conf.write_text(SLURM_CONF_TEMPLATE.format(
+            dir=self.dir, cluster=f"hb{self.node[2:]}", host=self.host,
+            munge_socket=self.munge_socket, ctld_port=ctld_port, slurmd_port=slurmd_port,
+            node=self.node, partition=self.partition, real_memory=self.real_memory_mb,
+            def_mem_per_cpu=min(1024, self.real_memory_mb // max(1, self.hw["cpus"])),
+            cpus=self.hw["cpus"], sockets=self.hw["sockets"], cores=self.hw["cores"],
+            threads=self.hw["threads"],
+        ))
+
+    def _start_slurm(self) -> None:
+        assert self.dir is not None
+        conf = str(self.conf)
+        self._spawn("slurmctld", [_which("slurmctld") or "slurmctld", "-D", "-i", "-f", conf])
+        self._wait(lambda: self._scontrol_ping(), 30, "slurmctld did not answer",
+                   "slurmctld", self.dir / "slurmctld.log")
+        self._spawn("slurmd", [_which("slurmd") or "slurmd", "-D", "-N", self.node, "-f", conf])
+        self._wait(lambda: self.node_state() in ("idle", "mixed", "allocated"), 40,
+                   "the node never became idle", "slurmd", self.dir / "slurmd.log")
+
+    def _spawn(self, name: str, cmd: list[str]) -> None:
+        assert self.dir is not None
+        out = open(self.dir / f"{name}.stdout", "wb")  # noqa: SIM115 (lives with the daemon)
+        self.procs[name] = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=self.env(), cwd=str(self.dir), start_new_session=True,
+        )
+        out.close()
+        with open(self.dir / "pids", "a") as f:
+            f.write(f"{name} {self.procs[name].pid}\n")
+
+    def _wait(self, ok: Callable[[], bool], timeout: float, what: str, proc: str,
+              log: Path) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.procs[proc].poll() is None:
+            if ok():
+                return
+            time.sleep(0.2)
+        code = self.procs[proc].poll()
+        proc_state = "still running" if code is None else f"exited with {code}"
+        tail = ""
+        for f in (log, log.with_name(f"{proc}.stdout")):
+            with contextlib.suppress(OSError):
+                tail += " | ".join(f.read_text(errors="replace").strip().splitlines()[-3:])
+        raise ServiceUnavailable(f"{what} ({proc} {proc_state}): {tail}")
+
+    def run(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+        """Run a SLURM client command against this cluster."""
+        return subprocess.run(list(args), env=self.env(), capture_output=True, text=True,
+                              timeout=timeout)
+
+    def _scontrol_ping(self) -> bool:
+        try:
+            return "UP" in self.run("scontrol", "ping", timeout=10).stdout
+        except subprocess.TimeoutExpired:
+            return False
+
+    def node_state(self) -> str:
+        try:
+            r = self.run("sinfo", "-h", "-N", "-n", self.node, "-o", "%T", timeout=10)
+        except subprocess.TimeoutExpired:
+            return ""
+        return r.stdout.strip().rstrip("*~#")
+
+    def stop(self) -> None:
+        if self.dir is None:
+            return
+        if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
+            with contextlib.suppress(subprocess.TimeoutExpired, OSError):
+                self.run("scancel", "--full", f"--partition={self.partition}", timeout=10)
+                deadline = time.monotonic() + 8
+                while time.monotonic() < deadline and self.run(
+                        "squeue", "-h", "-o", "%i", timeout=10).stdout.strip():
+                    time.sleep(0.3)
+        for name in ("slurmd", "slurmctld", "munged"):
+            p = self.procs.get(name)
+            if p is not None:
+                stop_pid(p.pid, timeout=10)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(timeout=1)
+        stop_slurm_dir(self.dir)
+        self.dir = None
+
+
+def processes_with_env(var: str, value: str) -> list[int]:
+    """PIDs whose environment has var=value exactly (job steps and workers of a cluster)."""
+    needle = f"{var}={value}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+def stop_slurm_dir(d: Path) -> None:
+    """Stop every process of the instance in `d` (daemons by recorded PID, then its jobs)."""
+    with contextlib.suppress(OSError):
+        for line in (d / "pids").read_text().splitlines():
+            name, pid = line.split()
+            stop_pid(int(pid), timeout=10)
+    for pid in processes_with_env("SLURM_CONF", str(d / "slurm.conf")):
+        stop_pid(pid, timeout=3)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def cleanup_stale_slurm() -> None:
+    for d in stale_service_dirs("slurm"):
+        stop_slurm_dir(d)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 import sqlalchemy as sa
 
@@ -27,3 +29,16 @@ def test_postgres_db_url_is_a_fresh_writable_database(postgres_url: str, postgre
         assert conn.execute(sa.text("show fsync")).scalar() == "off"
         assert conn.execute(sa.text("show listen_addresses")).scalar() == "127.0.0.1"
     server.dispose()
+
+
+@pytest.mark.slurm
+def test_slurm_cluster_runs_a_batch_job_with_its_mem(slurm_env: dict, tmp_path) -> None:
+    script = tmp_path / "job.sh"
+    script.write_text("#!/bin/sh\necho mem=$SLURM_MEM_PER_NODE node=$SLURMD_NODENAME\n")
+    out = tmp_path / "job.out"
+    r = subprocess.run(["sbatch", "--wait", "--mem=300M", "-o", str(out), str(script)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert out.read_text().strip() == f"mem=300 node={slurm_env['node']}"
+    info = subprocess.run(["sinfo", "-h", "-o", "%P %m %c"], capture_output=True, text=True)
+    assert info.stdout.split() == [f"{slurm_env['partition']}*", "8000", str(slurm_env["cpus"])]
