@@ -1,0 +1,433 @@
+"""The 105 daily features, computed vectorised over a whole chunk of stocks.
+
+Owns: the padded bar layout of a chunk (:class:`Bars`: stocks x days, right-aligned,
+edge-padded on the left), the indicator primitives (EMA, Wilder smoothing, rolling
+sums, extremes) and the feature table :data:`FEATURE_NAMES`.
+
+Layout: every stock's rows end at the last column; shorter histories are padded on the
+left with their first bar (zero change, constant volume).  With every EMA seeded at its
+first value this padding changes nothing, so a stock's features do not depend on the
+other stocks of its chunk.  The first :data:`WARMUP_DAYS` real rows of a stock are warm-up
+(rolling windows not yet full); windows never start there.
+
+Everything is numpy on ``(stocks, days)`` float64 arrays; the only Python loops run over
+feature definitions and over blocks of 128 days inside :func:`ema`, never over rows.  The
+output is float32, squashed to moderate ranges, and finite (NaN/inf -> 0, clipped).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+N_FEATURES = 105
+WINDOW_DAYS = 60
+WARMUP_DAYS = 60
+EPS = 1e-12
+_BLOCK = 128
+PRICE_FIELDS = ("open", "high", "low", "close", "pre_close", "vol", "amount")
+
+
+# ------------------------------------------------------------------ layout ----
+
+
+@dataclass
+class Bars:
+    """Bars of a chunk of stocks, ``(stocks, days)`` arrays, right-aligned and edge-padded."""
+
+    codes: list[str]
+    n_rows: np.ndarray
+    dates: np.ndarray
+    open: np.ndarray
+    high: np.ndarray
+    low: np.ndarray
+    close: np.ndarray
+    pre_close: np.ndarray
+    vol: np.ndarray
+    amount: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.close.shape
+
+    @property
+    def last_dates(self) -> np.ndarray:
+        return self.dates[:, -1]
+
+
+def bars_from_columns(codes: Sequence[str], columns: dict[str, np.ndarray]) -> Bars:
+    """Lay out rows sorted by (ts_code, trade_date) as padded ``(stocks, days)`` arrays.
+
+    ``codes`` and ``columns['trade_date']`` (int YYYYMMDD) are per row; every other key of
+    :data:`PRICE_FIELDS` is a float column of the same length.
+    """
+    codes_arr = np.asarray(codes, dtype=object)
+    n = len(codes_arr)
+    if n == 0:
+        empty = np.zeros((0, 0))
+        return Bars([], np.zeros(0, np.int64), empty.astype(np.int64), *([empty] * 7))
+    starts = np.flatnonzero(np.r_[True, codes_arr[1:] != codes_arr[:-1]])
+    counts = np.diff(np.r_[starts, n])
+    n_stocks, width = len(starts), int(counts.max())
+    stock_idx = np.repeat(np.arange(n_stocks), counts)
+    rank = np.arange(n) - np.repeat(starts, counts)
+    col = width - np.repeat(counts, counts) + rank
+    pad = np.arange(width)[None, :] < (width - counts)[:, None]
+
+    def layout(values: np.ndarray, dtype) -> np.ndarray:
+        out = np.empty((n_stocks, width), dtype=dtype)
+        out[stock_idx, col] = values
+        first = values[starts]
+        return np.where(pad, first[:, None], out)
+
+    arrays = {f: layout(np.asarray(columns[f], dtype=np.float64), np.float64) for f in PRICE_FIELDS}
+    dates = layout(np.asarray(columns["trade_date"], dtype=np.int64), np.int64)
+    return Bars(
+        codes=codes_arr[starts].tolist(), n_rows=counts.astype(np.int64), dates=dates, **arrays
+    )
+
+
+# -------------------------------------------------------------- primitives ----
+
+
+def ema(x: np.ndarray, alpha: float, init: float | np.ndarray | None = None) -> np.ndarray:
+    """``y[t] = (1 - alpha) y[t-1] + alpha x[t]`` along the last axis, ``y[-1] = init``.
+
+    ``init`` defaults to the first value (so ``y[0] = x[0]``).  Closed form per block of
+    128 days: ``y[s+j] = w^(j+1) y[s-1] + alpha w^j cumsum(x[s+i] w^-i)``, no row loop.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    w = 1.0 - alpha
+    out = np.empty_like(x)
+    prev = x[..., 0].copy() if init is None else np.broadcast_to(init, x.shape[:-1]).astype(float)
+    for s in range(0, x.shape[-1], _BLOCK):
+        block = x[..., s : s + _BLOCK]
+        j = np.arange(block.shape[-1])
+        scaled = np.cumsum(block * w ** (-j), axis=-1)
+        out[..., s : s + _BLOCK] = w ** (j + 1) * prev[..., None] + alpha * w**j * scaled
+        prev = out[..., s + block.shape[-1] - 1]
+    return out
+
+
+def ema_span(x: np.ndarray, span: int, init=None) -> np.ndarray:
+    return ema(x, 2.0 / (span + 1), init)
+
+
+def wilder(x: np.ndarray, n: int, init=None) -> np.ndarray:
+    return ema(x, 1.0 / n, init)
+
+
+def _edge_windows(x: np.ndarray, n: int) -> np.ndarray:
+    padded = np.concatenate([np.repeat(x[:, :1], n - 1, axis=1), x], axis=1)
+    return sliding_window_view(padded, n, axis=1)
+
+
+def rolling_sum(x: np.ndarray, n: int) -> np.ndarray:
+    """Sum of the last ``n`` values (edge-padded on the left), by cumulative sums."""
+    padded = np.concatenate([np.repeat(x[:, :1], n, axis=1), x], axis=1)
+    c = np.cumsum(padded, axis=1)
+    return c[:, n:] - c[:, :-n]
+
+
+def sma(x: np.ndarray, n: int) -> np.ndarray:
+    return rolling_sum(x, n) / n
+
+
+def rolling_std(x: np.ndarray, n: int) -> np.ndarray:
+    """Population standard deviation of the last ``n`` values (demeaned for precision)."""
+    centre = x[:, -1:]
+    m = sma(x - centre, n)
+    var = sma((x - centre) ** 2, n) - m**2
+    return np.sqrt(np.maximum(var, 0.0))
+
+
+def rolling_max(x: np.ndarray, n: int) -> np.ndarray:
+    return _edge_windows(x, n).max(axis=-1)
+
+
+def rolling_min(x: np.ndarray, n: int) -> np.ndarray:
+    return _edge_windows(x, n).min(axis=-1)
+
+
+def days_since_max(x: np.ndarray, n: int) -> np.ndarray:
+    """Days since the most recent maximum within the last ``n`` + 1 values."""
+    win = _edge_windows(x, n + 1)[..., ::-1]
+    return win.argmax(axis=-1).astype(np.float64)
+
+
+def days_since_min(x: np.ndarray, n: int) -> np.ndarray:
+    win = _edge_windows(x, n + 1)[..., ::-1]
+    return win.argmin(axis=-1).astype(np.float64)
+
+
+def shift(x: np.ndarray, k: int) -> np.ndarray:
+    """``x[t-k]`` (the first value before the start)."""
+    if k == 0:
+        return x
+    return np.concatenate([np.repeat(x[:, :1], k, axis=1), x[:, :-k]], axis=1)
+
+
+def div(a: np.ndarray, b: np.ndarray, fill: float = 0.0) -> np.ndarray:
+    """``a / b`` with ``fill`` where ``b`` is (nearly) zero."""
+    ok = np.abs(b) > EPS
+    return np.where(ok, a / np.where(ok, b, 1.0), fill)
+
+
+def squash(pct: np.ndarray) -> np.ndarray:
+    """Percent changes squashed as in the original: ``tanh(x / 3)``."""
+    return np.tanh(pct / 3.0)
+
+
+def unsquash(feature: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`squash`: feature value -> percent change."""
+    return 3.0 * np.arctanh(np.clip(feature, -0.999, 0.999))
+
+
+# ---------------------------------------------------------------- indicators ----
+
+
+def rsi(close: np.ndarray, n: int) -> np.ndarray:
+    """Wilder RSI in [0, 100]; 50 where there was no movement at all."""
+    delta = close - shift(close, 1)
+    gain = wilder(np.maximum(delta, 0.0), n)
+    loss = wilder(np.maximum(-delta, 0.0), n)
+    return div(100.0 * gain, gain + loss, fill=50.0)
+
+
+def macd(close: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    line = ema_span(close, 12) - ema_span(close, 26)
+    signal = ema_span(line, 9)
+    return line, signal, line - signal
+
+
+def bollinger(close: np.ndarray, n: int = 20, k: float = 2.0):
+    """Middle, upper and lower bands."""
+    mid = sma(close, n)
+    sd = rolling_std(close, n)
+    return mid, mid + k * sd, mid - k * sd
+
+
+def true_range(high: np.ndarray, low: np.ndarray, prev_close: np.ndarray) -> np.ndarray:
+    return np.maximum(high - low, np.maximum(np.abs(high - prev_close), np.abs(low - prev_close)))
+
+
+def atr(high: np.ndarray, low: np.ndarray, prev_close: np.ndarray, n: int = 14) -> np.ndarray:
+    return wilder(true_range(high, low, prev_close), n)
+
+
+def kdj(high, low, close, n: int = 9):
+    lo, hi = rolling_min(low, n), rolling_max(high, n)
+    rsv = div(100.0 * (close - lo), hi - lo, fill=50.0)
+    k = ema(rsv, 1 / 3, init=50.0)
+    d = ema(k, 1 / 3, init=50.0)
+    return k, d, 3 * k - 2 * d
+
+
+def adx(high, low, prev_close, n: int = 14):
+    up = high - shift(high, 1)
+    down = shift(low, 1) - low
+    plus_dm = np.where((up > down) & (up > 0), up, 0.0)
+    minus_dm = np.where((down > up) & (down > 0), down, 0.0)
+    tr = wilder(true_range(high, low, prev_close), n)
+    plus_di = div(100 * wilder(plus_dm, n), tr)
+    minus_di = div(100 * wilder(minus_dm, n), tr)
+    dx = div(100 * np.abs(plus_di - minus_di), plus_di + minus_di)
+    return wilder(dx, n), plus_di, minus_di
+
+
+# ------------------------------------------------------------------ features ----
+
+
+def _calendar(dates: np.ndarray) -> list[np.ndarray]:
+    year, month, day = dates // 10000, dates // 100 % 100, dates % 100
+    days = (
+        (year - 1970).astype("datetime64[Y]").astype("datetime64[M]")
+        + (month - 1).astype("timedelta64[M]")
+    ).astype("datetime64[D]") + (day - 1).astype("timedelta64[D]")
+    dow = (days.astype(np.int64) + 3) % 7  # Monday = 0
+    return [
+        np.sin(2 * np.pi * dow / 5),
+        np.cos(2 * np.pi * dow / 5),
+        np.sin(2 * np.pi * (month - 1) / 12),
+        np.cos(2 * np.pi * (month - 1) / 12),
+        (day - 16) / 15.0,
+    ]
+
+
+def _feature_table(b: Bars) -> list[tuple[str, Callable[[], np.ndarray]]]:
+    """(name, thunk) pairs; thunks share cached intermediates and run one at a time."""
+    c, o, h, lo, pc, v, amt = b.close, b.open, b.high, b.low, b.pre_close, b.vol, b.amount
+    cache: dict[str, np.ndarray] = {}
+
+    def get(key: str, fn: Callable[[], np.ndarray]) -> np.ndarray:
+        if key not in cache:
+            cache[key] = fn()
+        return cache[key]
+
+    pct = lambda: get("pct", lambda: 100 * div(c - pc, pc))  # noqa: E731
+    lv = lambda: get("lv", lambda: np.log1p(v))  # noqa: E731
+    vol_ma = lambda n: get(f"vma{n}", lambda: sma(v, n))  # noqa: E731
+    ret_std = lambda n: rolling_std(pct(), n) / 3.0  # noqa: E731
+    rng = lambda: get("range", lambda: h - lo)  # noqa: E731
+    tp = lambda: get("tp", lambda: (h + lo + c) / 3)  # noqa: E731
+    obv = lambda: get("obv", lambda: np.cumsum(np.sign(c - pc) * v, axis=1))  # noqa: E731
+    macd_parts = lambda: get("macd", lambda: np.stack(macd(c)))  # noqa: E731
+    kdj_parts = lambda: get("kdj", lambda: np.stack(kdj(h, lo, c)))  # noqa: E731
+    adx_parts = lambda: get("adx", lambda: np.stack(adx(h, lo, pc)))  # noqa: E731
+    boll = lambda: get("boll", lambda: np.stack(bollinger(c)))  # noqa: E731
+
+    def rel(x: np.ndarray, scale: float = 10.0) -> np.ndarray:
+        return np.tanh(scale * div(c - x, x))
+
+    def log_ratio(a: np.ndarray, base: np.ndarray) -> np.ndarray:
+        return np.log((a + 1.0) / (base + 1.0))
+
+    def williams(n: int) -> np.ndarray:
+        hi, low_n = rolling_max(h, n), rolling_min(lo, n)
+        return div(hi - c, hi - low_n, fill=0.5) * -2 + 1
+
+    def position(n: int) -> np.ndarray:
+        hi, low_n = rolling_max(c, n), rolling_min(c, n)
+        return div(c - low_n, hi - low_n, fill=0.5) * 2 - 1
+
+    def cci(n: int = 20) -> np.ndarray:
+        win = _edge_windows(tp(), n)
+        mean = win.mean(axis=-1)
+        mad = np.abs(win - mean[..., None]).mean(axis=-1)
+        return np.tanh(div(tp() - mean, 0.015 * mad) / 100)
+
+    def mfi(n: int = 14) -> np.ndarray:
+        flow = tp() * v
+        up = tp() > shift(tp(), 1)
+        down = tp() < shift(tp(), 1)
+        pos, neg = rolling_sum(np.where(up, flow, 0), n), rolling_sum(np.where(down, flow, 0), n)
+        return div(pos, pos + neg, fill=0.5) * 2 - 1
+
+    def cmf(n: int = 20) -> np.ndarray:
+        mfv = div((c - lo) - (h - c), rng()) * v
+        return div(rolling_sum(mfv, n), rolling_sum(v, n))
+
+    limit = np.where(np.char.startswith(np.asarray(b.codes, dtype=str), "300"), 19.8, 9.8)[:, None]
+    cal = _calendar(b.dates)
+    table: list[tuple[str, Callable[[], np.ndarray]]] = [
+        (n, (lambda a=a: a))
+        for n, a in zip(("dow_sin", "dow_cos", "month_sin", "month_cos", "day"), cal, strict=True)
+    ]
+    table += [
+        ("close_pct", lambda: squash(pct())),
+        ("open_pct", lambda: squash(100 * div(o - pc, pc))),
+        ("high_pct", lambda: squash(100 * div(h - pc, pc))),
+        ("low_pct", lambda: squash(100 * div(lo - pc, pc))),
+        ("body_pct", lambda: squash(100 * div(c - o, o))),
+        ("range_pct", lambda: squash(100 * div(rng(), pc))),
+    ]
+    table += [(f"sma{n}_ratio", lambda n=n: rel(sma(c, n))) for n in (5, 10, 20, 30, 60)]
+    table += [(f"ema{n}_ratio", lambda n=n: rel(ema_span(c, n))) for n in (5, 10, 12, 20, 26, 60)]
+    table += [
+        ("sma5_sma20", lambda: np.tanh(10 * div(sma(c, 5) - sma(c, 20), sma(c, 20)))),
+        ("sma10_sma60", lambda: np.tanh(10 * div(sma(c, 10) - sma(c, 60), sma(c, 60)))),
+        (
+            "ema12_ema26",
+            lambda: np.tanh(10 * div(ema_span(c, 12) - ema_span(c, 26), ema_span(c, 26))),
+        ),
+        ("ema5_slope", lambda: np.tanh(100 * div(ema_span(c, 5) - shift(ema_span(c, 5), 1), c))),
+        (
+            "ema20_slope",
+            lambda: np.tanh(100 * div(ema_span(c, 20) - shift(ema_span(c, 20), 1), c)),
+        ),
+        ("macd", lambda: np.tanh(20 * div(macd_parts()[0], c))),
+        ("macd_signal", lambda: np.tanh(20 * div(macd_parts()[1], c))),
+        ("macd_hist", lambda: np.tanh(40 * div(macd_parts()[2], c))),
+    ]
+    table += [(f"rsi{n}", lambda n=n: rsi(c, n) / 50 - 1) for n in (6, 14, 24)]
+    table += [
+        ("kdj_k", lambda: kdj_parts()[0] / 50 - 1),
+        ("kdj_d", lambda: kdj_parts()[1] / 50 - 1),
+        ("kdj_j", lambda: np.tanh(kdj_parts()[2] / 50 - 1)),
+        ("boll_pos", lambda: np.tanh(div(c - boll()[1] / 2 - boll()[2] / 2, boll()[1] - boll()[2]) * 2)),
+        ("boll_width", lambda: np.tanh(5 * div(boll()[1] - boll()[2], boll()[0]))),
+        ("boll_pctb", lambda: np.tanh(div(c - boll()[2], boll()[1] - boll()[2], fill=0.5) - 0.5)),
+        ("atr14", lambda: np.tanh(10 * div(atr(h, lo, pc, 14), c))),
+        ("atr5_atr20", lambda: np.tanh(np.log(div(atr(h, lo, pc, 5), atr(h, lo, pc, 20), fill=1.0) + EPS))),
+    ]
+    table += [(f"vol_ma{n}", lambda n=n: np.tanh(log_ratio(v, vol_ma(n)))) for n in (5, 10, 20)]
+    table += [
+        ("vol_change", lambda: np.tanh(lv() - shift(lv(), 1))),
+        ("amount_ma20", lambda: np.tanh(log_ratio(amt, sma(amt, 20)))),
+        ("vol_ma5_ma20", lambda: np.tanh(log_ratio(vol_ma(5), vol_ma(20)))),
+        ("obv_dev", lambda: np.tanh(div(obv() - sma(obv(), 20), 20 * vol_ma(20)))),
+        ("obv_slope", lambda: np.tanh(div(obv() - shift(obv(), 5), 5 * vol_ma(20)))),
+    ]
+    table += [(f"mom{n}", lambda n=n: np.tanh(5 * div(c - shift(c, n), shift(c, n)))) for n in (5, 10, 20, 60)]
+    table += [(f"roc{n}", lambda n=n: np.tanh(10 * div(c - shift(c, n), shift(c, n)))) for n in (3, 12, 40)]
+    table += [
+        ("candle_body", lambda: div(c - o, rng())),
+        ("upper_shadow", lambda: div(h - np.maximum(o, c), rng())),
+        ("lower_shadow", lambda: div(np.minimum(o, c) - lo, rng())),
+        ("body_sign", lambda: np.sign(c - o)),
+        ("doji", lambda: (np.abs(c - o) <= 0.1 * rng()).astype(float)),
+        ("adx", lambda: adx_parts()[0] / 50 - 1),
+        ("plus_di", lambda: adx_parts()[1] / 50 - 1),
+        ("minus_di", lambda: adx_parts()[2] / 50 - 1),
+        ("cmf20", cmf),
+        ("williams14", lambda: williams(14)),
+        ("williams28", lambda: williams(28)),
+        ("aroon_up", lambda: 1 - days_since_max(h, 25) / 12.5),
+        ("aroon_down", lambda: 1 - days_since_min(lo, 25) / 12.5),
+        ("aroon_osc", lambda: (days_since_min(lo, 25) - days_since_max(h, 25)) / 25),
+        ("mfi14", mfi),
+        ("cci20", cci),
+    ]
+    table += [(f"close_pct_lag{k}", lambda k=k: squash(shift(pct(), k))) for k in range(1, 11)]
+    table += [(f"vol_change_lag{k}", lambda k=k: np.tanh(shift(lv() - shift(lv(), 1), k))) for k in range(1, 6)]
+    table += [(f"range_pct_lag{k}", lambda k=k: squash(100 * div(shift(rng(), k), shift(pc, k)))) for k in range(1, 4)]
+    table += [
+        ("gap_up", lambda: (lo > shift(h, 1)).astype(float)),
+        ("gap_down", lambda: (h < shift(lo, 1)).astype(float)),
+        ("limit_up", lambda: (pct() >= limit).astype(float)),
+        ("limit_down", lambda: (pct() <= -limit).astype(float)),
+        ("zero_volume", lambda: (v <= 0).astype(float)),
+    ]
+    table += [(f"volatility{n}", lambda n=n: np.tanh(ret_std(n))) for n in (5, 20, 60)]
+    table += [(f"position{n}", lambda n=n: position(n)) for n in (20, 60)]
+    table += [("zscore60", lambda: np.tanh(div(c - sma(c, 60), rolling_std(c, 60)) / 2))]
+    zeros = lambda: np.zeros(b.shape)  # noqa: E731
+    table += [(f"reserved{i}", zeros) for i in range(N_FEATURES - len(table))]
+    return table
+
+
+def _names() -> list[str]:
+    dummy = bars_from_columns(
+        ["000001.SZ"],
+        {"trade_date": [20250102], **{f: [1.0] for f in PRICE_FIELDS}},
+    )
+    return [name for name, _ in _feature_table(dummy)]
+
+
+FEATURE_NAMES: list[str] = _names()
+CLOSE_PCT = FEATURE_NAMES.index("close_pct")
+assert len(FEATURE_NAMES) == N_FEATURES and len(set(FEATURE_NAMES)) == N_FEATURES
+
+
+def compute_features(bars: Bars, clip: float = 10.0) -> np.ndarray:
+    """``(stocks, days, 105)`` float32 features of a chunk; finite everywhere.
+
+    Each feature is computed over all stocks at once and written straight into the
+    float32 output, so at most a few float64 intermediates are alive at a time.
+    """
+    s, t = bars.shape
+    out = np.empty((s, t, N_FEATURES), dtype=np.float32)
+    with np.errstate(all="ignore"):
+        for j, (_, fn) in enumerate(_feature_table(bars)):
+            out[:, :, j] = fn()
+    np.nan_to_num(out, copy=False, nan=0.0, posinf=clip, neginf=-clip)
+    np.clip(out, -clip, clip, out=out)
+    return out
+
+
+def min_rows(predict_days: int) -> int:
+    """Rows a stock needs: warm-up, one window, and one more day per extra prediction."""
+    return WARMUP_DAYS + WINDOW_DAYS + predict_days - 1
