@@ -48,7 +48,7 @@ class Footprint:
     shared_input_mmap: bool = True
     gpu_per_item_bytes: int = 0
     gpu_fixed_bytes: int = 0
-    source: str = "analytic"
+    source: str = "analytic (uncalibrated)"
     details: tuple[tuple[str, int], ...] = ()
     shrink_hints: tuple[str, ...] = ()
 
@@ -112,6 +112,8 @@ class PlanSettings:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.chunk_size is not None and self.chunk_size < self.min_chunk:
+            raise ConfigError(f"chunk size {self.chunk_size} is below min-chunk {self.min_chunk}")
         if self.max_chunk is not None and self.max_chunk < self.min_chunk:
             raise ConfigError(f"max-chunk {self.max_chunk} is below min-chunk {self.min_chunk}")
         if self.reserve_bytes < 0:
@@ -121,6 +123,12 @@ class PlanSettings:
         for name, value in self.thresholds.items():
             if value is not False and not 0 < float(value) <= 1:
                 raise ConfigError(f"threshold {name} must be in (0, 1] or false, got {value}")
+        terminate = self.thresholds["terminate"]
+        if terminate is not False and self.memory_fraction >= float(terminate):
+            raise ConfigError(
+                f"memory fraction {self.memory_fraction} is not below the terminate threshold "
+                f"{terminate}: Dask would restart every worker at its predicted peak; use e.g. 0.6"
+            )
 
 
 @dataclass(frozen=True)
@@ -168,6 +176,11 @@ class Plan:
 # --------------------------------------------------------------- helpers ----
 
 
+def plural(n: int, noun: str) -> str:
+    """``plural(1, "sample") == "1 sample"``, ``plural(8, "sample") == "8 samples"``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def chunk_capacity(budget_bytes: float, per_item_bytes: int, threads: int) -> int:
     """How many items fit in ``budget_bytes`` when ``threads`` chunks run at once."""
     if budget_bytes < 0:
@@ -184,30 +197,73 @@ def gpu_batch_size(free_bytes: int, fixed_bytes: int, per_item_bytes: int, fract
     return max(0, int((free_bytes * fraction - fixed_bytes) // per_item_bytes))
 
 
-def min_memory_bytes(footprint: Footprint, settings: PlanSettings, chunk: int | None = None) -> int:
-    """The smallest allocation on which one worker can run a chunk of ``chunk`` items."""
-    chunk = chunk or settings.min_chunk
+def _smallest_chunk(footprint: Footprint, settings: PlanSettings) -> int:
+    """The chunk every worker must fit: the requested size, else min-chunk; never above all items."""
+    return min(settings.chunk_size or settings.min_chunk, footprint.n_items)
+
+
+def _worker_budget(footprint: Footprint, settings: PlanSettings, limit: int) -> int:
+    """Items one thread may hold in a worker with memory limit ``limit``."""
+    budget = settings.memory_fraction * limit - footprint.fixed_bytes
+    return chunk_capacity(budget, footprint.per_item_bytes, settings.threads_per_worker)
+
+
+def _usable(footprint: Footprint, settings: PlanSettings, memory_bytes: int) -> int:
+    """What the workers may share: the allocation less the reserve and node-shared bytes."""
+    return memory_bytes - settings.reserve_bytes - footprint.node_shared_bytes
+
+
+def min_memory_bytes(
+    footprint: Footprint, settings: PlanSettings, chunk: int | None = None, n_workers: int = 1
+) -> int:
+    """The smallest allocation on which ``n_workers`` workers each run a chunk of ``chunk`` items.
+
+    Checked against the planner's own arithmetic, so planning with exactly this much
+    memory succeeds.
+    """
+    chunk = chunk or _smallest_chunk(footprint, settings)
     worker = (
         footprint.fixed_bytes + chunk * footprint.per_item_bytes * settings.threads_per_worker
     ) / settings.memory_fraction
-    return int(math.ceil(worker + settings.reserve_bytes + footprint.node_shared_bytes))
+    worker = max(1, math.ceil(worker))
+    need = n_workers * worker + settings.reserve_bytes + footprint.node_shared_bytes
+    # Float rounding in fraction x limit may cost a byte or two: step up until it fits.
+    while not _fits(footprint, settings, need, n_workers, chunk):
+        need += n_workers
+    return need
+
+
+def _fits(footprint: Footprint, settings: PlanSettings, memory: int, n: int, chunk: int) -> bool:
+    """Whether ``n`` workers each running ``chunk`` items fit in ``memory`` bytes."""
+    usable = _usable(footprint, settings, memory)
+    return usable >= n and _worker_budget(footprint, settings, usable // n) >= chunk
+
+
+def _gb_up(n: int) -> str:
+    """Decimal GB rounded *up* to 0.1, so 'at least' is never an understatement."""
+    return f"{math.ceil(n / 1e8) / 10:.1f} GB"
 
 
 def _infeasible(
     footprint: Footprint, resources: Resources, settings: PlanSettings
 ) -> PlanInfeasibleError:
-    need = min_memory_bytes(footprint, settings, settings.chunk_size)
+    n = settings.n_workers or 1
+    need = min_memory_bytes(footprint, settings, settings.chunk_size, n)
     request_g = max(1, math.ceil(need / 1024**3))
     hints = [f"request --mem={request_g}G"]
+    if settings.n_workers and settings.n_workers > 1:
+        hints.append("use fewer workers")
     if settings.chunk_size and settings.chunk_size > settings.min_chunk:
         hints.append(f"lower the chunk size below {settings.chunk_size}")
     hints += list(footprint.shrink_hints)
+    per_worker = (need - settings.reserve_bytes - footprint.node_shared_bytes) // n
     copies = ""
-    if footprint.fixed_bytes >= settings.memory_fraction * need * 0.5:
+    if footprint.fixed_bytes >= 0.5 * settings.memory_fraction * per_worker:
         copies = f" (each worker holds {format_bytes(footprint.fixed_bytes)} before any work)"
+    workers = f" for {n} workers" if n > 1 else ""
     return PlanInfeasibleError(
-        f"{footprint.workload} needs at least {need / 1e9:.1f} GB{copies} but the allocation has "
-        f"{resources.memory_bytes / 1e9:.1f} GB ({resources.memory_source}): "
+        f"{footprint.workload} needs at least {_gb_up(need)}{workers}{copies} but the allocation "
+        f"has {resources.memory_bytes / 1e9:.1f} GB ({resources.memory_source}): "
         + ", or ".join(hints),
         min_memory_bytes=need,
     )
@@ -223,11 +279,18 @@ def _worker_options(
     cap, why = by_cpu, "cpus"
     if settings.max_workers is not None and settings.max_workers < cap:
         cap, why = settings.max_workers, "max_workers"
-    min_items = settings.chunk_size or settings.min_chunk
+    min_items = _smallest_chunk(footprint, settings)
     by_items = max(1, math.ceil(footprint.n_items / min_items))
     if by_items < cap:
         cap, why = by_items, "items"
     return cap, why
+
+
+def _memory_binding(footprint: Footprint, settings: PlanSettings) -> str:
+    """Which part of a worker's memory dominates: its fixed copies or its work in flight."""
+    work = _smallest_chunk(footprint, settings) * footprint.per_item_bytes
+    work *= settings.threads_per_worker
+    return "memory (per-worker copies)" if footprint.fixed_bytes >= work else "memory (item size)"
 
 
 # ------------------------------------------------------------------ plan ----
@@ -236,23 +299,28 @@ def _worker_options(
 def make_plan(
     footprint: Footprint, resources: Resources, settings: PlanSettings | None = None
 ) -> Plan:
-    """Choose workers, threads, memory limit and chunk size; raise if nothing fits."""
+    """Choose workers, threads, memory limit and chunk size; raise if nothing fits.
+
+    Invariants: ``predicted_peak_bytes <= memory_fraction x memory_limit_bytes`` and
+    ``n_workers x memory_limit_bytes + node-shared bytes + reserve <= memory``.
+    """
     settings = settings or PlanSettings()
+    notes = []
+    if settings.threads_per_worker > resources.cpus:
+        notes.append(
+            f"threads per worker: {resources.cpus}, not {settings.threads_per_worker}: "
+            f"only {resources.cpus} CPUs"
+        )
+        settings = replace(settings, threads_per_worker=resources.cpus)
     threads = settings.threads_per_worker
     fraction = settings.memory_fraction
-    usable = resources.memory_bytes - settings.reserve_bytes - footprint.node_shared_bytes
-    if usable <= 0:
-        raise _infeasible(footprint, resources, settings)
-
+    usable = _usable(footprint, settings, resources.memory_bytes)
     top, cap_reason = _worker_options(footprint, resources, settings)
+    need = _smallest_chunk(footprint, settings)
     chosen = None
     for n in range(top, 0, -1):
-        limit = usable // n
-        budget = fraction * limit - footprint.fixed_bytes
-        capacity = chunk_capacity(budget, footprint.per_item_bytes, threads)
-        need = settings.chunk_size or settings.min_chunk
-        if capacity >= need:
-            chosen = (n, limit, capacity)
+        if _fits(footprint, settings, resources.memory_bytes, n, need):
+            chosen = (n, usable // n, _worker_budget(footprint, settings, usable // n))
             break
         if settings.n_workers is not None:
             break
@@ -262,13 +330,18 @@ def make_plan(
 
     chunk, chunk_reason = _choose_chunk(footprint, settings, n, capacity)
     peak = footprint.fixed_bytes + threads * chunk * footprint.per_item_bytes
-    binding = cap_reason if n == top else "memory (per-worker copies)"
-    if n == top and chunk == capacity and chunk_reason.startswith("memory"):
+    if n < top:
+        binding = _memory_binding(footprint, settings)
+    elif chunk == capacity and chunk_reason.startswith("memory"):
         binding = "memory (chunk size)"
+    else:
+        binding = cap_reason
 
     reasons = _reasons(
         footprint, resources, settings, n, top, cap_reason, limit, chunk, chunk_reason, peak
     )
+    reasons += notes
+    reasons.append(f"binding constraint: {binding}")
     gpu_batch = _plan_gpu(footprint, resources, settings, n)
     if gpu_batch is not None:
         reasons.append(gpu_batch[1])
@@ -294,7 +367,8 @@ def _choose_chunk(
 ) -> tuple[int, str]:
     item = footprint.item_name
     if settings.chunk_size is not None:
-        return settings.chunk_size, f"{settings.chunk_size} {item}s per chunk as requested"
+        chunk = min(settings.chunk_size, footprint.n_items)
+        return chunk, f"{plural(chunk, item)} per chunk as requested"
     balance = max(
         settings.min_chunk, math.ceil(footprint.n_items / (n * settings.chunks_per_worker))
     )
@@ -304,6 +378,7 @@ def _choose_chunk(
     ]
     if settings.max_chunk is not None:
         options.append((settings.max_chunk, "max-chunk setting"))
+    options.append((footprint.n_items, f"all {plural(footprint.n_items, item)} in one chunk"))
     return min(options, key=lambda option: option[0])
 
 
@@ -339,25 +414,38 @@ def _reasons(
     cap_text = {
         "cpus": f"one worker per CPU ({resources.cpus} CPUs / {settings.threads_per_worker} thread each)",
         "max_workers": f"max-workers caps at {settings.max_workers}",
-        "items": f"only {footprint.n_items} {item}s to share out",
+        "items": f"only {plural(footprint.n_items, item)} to share out",
         "n_workers set": f"{settings.n_workers} workers as requested",
     }[cap_reason]
     if n == top:
         reasons.append(f"workers: {n}, {cap_text}")
     else:
+        what = (
+            f"the fixed per-worker bytes ({fb(footprint.fixed_bytes)}: runtime and copies)"
+            if _memory_binding(footprint, settings) == "memory (per-worker copies)"
+            else f"{fb(footprint.fixed_bytes)} fixed per worker"
+        )
         reasons.append(
             f"workers: {n}, not {top} ({cap_text}): with {n + 1} workers each limit would be "
-            f"{fb((limit * n) // (n + 1))} and the fixed per-worker copies of "
-            f"{fb(footprint.fixed_bytes)} would leave no room for {settings.chunk_size or settings.min_chunk} "
-            f"{item}(s) under {settings.memory_fraction:.0%}"
+            f"{fb(_usable(footprint, settings, resources.memory_bytes) // (n + 1))} and {what} "
+            f"would leave no room for {plural(_smallest_chunk(footprint, settings), item)} of "
+            f"{fb(footprint.per_item_bytes)} under {settings.memory_fraction:.0%}"
         )
+        idle = resources.cpus - n * settings.threads_per_worker
+        if idle > 0:
+            fix = (
+                "memory-map the shared input (counted once per node) or request more memory"
+                if footprint.shared_input_bytes and not footprint.shared_input_mmap
+                else "request more memory or shrink the work per item"
+            )
+            reasons.append(f"{idle} of {resources.cpus} CPUs stay idle: to use them, {fix}")
     reasons.append(
-        f"chunk: {chunk} {item}s at {fb(footprint.per_item_bytes)} each ({chunk_reason})"
+        f"chunk: {plural(chunk, item)} at {fb(footprint.per_item_bytes)} each ({chunk_reason})"
     )
     reasons.append(
         f"predicted peak per worker: {fb(peak)} = {fb(footprint.fixed_bytes)} fixed + "
         f"{settings.threads_per_worker} x {chunk} x {fb(footprint.per_item_bytes)}; "
-        f"{peak / limit:.0%} of the {fb(limit)} memory limit (target {settings.memory_fraction:.0%}); "
+        f"{peak / limit:.0%} of the {fb(limit)} memory limit (memory fraction {settings.memory_fraction:.0%}); "
         f"footprint {footprint.source}"
     )
     return reasons

@@ -1,0 +1,347 @@
+"""The planner over a grid of allocations, property tests, and the seed workload's case."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hpcbatch.errors import ConfigError, PlanInfeasibleError
+from hpcbatch.planner import (
+    Footprint,
+    PlanSettings,
+    chunk_capacity,
+    gpu_batch_size,
+    make_plan,
+    min_memory_bytes,
+)
+from hpcbatch.predictive.footprint import technical_footprint
+from hpcbatch.resources import GPU, Resources
+from hpcbatch.stocks.footprint import stocks_footprint
+
+GB = 10**9
+GiB = 1024**3
+MiB = 1024**2
+
+
+def alloc(mem_bytes: int, cpus: int, gpus: tuple[GPU, ...] = ()) -> Resources:
+    return Resources(
+        memory_bytes=int(mem_bytes),
+        memory_source="test",
+        cpus=cpus,
+        cpus_source="test",
+        gpus=gpus,
+        planned_ahead=True,
+    )
+
+
+def check_plan(plan, footprint: Footprint, res: Resources, st_: PlanSettings) -> None:
+    """Every invariant a user relies on."""
+    assert plan.predicted_peak_bytes <= plan.memory_fraction * plan.memory_limit_bytes
+    assert plan.predicted_peak_bytes == (
+        footprint.fixed_bytes + plan.threads_per_worker * plan.chunk_size * footprint.per_item_bytes
+    )
+    node = plan.n_workers * plan.memory_limit_bytes + footprint.node_shared_bytes
+    assert node == plan.predicted_node_bytes
+    assert node + st_.reserve_bytes <= res.memory_bytes
+    assert 1 <= plan.n_workers * plan.threads_per_worker <= max(res.cpus, 1)
+    assert min(st_.min_chunk, footprint.n_items) <= plan.chunk_size <= footprint.n_items
+    assert plan.n_chunks == math.ceil(footprint.n_items / plan.chunk_size)
+    assert f"binding constraint: {plan.binding}" in plan.reasons
+    # The binding constraint really binds.
+    if plan.binding == "cpus":
+        assert plan.n_workers == res.cpus // plan.threads_per_worker
+    elif plan.binding == "n_workers set":
+        assert plan.n_workers == st_.n_workers
+    elif plan.binding == "items":
+        per_chunk = min(st_.chunk_size or st_.min_chunk, footprint.n_items)
+        assert plan.n_workers == math.ceil(footprint.n_items / per_chunk) < res.cpus
+    elif plan.binding == "memory (chunk size)":
+        threads = plan.threads_per_worker
+        bigger = footprint.fixed_bytes + threads * (plan.chunk_size + 1) * footprint.per_item_bytes
+        assert bigger > plan.memory_fraction * plan.memory_limit_bytes
+    elif plan.binding.startswith("memory"):
+        assert plan.n_workers < res.cpus
+        assert any(r.startswith(f"workers: {plan.n_workers}, not ") for r in plan.reasons)
+        with pytest.raises(PlanInfeasibleError):  # one more worker would not fit
+            make_plan(footprint, res, _with(st_, n_workers=plan.n_workers + 1))
+    else:  # pragma: no cover - a new binding name needs a check here
+        raise AssertionError(plan.binding)
+
+
+def check_infeasible(exc: PlanInfeasibleError, footprint, res, st_) -> None:
+    need = exc.min_memory_bytes
+    assert need is not None and need > res.memory_bytes
+    message = str(exc)
+    assert "needs at least" in message and "request --mem=" in message
+    assert "\n" not in message
+    requested_gib = int(message.split("request --mem=")[1].split("G")[0])
+    assert requested_gib * GiB >= need
+    shown_gb = float(message.split("needs at least ")[1].split(" GB")[0])
+    assert shown_gb * GB >= need  # "at least" never understates
+    # The minimum is sufficient: planning with exactly that much memory succeeds.
+    plan = make_plan(footprint, alloc(need, res.cpus, res.gpus), st_)
+    check_plan(plan, footprint, alloc(need, res.cpus, res.gpus), st_)
+
+
+def _with(st_: PlanSettings, **kw) -> PlanSettings:
+    from dataclasses import replace
+
+    return replace(st_, **kw)
+
+
+# ------------------------------------------------------------------- grid ----
+
+FOOTPRINTS = {
+    "stocks-5000x400": stocks_footprint(5000, 400, 10),
+    "stocks-5000x180": stocks_footprint(5000, 180, 10),
+    "stocks-50x90": stocks_footprint(50, 90, 5),
+    "predictive-seed-copied": technical_footprint(21761, 31467, 2, 1000, shared_input_mmap=False),
+    "predictive-seed-mmap": technical_footprint(21761, 31467, 2, 1000),
+    "predictive-seed-obs-copied": technical_footprint(
+        21761, 31467, 2, 1000, with_observations=True, shared_input_mmap=False
+    ),
+    "predictive-small-obs": technical_footprint(2000, 3000, 3, 200, with_observations=True),
+}
+ALLOCATIONS_GB = [2, 12, 19, 64, 500]
+CPUS = [1, 2, 4, 8, 16, 32, 64]
+
+
+@pytest.mark.parametrize("name", sorted(FOOTPRINTS))
+def test_grid_of_allocations(name):
+    footprint = FOOTPRINTS[name]
+    st_ = PlanSettings()
+    outcomes = {"planned": 0, "infeasible": 0}
+    for mem_gb in ALLOCATIONS_GB:
+        for cpus in CPUS:
+            res = alloc(mem_gb * GB, cpus)
+            try:
+                plan = make_plan(footprint, res, st_)
+            except PlanInfeasibleError as exc:
+                check_infeasible(exc, footprint, res, st_)
+                outcomes["infeasible"] += 1
+            else:
+                check_plan(plan, footprint, res, st_)
+                outcomes["planned"] += 1
+    # Every footprint plans on the 500 GB node; none of these fits nothing at all.
+    assert outcomes["planned"] >= len(CPUS)
+
+
+def test_grid_more_memory_never_means_fewer_workers():
+    footprint = FOOTPRINTS["predictive-seed-copied"]
+    previous = 0
+    for mem_gb in ALLOCATIONS_GB:
+        try:
+            n = make_plan(footprint, alloc(mem_gb * GB, 32)).n_workers
+        except PlanInfeasibleError:
+            n = 0
+        assert n >= previous
+        previous = n
+
+
+def test_stocks_on_2gb_is_infeasible_and_says_what_to_request():
+    footprint = stocks_footprint(5000, 400, 10)
+    with pytest.raises(PlanInfeasibleError) as info:
+        make_plan(footprint, alloc(1 * GB, 4))
+    assert "--lookback-days 200" in str(info.value)
+    check_infeasible(info.value, footprint, alloc(1 * GB, 4), PlanSettings())
+
+
+def test_fixed_batch_size_and_fixed_workers_min_memory():
+    footprint = stocks_footprint(5000, 400, 10)
+    st_ = PlanSettings(chunk_size=100, n_workers=8)
+    res = alloc(2 * GB, 8)
+    with pytest.raises(PlanInfeasibleError) as info:
+        make_plan(footprint, res, st_)
+    assert "for 8 workers" in str(info.value)
+    assert "lower the chunk size below 100" in str(info.value)
+    check_infeasible(info.value, footprint, res, st_)
+    plan = make_plan(footprint, alloc(info.value.min_memory_bytes, 8), st_)
+    assert (plan.n_workers, plan.chunk_size) == (8, 100)
+
+
+def test_reasons_explain_chunk_and_workers():
+    plan = make_plan(stocks_footprint(5000, 400, 10), alloc(12 * GB, 8))
+    text = "\n".join(plan.reasons)
+    assert "workers: " in text and "chunk: " in text and "predicted peak per worker" in text
+    assert "analytic (uncalibrated)" in text
+    assert plan.to_dict()["footprint_source"] == "analytic (uncalibrated)"
+
+
+def test_few_items_cap_workers():
+    plan = make_plan(stocks_footprint(3, 90, 5), alloc(64 * GB, 16))
+    assert plan.n_workers == 3 and plan.binding == "items"
+    assert any("only 3 stocks to share out" in r for r in plan.reasons)
+
+
+def test_chunk_shrinks_before_workers_drop():
+    # 4 CPUs, copies small, items big: all 4 workers stay, the chunk is what shrinks.
+    footprint = Footprint("w", "item", 1000, per_item_bytes=100 * MiB, baseline_bytes=100 * MiB)
+    plan = make_plan(footprint, alloc(4 * GB, 4))
+    assert plan.n_workers == 4
+    assert plan.binding == "memory (chunk size)"
+    assert plan.chunk_size < math.ceil(1000 / (4 * 4))
+
+
+# ----------------------------------------------------------- the seed case ----
+
+SEED = dict(cells=21761, features=31467, groups=2, samples=1000)
+
+
+def test_seed_case_input_is_2_55_gib():
+    fp = technical_footprint(**SEED)
+    assert fp.shared_input_bytes == 21761 * 31467 * 4
+    assert round(fp.shared_input_bytes / GiB, 2) == 2.55
+
+
+def test_seed_case_copies_binding_does_not_plan_32_workers():
+    copied = technical_footprint(**SEED, shared_input_mmap=False)
+    res = alloc(100 * GB, 32)
+    plan = make_plan(copied, res)
+    check_plan(plan, copied, res, PlanSettings())
+    assert plan.n_workers < 32
+    assert plan.binding == "memory (per-worker copies)"
+    assert any("2.55 GiB is copied into every worker" in r for r in plan.reasons)
+    assert any("CPUs stay idle" in r and "memory-map" in r for r in plan.reasons)
+    # Each worker's limit holds its own copy of the input.
+    assert plan.memory_limit_bytes * plan.memory_fraction >= copied.shared_input_bytes
+
+
+def test_seed_case_mmap_counts_the_input_once_per_node():
+    mmap = technical_footprint(**SEED)
+    copied = technical_footprint(**SEED, shared_input_mmap=False)
+    res = alloc(100 * GB, 32)
+    plan = make_plan(mmap, res)
+    check_plan(plan, mmap, res, PlanSettings())
+    assert plan.n_workers == 32 and plan.binding == "cpus"
+    assert mmap.node_shared_bytes == mmap.shared_input_bytes
+    assert mmap.fixed_bytes == copied.fixed_bytes - copied.shared_input_bytes
+    # One page-cache copy per node: the workers' limits plus one input fit the allocation.
+    assert plan.n_workers * plan.memory_limit_bytes + mmap.shared_input_bytes <= res.memory_bytes
+    assert any("memory-mapped: one page-cache copy per node" in r for r in plan.reasons)
+
+
+def test_seed_case_500gb_32cpus():
+    res = alloc(500 * GB, 32)
+    # Without the likelihood the latent sites are small: 32 workers fit even with copies.
+    plan = make_plan(technical_footprint(**SEED, shared_input_mmap=False), res)
+    assert plan.n_workers == 32
+    # With observations (the seed's OOM): 4 x N x T x 4 bytes per sample; copies on top.
+    obs_copied = technical_footprint(**SEED, with_observations=True, shared_input_mmap=False)
+    obs_mmap = technical_footprint(**SEED, with_observations=True)
+    p_copied, p_mmap = make_plan(obs_copied, res), make_plan(obs_mmap, res)
+    for p, fp in ((p_copied, obs_copied), (p_mmap, obs_mmap)):
+        check_plan(p, fp, res, PlanSettings())
+        assert p.n_workers < 32 and p.chunk_size == 1
+    assert p_copied.n_workers < p_mmap.n_workers
+
+
+# ------------------------------------------------------------------- GPU ----
+
+
+def test_gpu_batch_from_free_memory():
+    assert gpu_batch_size(10 * GiB, 1 * GiB, 100 * MiB, 0.8) == int((8 * GiB - GiB) // (100 * MiB))
+    assert gpu_batch_size(GiB, 2 * GiB, MiB, 0.8) == 0
+    footprint = stocks_footprint(5000, 400, 10)
+    gpus = (GPU(0, "planned", 16 * GiB, 16 * GiB, "test"),)
+    plan = make_plan(footprint, alloc(64 * GB, 4, gpus), PlanSettings(use_gpu=True))
+    share = 16 * GiB // plan.n_workers
+    expected = gpu_batch_size(share, footprint.gpu_fixed_bytes, footprint.gpu_per_item_bytes, 0.8)
+    assert plan.gpu_batch_size == expected > 0
+    tiny = (GPU(0, "planned", 10 * MiB, 10 * MiB, "test"),)
+    with pytest.raises(PlanInfeasibleError, match="GPU"):
+        make_plan(footprint, alloc(64 * GB, 1, tiny), PlanSettings(use_gpu=True))
+
+
+# -------------------------------------------------------------- settings ----
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"memory_fraction": 0},
+        {"memory_fraction": 1.0},
+        {"memory_fraction": -0.5},
+        {"memory_fraction": 0.96},  # above Dask's terminate threshold
+        {"min_chunk": 0},
+        {"chunk_size": 0},
+        {"max_chunk": 1, "min_chunk": 2},
+        {"chunk_size": 1, "min_chunk": 2},
+        {"thresholds": {"target": 0.6}},
+    ],
+)
+def test_bad_settings_raise_config_error(kw):
+    with pytest.raises(ConfigError):
+        PlanSettings(**kw)
+
+
+def test_footprint_rejects_zero_items_and_negative_bytes():
+    with pytest.raises(ConfigError, match="must be positive"):
+        Footprint("w", "item", 0, per_item_bytes=1, baseline_bytes=1)
+    with pytest.raises(ConfigError, match="must not be negative"):
+        Footprint("w", "item", 1, per_item_bytes=-1, baseline_bytes=1)
+
+
+# ------------------------------------------------------------ properties ----
+
+footprints = st.builds(
+    lambda n, per, base, shared, smmap, model, mmmap: Footprint(
+        "w",
+        "item",
+        n,
+        per_item_bytes=per,
+        baseline_bytes=base,
+        shared_input_bytes=shared,
+        shared_input_mmap=smmap,
+        model_bytes=model,
+        model_mmap=mmmap,
+    ),
+    st.integers(1, 100_000),
+    st.integers(0, 20 * GiB),
+    st.integers(0, 4 * GiB),
+    st.integers(0, 50 * GiB),
+    st.booleans(),
+    st.integers(0, 2 * GiB),
+    st.booleans(),
+)
+plan_settings = st.builds(
+    lambda fraction, min_chunk, threads, chunk: PlanSettings(
+        memory_fraction=fraction,
+        min_chunk=min_chunk,
+        threads_per_worker=threads,
+        chunk_size=None if chunk is None else max(chunk, min_chunk),
+    ),
+    st.floats(0.05, 0.9),
+    st.integers(1, 8),
+    st.integers(1, 4),
+    st.one_of(st.none(), st.integers(1, 500)),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(footprints, st.integers(10**8, 2 * 10**12), st.integers(1, 128), plan_settings)
+def test_property_plan_or_sufficient_minimum(footprint, memory, cpus, st_):
+    res = alloc(memory, cpus)
+    try:
+        plan = make_plan(footprint, res, st_)
+    except PlanInfeasibleError as exc:
+        need = exc.min_memory_bytes
+        assert need > memory
+        plan = make_plan(footprint, alloc(need, cpus), st_)
+        check_plan(plan, footprint, alloc(need, cpus), st_)
+        return
+    check_plan(plan, footprint, res, st_)
+    # The minimum for this footprint never exceeds an allocation that plans.
+    st_ = _with(st_, threads_per_worker=plan.threads_per_worker)
+    assert min_memory_bytes(footprint, st_) <= memory
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(-10, 10**12), st.integers(0, 10**9), st.integers(1, 16))
+def test_property_chunk_capacity_fits(budget, per_item, threads):
+    n = chunk_capacity(budget, per_item, threads)
+    assert n >= 0
+    if per_item and n:
+        assert n * per_item * threads <= budget < (n + 1) * per_item * threads
