@@ -1,0 +1,426 @@
+"""Run reports: what a run did, how much memory each worker really used, and why workers died.
+
+Owns :class:`RunReport` (frozen, returned by :func:`hpcbatch.runner.run`), the
+measurement plugins the runner installs on the cluster, and the report directory::
+
+    <report_dir>/<run_id>/report.json   # plan, predicted vs measured peak, chunk counts,
+                                        # worker deaths with reasons, wall time
+    <report_dir>/<run_id>/memory.png    # per-worker memory over time, limit + thresholds
+    <report_dir>/<run_id>/dask-report.html   # Dask's performance_report
+
+Memory is measured where it happens: a :class:`MemorySampler` nanny plugin samples
+its worker process's RSS ten times a second (peaks between the scheduler's
+heartbeats are not missed) and keeps the timeline across worker restarts, so a worker
+the nanny kills for memory shows its climb to the kill.  Worker deaths come from the
+scheduler's ``remove-worker`` events and the nanny's ``worker-restart-memory`` events.
+It does not decide anything about the run (the runner does).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+from distributed.diagnostics.plugin import NannyPlugin, SchedulerPlugin
+
+from .errors import ConfigError
+from .units import format_bytes
+
+SAMPLER_NAME = "hpcbatch-memory-sampler"
+COUNTER_NAME = "hpcbatch-task-counter"
+SAMPLE_INTERVAL_S = 0.1
+_MAX_SAMPLES = 20_000
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """The outcome of one run (also written to ``report.json``)."""
+
+    run_id: str
+    status: str  # finished | already-finished | failed | interrupted
+    n_chunks: int
+    chunks_done: int = 0
+    chunks_skipped: int = 0
+    chunks_retried: int = 0
+    chunks_split: int = 0
+    chunks_failed: int = 0
+    items_done: int = 0
+    wall_time_s: float = 0.0
+    plan: dict | None = None
+    predicted_peak_bytes: int | None = None
+    measured_peak_bytes: int | None = None
+    measured_peak_per_worker: dict = field(default_factory=dict)
+    memory_limit_bytes: int | None = None
+    worker_deaths: list = field(default_factory=list)
+    results_meta: dict = field(default_factory=dict)
+    report_dir: str | None = None
+    max_in_flight: int = 0
+    max_tasks_on_scheduler: int | None = None
+    failures: list = field(default_factory=list)
+    message: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return summary_text(self.to_dict())
+
+
+# ------------------------------------------------------ cluster plugins ----
+
+
+class MemorySampler(NannyPlugin):
+    """Samples the RSS of the nanny's worker process every ``interval_s`` seconds."""
+
+    name = SAMPLER_NAME
+    restart = False
+
+    def __init__(self, interval_s: float = SAMPLE_INTERVAL_S):
+        self.interval_s = interval_s
+
+    def setup(self, nanny) -> None:
+        from tornado.ioloop import PeriodicCallback
+
+        state = {
+            "t": [],
+            "rss": [],
+            "addresses": [],  # (time, worker address) as the worker restarts
+            "memory_limit": getattr(getattr(nanny, "memory_manager", None), "memory_limit", None),
+            "name": str(nanny.name),
+            "proc": None,
+        }
+        nanny._hpcbatch_memory = state
+
+        def sample() -> None:
+            proc = nanny.process.process if nanny.process is not None else None
+            now = time.time()
+            if proc is None or proc.pid is None:
+                _append(state, now, math.nan)
+                return
+            cached = state["proc"]
+            try:
+                if cached is None or cached.pid != proc.pid:
+                    cached = state["proc"] = psutil.Process(proc.pid)
+                rss = cached.memory_info().rss
+            except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
+                rss = math.nan
+            address = nanny.worker_address
+            if not state["addresses"] or state["addresses"][-1][1] != address:
+                state["addresses"].append((now, address))
+            _append(state, now, rss)
+
+        old = nanny.periodic_callbacks.pop(SAMPLER_NAME, None)
+        if old is not None:
+            old.stop()
+        pc = PeriodicCallback(sample, self.interval_s * 1000)
+        nanny.periodic_callbacks[SAMPLER_NAME] = pc
+        pc.start()
+        sample()
+
+    def teardown(self, nanny) -> None:
+        pc = nanny.periodic_callbacks.pop(SAMPLER_NAME, None)
+        if pc is not None:
+            pc.stop()
+
+
+def _append(state: dict, t: float, rss: float) -> None:
+    state["t"].append(t)
+    state["rss"].append(rss)
+    if len(state["t"]) > _MAX_SAMPLES:  # halve the resolution, keep every peak
+        ts, rs = state["t"], state["rss"]
+        pairs = range(0, len(ts) - 1, 2)
+        state["t"] = [ts[i] for i in pairs]
+        state["rss"] = [_nanmax(rs[i], rs[i + 1]) for i in pairs]
+
+
+def _nanmax(a: float, b: float) -> float:
+    if math.isnan(a):
+        return b
+    if math.isnan(b):
+        return a
+    return max(a, b)
+
+
+def nanny_memory_timeline(dask_worker=None) -> dict | None:
+    """Run on each nanny (``client.run(..., nanny=True)``): its sampled timeline."""
+    state = getattr(dask_worker, "_hpcbatch_memory", None)
+    if state is None:
+        return None
+    return {
+        "name": state["name"],
+        "memory_limit": state["memory_limit"],
+        "t": list(state["t"]),
+        "rss": list(state["rss"]),
+        "addresses": list(state["addresses"]),
+    }
+
+
+class TaskCounter(SchedulerPlugin):
+    """Scheduler-side: the most tasks the scheduler held at once since it was added."""
+
+    name = COUNTER_NAME
+
+    def __init__(self) -> None:
+        self.max_tasks = 0
+        self.scheduler = None
+
+    async def start(self, scheduler) -> None:
+        self.scheduler = scheduler
+        self.max_tasks = len(scheduler.tasks)
+
+    def update_graph(self, scheduler, **kwargs: Any) -> None:
+        self.max_tasks = max(self.max_tasks, len(scheduler.tasks))
+
+    def transition(self, key, start, finish, *args: Any, **kwargs: Any) -> None:
+        if self.scheduler is not None:
+            self.max_tasks = max(self.max_tasks, len(self.scheduler.tasks))
+
+
+def scheduler_max_tasks(dask_scheduler=None) -> int | None:
+    """Run on the scheduler: the :class:`TaskCounter`'s maximum (and reset it)."""
+    plugin = dask_scheduler.plugins.get(COUNTER_NAME)
+    if plugin is None:
+        return None
+    value = plugin.max_tasks
+    return value
+
+
+def remove_scheduler_counter(dask_scheduler=None) -> None:
+    if COUNTER_NAME in dask_scheduler.plugins:
+        dask_scheduler.remove_plugin(name=COUNTER_NAME)
+
+
+# --------------------------------------------------------- worker deaths ----
+
+
+def classify_deaths(
+    remove_events: list[tuple[float, dict]],
+    memory_events: list[tuple[float, dict]],
+    *,
+    since: float,
+    until: float | None = None,
+    terminate_fraction: float | None = None,
+) -> list[dict]:
+    """Why each worker removed between ``since`` and ``until`` left.
+
+    ``remove_events``: the scheduler's ``remove-worker`` events (topic ``all``);
+    ``memory_events``: the nannies' ``worker-restart-memory`` events.  Reasons:
+    ``memory`` (the nanny killed it above the terminate threshold), ``walltime``
+    (it retired itself gracefully: Dask worker ``lifetime``, set from the walltime),
+    ``connection`` (lost connection or missed heartbeats), ``other``.
+    """
+    until = until if until is not None else math.inf
+    kills = [(t, m) for t, m in memory_events if since <= t <= until + 1]
+    deaths = []
+    for t, ev in remove_events:
+        if ev.get("action") != "remove-worker" or not since <= t <= until:
+            continue
+        address = ev.get("worker", "?")
+        stimulus = str(ev.get("stimulus_id", ""))
+        kill = next(
+            (m for kt, m in kills if m.get("worker") == address and kt <= t + 5 and kt >= t - 120),
+            None,
+        )
+        tasks = sorted(str(k) for k in ev.get("processing-tasks", ()))
+        if kill is not None:
+            at = f" at {terminate_fraction:.0%} of its limit" if terminate_fraction else ""
+            reason = "memory"
+            detail = (
+                f"the nanny killed the worker{at}: RSS {format_bytes(kill.get('rss', 0))}"
+                f" while running {', '.join(tasks) or 'no task'}"
+            )
+        elif stimulus.startswith("worker-close-gracefully"):
+            reason, detail = "walltime", "retired gracefully (worker lifetime before the walltime)"
+        elif stimulus.startswith("check-worker-ttl"):
+            reason, detail = "connection", "missed heartbeats (node hung or network)"
+        elif stimulus.startswith("handle-worker-cleanup"):
+            reason, detail = "connection", "lost connection (process died or node lost)"
+        elif stimulus.startswith("retire-workers"):
+            reason, detail = "other", "retired by the scheduler (scale down)"
+        else:
+            reason, detail = "other", f"removed ({stimulus.split('-1')[0] or 'unknown'})"
+        deaths.append(
+            {
+                "worker": address,
+                "time": t,
+                "reason": reason,
+                "detail": detail,
+                "tasks": tasks,
+                "rss_bytes": kill.get("rss") if kill else None,
+            }
+        )
+    return deaths
+
+
+# ------------------------------------------------------------ the plot ----
+
+
+def plot_memory(
+    timelines: list[dict],
+    path: str | Path,
+    *,
+    t0: float,
+    memory_limit_bytes: int | None,
+    thresholds: dict | None,
+    predicted_peak_bytes: int | None = None,
+    deaths: list[dict] | None = None,
+    title: str = "",
+) -> Path:
+    """Per-worker RSS over time with the limit, Dask's thresholds and the prediction."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    mib = 1024**2
+    fig, ax = plt.subplots(figsize=(11, 5.5), dpi=110)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    shown = 0
+    for i, tl in enumerate(sorted(timelines, key=lambda x: x["name"])):
+        if not tl["t"]:
+            continue
+        xs = [t - t0 for t in tl["t"]]
+        ys = [r / mib for r in tl["rss"]]
+        label = f"worker {tl['name']}" if shown < 12 else None
+        ax.plot(xs, ys, lw=1.2, color=colors[i % len(colors)], label=label)
+        shown += 1
+    line_styles = {
+        "target": ("tab:green", ":"),
+        "spill": ("tab:olive", "--"),
+        "pause": ("tab:orange", "--"),
+        "terminate": ("tab:red", "--"),
+    }
+    if memory_limit_bytes:
+        limit = memory_limit_bytes / mib
+        ax.axhline(limit, color="black", lw=1.5, label=f"memory limit {limit:,.0f} MiB")
+        for name, frac in (thresholds or {}).items():
+            if frac is False or frac is None or name not in line_styles:
+                continue
+            color, style = line_styles[name]
+            ax.axhline(
+                limit * float(frac),
+                color=color,
+                ls=style,
+                lw=1.1,
+                label=f"{name} {float(frac):.0%} ({limit * float(frac):,.0f} MiB)",
+            )
+    if predicted_peak_bytes:
+        ax.axhline(
+            predicted_peak_bytes / mib,
+            color="tab:blue",
+            ls="-.",
+            lw=1.1,
+            label=f"predicted peak {predicted_peak_bytes / mib:,.0f} MiB",
+        )
+    kills = [d for d in deaths or () if d.get("reason") == "memory" and d.get("rss_bytes")]
+    if kills:
+        ax.scatter(
+            [d["time"] - t0 for d in kills],
+            [d["rss_bytes"] / mib for d in kills],
+            marker="X",
+            s=70,
+            color="red",
+            zorder=5,
+            label="worker killed for memory",
+        )
+    ax.set_xlabel("time since the run started (s)")
+    ax.set_ylabel("worker memory, RSS (MiB)")
+    ax.set_title(title or "Per-worker memory (RSS sampled every 0.1 s)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------- the directory ----
+
+
+def write_report_dir(report: RunReport, directory: str | Path) -> Path:
+    """Write ``report.json`` (the plot and HTML are written by the runner)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / "report.json.tmp"
+    tmp.write_text(json.dumps(report.to_dict(), indent=2, default=str))
+    tmp.replace(directory / "report.json")
+    return directory
+
+
+def find_reports(path: str | Path) -> list[Path]:
+    """``report.json`` files at ``path``: the run directory itself, or its run subdirectories."""
+    path = Path(path)
+    if path.is_file() and path.name == "report.json":
+        return [path]
+    if (path / "report.json").is_file():
+        return [path / "report.json"]
+    if path.is_dir():
+        found = sorted(path.glob("*/report.json"), key=lambda p: p.stat().st_mtime)
+        if found:
+            return found
+    raise ConfigError(
+        f"no run report at {path}: pass a run's report directory (with report.json) "
+        "or the report-dir that holds them"
+    )
+
+
+def load_report(path: str | Path) -> dict:
+    """The latest ``report.json`` at ``path`` as a dict."""
+    file = find_reports(path)[-1]
+    try:
+        return json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read {file}: {exc}: rerun the job to rewrite it") from None
+
+
+def summary_text(data: dict) -> str:
+    """A few readable lines from a report dict."""
+    fb = format_bytes
+    lines = [
+        f"run {data['run_id']}: {data['status']}"
+        + (f" ({data['message']})" if data.get("message") else ""),
+        f"chunks: {data['chunks_done']} done of {data['n_chunks']}, "
+        f"{data.get('chunks_skipped', 0)} skipped (already done), "
+        f"{data.get('chunks_retried', 0)} retried, {data.get('chunks_split', 0)} split, "
+        f"{data.get('chunks_failed', 0)} failed; {data.get('items_done', 0)} items",
+        f"wall time: {data.get('wall_time_s', 0):.1f} s; most chunks in flight "
+        f"{data.get('max_in_flight', 0)}"
+        + (
+            f", most tasks on the scheduler {data['max_tasks_on_scheduler']}"
+            if data.get("max_tasks_on_scheduler") is not None
+            else ""
+        ),
+    ]
+    predicted, measured = data.get("predicted_peak_bytes"), data.get("measured_peak_bytes")
+    limit = data.get("memory_limit_bytes")
+    mem = "memory per worker:"
+    if predicted:
+        mem += f" predicted peak {fb(predicted)},"
+    mem += f" measured peak {fb(measured) if measured else 'not measured'}"
+    if limit:
+        mem += f", limit {fb(limit)}"
+    lines.append(mem)
+    for name, peak in sorted((data.get("measured_peak_per_worker") or {}).items()):
+        lines.append(f"  worker {name}: peak {fb(peak)}")
+    deaths = data.get("worker_deaths") or []
+    if deaths:
+        lines.append(f"worker deaths: {len(deaths)}")
+        for d in deaths:
+            lines.append(f"  {d['worker']}: {d['reason']} - {d['detail']}")
+    else:
+        lines.append("worker deaths: none")
+    for f in data.get("failures") or []:
+        lines.append(f"failed chunk {f['chunk_id']}: {f['error']}")
+    if data.get("results_meta"):
+        counts = ", ".join(f"{k}={v}" for k, v in sorted(data["results_meta"].items()))
+        lines.append(f"results: {counts}")
+    if data.get("report_dir"):
+        lines.append(f"report: {data['report_dir']}")
+    return "\n".join(lines)

@@ -1,0 +1,59 @@
+"""Task functions for the runtime tests (workers import them from here)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from hpcbatch.runner import Chunk, TaskContext
+
+
+def tiny(chunk: Chunk, ctx: TaskContext) -> dict:
+    """Almost nothing: for the many-chunks test."""
+    return {"items": chunk.size}
+
+
+def seeded(chunk: Chunk, ctx: TaskContext) -> dict:
+    """Return the chunk's seed and a number drawn from it."""
+    rng = np.random.default_rng(ctx.seed)
+    return {"items": chunk.size, "draw": int(rng.integers(0, 2**31))}
+
+
+def log_call(chunk: Chunk, ctx: TaskContext) -> dict:
+    """Touch a file per executed chunk in $HPCBATCH_TEST_DIR; fail when a stop file exists."""
+    base = Path(os.environ["HPCBATCH_TEST_DIR"])
+    (base / "calls").mkdir(exist_ok=True)
+    (base / "calls" / f"{chunk.chunk_id}-{time.time_ns()}").touch()
+    if (base / "stop").exists() and chunk.start >= int((base / "stop").read_text()):
+        raise RuntimeError(f"simulated crash at item {chunk.start}")
+    return {"items": chunk.size}
+
+
+def flaky(chunk: Chunk, ctx: TaskContext) -> dict:
+    """Fails on attempt 0, succeeds on the retry."""
+    if ctx.attempt == 0:
+        raise ValueError(f"transient failure of {chunk.chunk_id}")
+    return {"items": chunk.size, "attempt": ctx.attempt}
+
+
+def always_fails(chunk: Chunk, ctx: TaskContext) -> dict:
+    if chunk.chunk_id == "c000002":
+        raise ValueError("bad row in the input")
+    return {"items": chunk.size}
+
+
+def hog(chunk: Chunk, ctx: TaskContext) -> dict:
+    """Allocate (and touch) the megabytes named by the chunk's items, hold them briefly."""
+    mb = int(sum(chunk.items))
+    block = np.ones(mb * 1024 * 1024 // 8, dtype=np.float64)
+    time.sleep(1.0 if mb > 20 else 0.05)
+    return {"items": chunk.size, "mb": mb, "checksum": float(block[::4096].sum() > 0)}
+
+
+def raise_memory_error(chunk: Chunk, ctx: TaskContext) -> dict:
+    if chunk.size > 2:
+        raise MemoryError(f"cannot allocate {chunk.size} items")
+    return {"items": chunk.size}
