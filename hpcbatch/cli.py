@@ -240,9 +240,10 @@ def _positive(flag: str, value: int) -> int:
 
 def _add_command_groups() -> None:
     from .predictive.cli import predictive
+    from .slurm_cli import slurm
     from .stocks.cli import stocks
 
-    for group in (stocks, predictive):
+    for group in (stocks, predictive, slurm):
         main.add_command(group)
 
 

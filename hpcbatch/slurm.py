@@ -1,0 +1,670 @@
+"""SLURM glue: sbatch scripts and dask-jobqueue clusters from a Plan, and why a job died.
+
+Owns:
+
+- walltime parsing/formatting in SLURM's own formats;
+- the job size a plan needs (``--mem``, ``--cpus-per-task``) and rendering the sbatch
+  templates in ``slurm/`` (a single-node job running a local Dask cluster, or a small
+  driver job whose workers are separate jobs submitted by dask-jobqueue);
+- ``dask_jobqueue.SLURMCluster`` keyword arguments built from a plan (exact per-worker
+  ``memory_limit``, Dask memory thresholds, worker lifetime from the walltime);
+- submitting, waiting for and explaining jobs (``memory`` / ``walltime`` / ``node`` /
+  ...), through a small injectable command layer so the parsing is unit-testable
+  without SLURM (as submitit does).
+
+Does not own opening clusters for the runner (``hpcbatch.cluster``) or planning.
+Database URLs are never written into a script: a URL with a password becomes
+``$HPCBATCH_DB_URL``, and any URL shown is masked.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from string import Template
+from typing import Any
+
+from .errors import ClusterStartError, ConfigError, HpcbatchError
+from .planner import Plan
+from .units import format_bytes, parse_bytes
+
+MiB = 1024**2
+
+#: Where the sbatch templates live (the repository's slurm/ dir; override with
+#: HPCBATCH_SLURM_TEMPLATES for an installed copy).
+TEMPLATE_DIR = Path(
+    os.environ.get("HPCBATCH_SLURM_TEMPLATES", Path(__file__).resolve().parent.parent / "slurm")
+)
+
+#: The commands each workload runs inside a job.
+WORKLOAD_COMMANDS = {"stocks": ("stocks", "predict"), "predictive": ("predictive", "sample")}
+
+DB_URL_ENV = "HPCBATCH_DB_URL"
+
+# ------------------------------------------------------------------ walltime ----
+
+_WALLTIME_FORMATS = "MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
+
+
+def parse_walltime(text: str | int) -> int:
+    """SLURM time limit -> seconds. ``"90"`` is 90 minutes, ``"1-12:00:00"`` 36 hours.
+
+    Accepts what ``sbatch --time`` accepts (``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH``,
+    ``D-HH:MM``, ``D-HH:MM:SS``) with minutes and seconds below 60 and hours below 24
+    where a larger unit is given; unlimited walltimes are refused (workers need a
+    lifetime).
+    """
+    raw = str(text).strip()
+    bad = ConfigError(
+        f"walltime {raw!r} is not a SLURM time limit: use {_WALLTIME_FORMATS}, "
+        "e.g. --walltime 02:00:00 or --walltime 1-00:00:00"
+    )
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", raw)
+    if not m:
+        raise bad
+    days, a, b, c = m.groups()
+    parts = [int(x) for x in (a, b, c) if x is not None]
+    if days is not None:
+        h, mi, s = (parts + [0, 0])[:3]
+        seconds = int(days) * 86400 + h * 3600 + mi * 60 + s
+        if h >= 24 or mi >= 60 or s >= 60:
+            raise bad
+    elif len(parts) == 1:
+        seconds = parts[0] * 60
+    elif len(parts) == 2:
+        seconds = parts[0] * 60 + parts[1]
+        if parts[1] >= 60:
+            raise bad
+    else:
+        h, mi, s = parts
+        if mi >= 60 or s >= 60:
+            raise bad
+        seconds = h * 3600 + mi * 60 + s
+    if seconds <= 0:
+        raise ConfigError(
+            f"walltime {raw!r} is zero: give a positive time, e.g. --walltime 01:00:00"
+        )
+    return seconds
+
+
+def format_walltime(seconds: int) -> str:
+    """Seconds -> ``HH:MM:SS`` (or ``D-HH:MM:SS`` from one day on)."""
+    days, rest = divmod(int(seconds), 86400)
+    h, rest = divmod(rest, 3600)
+    m, s = divmod(rest, 60)
+    return f"{days}-{h:02d}:{m:02d}:{s:02d}" if days else f"{h:02d}:{m:02d}:{s:02d}"
+
+
+def worker_lifetime(walltime_s: int) -> tuple[int, int]:
+    """(lifetime, stagger) seconds so every worker retires before SLURM kills its job.
+
+    Dask draws each worker's lifetime from ``lifetime +- stagger``; the margin before
+    the walltime is 5 minutes, or a quarter of a short walltime, and the stagger is
+    at most 2 minutes and below half the margin, so ``lifetime + stagger < walltime``.
+    """
+    margin = min(300, walltime_s // 4)
+    stagger = min(120, margin * 2 // 5)
+    return walltime_s - margin, stagger
+
+
+# ------------------------------------------------------------ job size -----------
+
+
+@dataclass(frozen=True)
+class JobSize:
+    """What one job asks SLURM for, and how it adds up."""
+
+    cpus: int
+    mem_bytes: int  # the exact sum (before rounding up to whole MiB)
+    workers_bytes: int
+    node_shared_bytes: int
+    reserve_bytes: int
+
+    @property
+    def mem_mb(self) -> int:
+        """Whole MiB (SLURM's ``M``), rounded up."""
+        return math.ceil(self.mem_bytes / MiB)
+
+    @property
+    def sbatch_mem(self) -> str:
+        """The ``--mem`` value: ``NG`` when a whole number of GiB, else ``NM``."""
+        return f"{self.mem_mb // 1024}G" if self.mem_mb % 1024 == 0 else f"{self.mem_mb}M"
+
+
+def job_size(plan: Plan, reserve_bytes: int) -> JobSize:
+    """``--mem`` = workers x memory_limit + node-shared (mmap'd) bytes + reserve;
+    ``--cpus-per-task`` = workers x threads."""
+    workers = plan.n_workers * plan.memory_limit_bytes
+    shared = plan.footprint.node_shared_bytes
+    return JobSize(
+        cpus=plan.n_workers * plan.threads_per_worker,
+        mem_bytes=workers + shared + reserve_bytes,
+        workers_bytes=workers,
+        node_shared_bytes=shared,
+        reserve_bytes=reserve_bytes,
+    )
+
+
+# ------------------------------------------------------------ secrets ------------
+
+
+def mask_url(url: str) -> str:
+    """A database URL safe to show: the password replaced by ``***``."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a SQLAlchemy URL: mask anything that looks like user:pass@
+        return re.sub(r"(://[^:/@\s]+):[^@\s]*@", r"\1:***@", url)
+
+
+def _has_password(value: str) -> bool:
+    return bool(re.search(r"://[^:/@\s]+:[^@\s]+@", value))
+
+
+def scrub_args(args: Sequence[str]) -> tuple[list[str], bool]:
+    """Replace any argument holding a URL with a password by ``$HPCBATCH_DB_URL``.
+
+    Returns the new arguments and whether anything was replaced (the script then
+    requires the variable at run time instead of carrying the password).
+    """
+    out, replaced = [], False
+    for arg in args:
+        if _has_password(arg):
+            prefix = arg.split("=", 1)[0] + "=" if arg.startswith("--") and "=" in arg else ""
+            out.append(
+                f"{prefix}$" + "{" + f"{DB_URL_ENV}:?export {DB_URL_ENV} before sbatch" + "}"
+            )
+            replaced = True
+        else:
+            out.append(arg)
+    return out, replaced
+
+
+def _quote(arg: str) -> str:
+    """Shell-quote, but keep a ``${HPCBATCH_DB_URL...}`` expansion working."""
+    if f"${{{DB_URL_ENV}" in arg:
+        return '"' + arg + '"'
+    return shlex.quote(arg)
+
+
+# ------------------------------------------------------------ rendering ----------
+
+
+def load_template(name: str, template_dir: Path | None = None) -> Template:
+    path = (template_dir or TEMPLATE_DIR) / name
+    try:
+        return Template(path.read_text())
+    except OSError:
+        raise ConfigError(
+            f"sbatch template {path} not found: run from a checkout with slurm/ or set "
+            "HPCBATCH_SLURM_TEMPLATES to the directory holding local.sbatch and driver.sbatch"
+        ) from None
+
+
+def _directive_lines(partition: str | None, account: str | None, extra: Sequence[str]) -> str:
+    lines = []
+    if partition:
+        lines.append(f"#SBATCH --partition={partition}")
+    if account:
+        lines.append(f"#SBATCH --account={account}")
+    for directive in extra:
+        d = directive.strip()
+        if not d:
+            continue
+        if d.startswith("#SBATCH"):
+            d = d[len("#SBATCH") :].strip()
+        if not d.startswith("-"):
+            raise ConfigError(
+                f"extra sbatch directive {directive!r} is not an option: write it like "
+                "--constraint=skylake or --qos=short"
+            )
+        lines.append(f"#SBATCH {d}")
+    return "\n".join(lines)
+
+
+def _check_name(what: str, value: str | None) -> None:
+    if value is not None and not re.fullmatch(r"[A-Za-z0-9_.+-]+", value):
+        raise ConfigError(
+            f"{what} {value!r} has characters SLURM or the shell would misread: use letters, "
+            "digits, '.', '_', '+' or '-'"
+        )
+
+
+def render_sbatch(
+    workload: str,
+    plan: Plan,
+    settings: Mapping[str, Any],
+    *,
+    walltime: str | None = None,
+    partition: str | None = None,
+    account: str | None = None,
+    job_name: str | None = None,
+    extra: Sequence[str] = (),
+    args: Sequence[str] = (),
+    profile: str | None = None,
+    config_file: str | None = None,
+    driver: bool = False,
+    python: str | None = None,
+    driver_mem: str = "2G",
+    template_dir: Path | None = None,
+) -> str:
+    """A ready sbatch script for ``workload`` whose ``--mem``/``--cpus-per-task`` come from ``plan``.
+
+    ``driver=False``: one node, ``hpcbatch <workload> ... --resume`` on a local cluster
+    of the plan's workers. ``driver=True``: a one-CPU driver job that runs the same
+    command with ``--cluster slurm``; dask-jobqueue submits the workers as jobs of the
+    plan's size (``--mem-gb``/``--cpus`` given to the command). ``walltime``,
+    ``partition`` and ``account`` default to the ``cluster`` settings; ``extra`` are
+    more ``#SBATCH`` options; ``args`` go onto the workload command (a database URL
+    with a password there becomes ``$HPCBATCH_DB_URL``).
+    """
+    if workload not in WORKLOAD_COMMANDS:
+        raise ConfigError(
+            f"unknown workload {workload!r}: use one of {', '.join(WORKLOAD_COMMANDS)}"
+        )
+    cluster = settings.get("cluster", {})
+    walltime_s = parse_walltime(walltime or cluster.get("walltime") or "01:00:00")
+    partition = partition or cluster.get("queue")
+    account = account or cluster.get("account")
+    job_name = job_name or f"hpcbatch-{workload}"
+    for what, value in (
+        ("partition", partition),
+        ("account", account),
+        ("job name", job_name),
+        ("profile", profile),
+    ):
+        _check_name(what, value)
+    reserve = parse_bytes(settings.get("reserve", "256MiB"), what="reserve")
+    size = job_size(plan, 0 if driver else reserve)
+    extra_directives = list(extra) + list(cluster.get("job-extra-directives") or [])
+
+    cmd_args, secret = scrub_args(args)
+    group, verb = WORKLOAD_COMMANDS[workload]
+    command = [group, verb]
+    if profile:
+        command += ["--profile", profile]
+    if config_file:
+        command += ["--config", config_file]
+    if driver:
+        # The driver plans for the worker jobs' allocation (not its own small one): the
+        # same figures as this plan, so it sizes workers exactly as rendered here.
+        command += [
+            "--cluster",
+            "slurm",
+            "--mem-gb",
+            _gb(plan.resources.memory_bytes),
+            "--cpus",
+            str(plan.resources.cpus),
+        ]
+    command += [*cmd_args, "--resume"]
+
+    fb = format_bytes
+    values = {
+        "workload": workload,
+        "job_name": job_name,
+        "cpus": str(size.cpus),
+        "mem": size.sbatch_mem,
+        "mem_exact": fb(size.mem_bytes),
+        "walltime": format_walltime(walltime_s),
+        "signal_seconds": str(min(300, max(10, walltime_s // 10))),
+        "directives": _directive_lines(partition, account, extra_directives),
+        "n_workers": str(plan.n_workers),
+        "threads": str(plan.threads_per_worker),
+        "memory_limit": fb(plan.memory_limit_bytes),
+        "node_shared": fb(size.node_shared_bytes),
+        "reserve": fb(size.reserve_bytes),
+        "chunk_size": str(plan.chunk_size),
+        "item": plan.footprint.item_name,
+        "n_items": str(plan.footprint.n_items),
+        "n_chunks": str(plan.n_chunks),
+        "peak": fb(plan.predicted_peak_bytes),
+        "plan_source": f"{fb(plan.resources.memory_bytes)}, {plan.resources.cpus} CPUs",
+        "secret_note": (
+            f"# The database URL is read from ${DB_URL_ENV} at run time (export it before sbatch;\n"
+            "# sbatch passes your environment to the job). It is never written into this file.\n"
+            if secret
+            else ""
+        ),
+        "python": python or sys.executable,
+        "command": " ".join(_quote(a) for a in command),
+        "driver_mem": driver_mem,
+        "worker_walltime": format_walltime(walltime_s),
+        "exports": _driver_exports(partition, account, walltime_s) if driver else "",
+    }
+    template = load_template("driver.sbatch" if driver else "local.sbatch", template_dir)
+    try:
+        return template.substitute(values)
+    except (KeyError, ValueError) as exc:
+        raise ConfigError(
+            f"sbatch template is broken ({exc}): fix the $placeholders in it"
+        ) from None
+
+
+def _gb(n_bytes: int) -> str:
+    """Bytes as decimal GB text that parses back to at least the same bytes (ceil at 1 kB)."""
+    text = f"{math.ceil(n_bytes / 1e3) / 1e6:.6f}".rstrip("0").rstrip(".")
+    return text
+
+
+def _driver_exports(partition: str | None, account: str | None, walltime_s: int) -> str:
+    lines = [f"export DASK_HPCBATCH__CLUSTER__WALLTIME={format_walltime(walltime_s)}"]
+    if partition:
+        lines.append(f"export DASK_HPCBATCH__CLUSTER__QUEUE={partition}")
+    if account:
+        lines.append(f"export DASK_HPCBATCH__CLUSTER__ACCOUNT={account}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------- dask-jobqueue ------------
+
+
+@dataclass(frozen=True)
+class SlurmClusterSpec:
+    """The ``SLURMCluster`` keyword arguments for a plan, and what was checked."""
+
+    kwargs: dict
+    derived_memory_limit: int  # what dask-jobqueue alone would give each worker
+    memory_limit: int  # what each worker gets (the plan's, pinned with --memory-limit)
+    notes: tuple[str, ...] = field(default=())
+
+
+def threshold_exports(thresholds: Mapping[str, Any]) -> list[str]:
+    """``export DASK_DISTRIBUTED__WORKER__MEMORY__<NAME>=<value>`` for a job script."""
+    lines = []
+    for name in ("target", "spill", "pause", "terminate"):
+        if name in thresholds:
+            value = thresholds[name]
+            text = "False" if value is False else repr(float(value))
+            lines.append(f"export DASK_DISTRIBUTED__WORKER__MEMORY__{name.upper()}={text}")
+    return lines
+
+
+def slurm_cluster_kwargs(
+    plan: Plan,
+    settings: Mapping[str, Any],
+    *,
+    python: str | None = None,
+    job_name: str | None = None,
+    log_directory: str | None = None,
+) -> SlurmClusterSpec:
+    """``SLURMCluster`` kwargs so each job runs the plan's workers with the plan's limit.
+
+    cores = workers x threads, processes = workers, memory = workers x memory_limit
+    (+ node-shared mmap'd bytes); the job's ``--mem`` is passed in whole MiB (dask-
+    jobqueue alone rounds up to whole GiB). dask-jobqueue gives each worker
+    ``format_bytes(memory / processes)`` (two significant decimals); the plan's exact
+    limit is pinned with ``--memory-limit`` and any difference is noted.
+    """
+    cluster = settings.get("cluster", {})
+    walltime_s = parse_walltime(cluster.get("walltime") or "01:00:00")
+    lifetime, stagger = worker_lifetime(walltime_s)
+    size = job_size(plan, 0)
+    memory = size.mem_bytes
+    limit = plan.memory_limit_bytes
+    derived = parse_bytes(format_bytes(memory / plan.n_workers).replace(" ", ""))
+    notes = []
+    if abs(derived - limit) > 0:
+        notes.append(
+            f"dask-jobqueue would give each worker {format_bytes(derived)} ({derived} bytes) "
+            f"= memory / processes rounded; pinned to the plan's {limit} bytes with --memory-limit"
+        )
+    worker_args = [
+        "--memory-limit",
+        str(limit),
+        "--lifetime",
+        f"{lifetime}s",
+        "--lifetime-stagger",
+        f"{stagger}s",
+    ]
+    prologue = threshold_exports(plan.thresholds)
+    kwargs: dict[str, Any] = {
+        "cores": plan.n_workers * plan.threads_per_worker,
+        "processes": plan.n_workers,
+        "memory": f"{memory}B",
+        "job_mem": f"{size.mem_mb}M",
+        "walltime": format_walltime(walltime_s),
+        "queue": cluster.get("queue"),
+        "account": cluster.get("account"),
+        "job_extra_directives": list(cluster.get("job-extra-directives") or []),
+        "interface": cluster.get("interface"),
+        "local_directory": cluster.get("local-directory"),
+        "python": python or sys.executable,
+        "worker_extra_args": worker_args,
+        "job_script_prologue": prologue,
+        "job_name": job_name or f"hpcbatch-{plan.footprint.workload}",
+    }
+    if log_directory:
+        kwargs["log_directory"] = log_directory
+    dash = cluster.get("dashboard-address")
+    if dash:
+        kwargs["scheduler_options"] = {"dashboard_address": _port_only(dash)}
+    return SlurmClusterSpec(
+        kwargs=kwargs, derived_memory_limit=derived, memory_limit=limit, notes=tuple(notes)
+    )
+
+
+def _port_only(address: str) -> str:
+    """The scheduler runs on the driver's node: listen on all its interfaces, same port."""
+    return ":" + str(address).rsplit(":", 1)[-1]
+
+
+def slurm_cluster(plan: Plan, settings: Mapping[str, Any], **kw: Any):
+    """A ``dask_jobqueue.SLURMCluster`` for ``plan`` (no jobs submitted until you scale)."""
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError:  # pragma: no cover - a declared dependency
+        raise ClusterStartError(
+            "dask-jobqueue is not installed: pip install dask-jobqueue"
+        ) from None
+    spec = slurm_cluster_kwargs(plan, settings, **kw)
+    cluster = SLURMCluster(**spec.kwargs)
+    cluster.hpcbatch_spec = spec
+    return cluster
+
+
+# --------------------------------------------------------- jobs -------------------
+
+#: ``run(argv) -> (returncode, stdout, stderr)``; replace it in tests.
+CommandRunner = Callable[[Sequence[str]], tuple[int, str, str]]
+
+
+def subprocess_runner(argv: Sequence[str]) -> tuple[int, str, str]:
+    try:
+        r = subprocess.run(list(argv), capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        return 127, "", f"{argv[0]}: command not found"
+    except subprocess.TimeoutExpired:
+        return 124, "", f"{' '.join(argv)} timed out"
+    return r.returncode, r.stdout, r.stderr
+
+
+def submit(
+    script: str | Path, *, run: CommandRunner = subprocess_runner, sbatch_args: Sequence[str] = ()
+) -> str:
+    """``sbatch --parsable`` a script file; returns the job id."""
+    code, out, err = run(["sbatch", "--parsable", *sbatch_args, str(script)])
+    if code != 0:
+        raise HpcbatchError(
+            f"sbatch failed: {err.strip() or out.strip()}: check the script "
+            "and that SLURM_CONF / the partition are right"
+        )
+    return out.strip().split(";")[0]
+
+
+def parse_scontrol(text: str) -> dict[str, str]:
+    """``scontrol show job`` output (one or many lines) -> {Key: value}."""
+    fields: dict[str, str] = {}
+    for token in re.findall(r"(\w[\w/:]*)=(.*?)(?=\s+\w[\w/:]*=|\s*$)", text.strip(), flags=re.S):
+        fields.setdefault(token[0], token[1].strip())
+    return fields
+
+
+def job_info(job_id: str, *, run: CommandRunner = subprocess_runner) -> dict[str, str] | None:
+    """``scontrol show job -o`` fields, or None once SLURM has forgotten the job."""
+    code, out, _ = run(["scontrol", "show", "job", "-o", str(job_id)])
+    if code != 0 or "JobId=" not in out:
+        return None
+    return parse_scontrol(out.splitlines()[0])
+
+
+def jobcomp_record(job_id: str, path: str | Path) -> dict[str, str] | None:
+    """The job's line in a ``jobcomp/filetxt`` file (kept after scontrol forgets the job)."""
+    try:
+        lines = Path(path).read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        if line.startswith(f"JobId={job_id} "):
+            return parse_scontrol(line)
+    return None
+
+
+FINISHED_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "OUT_OF_MEMORY",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "REVOKED",
+}
+
+
+def wait_for_job(
+    job_id: str,
+    *,
+    timeout: float = 300,
+    poll: float = 0.25,
+    run: CommandRunner = subprocess_runner,
+    jobcomp: str | Path | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, str]:
+    """Poll until the job has finished; its final ``scontrol`` (or jobcomp) fields."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = job_info(job_id, run=run)
+        if info is None and jobcomp is not None:
+            info = jobcomp_record(job_id, jobcomp)
+        state = (info or {}).get("JobState", "").split()[0] if info else ""
+        if state in FINISHED_STATES:
+            return info or {}
+        if info is None:
+            raise HpcbatchError(
+                f"SLURM does not know job {job_id}: check the job id and SLURM_CONF"
+            )
+        if time.monotonic() > deadline:
+            raise HpcbatchError(
+                f"job {job_id} still {state or 'unknown'} after {timeout:.0f} s: "
+                f"check squeue -j {job_id}"
+            )
+        sleep(poll)
+
+
+@dataclass(frozen=True)
+class JobDeath:
+    """Why a job ended. ``reason``: completed | memory | walltime | node | preempted |
+    cancelled | other."""
+
+    job_id: str
+    state: str
+    reason: str
+    detail: str
+    exit_code: str = ""
+
+    def __str__(self) -> str:
+        return f"job {self.job_id}: {self.state} -> {self.reason}: {self.detail}"
+
+
+_MEMORY_PATTERNS = (
+    re.compile(r"exceeded (job )?memory limit", re.I),
+    re.compile(r"oom[-_ ]kill", re.I),
+    re.compile(r"out of memory", re.I),
+)
+_TIME_PATTERNS = (re.compile(r"DUE TO TIME LIMIT", re.I),)
+_NODE_PATTERNS = (re.compile(r"DUE TO NODE FAILURE", re.I),)
+
+
+def classify_job(fields: Mapping[str, str], output: str = "") -> tuple[str, str]:
+    """(reason, detail) from a job's state fields and the tail of its output."""
+    state = fields.get("JobState", "UNKNOWN").split()[0]
+    exit_code = fields.get("ExitCode", "")
+    lines = output.splitlines()
+
+    def first(patterns: Sequence[re.Pattern]) -> str | None:
+        for line in lines:
+            if any(p.search(line) for p in patterns):
+                return line.strip()
+        return None
+
+    mem_line = first(_MEMORY_PATTERNS)
+    if state == "OUT_OF_MEMORY":
+        return "memory", mem_line or "SLURM state OUT_OF_MEMORY (the job's cgroup hit --mem)"
+    if mem_line:
+        return "memory", mem_line
+    if state in ("TIMEOUT", "DEADLINE") or first(_TIME_PATTERNS):
+        limit = fields.get("TimeLimit", "?")
+        return "walltime", first(_TIME_PATTERNS) or f"reached its time limit {limit}"
+    if state == "NODE_FAIL" or first(_NODE_PATTERNS):
+        return "node", first(_NODE_PATTERNS) or f"node {fields.get('NodeList', '?')} failed"
+    if state == "PREEMPTED":
+        return "preempted", "preempted by a higher-priority job"
+    if state == "CANCELLED":
+        by = fields.get("JobState", "").partition(" ")[2] or fields.get("Reason", "")
+        return "cancelled", f"cancelled {by}".strip()
+    if state == "COMPLETED" and exit_code in ("", "0:0"):
+        return "completed", "finished with exit code 0"
+    return "other", f"state {state}, exit code {exit_code or '?'} (see the job's output)"
+
+
+def explain_job(
+    job_id: str,
+    *,
+    run: CommandRunner = subprocess_runner,
+    jobcomp: str | Path | None = None,
+    output: str | Path | None = None,
+    tail_bytes: int = 65536,
+) -> JobDeath:
+    """Why job ``job_id`` ended, from ``scontrol show job``, the jobcomp file and its output.
+
+    The output file is taken from ``StdOut`` unless given; memory kills by the
+    ``jobacct_gather`` OverMemoryKill only show there (state FAILED, exit 0:9).
+    """
+    fields = job_info(job_id, run=run)
+    if fields is None and jobcomp is not None:
+        fields = jobcomp_record(job_id, jobcomp)
+    if fields is None:
+        raise HpcbatchError(
+            f"no record of job {job_id}: SLURM forgot it (MinJobAge) and no jobcomp line; "
+            "pass --jobcomp FILE or check sacct -j " + str(job_id)
+        )
+    out_path = output or fields.get("StdOut")
+    text = ""
+    if out_path:
+        out_path = str(out_path).replace("%j", str(job_id)).replace("%J", str(job_id))
+        try:
+            with open(out_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - tail_bytes))
+                text = f.read().decode(errors="replace")
+        except OSError:
+            text = ""
+    reason, detail = classify_job(fields, text)
+    return JobDeath(
+        job_id=str(job_id),
+        state=fields.get("JobState", "UNKNOWN").split()[0],
+        reason=reason,
+        detail=detail,
+        exit_code=fields.get("ExitCode", ""),
+    )
