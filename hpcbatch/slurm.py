@@ -477,6 +477,11 @@ def slurm_cluster(plan: Plan, settings: Mapping[str, Any], **kw: Any):
 CommandRunner = Callable[[Sequence[str]], tuple[int, str, str]]
 
 
+def _runner() -> CommandRunner:
+    """The module's command layer, looked up at call time so tests can replace it."""
+    return subprocess_runner
+
+
 def subprocess_runner(argv: Sequence[str]) -> tuple[int, str, str]:
     try:
         r = subprocess.run(list(argv), capture_output=True, text=True, timeout=60)
@@ -488,9 +493,10 @@ def subprocess_runner(argv: Sequence[str]) -> tuple[int, str, str]:
 
 
 def submit(
-    script: str | Path, *, run: CommandRunner = subprocess_runner, sbatch_args: Sequence[str] = ()
+    script: str | Path, *, run: CommandRunner | None = None, sbatch_args: Sequence[str] = ()
 ) -> str:
     """``sbatch --parsable`` a script file; returns the job id."""
+    run = run or _runner()
     code, out, err = run(["sbatch", "--parsable", *sbatch_args, str(script)])
     if code != 0:
         raise HpcbatchError(
@@ -508,8 +514,9 @@ def parse_scontrol(text: str) -> dict[str, str]:
     return fields
 
 
-def job_info(job_id: str, *, run: CommandRunner = subprocess_runner) -> dict[str, str] | None:
+def job_info(job_id: str, *, run: CommandRunner | None = None) -> dict[str, str] | None:
     """``scontrol show job -o`` fields, or None once SLURM has forgotten the job."""
+    run = run or _runner()
     code, out, _ = run(["scontrol", "show", "job", "-o", str(job_id)])
     if code != 0 or "JobId=" not in out:
         return None
@@ -547,7 +554,7 @@ def wait_for_job(
     *,
     timeout: float = 300,
     poll: float = 0.25,
-    run: CommandRunner = subprocess_runner,
+    run: CommandRunner | None = None,
     jobcomp: str | Path | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> dict[str, str]:
@@ -631,7 +638,7 @@ def classify_job(fields: Mapping[str, str], output: str = "") -> tuple[str, str]
 def explain_job(
     job_id: str,
     *,
-    run: CommandRunner = subprocess_runner,
+    run: CommandRunner | None = None,
     jobcomp: str | Path | None = None,
     output: str | Path | None = None,
     tail_bytes: int = 65536,

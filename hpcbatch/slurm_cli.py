@@ -19,25 +19,49 @@ from .planner import Plan, make_plan
 
 
 def _render_options(func):
-    @click.option("--mem-gb", type=float, default=None,
-                  help="Memory of the job's node allocation in GB (the plan sets --mem from it).")
+    @click.option(
+        "--mem-gb",
+        type=float,
+        default=None,
+        help="Memory of the job's node allocation in GB (the plan sets --mem from it).",
+    )
     @click.option("--cpus", type=int, default=None, help="CPUs of the allocation.")
-    @click.option("--walltime", default=None,
-                  help="SLURM time limit: HH:MM:SS, D-HH:MM:SS or minutes (default from config).")
+    @click.option(
+        "--walltime",
+        default=None,
+        help="SLURM time limit: HH:MM:SS, D-HH:MM:SS or minutes (default from config).",
+    )
     @click.option("--partition", default=None, help="SLURM partition (default cluster.queue).")
     @click.option("--account", default=None, help="SLURM account (default cluster.account).")
     @click.option("--job-name", default=None, help="Job name (default hpcbatch-<workload>).")
-    @click.option("--driver", is_flag=True,
-                  help="A small driver job; workers run as separate jobs via dask-jobqueue.")
-    @click.option("--directive", "directives", multiple=True,
-                  help="Another #SBATCH option, e.g. --directive=--qos=short (repeatable).")
-    @click.option("--python", default=None,
-                  help="Python of the hpcbatch install on the cluster (default: this one).")
+    @click.option(
+        "--driver",
+        is_flag=True,
+        help="A small driver job; workers run as separate jobs via dask-jobqueue.",
+    )
+    @click.option(
+        "--directive",
+        "directives",
+        multiple=True,
+        help="Another #SBATCH option, e.g. --directive=--qos=short (repeatable).",
+    )
+    @click.option(
+        "--python",
+        default=None,
+        help="Python of the hpcbatch install on the cluster (default: this one).",
+    )
     @click.option("--memory-fraction", type=float, default=None)
-    @click.option("--profile", default=None, help="A profile (e.g. stocks-12gb); passed to the job.")
+    @click.option(
+        "--profile", default=None, help="A profile (e.g. stocks-12gb); passed to the job."
+    )
     @click.option("--config", "config_file", default=None, help="A YAML settings file; passed on.")
-    @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
-                  help="Write the script to this file instead of printing it.")
+    @click.option(
+        "-o",
+        "--output",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="Write the script to this file instead of printing it.",
+    )
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         return func(*args, **kwargs)
@@ -60,14 +84,20 @@ def _resources(mem_gb: float | None, cpus: int | None):
     return resources_from_options(mem_gb, cpus, None, plan_ahead=True)
 
 
-def _emit(
-    workload: str, plan: Plan, settings: dict, opts: dict, args: tuple[str, ...]
-) -> None:
+def _emit(workload: str, plan: Plan, settings: dict, opts: dict, args: tuple[str, ...]) -> None:
     script = hb_slurm.render_sbatch(
-        workload, plan, settings,
-        walltime=opts["walltime"], partition=opts["partition"], account=opts["account"],
-        job_name=opts["job_name"], extra=opts["directives"], args=args,
-        profile=opts["profile"], config_file=opts["config_file"], driver=opts["driver"],
+        workload,
+        plan,
+        settings,
+        walltime=opts["walltime"],
+        partition=opts["partition"],
+        account=opts["account"],
+        job_name=opts["job_name"],
+        extra=opts["directives"],
+        args=args,
+        profile=opts["profile"],
+        config_file=opts["config_file"],
+        driver=opts["driver"],
         python=opts["python"],
     )
     if opts["output"]:
@@ -92,8 +122,9 @@ def render() -> None:
 
 
 @render.command("stocks", context_settings={"ignore_unknown_options": False})
-@click.option("--stocks", "n_stocks", type=int, default=5000, show_default=True,
-              help="Stocks to plan for.")
+@click.option(
+    "--stocks", "n_stocks", type=int, default=5000, show_default=True, help="Stocks to plan for."
+)
 @click.option("--lookback-days", type=int, default=None)
 @click.option("--predict-days", type=int, default=None)
 @click.option("--batch-size", type=int, default=None, help="Fix the stocks per chunk.")
@@ -103,18 +134,25 @@ def render_stocks(n_stocks, lookback_days, predict_days, batch_size, args, **opt
     """sbatch script for `hpcbatch stocks predict`."""
     from .stocks.footprint import stocks_footprint
 
-    settings = hb_config.load(opts["profile"], opts["config_file"],
-                              {"memory-fraction": opts["memory_fraction"]})
+    settings = hb_config.load(
+        opts["profile"], opts["config_file"], {"memory-fraction": opts["memory_fraction"]}
+    )
     cfg = settings["stocks"]
     lookback = lookback_days or cfg["lookback-days"]
     predict = predict_days or cfg["predict-days"]
-    for flag, value in (("--stocks", n_stocks), ("--lookback-days", lookback),
-                        ("--predict-days", predict)):
+    for flag, value in (
+        ("--stocks", n_stocks),
+        ("--lookback-days", lookback),
+        ("--predict-days", predict),
+    ):
         if value is None or value <= 0:
             raise ConfigError(f"{flag} must be a positive whole number, got {value}")
     footprint = stocks_footprint(n_stocks, lookback, predict)
-    plan = make_plan(footprint, _resources(opts["mem_gb"], opts["cpus"]),
-                     hb_config.plan_settings(settings, chunk_size=batch_size or cfg["batch-size"]))
+    plan = make_plan(
+        footprint,
+        _resources(opts["mem_gb"], opts["cpus"]),
+        hb_config.plan_settings(settings, chunk_size=batch_size or cfg["batch-size"]),
+    )
     _emit("stocks", plan, settings, opts, args)
 
 
@@ -127,32 +165,49 @@ def render_stocks(n_stocks, lookback_days, predict_days, batch_size, args, **opt
 @click.option("--copy-input", is_flag=True, help="Plan for the input copied into each worker.")
 @_render_options
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def render_predictive(cells, features, groups, samples, with_observations, copy_input, args,
-                      **opts) -> None:
+def render_predictive(
+    cells, features, groups, samples, with_observations, copy_input, args, **opts
+) -> None:
     """sbatch script for `hpcbatch predictive sample`."""
     from .predictive.footprint import technical_footprint
 
-    settings = hb_config.load(opts["profile"], opts["config_file"],
-                              {"memory-fraction": opts["memory_fraction"]})
+    settings = hb_config.load(
+        opts["profile"], opts["config_file"], {"memory-fraction": opts["memory_fraction"]}
+    )
     samples = samples or int(settings["predictive"]["samples"])
-    for flag, value in (("--cells", cells), ("--features", features), ("--groups", groups),
-                        ("--samples", samples)):
+    for flag, value in (
+        ("--cells", cells),
+        ("--features", features),
+        ("--groups", groups),
+        ("--samples", samples),
+    ):
         if value <= 0:
             raise ConfigError(f"{flag} must be a positive whole number, got {value}")
-    footprint = technical_footprint(cells, features, groups, samples,
-                                    with_observations=with_observations,
-                                    shared_input_mmap=not copy_input)
-    plan = make_plan(footprint, _resources(opts["mem_gb"], opts["cpus"]),
-                     hb_config.plan_settings(settings))
+    footprint = technical_footprint(
+        cells,
+        features,
+        groups,
+        samples,
+        with_observations=with_observations,
+        shared_input_mmap=not copy_input,
+    )
+    plan = make_plan(
+        footprint, _resources(opts["mem_gb"], opts["cpus"]), hb_config.plan_settings(settings)
+    )
     _emit("predictive", plan, settings, opts, args)
 
 
 @slurm.command("why")
 @click.argument("job_id")
-@click.option("--output", "output_file", default=None,
-              help="The job's output file (default: its StdOut from scontrol).")
-@click.option("--jobcomp", default=None,
-              help="A jobcomp/filetxt file, for jobs scontrol has forgotten.")
+@click.option(
+    "--output",
+    "output_file",
+    default=None,
+    help="The job's output file (default: its StdOut from scontrol).",
+)
+@click.option(
+    "--jobcomp", default=None, help="A jobcomp/filetxt file, for jobs scontrol has forgotten."
+)
 @click.option("--json", "as_json", is_flag=True)
 def why(job_id, output_file, jobcomp, as_json) -> None:
     """Why a SLURM job ended: memory, walltime, node, preempted, cancelled, other."""

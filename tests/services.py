@@ -108,7 +108,9 @@ def apt_install(packages: list[str], present: Callable[[], bool]) -> None:
     if present():
         return
     if not is_root():
-        raise ServiceUnavailable(f"not installed and not root: apt-get install {' '.join(packages)}")
+        raise ServiceUnavailable(
+            f"not installed and not root: apt-get install {' '.join(packages)}"
+        )
     if not shutil.which("apt-get"):
         raise ServiceUnavailable(f"{' '.join(packages)} not installed and no apt-get here")
     with open(APT_LOCK, "w") as lock:
@@ -210,7 +212,10 @@ class PostgresServer:
 
     def _run(self, cmd: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run(
-            as_user(self.user, cmd), capture_output=True, text=True, timeout=timeout,
+            as_user(self.user, cmd),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
             cwd=str(self.dir or "/"),
         )
 
@@ -226,8 +231,20 @@ class PostgresServer:
             except KeyError as e:
                 raise ServiceUnavailable("no 'postgres' system user to run initdb as") from e
         self.dir = make_service_dir("pg", self.user)
-        r = self._run([str(self.bindir / "initdb"), "-D", str(self.data), "-A", "trust",
-                       "-U", "postgres", "-E", "UTF8", "--no-sync"])
+        r = self._run(
+            [
+                str(self.bindir / "initdb"),
+                "-D",
+                str(self.data),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ]
+        )
         if r.returncode != 0:
             err = r.stderr.strip().splitlines()[-1:] if r.stderr else []
             self.stop()
@@ -235,11 +252,26 @@ class PostgresServer:
         last = ""
         for _ in range(3):  # a concurrent process may grab the port between pick and bind
             self.port = free_port()
-            opts = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 "
-                    "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-                    "-c max_connections=200")
-            r = self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-o", opts,
-                           "-l", str(self.dir / "postgres.log"), "-w", "-t", "60", "start"])
+            opts = (
+                f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 "
+                "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+                "-c max_connections=200"
+            )
+            r = self._run(
+                [
+                    str(self.bindir / "pg_ctl"),
+                    "-D",
+                    str(self.data),
+                    "-o",
+                    opts,
+                    "-l",
+                    str(self.dir / "postgres.log"),
+                    "-w",
+                    "-t",
+                    "60",
+                    "start",
+                ]
+            )
             if r.returncode == 0:
                 return self
             last = self.log_tail()
@@ -265,9 +297,25 @@ def stop_postgres_dir(d: Path, bindir: Path | None, user: str | None) -> None:
     bindir = bindir or postgres_bindir()
     if pid and pid_alive(pid) and bindir is not None:
         with contextlib.suppress(subprocess.TimeoutExpired):
-            subprocess.run(as_user(user, [str(bindir / "pg_ctl"), "-D", str(d / "data"),
-                                          "-m", "fast", "-w", "-t", "20", "stop"]),
-                           capture_output=True, timeout=30, cwd="/")
+            subprocess.run(
+                as_user(
+                    user,
+                    [
+                        str(bindir / "pg_ctl"),
+                        "-D",
+                        str(d / "data"),
+                        "-m",
+                        "fast",
+                        "-w",
+                        "-t",
+                        "20",
+                        "stop",
+                    ],
+                ),
+                capture_output=True,
+                timeout=30,
+                cwd="/",
+            )
     if pid:
         stop_pid(pid, timeout=5)  # no-op when pg_ctl already stopped it
     shutil.rmtree(d, ignore_errors=True)
@@ -347,20 +395,26 @@ PartitionName={partition} Nodes={node} Default=YES MaxTime=INFINITE State=UP
 
 def slurmd_hardware() -> dict[str, int]:
     """CPUs, Sockets, CoresPerSocket, ThreadsPerCore and RealMemory from `slurmd -C`."""
-    r = subprocess.run([_which("slurmd") or "slurmd", "-C"], capture_output=True, text=True,
-                       timeout=30)
+    r = subprocess.run(
+        [_which("slurmd") or "slurmd", "-C"], capture_output=True, text=True, timeout=30
+    )
     fields = dict(kv.split("=", 1) for kv in r.stdout.split() if "=" in kv)
     try:
         cpus = int(fields["CPUs"])
         sockets = int(fields.get("SocketsPerBoard", fields.get("Sockets", 1))) * int(
-            fields.get("Boards", 1))
-        return {"cpus": cpus, "sockets": sockets,
-                "cores": int(fields.get("CoresPerSocket", cpus)),
-                "threads": int(fields.get("ThreadsPerCore", 1)),
-                "memory_mb": int(fields.get("RealMemory", 0))}
+            fields.get("Boards", 1)
+        )
+        return {
+            "cpus": cpus,
+            "sockets": sockets,
+            "cores": int(fields.get("CoresPerSocket", cpus)),
+            "threads": int(fields.get("ThreadsPerCore", 1)),
+            "memory_mb": int(fields.get("RealMemory", 0)),
+        }
     except (KeyError, ValueError) as e:
-        raise ServiceUnavailable(f"cannot read the node's hardware from 'slurmd -C': {r.stdout!r}"
-                                 ) from e
+        raise ServiceUnavailable(
+            f"cannot read the node's hardware from 'slurmd -C': {r.stdout!r}"
+        ) from e
 
 
 class SlurmTestCluster:
@@ -443,19 +497,36 @@ class SlurmTestCluster:
         for p in (mdir, key):
             os.chown(p, pw.pw_uid, pw.pw_gid)
         key.chmod(0o400)
-        cmd = as_user("munge", [
-            _which("munged") or "munged", "-F", "--force",
-            f"--socket={self.munge_socket}", f"--key-file={key}",
-            f"--log-file={mdir / 'munged.log'}", f"--pid-file={mdir / 'munged.pid'}",
-            f"--seed-file={mdir / 'munged.seed'}",
-        ])
+        cmd = as_user(
+            "munge",
+            [
+                _which("munged") or "munged",
+                "-F",
+                "--force",
+                f"--socket={self.munge_socket}",
+                f"--key-file={key}",
+                f"--log-file={mdir / 'munged.log'}",
+                f"--pid-file={mdir / 'munged.pid'}",
+                f"--seed-file={mdir / 'munged.seed'}",
+            ],
+        )
         self._spawn("munged", cmd)
-        self._wait(lambda: self.munge_socket.exists(), 15, "munged did not create its socket",
-                   "munged", mdir / "munged.log")
-        enc = subprocess.run(["munge", "-n", "-S", str(self.munge_socket)], capture_output=True,
-                             timeout=10)
-        dec = subprocess.run(["unmunge", "-S", str(self.munge_socket)], input=enc.stdout,
-                             capture_output=True, timeout=10)
+        self._wait(
+            lambda: self.munge_socket.exists(),
+            15,
+            "munged did not create its socket",
+            "munged",
+            mdir / "munged.log",
+        )
+        enc = subprocess.run(
+            ["munge", "-n", "-S", str(self.munge_socket)], capture_output=True, timeout=10
+        )
+        dec = subprocess.run(
+            ["unmunge", "-S", str(self.munge_socket)],
+            input=enc.stdout,
+            capture_output=True,
+            timeout=10,
+        )
         if dec.returncode != 0:
             raise ServiceUnavailable(f"munge round trip failed: {dec.stderr.decode().strip()}")
 
@@ -465,38 +536,64 @@ class SlurmTestCluster:
             (self.dir / sub).mkdir()
         ctld_port = free_port()
         slurmd_port = free_port({ctld_port})
-        self.conf.write_text(SLURM_CONF_TEMPLATE.format(
-            dir=self.dir, cluster=f"hb{self.node[2:]}", host=self.host,
-            munge_socket=self.munge_socket, ctld_port=ctld_port, slurmd_port=slurmd_port,
-            node=self.node, partition=self.partition, real_memory=self.real_memory_mb,
-            def_mem_per_cpu=min(1024, self.real_memory_mb // max(1, self.hw["cpus"])),
-            cpus=self.hw["cpus"], sockets=self.hw["sockets"], cores=self.hw["cores"],
-            threads=self.hw["threads"],
-        ))
+        self.conf.write_text(
+            SLURM_CONF_TEMPLATE.format(
+                dir=self.dir,
+                cluster=f"hb{self.node[2:]}",
+                host=self.host,
+                munge_socket=self.munge_socket,
+                ctld_port=ctld_port,
+                slurmd_port=slurmd_port,
+                node=self.node,
+                partition=self.partition,
+                real_memory=self.real_memory_mb,
+                def_mem_per_cpu=min(1024, self.real_memory_mb // max(1, self.hw["cpus"])),
+                cpus=self.hw["cpus"],
+                sockets=self.hw["sockets"],
+                cores=self.hw["cores"],
+                threads=self.hw["threads"],
+            )
+        )
 
     def _start_slurm(self) -> None:
         assert self.dir is not None
         conf = str(self.conf)
         self._spawn("slurmctld", [_which("slurmctld") or "slurmctld", "-D", "-i", "-f", conf])
-        self._wait(lambda: self._scontrol_ping(), 30, "slurmctld did not answer",
-                   "slurmctld", self.dir / "slurmctld.log")
+        self._wait(
+            lambda: self._scontrol_ping(),
+            30,
+            "slurmctld did not answer",
+            "slurmctld",
+            self.dir / "slurmctld.log",
+        )
         self._spawn("slurmd", [_which("slurmd") or "slurmd", "-D", "-N", self.node, "-f", conf])
-        self._wait(lambda: self.node_state() in ("idle", "mixed", "allocated"), 40,
-                   "the node never became idle", "slurmd", self.dir / "slurmd.log")
+        self._wait(
+            lambda: self.node_state() in ("idle", "mixed", "allocated"),
+            40,
+            "the node never became idle",
+            "slurmd",
+            self.dir / "slurmd.log",
+        )
 
     def _spawn(self, name: str, cmd: list[str]) -> None:
         assert self.dir is not None
         out = open(self.dir / f"{name}.stdout", "wb")  # noqa: SIM115 (lives with the daemon)
         self.procs[name] = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=self.env(), cwd=str(self.dir), start_new_session=True,
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.env(),
+            cwd=str(self.dir),
+            start_new_session=True,
         )
         out.close()
         with open(self.dir / "pids", "a") as f:
             f.write(f"{name} {self.procs[name].pid}\n")
 
-    def _wait(self, ok: Callable[[], bool], timeout: float, what: str, proc: str,
-              log: Path) -> None:
+    def _wait(
+        self, ok: Callable[[], bool], timeout: float, what: str, proc: str, log: Path
+    ) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self.procs[proc].poll() is None:
             if ok():
@@ -512,8 +609,9 @@ class SlurmTestCluster:
 
     def run(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
         """Run a SLURM client command against this cluster."""
-        return subprocess.run(list(args), env=self.env(), capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(
+            list(args), env=self.env(), capture_output=True, text=True, timeout=timeout
+        )
 
     def _scontrol_ping(self) -> bool:
         try:
@@ -535,8 +633,10 @@ class SlurmTestCluster:
             with contextlib.suppress(subprocess.TimeoutExpired, OSError):
                 self.run("scancel", "--full", f"--partition={self.partition}", timeout=10)
                 deadline = time.monotonic() + 8
-                while time.monotonic() < deadline and self.run(
-                        "squeue", "-h", "-o", "%i", timeout=10).stdout.strip():
+                while (
+                    time.monotonic() < deadline
+                    and self.run("squeue", "-h", "-o", "%i", timeout=10).stdout.strip()
+                ):
                     time.sleep(0.3)
         for name in ("slurmd", "slurmctld", "munged"):
             p = self.procs.get(name)

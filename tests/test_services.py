@@ -9,15 +9,19 @@ import sqlalchemy as sa
 
 
 @pytest.mark.postgres
-def test_postgres_db_url_is_a_fresh_writable_database(postgres_url: str, postgres_db_url: str) -> None:
+def test_postgres_db_url_is_a_fresh_writable_database(
+    postgres_url: str, postgres_db_url: str
+) -> None:
     engine = sa.create_engine(postgres_db_url)
     try:
         with engine.begin() as conn:
             name = conn.execute(sa.text("select current_database()")).scalar()
             assert name.startswith("hpcbatch_test_")
-            tables = conn.execute(sa.text(
-                "select count(*) from information_schema.tables where table_schema='public'"
-            )).scalar()
+            tables = conn.execute(
+                sa.text(
+                    "select count(*) from information_schema.tables where table_schema='public'"
+                )
+            ).scalar()
             assert tables == 0
             conn.execute(sa.text("create table t (x int)"))
             conn.execute(sa.text("insert into t values (41), (1)"))
@@ -36,8 +40,12 @@ def test_slurm_cluster_runs_a_batch_job_with_its_mem(slurm_env: dict, tmp_path) 
     script = tmp_path / "job.sh"
     script.write_text("#!/bin/sh\necho mem=$SLURM_MEM_PER_NODE node=$SLURMD_NODENAME\n")
     out = tmp_path / "job.out"
-    r = subprocess.run(["sbatch", "--wait", "--mem=300M", "-o", str(out), str(script)],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        ["sbatch", "--wait", "--mem=300M", "-o", str(out), str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     assert out.read_text().strip() == f"mem=300 node={slurm_env['node']}"
     info = subprocess.run(["sinfo", "-h", "-o", "%P %m %c"], capture_output=True, text=True)

@@ -1,0 +1,572 @@
+"""Unit tests of hpcbatch.slurm without a SLURM: walltimes, job sizes, rendered scripts
+(golden files), SLURMCluster keyword arguments and why a job died (scheduler output
+captured from the real test SLURM, fed through a fake command layer).
+
+Regenerate the golden scripts after an intended change with
+``HPCBATCH_REGEN_GOLDEN=1 pytest tests/test_slurm_render.py`` and review the diff.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hpcbatch import config as hb_config
+from hpcbatch import slurm
+from hpcbatch.cli import main
+from hpcbatch.errors import ConfigError, HpcbatchError
+from hpcbatch.planner import make_plan
+from hpcbatch.resources import detect_resources
+from hpcbatch.stocks.footprint import stocks_footprint
+
+GOLDEN = Path(__file__).parent / "golden"
+REGEN = os.environ.get("HPCBATCH_REGEN_GOLDEN") == "1"
+PY = "/opt/hpcbatch/venv/bin/python"
+
+
+# ------------------------------------------------------------------ walltime ----
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("90", 90 * 60),
+        ("5:30", 5 * 60 + 30),
+        ("02:00:00", 7200),
+        ("48:00:00", 48 * 3600),
+        ("1-00", 86400),
+        ("1-12:30", 86400 + 12 * 3600 + 30 * 60),
+        ("2-03:04:05", 2 * 86400 + 3 * 3600 + 4 * 60 + 5),
+        (" 0:01:00 ", 60),
+        (30, 30 * 60),
+    ],
+)
+def test_parse_walltime_accepts_slurm_formats(text, seconds) -> None:
+    assert slurm.parse_walltime(text) == seconds
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "2h",
+        "1:2:3:4",
+        "00:61:00",
+        "1:00:60",
+        "1-24:00:00",
+        "1-",
+        "-1",
+        "1.5",
+        "01:00:00 extra",
+        "UNLIMITED",
+        "infinite",
+    ],
+)
+def test_parse_walltime_rejects_bad_text_with_the_fix(text) -> None:
+    with pytest.raises(ConfigError, match=r"not a SLURM time limit: use .*HH:MM:SS.*--walltime"):
+        slurm.parse_walltime(text)
+
+
+def test_zero_walltime_is_refused() -> None:
+    with pytest.raises(ConfigError, match="zero"):
+        slurm.parse_walltime("00:00:00")
+
+
+@given(st.integers(min_value=1, max_value=40 * 86400))
+def test_format_walltime_round_trips(seconds: int) -> None:
+    text = slurm.format_walltime(seconds)
+    assert re.fullmatch(r"(\d+-)?\d\d:\d\d:\d\d", text)
+    assert slurm.parse_walltime(text) == seconds
+
+
+@given(st.integers(min_value=60, max_value=40 * 86400))
+def test_worker_lifetime_always_ends_before_the_walltime(walltime: int) -> None:
+    lifetime, stagger = slurm.worker_lifetime(walltime)
+    assert 0 < lifetime < walltime
+    assert lifetime + stagger < walltime
+    assert walltime - lifetime <= 300 and stagger <= 120
+
+
+def test_worker_lifetime_for_an_hour() -> None:
+    assert slurm.worker_lifetime(3600) == (3300, 120)
+
+
+# ------------------------------------------------------------------ job size ----
+
+
+def _plan(mem_gb: float = 12, cpus: int = 4, n_stocks: int = 5000):
+    settings = hb_config.load()
+    res = detect_resources(memory_bytes=int(mem_gb * 1e9), cpus=cpus, plan_ahead=True)
+    return make_plan(
+        stocks_footprint(n_stocks, 400, 10), res, hb_config.plan_settings(settings)
+    ), settings
+
+
+def test_job_size_adds_workers_shared_and_reserve_rounded_up_to_mib() -> None:
+    plan, _ = _plan()
+    size = slurm.job_size(plan, reserve_bytes=256 * 2**20)
+    expected = (
+        plan.n_workers * plan.memory_limit_bytes + plan.footprint.node_shared_bytes + 256 * 2**20
+    )
+    assert size.mem_bytes == expected
+    assert size.cpus == plan.n_workers * plan.threads_per_worker
+    assert (size.mem_mb - 1) * 2**20 < expected <= size.mem_mb * 2**20
+    # the allocation SLURM grants (whole MiB) is never below what the plan used
+    assert size.mem_mb * 2**20 >= plan.resources.memory_bytes
+
+
+def test_sbatch_mem_uses_gigabytes_only_when_exact() -> None:
+    assert slurm.JobSize(1, 4 * 2**30, 0, 0, 0).sbatch_mem == "4G"
+    assert slurm.JobSize(1, 4 * 2**30 + 1, 0, 0, 0).sbatch_mem == "4097M"
+
+
+# ------------------------------------------------------------------ secrets -----
+
+
+def test_mask_url_hides_the_password() -> None:
+    masked = slurm.mask_url("postgresql+psycopg://alice:s3cr3t@db.example:5432/stocks")
+    assert "s3cr3t" not in masked and "alice" in masked and "***" in masked
+
+
+def test_scrub_args_replaces_urls_with_passwords_by_the_env_var() -> None:
+    args, replaced = slurm.scrub_args(
+        ["--db", "postgresql://bob:pw@h/x", "--out=sqlite:///a.db", "--url=mysql://u:p@h/d"]
+    )
+    assert replaced
+    assert args[0] == "--db" and args[1].startswith("${HPCBATCH_DB_URL:?")
+    assert args[2] == "--out=sqlite:///a.db"
+    assert args[3].startswith("--url=${HPCBATCH_DB_URL")
+    assert slurm.scrub_args(["--db", "postgresql://bob@h/x"]) == (
+        ["--db", "postgresql://bob@h/x"],
+        False,
+    )
+
+
+# ------------------------------------------------------------------ rendering ---
+
+GOLDEN_CASES = {
+    "stocks_local": [
+        "render",
+        "stocks",
+        "--mem-gb",
+        "12",
+        "--cpus",
+        "4",
+        "--walltime",
+        "02:00:00",
+        "--partition",
+        "short",
+        "--account",
+        "lab42",
+        "--stocks",
+        "5000",
+    ],
+    "stocks_driver_secret": [
+        "render",
+        "stocks",
+        "--mem-gb",
+        "19",
+        "--cpus",
+        "8",
+        "--walltime",
+        "1-00:00:00",
+        "--driver",
+        "--directive=--qos=long",
+        "--",
+        "--db",
+        "postgresql+psycopg://alice:s3cr3t@db.example/stocks",
+    ],
+    "predictive_local": [
+        "render",
+        "predictive",
+        "--cells",
+        "21761",
+        "--features",
+        "31467",
+        "--samples",
+        "1000",
+        "--mem-gb",
+        "64",
+        "--cpus",
+        "8",
+        "--walltime",
+        "240",
+        "--",
+        "--input",
+        "counts.zarr",
+        "--output",
+        "posterior.zarr",
+    ],
+    "predictive_driver": [
+        "render",
+        "predictive",
+        "--cells",
+        "2000",
+        "--features",
+        "500",
+        "--mem-gb",
+        "8",
+        "--cpus",
+        "2",
+        "--walltime",
+        "00:30:00",
+        "--driver",
+        "--partition",
+        "debug",
+        "--job-name",
+        "pp-small",
+    ],
+}
+
+
+def _render(argv: list[str]) -> str:
+    result = CliRunner().invoke(main, ["slurm", *argv[:2], "--python", PY, *argv[2:]])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.mark.parametrize("case", sorted(GOLDEN_CASES))
+def test_rendered_scripts_match_golden_files(case: str) -> None:
+    text = _render(GOLDEN_CASES[case])
+    path = GOLDEN / f"{case}.sbatch"
+    if REGEN:
+        path.write_text(text)
+    assert path.exists(), f"missing {path}: run HPCBATCH_REGEN_GOLDEN=1 pytest {__file__}"
+    assert text == path.read_text(), (
+        f"{path.name} changed; if intended, regenerate with HPCBATCH_REGEN_GOLDEN=1 and review"
+    )
+
+
+def _directive(text: str, name: str) -> str:
+    m = re.search(rf"^#SBATCH --{name}=(\S+)$", text, flags=re.M)
+    assert m, f"no --{name} in script"
+    return m.group(1)
+
+
+def test_local_script_mem_and_cpus_come_from_the_plan() -> None:
+    plan, settings = _plan(12, 4)
+    text = _render(GOLDEN_CASES["stocks_local"])
+    size = slurm.job_size(plan, 256 * 2**20)
+    assert _directive(text, "mem") == f"{size.mem_mb}M"
+    assert _directive(text, "cpus-per-task") == str(plan.n_workers * plan.threads_per_worker)
+    assert _directive(text, "time") == "02:00:00"
+    assert _directive(text, "partition") == "short"
+    assert _directive(text, "account") == "lab42"
+    assert text.rstrip().endswith("-m hpcbatch.cli stocks predict --resume")
+    # every #SBATCH line comes before the first command, or sbatch ignores it
+    lines = text.splitlines()
+    first_cmd = next(i for i, line in enumerate(lines[1:], 1) if line and not line.startswith("#"))
+    assert all(i < first_cmd for i, line in enumerate(lines) if line.startswith("#SBATCH"))
+
+
+def test_driver_script_is_small_and_passes_the_worker_allocation() -> None:
+    text = _render(GOLDEN_CASES["stocks_driver_secret"])
+    assert _directive(text, "cpus-per-task") == "1"
+    assert _directive(text, "mem") == "2G"
+    assert _directive(text, "qos") == "long"
+    assert "--cluster slurm --mem-gb 19 --cpus 8" in text
+    assert "export DASK_HPCBATCH__CLUSTER__WALLTIME=1-00:00:00" in text
+
+
+def test_password_never_reaches_the_script() -> None:
+    text = _render(GOLDEN_CASES["stocks_driver_secret"])
+    assert "s3cr3t" not in text and "alice" not in text
+    assert '--db "${HPCBATCH_DB_URL:?export HPCBATCH_DB_URL before sbatch}"' in text
+
+
+def test_render_writes_a_file_with_output_option(tmp_path) -> None:
+    out = tmp_path / "job.sbatch"
+    result = CliRunner().invoke(
+        main,
+        [
+            "slurm",
+            "render",
+            "stocks",
+            "--mem-gb",
+            "12",
+            "--cpus",
+            "4",
+            "--python",
+            PY,
+            "-o",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert out.read_text() == _render(["render", "stocks", "--mem-gb", "12", "--cpus", "4"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--walltime", "2h"], "walltime '2h' is not a SLURM time limit"),
+        (["--partition", "a b;rm"], "partition 'a b;rm' has characters"),
+        (["--directive", "qos=long"], "is not an option: write it like --constraint"),
+    ],
+)
+def test_render_bad_input_is_one_line_and_exit_2(argv, message) -> None:
+    result = CliRunner().invoke(
+        main, ["slurm", "render", "stocks", "--mem-gb", "12", "--cpus", "4", *argv]
+    )
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "#SBATCH" not in result.output  # nothing half-written
+
+
+def test_render_outside_slurm_needs_the_allocation(monkeypatch) -> None:
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    result = CliRunner().invoke(main, ["slurm", "render", "stocks", "--cpus", "4"])
+    assert result.exit_code == 2
+    assert "--mem-gb needed to size the job" in result.output
+
+
+def test_render_infeasible_plan_says_what_to_request() -> None:
+    result = CliRunner().invoke(
+        main,
+        [
+            "slurm",
+            "render",
+            "predictive",
+            "--cells",
+            "21761",
+            "--features",
+            "31467",
+            "--mem-gb",
+            "1",
+            "--cpus",
+            "2",
+            "--copy-input",
+        ],
+    )
+    assert result.exit_code == 2
+    assert "request --mem=" in result.output
+
+
+def test_missing_template_dir_is_a_config_error(tmp_path) -> None:
+    plan, settings = _plan()
+    with pytest.raises(ConfigError, match="HPCBATCH_SLURM_TEMPLATES"):
+        slurm.render_sbatch("stocks", plan, settings, template_dir=tmp_path)
+
+
+# ------------------------------------------------------------- SLURMCluster kwargs
+
+
+def test_slurm_cluster_kwargs_follow_the_plan() -> None:
+    plan, settings = _plan(12, 4)
+    settings = {
+        **settings,
+        "cluster": {
+            **settings["cluster"],
+            "walltime": "02:00:00",
+            "queue": "short",
+            "account": "lab42",
+            "interface": "ib0",
+            "local-directory": "/scratch/x",
+            "job-extra-directives": ["--qos=long"],
+        },
+    }
+    spec = slurm.slurm_cluster_kwargs(plan, settings, python="/x/python")
+    kw = spec.kwargs
+    n, limit = plan.n_workers, plan.memory_limit_bytes
+    assert kw["cores"] == n * plan.threads_per_worker and kw["processes"] == n
+    total = n * limit + plan.footprint.node_shared_bytes
+    assert kw["memory"] == f"{total}B"
+    assert kw["job_mem"] == f"{-(-total // 2**20)}M"
+    assert (kw["walltime"], kw["queue"], kw["account"]) == ("02:00:00", "short", "lab42")
+    assert (kw["interface"], kw["local_directory"], kw["python"]) == (
+        "ib0",
+        "/scratch/x",
+        "/x/python",
+    )
+    assert kw["job_extra_directives"] == ["--qos=long"]
+    args = kw["worker_extra_args"]
+    assert args[args.index("--memory-limit") + 1] == str(limit)
+    assert args[args.index("--lifetime") + 1] == "6900s"
+    assert args[args.index("--lifetime-stagger") + 1] == "120s"
+    assert "export DASK_DISTRIBUTED__WORKER__MEMORY__SPILL=0.7" in kw["job_script_prologue"]
+    assert spec.memory_limit == limit
+    # dask-jobqueue alone rounds memory/processes to 3 significant figures
+    assert (
+        spec.derived_memory_limit != limit and abs(spec.derived_memory_limit - limit) < 0.01 * limit
+    )
+    assert "pinned to the plan's" in spec.notes[0]
+
+
+def test_slurm_cluster_job_script_carries_exact_limit_and_mem() -> None:
+    pytest.importorskip("dask_jobqueue")
+    plan, settings = _plan(12, 4)
+    settings = {**settings, "cluster": {**settings["cluster"], "dashboard-address": None}}
+    cluster = slurm.slurm_cluster(plan, settings)
+    try:
+        script = cluster.job_script()
+    finally:
+        cluster.close()
+    total = plan.n_workers * plan.memory_limit_bytes + plan.footprint.node_shared_bytes
+    assert f"#SBATCH --mem={-(-total // 2**20)}M" in script
+    assert f"#SBATCH --cpus-per-task={plan.n_workers}" in script
+    # the last --memory-limit wins on the worker command line: the plan's exact bytes
+    limits = re.findall(r"--memory-limit (\S+)", script)
+    assert limits[-1] == str(plan.memory_limit_bytes)
+    assert "--lifetime 3300s" in script
+
+
+def test_thresholds_false_is_exported_as_false() -> None:
+    lines = slurm.threshold_exports(
+        {"target": False, "spill": 0.7, "pause": 0.8, "terminate": 0.95}
+    )
+    assert lines[0] == "export DASK_DISTRIBUTED__WORKER__MEMORY__TARGET=False"
+
+
+# ------------------------------------------------------------- death reasons ----
+
+# Captured from the test SLURM (tests/services.py): a job with --mem=200M that
+# touched 600 MB, and a job cancelled with scancel.
+MEM_KILLED = (
+    "JobId=1 JobName=hog.sh UserId=root(0) GroupId=root(0) MCS_label=N/A Priority=4294901759 "
+    "Nice=0 Account=(null) QOS=(null) JobState=FAILED Reason=JobLaunchFailure Dependency=(null) "
+    "Requeue=1 Restarts=0 BatchFlag=1 Reboot=0 ExitCode=0:9 RunTime=00:00:02 TimeLimit=UNLIMITED "
+    "TimeMin=N/A SubmitTime=2026-11-23T11:32:48 Partition=debug AllocNode:Sid=localhost:2618 "
+    "NodeList=hb92a3c2 BatchHost=hb92a3c2 NumNodes=1 NumCPUs=1 NumTasks=1 CPUs/Task=1 "
+    "ReqB:S:C:T=0:0:*:* TRES=cpu=1,mem=200M,node=1,billing=1 Socks/Node=* MinMemoryNode=200M "
+    "Command=/tmp/x/hog.sh WorkDir=/work/main StdErr={out} StdIn=/dev/null StdOut={out} Power= "
+)
+MEM_OUTPUT = (
+    "slurmstepd-hb92a3c2: error: StepId=1.batch exceeded memory limit (276066304 > 209715200), "
+    "being killed\n"
+    "slurmstepd-hb92a3c2: error: Exceeded job memory limit\n"
+    "slurmstepd-hb92a3c2: error: *** JOB 1 ON hb92a3c2 CANCELLED AT 2026-11-23T11:32:52 ***\n"
+)
+JOBCOMP = (
+    "JobId=2 UserId=root(0) GroupId=root(0) Name=sl.sh JobState=CANCELLED Partition=debug "
+    "TimeLimit=UNLIMITED StartTime=2026-11-23T11:32:50 EndTime=2026-11-23T11:32:51 "
+    "NodeList=hb92a3c2 NodeCnt=1 ProcCnt=1 WorkDir=/work/main ReservationName= "
+    "Tres=cpu=1,mem=100M,node=1,billing=1 Account= QOS= WcKey= Cluster=unknown "
+    "SubmitTime=2026-11-23T11:32:48 EligibleTime=2026-11-23T11:32:48 DerivedExitCode=0:0 "
+    "ExitCode=0:0 \n"
+)
+
+
+class FakeScheduler:
+    """The command layer: answers scontrol from a table, records every call."""
+
+    def __init__(self, jobs: dict[str, list[str]]):
+        self.jobs = {k: list(v) for k, v in jobs.items()}
+        self.calls: list[list[str]] = []
+
+    def __call__(self, argv):
+        self.calls.append(list(argv))
+        if argv[:3] == ["scontrol", "show", "job"]:
+            states = self.jobs.get(argv[-1])
+            if not states:
+                return 1, "", "slurm_load_jobs error: Invalid job id specified\n"
+            return 0, (states.pop(0) if len(states) > 1 else states[0]), ""
+        if argv[0] == "sbatch":
+            return 0, "77;cluster\n", ""
+        return 127, "", "unexpected"
+
+
+def _with_state(line: str, state: str, exit_code: str = "0:0", reason: str = "None") -> str:
+    line = re.sub(r"JobState=\S+", f"JobState={state}", line)
+    line = re.sub(r"ExitCode=\S+", f"ExitCode={exit_code}", line)
+    return re.sub(r"Reason=\S+", f"Reason={reason}", line)
+
+
+def test_parse_scontrol_keeps_values_with_equals_and_colons() -> None:
+    f = slurm.parse_scontrol(MEM_KILLED.format(out="/o"))
+    assert f["JobState"] == "FAILED" and f["ExitCode"] == "0:9"
+    assert f["TRES"] == "cpu=1,mem=200M,node=1,billing=1"
+    assert f["AllocNode:Sid"] == "localhost:2618" and f["CPUs/Task"] == "1"
+    assert f["Power"] == "" and f["StdOut"] == "/o"
+
+
+def test_memory_kill_is_read_from_the_job_output(tmp_path) -> None:
+    out = tmp_path / "hog-1.out"
+    out.write_text(MEM_OUTPUT)
+    run = FakeScheduler({"1": [MEM_KILLED.format(out=out)]})
+    death = slurm.explain_job("1", run=run)
+    assert (death.reason, death.state, death.exit_code) == ("memory", "FAILED", "0:9")
+    assert "exceeded memory limit (276066304 > 209715200)" in death.detail
+    assert run.calls == [["scontrol", "show", "job", "-o", "1"]]
+
+
+def test_same_failure_without_the_memory_lines_is_other(tmp_path) -> None:
+    out = tmp_path / "o.out"
+    out.write_text("Traceback ...\nValueError: boom\n")
+    death = slurm.explain_job("1", run=FakeScheduler({"1": [MEM_KILLED.format(out=out)]}))
+    assert death.reason == "other" and "exit code 0:9" in death.detail
+
+
+@pytest.mark.parametrize(
+    ("state", "output", "reason"),
+    [
+        ("OUT_OF_MEMORY", "", "memory"),
+        (
+            "TIMEOUT",
+            "slurmstepd: error: *** JOB 1 ON n1 CANCELLED AT 2026-01-01T00:00:00 DUE TO "
+            "TIME LIMIT ***\n",
+            "walltime",
+        ),
+        ("TIMEOUT", "", "walltime"),
+        ("NODE_FAIL", "", "node"),
+        (
+            "CANCELLED",
+            "slurmstepd: error: *** JOB 1 ON n1 CANCELLED AT 2026-01-01 DUE TO NODE "
+            "FAILURE, SEE SLURMCTLD LOG FOR DETAILS ***\n",
+            "node",
+        ),
+        ("PREEMPTED", "", "preempted"),
+        ("CANCELLED", "", "cancelled"),
+        ("COMPLETED", "done\n", "completed"),
+        ("FAILED", "error: oom-kill event(s) in StepId=1.batch\n", "memory"),
+    ],
+)
+def test_death_reasons(tmp_path, state, output, reason) -> None:
+    out = tmp_path / "job.out"
+    out.write_text(output)
+    line = _with_state(MEM_KILLED.format(out=out), state)
+    assert slurm.explain_job("1", run=FakeScheduler({"1": [line]})).reason == reason
+
+
+def test_forgotten_job_falls_back_to_the_jobcomp_file(tmp_path) -> None:
+    comp = tmp_path / "jobcomp.log"
+    comp.write_text(JOBCOMP)
+    death = slurm.explain_job("2", run=FakeScheduler({}), jobcomp=comp)
+    assert (death.state, death.reason) == ("CANCELLED", "cancelled")
+    with pytest.raises(HpcbatchError, match="no record of job 3"):
+        slurm.explain_job("3", run=FakeScheduler({}), jobcomp=comp)
+
+
+def test_wait_for_job_polls_until_finished() -> None:
+    done = MEM_KILLED.format(out="/nonexistent")
+    run = FakeScheduler({"1": [_with_state(done, "PENDING"), _with_state(done, "RUNNING"), done]})
+    sleeps: list[float] = []
+    info = slurm.wait_for_job("1", run=run, poll=0.5, sleep=sleeps.append)
+    assert info["JobState"] == "FAILED" and sleeps == [0.5, 0.5]
+
+
+def test_wait_for_job_times_out_with_the_command_to_check() -> None:
+    run = FakeScheduler({"1": [_with_state(MEM_KILLED.format(out="/x"), "PENDING")]})
+    with pytest.raises(HpcbatchError, match="still PENDING after 0 s: check squeue -j 1"):
+        slurm.wait_for_job("1", run=run, timeout=0, sleep=lambda s: None)
+
+
+def test_submit_returns_the_job_id_and_reports_sbatch_errors() -> None:
+    assert slurm.submit("job.sh", run=FakeScheduler({})) == "77"
+    with pytest.raises(HpcbatchError, match="sbatch failed: sbatch: error: invalid partition"):
+        slurm.submit("job.sh", run=lambda argv: (1, "", "sbatch: error: invalid partition\n"))
+
+
+def test_why_cli_prints_the_reason(tmp_path, monkeypatch) -> None:
+    out = tmp_path / "hog-1.out"
+    out.write_text(MEM_OUTPUT)
+    fake = FakeScheduler({"1": [MEM_KILLED.format(out=out)]})
+    monkeypatch.setattr(slurm, "subprocess_runner", fake)
+    result = CliRunner().invoke(main, ["slurm", "why", "1"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("job 1: FAILED -> memory: ")
