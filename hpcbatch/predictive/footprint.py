@@ -61,3 +61,42 @@ def technical_footprint(
         if with_observations
         else ("lower --samples",),
     )
+
+
+# Bytes alive per output byte while a vectorised chunk is drawn: the guide's draw, the
+# model's value, the conversion to numpy and the zarr write buffer.
+LATENT_COPIES = 4
+GENERIC_BASELINE_BYTES = BASELINE_BYTES
+
+
+def sampling_footprint(
+    samples: int,
+    *,
+    latent_bytes_per_sample: int,
+    row_bytes_per_sample: int = 0,
+    rows_per_block: int = 0,
+    shared_input_bytes: int = 0,
+) -> Footprint:
+    """Per-sample bytes of any model, from the sizes of its returned sites.
+
+    ``row_bytes_per_sample`` is the output of one data-plate row for one sample; a block
+    of ``rows_per_block`` rows is drawn at a time and costs about ``OBS_COPIES`` times its
+    output (the vectorised likelihood's temporaries).
+    """
+    latent = LATENT_COPIES * latent_bytes_per_sample
+    rows = OBS_COPIES * row_bytes_per_sample * rows_per_block
+    return Footprint(
+        workload="predictive",
+        item_name="sample",
+        n_items=samples,
+        per_item_bytes=max(1, latent + rows),
+        baseline_bytes=GENERIC_BASELINE_BYTES,
+        shared_input_bytes=shared_input_bytes,
+        shared_input_mmap=True,
+        details=(
+            ("returned sites outside the data plate, per sample", latent),
+            ("one block of data-plate rows, per sample", rows),
+            ("shared inputs (memory-mapped)", shared_input_bytes),
+        ),
+        shrink_hints=("use a smaller cell_block",) if rows else ("lower num_samples",),
+    )

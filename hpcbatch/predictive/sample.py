@@ -1,0 +1,625 @@
+"""``hpcbatch.predictive.sample``: Predictive(parallel=True) in planned chunks over Dask.
+
+The shell around :mod:`hpcbatch.predictive.core`: checks the input, plans the chunk
+size, writes large inputs once for memory-mapping (:mod:`~hpcbatch.predictive.shared`),
+creates the zarr store, hands chunk tasks to :func:`hpcbatch.runner.run` and returns
+the samples (a dict of numpy arrays, or the zarr group with ``out=``).
+
+Seeds: chunk ``c`` (ids ``c000000``, ``c000001``, ...; halves of a split chunk
+``c000003.0``/``c000003.1``) runs with ``pyro.set_rng_seed(chunk_seed(seed, c) % 2**32)``
+(:func:`hpcbatch.runner.chunk_seed`), then exactly Pyro's Predictive code for its
+samples.  So a one-chunk run equals ``pyro.set_rng_seed(chunk_seed(seed, "c000000") % 2**32);
+Predictive(..., parallel=True)(*args, **kwargs)``, and any chunk can be reproduced
+alone.  Results depend on the chunking, never on the number of workers.
+
+Zarr layout: one array per site, shaped as Predictive's output; zarr chunks hold one
+sample (and one cell block along the data plate), so no two tasks ever write the
+same zarr chunk, whatever the chunking or splitting.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyro
+import torch
+
+from ..errors import ChunkFailedError, ConfigError, HpcbatchError
+from . import core, shared
+from .footprint import sampling_footprint
+
+# Bytes one sample may use per cell block (all sites of one block), to size blocks.
+BLOCK_TARGET_BYTES = 64 * 1024**2
+
+# Pyro keeps its handler stack and param store in module globals: one draw per process
+# at a time (threads of one worker take turns; torch still uses all intra-op threads).
+_PYRO_LOCK = threading.Lock()
+_JOBS: dict[str, SamplingJob] = {}
+_ARRAYS: dict[tuple[str, str], Any] = {}
+
+
+@dataclass(frozen=True)
+class SamplingJob:
+    """Everything a worker needs for any chunk; pickled once to a file, loaded once."""
+
+    model: Callable
+    guide: Callable | None
+    posterior: dict
+    model_args: tuple
+    model_kwargs: dict
+    layout: core.Layout
+    data_plate: str | None
+    block: int | None
+    guide_param_state: dict | None = None
+
+
+@dataclass
+class SampleRun:
+    """The result of :func:`run_sampling`: samples, the run report and the plan."""
+
+    samples: Any
+    report: Any
+    plan: Any
+    layout: core.Layout
+    block: int | None
+    notes: list[str] = field(default_factory=list)
+
+
+# -------------------------------------------------------------- worker side --
+
+
+def _load_job(path: str) -> SamplingJob:
+    job = _JOBS.get(path)
+    if job is None:
+        import cloudpickle
+
+        with open(path, "rb") as handle:
+            job = cloudpickle.load(handle)
+        _JOBS.clear()  # one run's job per process at a time
+        _JOBS[path] = job
+    return job
+
+
+def _zarr_array(out: str, site: str):
+    import zarr
+
+    key = (out, site)
+    array = _ARRAYS.get(key)
+    if array is None:
+        array = zarr.open_array(store=os.path.join(out, site), mode="r+")
+        _ARRAYS[key] = array
+    return array
+
+
+def _write(out: str, site: core.SiteLayout, start: int, stop: int, value, rows=None) -> int:
+    array = np.ascontiguousarray(value.detach().cpu().numpy() if torch.is_tensor(value) else value)
+    region = [slice(start, stop)] + [slice(None)] * (len(site.shape) - 1)
+    if rows is not None:
+        region[site.plate_axis] = slice(*rows)
+    target = tuple(len(range(*r.indices(n))) for r, n in zip(region, site.shape, strict=True))
+    if array.shape != target:
+        array = np.broadcast_to(array, target)
+    _zarr_array(out, site.name)[tuple(region)] = array.astype(site.dtype, copy=False)
+    return int(array.nbytes)
+
+
+def pyro_seed(chunk_seed: int) -> int:
+    """The ``pyro.set_rng_seed`` value of a chunk: its 63-bit seed folded to numpy's 32 bits."""
+    return int(chunk_seed) % 2**32
+
+
+def draw_chunk(job: SamplingJob, start: int, stop: int, seed: int, emit) -> None:
+    """Draw samples ``start:stop`` with ``seed``; ``emit(site, value, rows)`` each piece."""
+    layout = job.layout
+    n = stop - start
+    args, kwargs = shared.resolve_all(job.model_args, job.model_kwargs)
+    posterior = {k: shared.resolve(v)[start:stop] for k, v in job.posterior.items()}
+    pyro.set_rng_seed(pyro_seed(seed))
+    sites = {s.name: s for s in layout.sites}
+    if not layout.needs_blocks:
+        model_args, model_kwargs = args, kwargs
+        if job.data_plate is not None:
+            # No returned site lies in the plate: one row keeps the likelihood tiny.
+            model_args, model_kwargs = core.slice_rows(
+                args, kwargs, layout.split_positions, layout.split_names, 0, 1
+            )
+        draws = core.predictive_draw(
+            job.model,
+            guide=job.guide,
+            posterior=posterior,
+            num_samples=n,
+            model_args=model_args,
+            model_kwargs=model_kwargs,
+            return_sites=layout.names,
+            guide_args=args,
+            guide_kwargs=kwargs,
+        )
+        for name, value in draws.items():
+            emit(sites[name], value, None)
+        return
+    if job.guide is not None:
+        posterior = core.guide_draw(job.guide, n, args, kwargs)
+    for row_start, row_stop, draws in core.draw_blocks(
+        job.model,
+        posterior=posterior,
+        num_samples=n,
+        model_args=args,
+        model_kwargs=kwargs,
+        layout=layout,
+        block=job.block,
+    ):
+        for name, value in draws.items():
+            site = sites[name]
+            if site.plate_axis is not None:
+                emit(site, value, (row_start, row_stop))
+            elif row_start == 0:
+                emit(site, value, None)
+
+
+def sample_chunk_task(chunk, ctx, *, job_path: str, out: str) -> dict:
+    """The runner's task: draw one chunk and write its zarr regions on the worker."""
+    job = _load_job(job_path)
+    written = 0
+
+    def emit(site, value, rows):
+        nonlocal written
+        written += _write(out, site, chunk.start, chunk.stop, value, rows)
+
+    with _PYRO_LOCK, pyro.get_param_store().scope():
+        _restore_guide_params(job)
+        try:
+            draw_chunk(job, chunk.start, chunk.stop, ctx.seed, emit)
+        except RuntimeError as exc:
+            # torch's CPU allocator failing is a memory failure: the runner halves the chunk.
+            if "can't allocate memory" in str(exc) or "out of memory" in str(exc).lower():
+                raise MemoryError(core._describe(exc)) from exc
+            raise
+    return {"samples": chunk.stop - chunk.start, "bytes_written": written}
+
+
+def _chunk_error(chunk, exc: BaseException) -> ChunkFailedError:
+    return ChunkFailedError(
+        f"chunk {chunk.chunk_id} (samples {chunk.start}-{chunk.stop - 1}) failed: "
+        f"{core._describe(exc)}: fix the model, or reproduce it alone with its seed",
+        chunk_id=chunk.chunk_id,
+    )
+
+
+def _restore_guide_params(job: SamplingJob) -> None:
+    """Put a guide's params into the (scoped, empty) param store of this process."""
+    if not job.guide_param_state:
+        return
+    pyro.get_param_store().set_state(job.guide_param_state)
+
+
+# -------------------------------------------------------------- client side --
+
+
+def _check_out(out: str | os.PathLike | None, overwrite: bool) -> Path | None:
+    if out is None:
+        return None
+    path = Path(out)
+    if path.exists() and not overwrite:
+        raise ConfigError(
+            f"output {path} already exists: choose another path or pass overwrite=True "
+            "(--overwrite)"
+        )
+    parent = path.absolute().parent
+    if not parent.is_dir():
+        raise ConfigError(f"cannot write {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write {path}: directory {parent} is not writable")
+    return path
+
+
+def _check_counts(num_samples, posterior_samples, guide) -> dict:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)):
+        raise ConfigError(f"num_samples must be a whole number, got {num_samples!r}")
+    if num_samples <= 0:
+        raise ConfigError(f"num_samples must be positive, got {num_samples}")
+    if guide is not None and posterior_samples:
+        raise ConfigError("pass either guide or posterior_samples, not both")
+    posterior = {}
+    for name, value in (posterior_samples or {}).items():
+        tensor = value if torch.is_tensor(value) else torch.as_tensor(np.asarray(value))
+        if tensor.ndim == 0 or tensor.shape[0] != num_samples:
+            raise ConfigError(
+                f"posterior_samples[{name!r}] has {tensor.shape[0] if tensor.ndim else 0} "
+                f"samples but num_samples is {num_samples}: they must agree"
+            )
+        posterior[name] = tensor
+    return posterior
+
+
+def _guide_state(guide) -> dict | None:
+    """The param-store entries a guide reads (a plain callable guide's ``pyro.param`` s)."""
+    if guide is None or isinstance(guide, torch.nn.Module):
+        return None
+    state = pyro.get_param_store().get_state()
+    return state if state["params"] else None
+
+
+def choose_block(layout: core.Layout, cell_block: int | str | None) -> int | None:
+    """Rows of the data plate per model run (only when a returned site lies in it)."""
+    if not layout.needs_blocks:
+        return None
+    n_rows = layout.plate_size or 1
+    if cell_block not in (None, "auto"):
+        block = int(cell_block)
+        if block < 1:
+            raise ConfigError(f"cell_block must be at least 1, got {cell_block}")
+        return min(block, n_rows)
+    per_row = max(1, 4 * layout.per_sample_bytes(in_plate=True))
+    return max(1, min(n_rows, BLOCK_TARGET_BYTES // per_row))
+
+
+def _create_store(path: Path, layout: core.Layout, block: int | None, compress: bool, attrs):
+    import zarr
+
+    if path.exists():
+        shutil.rmtree(path)
+    group = zarr.open_group(store=str(path), mode="w")
+    for site in layout.sites:
+        chunks = [1] + list(site.shape[1:])
+        if site.plate_axis is not None and block:
+            chunks[site.plate_axis] = block
+        options = {} if compress else {"compressors": None}
+        group.create_array(
+            site.name,
+            shape=site.shape,
+            chunks=tuple(max(1, c) for c in chunks),
+            dtype=site.dtype,
+            fill_value=0,
+            **options,
+        )
+    group.attrs.update(attrs)
+    return group
+
+
+def _resources_of(client, detect):
+    from ..resources import Resources
+
+    info = (
+        client.scheduler_info(n_workers=-1)
+        if _accepts_n_workers(client)
+        else client.scheduler_info()
+    )
+    workers = info.get("workers", {})
+    if not workers:
+        raise ConfigError("the Dask client has no workers: start workers or pass client=None")
+    limits = [w.get("memory_limit") or 0 for w in workers.values()]
+    threads = sum(int(w.get("nthreads", 1)) for w in workers.values())
+    if min(limits) <= 0:
+        return detect(), len(workers)
+    return (
+        Resources(
+            memory_bytes=int(sum(limits)),
+            memory_source=f"memory_limit of {len(workers)} Dask workers",
+            cpus=threads,
+            cpus_source="threads of the Dask workers",
+        ),
+        len(workers),
+    )
+
+
+def _accepts_n_workers(client) -> bool:
+    import inspect
+
+    try:
+        return "n_workers" in inspect.signature(client.scheduler_info).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _plan(footprint, client, settings, chunk_size, memory_fraction):
+    from .. import config as hb_config
+    from ..planner import make_plan
+    from ..resources import detect_resources
+
+    overrides = {"chunk_size": chunk_size}
+    if memory_fraction is not None:
+        overrides["memory_fraction"] = memory_fraction
+    if client is not None and client != "sync":
+        resources, n_workers = _resources_of(client, detect_resources)
+        overrides["n_workers"] = n_workers
+        overrides["reserve_bytes"] = 0
+        overrides["threads_per_worker"] = 1
+    else:
+        resources = detect_resources()
+        if client == "sync":
+            overrides["n_workers"] = 1
+    plan_settings = hb_config.plan_settings(settings, **overrides)
+    return make_plan(footprint, resources, plan_settings)
+
+
+def run_sampling(
+    model: Callable,
+    *,
+    guide: Callable | None = None,
+    posterior_samples: Mapping | None = None,
+    num_samples: int,
+    model_args: tuple = (),
+    model_kwargs: dict | None = None,
+    return_sites: Sequence[str] | None = None,
+    data_plate: str | None = None,
+    split_args: Sequence | None = None,
+    chunk_size: int | str = "auto",
+    client: Any = None,
+    out: str | os.PathLike | None = None,
+    seed: int = 0,
+    memory_fraction: float | None = None,
+    overwrite: bool = False,
+    cell_block: int | str | None = "auto",
+    footprint=None,
+    settings: Mapping | None = None,
+    cluster_backend: str | None = None,
+    shared_dir: str | os.PathLike | None = None,
+    compress: bool | None = None,
+    run_id: str | None = None,
+    report_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> SampleRun:
+    """:func:`sample` with everything around it: the plan, the run report, notes."""
+    from .. import config as hb_config
+
+    model_kwargs = dict(model_kwargs or {})
+    model_args = tuple(model_args)
+    posterior = _check_counts(num_samples, posterior_samples, guide)
+    out_path = _check_out(out, overwrite)
+    if chunk_size not in ("auto", None) and (
+        isinstance(chunk_size, bool)
+        or not isinstance(chunk_size, (int, np.integer))
+        or chunk_size < 1
+    ):
+        raise ConfigError(
+            f"chunk_size must be 'auto' or a positive whole number, got {chunk_size!r}"
+        )
+    if return_sites is not None and isinstance(return_sites, str):
+        return_sites = [return_sites]
+    settings = dict(settings) if settings is not None else hb_config.load()
+
+    layout = core.inspect_model(
+        model,
+        guide=guide,
+        posterior=posterior,
+        num_samples=num_samples,
+        model_args=model_args,
+        model_kwargs=model_kwargs,
+        return_sites=return_sites,
+        data_plate=data_plate,
+        split_args=split_args,
+    )
+    block = choose_block(layout, cell_block)
+    run_id = run_id or f"predictive-{uuid.uuid4().hex[:10]}"
+    scratch = Path(shared_dir or tempfile.gettempdir()) / "hpcbatch-shared" / run_id
+    in_process = client == "sync"
+    if in_process:
+        job_args, job_kwargs, job_posterior = model_args, model_kwargs, posterior
+    else:
+        job_args, job_kwargs = shared.share_all(model_args, model_kwargs, scratch)
+        job_posterior = dict(shared.share_all((), posterior, scratch)[1])
+    node_shared = shared.shared_bytes(job_args, job_kwargs, job_posterior)
+    if footprint is None:
+        footprint = sampling_footprint(
+            num_samples,
+            latent_bytes_per_sample=layout.per_sample_bytes(in_plate=False),
+            row_bytes_per_sample=layout.per_sample_bytes(in_plate=True),
+            rows_per_block=block or 0,
+            shared_input_bytes=node_shared,
+        )
+    fixed = None if chunk_size in ("auto", None) else int(chunk_size)
+    plan = _plan(footprint, None if in_process else client, settings, fixed, memory_fraction)
+    if in_process:
+        plan = _as_sync(plan, client)
+
+    job = SamplingJob(
+        model=model,
+        guide=guide,
+        posterior=job_posterior,
+        model_args=job_args,
+        model_kwargs=job_kwargs,
+        layout=layout,
+        data_plate=data_plate,
+        block=block,
+        guide_param_state=_guide_state(guide),
+    )
+    store = out_path or scratch / "samples.zarr"
+    compress = (out_path is not None) if compress is None else compress
+    attrs = {
+        "hpcbatch": {
+            "run_id": run_id,
+            "seed": seed,
+            "num_samples": num_samples,
+            "chunk_size": plan.chunk_size,
+            "cell_block": block,
+            "sites": list(layout.names),
+        }
+    }
+    try:
+        _create_store(store, layout, block, compress, attrs)
+    except OSError as exc:
+        raise ConfigError(f"cannot create {store}: {exc.strerror}") from None
+    try:
+        report = _execute(
+            job,
+            plan,
+            client,
+            settings,
+            store,
+            scratch,
+            run_id,
+            seed,
+            report_dir,
+            progress,
+            cluster_backend,
+        )
+    except BaseException:
+        if out_path is not None:
+            shutil.rmtree(out_path, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    samples = _collect(store, layout, out_path is None)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return SampleRun(samples, report, plan, layout, block)
+
+
+def _as_sync(plan, client):
+    return replace(plan, n_workers=1)
+
+
+def _collect(store: Path, layout: core.Layout, load: bool):
+    import zarr
+
+    group = zarr.open_group(store=str(store), mode="r")
+    if not load:
+        return group
+    return {site.name: np.asarray(group[site.name][...]) for site in layout.sites}
+
+
+def _execute(
+    job, plan, client, settings, store, scratch, run_id, seed, report_dir, progress, backend
+):
+    from .. import runner
+
+    chunks = runner.make_chunks(job.layout.sites[0].shape[0], plan.chunk_size)
+    if client == "sync":
+        return _run_in_process(job, chunks, store, run_id, seed, plan)
+    scratch.mkdir(parents=True, exist_ok=True)
+    job_path = scratch / "job.pkl"
+    import cloudpickle
+
+    with open(job_path, "wb") as handle:
+        cloudpickle.dump(job, handle)
+    task = partial(sample_chunk_task, job_path=str(job_path), out=str(store))
+    kwargs = dict(
+        run_id=run_id,
+        seed=seed,
+        plan=plan,
+        report_dir=report_dir,
+        commit_on_worker=False,
+        progress=progress,
+        retries=int(settings.get("retries", 2)),
+        min_chunk=1,
+    )
+    if client is not None:
+        return runner.run(chunks, task, client, **kwargs)
+    from ..cluster import open_cluster
+
+    cluster_settings = dict(settings)
+    with open_cluster(
+        plan,
+        cluster_settings,
+        backend=backend or settings["cluster"]["backend"],
+        address=settings["cluster"].get("address"),
+        quiet=not progress,
+    ) as own:
+        return runner.run(chunks, task, own, **kwargs)
+
+
+def _run_in_process(job, chunks, store, run_id, seed, plan):
+    """``client="sync"``: every chunk in this process, one after another (no Dask)."""
+    import resource
+    import time
+
+    from .. import runner
+    from ..report import RunReport
+
+    key = f"sync-{uuid.uuid4().hex}"
+    _JOBS[key] = job
+    total = {"samples": 0, "bytes_written": 0}
+    t0 = time.time()
+    try:
+        for chunk in chunks:
+            ctx = runner.TaskContext(run_id, runner.chunk_seed(seed, chunk.chunk_id), 0)
+            try:
+                meta = sample_chunk_task(chunk, ctx, job_path=key, out=str(store))
+            except HpcbatchError:
+                raise
+            except Exception as exc:
+                raise _chunk_error(chunk, exc) from exc
+            for name, value in meta.items():
+                total[name] += value
+    finally:
+        _JOBS.pop(key, None)
+        for cache_key in [k for k in _ARRAYS if k[0] == str(store)]:
+            _ARRAYS.pop(cache_key, None)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return RunReport(
+        run_id=run_id,
+        status="finished",
+        n_chunks=len(chunks),
+        chunks_done=len(chunks),
+        items_done=total["samples"],
+        wall_time_s=time.time() - t0,
+        plan=plan.to_dict(),
+        predicted_peak_bytes=plan.predicted_peak_bytes,
+        measured_peak_bytes=peak,
+        measured_peak_per_worker={"this process (sync)": peak},
+        memory_limit_bytes=plan.memory_limit_bytes,
+        results_meta=total,
+    )
+
+
+def sample(
+    model: Callable,
+    *,
+    guide: Callable | None = None,
+    posterior_samples: Mapping | None = None,
+    num_samples: int,
+    model_args: tuple = (),
+    model_kwargs: dict | None = None,
+    return_sites: Sequence[str] | None = None,
+    data_plate: str | None = None,
+    split_args: Sequence | None = None,
+    chunk_size: int | str = "auto",
+    client: Any = None,
+    out: str | os.PathLike | None = None,
+    seed: int = 0,
+    memory_fraction: float | None = None,
+    overwrite: bool = False,
+    **options: Any,
+):
+    """Draw what ``pyro.infer.Predictive(model, guide=..., parallel=True)`` draws, in chunks.
+
+    The chunk size comes from the memory planner (or ``chunk_size``); chunks run on the
+    Dask workers of ``client`` (a local cluster from the plan when ``None``; ``"sync"``
+    runs them in this process).  Returns a dict of numpy arrays shaped as Predictive's
+    output, or with ``out="x.zarr"`` the zarr group the workers wrote.
+
+    With ``data_plate`` and ``split_args``, the model runs block by block of that
+    plate's rows for each chunk of samples, conditioned on one draw of the global
+    latents, so observations far larger than memory are drawn consistently.  Further
+    ``options`` (``cell_block``, ``footprint``, ``settings``, ``shared_dir``,
+    ``compress``, ``run_id``, ``report_dir``, ``progress``) go to :func:`run_sampling`.
+    """
+    return run_sampling(
+        model,
+        guide=guide,
+        posterior_samples=posterior_samples,
+        num_samples=num_samples,
+        model_args=model_args,
+        model_kwargs=model_kwargs,
+        return_sites=return_sites,
+        data_plate=data_plate,
+        split_args=split_args,
+        chunk_size=chunk_size,
+        client=client,
+        out=out,
+        seed=seed,
+        memory_fraction=memory_fraction,
+        overwrite=overwrite,
+        **options,
+    ).samples
+
+
+__all__ = ["SampleRun", "SamplingJob", "draw_chunk", "run_sampling", "sample"]
