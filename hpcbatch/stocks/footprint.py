@@ -1,25 +1,49 @@
 """Analytic memory footprint of stock batch prediction (per stock, per worker).
 
-Figures from the workload (REFERENCE.md, section 1): 11 raw columns per day,
-105 float32 features per day, windows of 60 days, ~8M-parameter model.  Replaced by
-a measured footprint with ``--calibrate``.
+Figures from the workload (REFERENCE.md, section 1) and the code in this package:
+rows fetched as Python tuples, a float64 indicator pass over ``(stocks, days)`` arrays
+written column by column into float32 features, windows that are views (only one
+inference batch is ever copied), and a model whose weights are memory-mapped.  The
+constants were refined with measurements of :mod:`hpcbatch.stocks.probe` on this
+machine (see docs/stocks.md); ``--calibrate`` measures them for the machine at hand.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from ..planner import Footprint
 
 N_FEATURES = 105
 WINDOW_DAYS = 60
-RAW_COLUMNS = 11
-# A fetched row as Python objects (tuple + floats + strings) before it becomes numpy.
-ROW_OBJECT_BYTES = 64 * RAW_COLUMNS
-# Interpreter + numpy + torch + SQLAlchemy + a Dask worker, measured on this machine.
-BASELINE_BYTES = 420 * 1024**2
-# ~8M float32 parameters.
-MODEL_BYTES = 8_200_000 * 4
-# Inference batch activations of the full-size model, per window (BiLSTM + 5 FF blocks).
-ACTIVATION_BYTES_PER_WINDOW = WINDOW_DAYS * (384 + 2 * 512 + 384 + 1536 + 105) * 4
+RAW_COLUMNS = 9
+# A fetched row: SQLAlchemy Row + tuple + 2 str + 7 float objects, plus the column
+# lists and numpy copies made while laying it out.
+ROW_OBJECT_BYTES = 400
+# Live float64 (stocks x days) intermediates during the feature pass (cached
+# indicators, sliding-window extremes, the where/division temporaries).
+FEATURE_TEMPORARIES = 40
+# Interpreter + numpy + torch + SQLAlchemy + a Dask worker (nanny excluded), measured.
+BASELINE_BYTES = 330 * 1024**2
+# Full size model: ~9.1M float32 parameters.
+FULL_MODEL_PARAMETERS = 9_081_962
+# Prediction rows as dicts before the upsert, per prediction.
+PREDICTION_ROW_BYTES = 1_200
+
+
+def _model_shape(model_config: Any) -> tuple[int, int, int, int]:
+    if model_config is None:
+        return 384, 256, 1536, FULL_MODEL_PARAMETERS
+    from .model import n_parameters
+
+    c = model_config
+    return c.d_model, c.hidden, c.ff_inner, n_parameters(c)
+
+
+def activation_bytes_per_window(model_config: Any = None) -> int:
+    """Inference activations of one window (float32), the largest layers alive at once."""
+    d_model, hidden, inner, _ = _model_shape(model_config)
+    return WINDOW_DAYS * (N_FEATURES + d_model + 4 * hidden + 2 * d_model + inner + N_FEATURES) * 4
 
 
 def stocks_footprint(
@@ -29,33 +53,38 @@ def stocks_footprint(
     *,
     inference_batch: int = 256,
     model_mmap: bool = True,
+    model_config: Any = None,
 ) -> Footprint:
-    """Peak bytes per stock in a chunk: raw rows, float64 indicator work, float32 features,
-    and the materialised windows of its prediction days."""
-    raw = lookback_days * (ROW_OBJECT_BYTES + RAW_COLUMNS * 8)
-    feature_work = lookback_days * N_FEATURES * (8 * 2 + 4)
-    windows = predict_days * WINDOW_DAYS * N_FEATURES * 4
-    per_stock = raw + feature_work + windows
-    activations = inference_batch * ACTIVATION_BYTES_PER_WINDOW
+    """Peak bytes per stock in a chunk (raw rows, indicator work, float32 features,
+    prediction rows) and per worker (baseline, one inference batch of activations)."""
+    raw = lookback_days * (ROW_OBJECT_BYTES + RAW_COLUMNS * 8 * 2)
+    feature_work = lookback_days * (FEATURE_TEMPORARIES * 8 + N_FEATURES * 4)
+    outputs = predict_days * PREDICTION_ROW_BYTES
+    per_stock = raw + feature_work + outputs
+    per_window = activation_bytes_per_window(model_config)
+    window_bytes = WINDOW_DAYS * N_FEATURES * 4
+    activations = inference_batch * (per_window + 2 * window_bytes)
+    params = _model_shape(model_config)[3]
+    model_bytes = params * 4
     return Footprint(
         workload="stocks",
         item_name="stock",
         n_items=n_stocks,
         per_item_bytes=per_stock,
         baseline_bytes=BASELINE_BYTES + activations,
-        model_bytes=MODEL_BYTES,
+        model_bytes=model_bytes,
         model_mmap=model_mmap,
-        gpu_per_item_bytes=ACTIVATION_BYTES_PER_WINDOW + WINDOW_DAYS * N_FEATURES * 4,
-        gpu_fixed_bytes=MODEL_BYTES,
+        gpu_per_item_bytes=per_window + 2 * window_bytes,
+        gpu_fixed_bytes=model_bytes,
         details=(
             ("raw rows per stock", raw),
             ("feature computation per stock", feature_work),
-            ("windows per stock", windows),
-            ("inference activations per worker", activations),
+            ("prediction rows per stock", outputs),
+            ("inference batch per worker", activations),
         ),
         shrink_hints=(
-            f"set --lookback-days {max(120, lookback_days // 2)}"
-            if lookback_days > 120
+            f"set --lookback-days {max(130, lookback_days // 2)}"
+            if lookback_days > 130
             else "lower --batch-size",
         ),
     )
