@@ -1,8 +1,9 @@
 """The ``hpcbatch`` command line: a thin click layer over the Python API.
 
 Reads config once (``--profile`` / ``--config`` / flags) and passes values down.
-Every :class:`~hpcbatch.errors.HpcbatchError` becomes one line on stderr and its
-exit code; no traceback.  Workload commands live beside their workloads
+Every :class:`~hpcbatch.errors.HpcbatchError`, and every click usage error, becomes
+one line ``error: ...`` on stderr and a non-zero exit (2 for bad input); no
+traceback.  Workload commands live beside their workloads
 (``hpcbatch/stocks/cli.py``, ``hpcbatch/predictive/cli.py``) and are added here.
 """
 
@@ -15,14 +16,17 @@ import sys
 import click
 
 from . import config as hb_config
-from .errors import HpcbatchError
-from .planner import Plan, make_plan
+from .errors import ConfigError, HpcbatchError
+from .planner import Footprint, Plan, make_plan, plural
 from .resources import Resources, detect_resources
-from .units import format_bytes
+from .units import format_bytes, parse_bytes
+
+STOCKS_PROBE = "hpcbatch.stocks.probe:probe"
+PREDICTIVE_PROBE = "hpcbatch.predictive.probe:probe"
 
 
 class HpcbatchGroup(click.Group):
-    """Turns HpcbatchError into one clean line and a non-zero exit."""
+    """Turns HpcbatchError and click's usage errors into one clean line and an exit code."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -31,11 +35,36 @@ class HpcbatchGroup(click.Group):
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
 
+    def main(self, *args, **kwargs):
+        kwargs["standalone_mode"] = False
+        try:
+            result = super().main(*args, **kwargs)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(1)
+        except click.ClickException as exc:
+            hint = ""
+            if isinstance(exc, click.UsageError) and exc.ctx is not None:
+                hint = f" (see '{exc.ctx.command_path} --help')"
+            message = " ".join(exc.format_message().split())
+            click.echo(f"error: {message}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except HpcbatchError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        sys.exit(result if isinstance(result, int) else 0)
+
 
 def config_options(func):
     """``--profile NAME`` and ``--config FILE``."""
 
-    @click.option("--profile", default=None, help="A profile from configs/ (e.g. stocks-12gb).")
+    @click.option(
+        "--profile",
+        default=None,
+        help="A packaged profile: stocks-12gb, stocks-19gb, stocks-debug, predictive.",
+    )
     @click.option("--config", "config_file", default=None, help="A YAML file of hpcbatch settings.")
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -45,9 +74,10 @@ def config_options(func):
 
 
 def allocation_options(func):
-    """``--mem-gb``, ``--cpus``, ``--gpus``: describe an allocation instead of detecting it."""
+    """``--mem``/``--mem-gb``, ``--cpus``, ``--gpus``: describe an allocation instead of detecting it."""
 
     @click.option("--mem-gb", type=float, default=None, help="Memory of the allocation in GB.")
+    @click.option("--mem", "mem", default=None, help="Memory as a size: 12GB, 500GiB, 64G.")
     @click.option("--cpus", type=int, default=None, help="CPUs of the allocation.")
     @click.option("--gpus", type=int, default=None, help="GPUs of the allocation.")
     @click.option(
@@ -60,9 +90,27 @@ def allocation_options(func):
     return wrapper
 
 
-def resources_from_options(mem_gb, cpus, gpus, gpu_mem_gb=None, *, plan_ahead: bool) -> Resources:
+def memory_option_bytes(mem_gb: float | None, mem: str | None = None) -> int | None:
+    """Bytes from ``--mem-gb`` (decimal GB) or ``--mem`` (a size string); one at most."""
+    if mem_gb is not None and mem is not None:
+        raise ConfigError("give --mem or --mem-gb, not both")
+    if mem is not None:
+        return parse_bytes(mem, what="--mem")
+    if mem_gb is None:
+        return None
+    if not mem_gb > 0:
+        raise ConfigError(f"--mem-gb must be positive, got {mem_gb:g}: e.g. --mem-gb 12")
+    return int(mem_gb * 1e9)
+
+
+def resources_from_options(
+    mem_gb, cpus, gpus, gpu_mem_gb=None, *, plan_ahead: bool, mem: str | None = None
+) -> Resources:
+    """The allocation, from detection narrowed (or, planning ahead, replaced) by the flags."""
+    if gpu_mem_gb is not None and not gpu_mem_gb > 0:
+        raise ConfigError(f"--gpu-mem-gb must be positive, got {gpu_mem_gb:g}")
     return detect_resources(
-        memory_bytes=None if mem_gb is None else int(mem_gb * 1e9),
+        memory_bytes=memory_option_bytes(mem_gb, mem),
         cpus=cpus,
         gpus=gpus,
         gpu_memory_bytes=None if gpu_mem_gb is None else int(gpu_mem_gb * 1e9),
@@ -70,15 +118,18 @@ def resources_from_options(mem_gb, cpus, gpus, gpu_mem_gb=None, *, plan_ahead: b
     )
 
 
-def echo_plan(plan: Plan, as_json: bool) -> None:
+def echo_plan(plan: Plan, as_json: bool, extra: dict | None = None) -> None:
     if as_json:
-        click.echo(json.dumps(plan.to_dict(), indent=2, default=str))
+        data = plan.to_dict()
+        data.update(extra or {})
+        click.echo(json.dumps(data, indent=2, default=str))
         return
+    item = plan.footprint.item_name
     rows = [
         ("workers", str(plan.n_workers)),
         ("threads per worker", str(plan.threads_per_worker)),
         ("memory limit per worker", format_bytes(plan.memory_limit_bytes)),
-        ("chunk size", f"{plan.chunk_size} {plan.footprint.item_name}s ({plan.n_chunks} chunks)"),
+        ("chunk size", f"{plural(plan.chunk_size, item)} ({plural(plan.n_chunks, 'chunk')})"),
         ("predicted peak per worker", format_bytes(plan.predicted_peak_bytes)),
         ("memory fraction", f"{plan.memory_fraction:.0%}"),
         ("footprint", plan.footprint.source),
@@ -92,9 +143,13 @@ def echo_plan(plan: Plan, as_json: bool) -> None:
     click.echo("\nwhy:")
     for reason in plan.reasons:
         click.echo(f"  - {reason}")
+    for note in (extra or {}).get("calibration", {}).get("notes", []):
+        click.echo(f"note: {note}")
+    for note in plan.resources.notes:
+        click.echo(f"note: {note}")
 
 
-@click.group(cls=HpcbatchGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group("hpcbatch", cls=HpcbatchGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="hpcbatch")
 def main() -> None:
     """Run big batch jobs on HPC clusters without running out of memory."""
@@ -103,9 +158,13 @@ def main() -> None:
 @main.command()
 @allocation_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def resources(mem_gb, cpus, gpus, gpu_mem_gb, as_json) -> None:
-    """Show the memory, CPUs and GPUs this process may use, and where each figure came from."""
-    res = resources_from_options(mem_gb, cpus, gpus, gpu_mem_gb, plan_ahead=True)
+def resources(mem_gb, mem, cpus, gpus, gpu_mem_gb, as_json) -> None:
+    """Show the memory, CPUs and GPUs this process may use, and where each figure came from.
+
+    --mem/--cpus/--gpus may only narrow what is detected here; to plan for a bigger
+    node use 'hpcbatch plan ... --mem-gb G --cpus C'.
+    """
+    res = resources_from_options(mem_gb, cpus, gpus, gpu_mem_gb, mem=mem, plan_ahead=False)
     if as_json:
         click.echo(json.dumps(res.to_dict(), indent=2))
         return
@@ -115,21 +174,81 @@ def resources(mem_gb, cpus, gpus, gpu_mem_gb, as_json) -> None:
         click.echo(f"{name:<{width}}  {value:<24}  {source}")
     for cand in res.memory_candidates:
         click.echo(f"  memory limit considered: {format_bytes(cand.value)} from {cand.source}")
+    for cand in res.cpu_candidates:
+        click.echo(f"  cpu limit considered: {cand.value} from {cand.source}")
     for note in res.notes:
         click.echo(f"note: {note}")
 
 
+@main.command("config")
+@config_options
+def show_config(profile, config_file) -> None:
+    """Print the effective hpcbatch settings (defaults < DASK_HPCBATCH__* < profile < file)."""
+    import yaml
+
+    settings = hb_config.load(profile, config_file)
+    click.echo(yaml.safe_dump({"hpcbatch": settings}, sort_keys=False), nl=False)
+
+
 @main.group()
 def plan() -> None:
-    """Plan workers, memory limit and chunk size for a workload, without running it."""
+    """Plan workers, memory limit and chunk size for a workload, without running it.
+
+    Without --mem/--mem-gb/--cpus the allocation of this process is detected; with
+    them the plan is for that allocation (e.g. a job not submitted yet).
+    """
 
 
-def _plan_for(
-    footprint, mem_gb, cpus, gpus, gpu_mem_gb, profile, config_file, overrides, use_gpu=False
-):
-    settings = hb_config.load(profile, config_file, overrides)
-    res = resources_from_options(mem_gb, cpus, gpus, gpu_mem_gb, plan_ahead=True)
-    return make_plan(footprint, res, hb_config.plan_settings(settings, use_gpu=use_gpu))
+def calibration_options(func):
+    @click.option(
+        "--calibrate/--no-calibrate",
+        default=None,
+        help="Measure the footprint with the workload's probe in fresh processes "
+        "instead of the analytic estimate.",
+    )
+    @click.option("--probe-sizes", default=None, help="The two probe sizes, e.g. 4,16.")
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+def _probe_sizes(text: str | None, default: tuple[int, int]) -> tuple[int, int]:
+    if text is None:
+        return default
+    try:
+        a, b = (int(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--probe-sizes {text!r} must be two whole numbers, e.g. 4,16") from None
+    if a < 1 or b < 1 or a == b:
+        raise ConfigError(f"--probe-sizes must be two different positive numbers, got {text}")
+    return a, b
+
+
+def _maybe_calibrate(
+    footprint: Footprint,
+    wanted: bool | None,
+    settings: dict,
+    probe: str,
+    sizes: tuple[int, int],
+    probe_kwargs: dict,
+) -> tuple[Footprint, dict]:
+    """The measured footprint when asked for (flag, else config ``calibrate``)."""
+    if not (settings.get("calibrate") if wanted is None else wanted):
+        return footprint, {}
+    from .calibrate import calibrated_footprint, check_probe
+
+    check_probe(probe)
+    click.echo(f"calibrating: running {probe} at sizes 0, {sizes[0]}, {sizes[1]} ...", err=True)
+    measured, result = calibrated_footprint(footprint, probe, sizes, probe_kwargs)
+    return measured, {"calibration": result.to_dict()}
+
+
+def _positive(flag: str, value) -> int:
+    if value is None or value <= 0:
+        raise ConfigError(f"{flag} must be a positive whole number, got {value}")
+    return value
 
 
 @plan.command("stocks")
@@ -143,6 +262,7 @@ def _plan_for(
 @click.option("--batch-size", type=int, default=None, help="Fix the stocks per chunk.")
 @click.option("--use-gpu", is_flag=True, help="Size the GPU inference batch too.")
 @click.option("--memory-fraction", type=float, default=None)
+@calibration_options
 @allocation_options
 @config_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -153,7 +273,10 @@ def plan_stocks(
     batch_size,
     use_gpu,
     memory_fraction,
+    calibrate,
+    probe_sizes,
     mem_gb,
+    mem,
     cpus,
     gpus,
     gpu_mem_gb,
@@ -169,20 +292,32 @@ def plan_stocks(
     lookback = _positive("--lookback-days", lookback_days or stock_cfg["lookback-days"])
     predict = _positive("--predict-days", predict_days or stock_cfg["predict-days"])
     _positive("--stocks", n_stocks)
+    if stock_cfg.get("limit"):
+        n_stocks = min(n_stocks, int(stock_cfg["limit"]))
+    chunk = batch_size if batch_size is not None else stock_cfg["batch-size"]
+    if chunk is not None:
+        _positive("--batch-size", chunk)
+    res = resources_from_options(mem_gb, cpus, gpus, gpu_mem_gb, mem=mem, plan_ahead=True)
     footprint = stocks_footprint(n_stocks, lookback, predict)
-    res = resources_from_options(mem_gb, cpus, gpus, gpu_mem_gb, plan_ahead=True)
-    chunk = batch_size or stock_cfg["batch-size"]
+    footprint, extra = _maybe_calibrate(
+        footprint,
+        calibrate,
+        settings,
+        STOCKS_PROBE,
+        _probe_sizes(probe_sizes, (4, 16)),
+        {"lookback_days": lookback, "predict_days": predict},
+    )
     plan_obj = make_plan(
         footprint, res, hb_config.plan_settings(settings, chunk_size=chunk, use_gpu=use_gpu)
     )
-    echo_plan(plan_obj, as_json)
+    echo_plan(plan_obj, as_json, extra)
 
 
 @plan.command("predictive")
 @click.option("--cells", type=int, required=True, help="N, cells (rows of the counts matrix).")
 @click.option("--features", type=int, required=True, help="T, features (columns).")
 @click.option("--groups", type=int, default=2, show_default=True, help="C, technical groups.")
-@click.option("--samples", type=int, default=1000, show_default=True, help="S, posterior samples.")
+@click.option("--samples", type=int, default=None, help="S, posterior samples (default 1000).")
 @click.option("--with-observations", is_flag=True, help="Also draw the observed counts.")
 @click.option(
     "--copy-input",
@@ -190,6 +325,7 @@ def plan_stocks(
     help="Plan for the input copied into each worker instead of memory-mapped.",
 )
 @click.option("--memory-fraction", type=float, default=None)
+@calibration_options
 @allocation_options
 @config_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -201,7 +337,10 @@ def plan_predictive(
     with_observations,
     copy_input,
     memory_fraction,
+    calibrate,
+    probe_sizes,
     mem_gb,
+    mem,
     cpus,
     gpus,
     gpu_mem_gb,
@@ -212,6 +351,10 @@ def plan_predictive(
     """Plan posterior predictive sampling of the built-in technical model."""
     from .predictive.footprint import technical_footprint
 
+    settings = hb_config.load(profile, config_file, {"memory-fraction": memory_fraction})
+    pred_cfg = settings["predictive"]
+    samples = samples if samples is not None else pred_cfg["samples"]
+    with_observations = with_observations or bool(pred_cfg["with-observations"])
     for name, value in (
         ("--cells", cells),
         ("--features", features),
@@ -219,7 +362,7 @@ def plan_predictive(
         ("--samples", samples),
     ):
         _positive(name, value)
-    settings = hb_config.load(profile, config_file, {"memory-fraction": memory_fraction})
+    res = resources_from_options(mem_gb, cpus, gpus, gpu_mem_gb, mem=mem, plan_ahead=True)
     footprint = technical_footprint(
         cells,
         features,
@@ -228,14 +371,20 @@ def plan_predictive(
         with_observations=with_observations,
         shared_input_mmap=not copy_input,
     )
-    res = resources_from_options(mem_gb, cpus, gpus, gpu_mem_gb, plan_ahead=True)
-    echo_plan(make_plan(footprint, res, hb_config.plan_settings(settings)), as_json)
-
-
-def _positive(flag: str, value: int) -> int:
-    if value is None or value <= 0:
-        raise hb_config.ConfigError(f"{flag} must be a positive whole number, got {value}")
-    return value
+    footprint, extra = _maybe_calibrate(
+        footprint,
+        calibrate,
+        settings,
+        PREDICTIVE_PROBE,
+        _probe_sizes(probe_sizes, (2, 8)),
+        {
+            "cells": cells,
+            "features": features,
+            "groups": groups,
+            "with_observations": with_observations,
+        },
+    )
+    echo_plan(make_plan(footprint, res, hb_config.plan_settings(settings)), as_json, extra)
 
 
 def _add_command_groups() -> None:

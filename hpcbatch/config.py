@@ -1,9 +1,12 @@
 """hpcbatch's settings, registered with ``dask.config`` under ``hpcbatch``.
 
-Defaults live in ``hpcbatch.yaml`` beside this module; environment variables work
-the Dask way (``DASK_HPCBATCH__MEMORY_FRACTION=0.5``) and ``dask config get
-hpcbatch`` shows them.  Profiles (``configs/*.yaml``, or any file) are merged on
-top.  Read once at the edge (CLI or public entry points) with :func:`load` and pass
+Defaults live in ``hpcbatch.yaml`` beside this module and are registered with
+``dask.config.update_defaults`` when this module is imported; environment variables
+work the Dask way (``DASK_HPCBATCH__MEMORY_FRACTION=0.5``).  ``dask config get
+hpcbatch`` shows them because the package registers its CLI as a ``dask_cli`` entry
+point, which makes the ``dask`` command import it.  Profiles (packaged in
+``hpcbatch/profiles/``, linked from ``configs/``; or any file with ``--config``) are
+merged on top.  Read once at the edge (CLI or public entry points) with :func:`load` and pass
 the values down; nothing deeper calls ``dask.config.get``.
 """
 
@@ -54,8 +57,7 @@ def _check_keys(given: Mapping, known: Mapping, where: str, prefix: str = "") ->
                 + ", ".join(sorted(known))
             )
         if isinstance(known[canonical], dict) and known[canonical] and isinstance(value, Mapping):
-            if canonical != "thresholds" or set(value) - set(known[canonical]):
-                _check_keys(value, known[canonical], where, f"{prefix}{canonical}.")
+            _check_keys(value, known[canonical], where, f"{prefix}{canonical}.")
 
 
 def _normalise(data: Mapping) -> dict:
@@ -83,15 +85,19 @@ def read_file(path: str | Path) -> dict:
     return _normalise(section)
 
 
+def profiles() -> list[str]:
+    """Names of the packaged profiles (``configs/`` at the repo top links to the same files)."""
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+
+
 def profile_path(name: str) -> Path:
-    """Where the named profile lives: the packaged ``profiles/`` (copied from configs/)."""
+    """Where the named profile lives: the packaged ``hpcbatch/profiles/``, else ``./configs/``."""
     candidates = [PROFILE_DIR / f"{name}.yaml", Path.cwd() / "configs" / f"{name}.yaml"]
     for path in candidates:
         if path.exists():
             return path
-    known = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
     raise ConfigError(
-        f"unknown profile {name!r}: choose one of {', '.join(known)} or pass --config FILE"
+        f"unknown profile {name!r}: choose one of {', '.join(profiles())} or pass --config FILE"
     )
 
 
@@ -136,20 +142,39 @@ def validate(settings: Mapping[str, Any]) -> None:
         raise ConfigError(f"unknown cluster backend {backend!r}: use local, slurm or address")
 
 
+def _number(settings: Mapping[str, Any], key: str, kind: type, *, optional: bool = False):
+    value = settings[key]
+    if value is None and optional:
+        return None
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = kind(value)
+        if kind is int and number != float(value):
+            raise ValueError
+        return number
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"setting {key} must be a {'whole ' if kind is int else ''}number, got {value!r}"
+        ) from None
+
+
 def plan_settings(settings: Mapping[str, Any], **overrides: Any):
     """Build :class:`~hpcbatch.planner.PlanSettings` from loaded settings."""
     from .planner import PlanSettings
     from .units import parse_bytes
 
     values = dict(
-        memory_fraction=float(settings["memory-fraction"]),
-        reserve_bytes=parse_bytes(settings["reserve"], what="reserve"),
-        threads_per_worker=int(settings["threads-per-worker"]),
-        max_workers=settings["max-workers"],
-        min_chunk=int(settings["min-chunk"]),
-        max_chunk=settings["max-chunk"],
-        chunks_per_worker=int(settings["chunks-per-worker"]),
-        gpu_memory_fraction=float(settings["gpu-memory-fraction"]),
+        memory_fraction=_number(settings, "memory-fraction", float),
+        reserve_bytes=0
+        if settings["reserve"] in (0, "0")
+        else parse_bytes(settings["reserve"], what="setting reserve"),
+        threads_per_worker=_number(settings, "threads-per-worker", int),
+        max_workers=_number(settings, "max-workers", int, optional=True),
+        min_chunk=_number(settings, "min-chunk", int),
+        max_chunk=_number(settings, "max-chunk", int, optional=True),
+        chunks_per_worker=_number(settings, "chunks-per-worker", int),
+        gpu_memory_fraction=_number(settings, "gpu-memory-fraction", float),
         thresholds=dict(settings["thresholds"]),
     )
     values.update({k: v for k, v in overrides.items() if v is not None})
