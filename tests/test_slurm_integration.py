@@ -1,0 +1,180 @@
+"""hpcbatch against a real single-node SLURM (started by the `slurm_cluster_env` fixture).
+
+- a rendered sbatch script runs as a job and hpcbatch inside it sees the job's
+  ``--mem`` (SLURM_MEM_PER_NODE) and plans the same workers as the rendered plan;
+- ``open_cluster(backend="slurm")`` builds its ``SLURMCluster`` with
+  :func:`hpcbatch.slurm.slurm_cluster`, scales to 2 worker jobs, runs chunks through
+  :func:`hpcbatch.runner.run`, and every worker has exactly the plan's memory_limit;
+- a job that exceeds its ``--mem`` is killed by SLURM and :func:`explain_job` (and
+  ``hpcbatch slurm why``) say it was memory.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from hpcbatch import config as hb_config
+from hpcbatch import slurm
+from hpcbatch.cli import main
+from hpcbatch.planner import Footprint, make_plan
+from hpcbatch.resources import detect_resources
+
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(240)]
+
+MiB = 2**20
+
+
+def _job_output(tmp_path: Path, job_id: str) -> str:
+    files = list(tmp_path.glob(f"*{job_id}*.out"))
+    assert files, f"no output file for job {job_id} in {tmp_path}"
+    return files[0].read_text(errors="replace")
+
+
+def test_rendered_script_runs_and_the_job_sees_its_mem(slurm_env: dict, tmp_path: Path) -> None:
+    argv = [
+        "slurm",
+        "render",
+        "stocks",
+        "--mem-gb",
+        "2",
+        "--cpus",
+        "2",
+        "--stocks",
+        "60",
+        "--walltime",
+        "00:05:00",
+        "--partition",
+        slurm_env["partition"],
+        "--python",
+        sys.executable,
+        "--job-name",
+        "render-test",
+    ]
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 0, result.output
+    script = result.output
+    mem = re.search(r"^#SBATCH --mem=(\d+)M$", script, re.M).group(1)
+    cpus = re.search(r"^#SBATCH --cpus-per-task=(\d+)$", script, re.M).group(1)
+    # Run the rendered script as it is, except the workload line: the job plans the same
+    # workload from its own allocation instead (the workload itself runs in other tests).
+    head, _, workload_line = script.rstrip("\n").rpartition("\n")
+    assert workload_line.startswith('exec "$PYTHON" -m hpcbatch.cli stocks predict')
+    job = tmp_path / "job.sbatch"
+    job.write_text(head + '\nexec "$PYTHON" -m hpcbatch.cli plan stocks --stocks 60 --json\n')
+
+    job_id = slurm.submit(job, sbatch_args=["--chdir", str(tmp_path)])
+    info = slurm.wait_for_job(job_id, timeout=120)
+    out = _job_output(tmp_path, job_id)
+    assert info["JobState"] == "COMPLETED", out
+    assert info["TRES"].startswith(f"cpu={cpus},mem={mem}M")
+    # `hpcbatch resources` at the top of the script: memory and CPUs come from SLURM
+    mem_row = next(line for line in out.splitlines() if line.startswith("memory "))
+    assert f"SLURM_MEM_PER_NODE ({mem} MB)" in mem_row, out
+    cpu_row = next(line for line in out.splitlines() if line.startswith("cpus "))
+    assert "SLURM_CPUS_PER_TASK" in cpu_row and f" {cpus} " in cpu_row
+    # the plan made inside the job: same workers, memory from the job, no smaller limit
+    plan_in_job = json.loads(out[out.index("{") :])
+    rendered = re.search(r"#   (\d+) worker\(s\) x (\d+) thread", script)
+    assert plan_in_job["n_workers"] == int(rendered.group(1))
+    assert plan_in_job["resources"]["memory_bytes"] == int(mem) * MiB
+    assert plan_in_job["resources"]["memory_source"].startswith("SLURM_MEM_PER_NODE")
+    outside = CliRunner().invoke(
+        main, ["plan", "stocks", "--stocks", "60", "--mem-gb", "2", "--cpus", "2", "--json"]
+    )
+    assert plan_in_job["memory_limit_bytes"] >= json.loads(outside.output)["memory_limit_bytes"]
+
+
+def _tiny_plan(settings: dict):
+    """A plan of one worker per 1-CPU job with a 600 MB allocation."""
+    footprint = Footprint(
+        workload="slurmtest",
+        item_name="item",
+        n_items=40,
+        per_item_bytes=1 * MiB,
+        baseline_bytes=150 * MiB,
+    )
+    res = detect_resources(memory_bytes=600 * 10**6, cpus=1, plan_ahead=True)
+    return make_plan(footprint, res, hb_config.plan_settings(settings, chunk_size=4))
+
+
+def test_slurm_cluster_two_worker_jobs_run_chunks_with_the_plans_limit(
+    slurm_env: dict, tmp_path: Path
+) -> None:
+    from hpcbatch.cluster import open_cluster
+    from hpcbatch.runner import make_chunks, run
+
+    settings = hb_config.load()
+    settings["cluster"].update(
+        {
+            "backend": "slurm",
+            "queue": slurm_env["partition"],
+            "walltime": "00:10:00",
+            "interface": "lo",
+            "dashboard-address": ":0",
+            "jobs": 2,
+            "start-timeout": 90,
+            "local-directory": str(tmp_path / "dask"),
+        }
+    )
+    plan = _tiny_plan(settings)
+    assert plan.n_workers == 1
+    spec = slurm.slurm_cluster_kwargs(plan, settings)
+    job_mem = spec.kwargs["job_mem"]
+
+    def task(chunk, ctx):  # a closure, so it is pickled by value for the worker jobs
+        import os
+
+        return {"items": chunk.size, "jobs": {os.environ.get("SLURM_JOB_ID", "none"): 1}}
+
+    with open_cluster(plan, settings, backend="slurm", quiet=True) as client:
+        client.wait_for_workers(2, timeout=90)
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+        assert len(workers) == 2
+        assert {w["memory_limit"] for w in workers.values()} == {plan.memory_limit_bytes}
+        jobs = client.run(lambda: __import__("os").environ.get("SLURM_MEM_PER_NODE"))
+        assert set(jobs.values()) == {job_mem.rstrip("M")}
+        report = run(
+            make_chunks(40, plan.chunk_size),
+            task,
+            client,
+            run_id="slurm-it",
+            plan=plan,
+            report_dir=tmp_path / "reports",
+            progress=False,
+        )
+    assert report.status == "finished"
+    assert report.items_done == 40 and report.chunks_done == plan.n_chunks == 10
+
+
+def test_job_over_its_mem_is_killed_and_explained_as_memory(
+    slurm_env: dict, tmp_path: Path
+) -> None:
+    job = tmp_path / "hog.sbatch"
+    job.write_text(
+        "#!/bin/bash\n#SBATCH --mem=200M\n#SBATCH --output=hog-%j.out\n"
+        f'{sys.executable} -c "import time; b = bytearray(600 * 2**20); time.sleep(20)"\n'
+        "echo survived\n"
+    )
+    job_id = slurm.submit(job, sbatch_args=["--chdir", str(tmp_path)])
+    slurm.wait_for_job(job_id, timeout=60)
+    death = slurm.explain_job(job_id, jobcomp=slurm_env["jobcomp"])
+    assert death.reason == "memory", death
+    assert "exceeded memory limit" in death.detail and "> 209715200" in death.detail
+    assert "survived" not in _job_output(tmp_path, job_id)
+    # the CLI says the same, in a fresh process that only has SLURM_CONF
+    r = subprocess.run(
+        [sys.executable, "-m", "hpcbatch.cli", "slurm", "why", job_id, "--json"],
+        capture_output=True,
+        text=True,
+        env=slurm_env["env"],
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["reason"] == "memory"
