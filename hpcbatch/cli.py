@@ -115,6 +115,7 @@ def resources_from_options(
         gpus=gpus,
         gpu_memory_bytes=None if gpu_mem_gb is None else int(gpu_mem_gb * 1e9),
         plan_ahead=plan_ahead,
+        memory_flag="--mem" if mem is not None else "--mem-gb",
     )
 
 
@@ -149,7 +150,9 @@ def echo_plan(plan: Plan, as_json: bool, extra: dict | None = None) -> None:
         click.echo(f"note: {note}")
 
 
-@click.group("hpcbatch", cls=HpcbatchGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    "hpcbatch", cls=HpcbatchGroup, context_settings={"help_option_names": ["-h", "--help"]}
+)
 @click.version_option(package_name="hpcbatch")
 def main() -> None:
     """Run big batch jobs on HPC clusters without running out of memory."""

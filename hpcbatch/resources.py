@@ -415,6 +415,7 @@ def detect_resources(
     root: Path | str = "/",
     probe_gpus: bool = True,
     plan_ahead: bool = False,
+    memory_flag: str = "--mem-gb",
 ) -> Resources:
     """Read the allocation of this process.
 
@@ -422,7 +423,8 @@ def detect_resources(
     not submitted yet (``plan_ahead=True``): then they may exceed this machine; when
     running now they may only narrow it (else :class:`ResourceError`).  Without
     overrides the tightest of SLURM, cgroup and host limits wins.  ``env`` and ``root``
-    (the filesystem root holding ``proc/`` and ``sys/fs/cgroup``) are for tests.
+    (the filesystem root holding ``proc/`` and ``sys/fs/cgroup``) are for tests;
+    ``memory_flag`` names the option in messages and sources.
     """
     env = os.environ if env is None else env
     root = Path(root)
@@ -436,7 +438,7 @@ def detect_resources(
     cpu_candidates = [host_cpus()]
     cpu_candidates += [c for c in (slurm_cpus(env), cgroup_cpus(root)) if c]
 
-    memory = _override(memory_bytes, _tightest(mem_candidates), "--mem-gb", "bytes", plan_ahead)
+    memory = _override(memory_bytes, _tightest(mem_candidates), memory_flag, "bytes", plan_ahead)
     cpu = _override(cpus, _tightest(cpu_candidates), "--cpus", "cpus", plan_ahead)
     if (
         memory_bytes is None
@@ -449,9 +451,9 @@ def detect_resources(
             "other processes share this machine; pass --mem-gb to plan for less"
         )
 
-    if gpus is not None:
-        if gpus < 0:
-            raise ResourceError(f"--gpus must be zero or more, got {gpus}")
+    if gpus is not None and gpus < 0:
+        raise ResourceError(f"--gpus must be zero or more, got {gpus}")
+    if gpus is not None and plan_ahead:
         per_gpu = gpu_memory_bytes or 16 * 1024**3
         if gpu_memory_bytes is None and gpus:
             notes.append(
@@ -461,8 +463,15 @@ def detect_resources(
             GPU(i, "planned", per_gpu, per_gpu, "override (--gpus)") for i in range(gpus)
         )
         gpus_source = "override (--gpus)"
-    elif probe_gpus:
+    elif probe_gpus or gpus is not None:
         gpu_list, gpus_source = detect_gpus(root)
+        if gpus is not None:
+            if gpus > len(gpu_list):
+                raise ResourceError(
+                    f"--gpus {gpus} is more than the {len(gpu_list)} GPUs here ({gpus_source}): "
+                    "lower --gpus, or use 'hpcbatch plan' to plan for a GPU node"
+                )
+            gpu_list, gpus_source = gpu_list[:gpus], f"{gpus_source}, first {gpus} (--gpus)"
     else:
         gpu_list, gpus_source = (), "not probed"
 

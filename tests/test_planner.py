@@ -228,9 +228,11 @@ def test_seed_case_500gb_32cpus():
     # Without the likelihood the latent sites are small: 32 workers fit even with copies.
     plan = make_plan(technical_footprint(**SEED, shared_input_mmap=False), res)
     assert plan.n_workers == 32
-    # With observations (the seed's OOM): 4 x N x T x 4 bytes per sample; copies on top.
-    obs_copied = technical_footprint(**SEED, with_observations=True, shared_input_mmap=False)
-    obs_mmap = technical_footprint(**SEED, with_observations=True)
+    # With observations over all cells at once (the seed's OOM): 4 x N x T x 4 bytes per
+    # sample; copies on top.
+    everything = dict(with_observations=True, cell_block=SEED["cells"])
+    obs_copied = technical_footprint(**SEED, **everything, shared_input_mmap=False)
+    obs_mmap = technical_footprint(**SEED, **everything)
     p_copied, p_mmap = make_plan(obs_copied, res), make_plan(obs_mmap, res)
     for p, fp in ((p_copied, obs_copied), (p_mmap, obs_mmap)):
         check_plan(p, fp, res, PlanSettings())
