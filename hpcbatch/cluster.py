@@ -35,6 +35,7 @@ import dask.config
 
 from .errors import ClusterStartError, ConfigError
 from .planner import Plan
+from .security import cluster_security
 
 BACKENDS = ("local", "slurm", "address")
 
@@ -102,6 +103,7 @@ def open_cluster(
         start_timeout if start_timeout is not None else cluster_cfg.get("start-timeout", 120)
     )
     out = out or sys.stderr
+    security = cluster_security(settings)  # None = plain TCP; else TLS for every role
     cfg = dask_memory_config(plan, allowed_failures=allowed_failures)
     if backend == "address":
         cfg.pop("distributed.scheduler.allowed-failures", None)  # not ours to change
@@ -109,17 +111,17 @@ def open_cluster(
     with ExitStack() as stack:
         stack.enter_context(dask.config.set(cfg))
         if backend == "local":
-            client = _local(plan, cluster_cfg, timeout, stack)
+            client = _local(plan, cluster_cfg, timeout, stack, security)
         elif backend == "slurm":
-            client = _slurm(plan, settings, cluster_cfg, timeout, stack, out, quiet)
+            client = _slurm(plan, settings, cluster_cfg, timeout, stack, out, quiet, security)
         else:
-            client = _address(address or cluster_cfg.get("address"), timeout, stack)
+            client = _address(address or cluster_cfg.get("address"), timeout, stack, security)
         if not quiet:
             _announce(client, backend, plan, out)
         yield client
 
 
-def _local(plan: Plan, cluster_cfg: dict, timeout: float, stack: ExitStack):
+def _local(plan: Plan, cluster_cfg: dict, timeout: float, stack: ExitStack, security=None):
     from distributed import Client, LocalCluster
 
     dashboard = cluster_cfg.get("dashboard-address") or "127.0.0.1:8787"
@@ -133,6 +135,7 @@ def _local(plan: Plan, cluster_cfg: dict, timeout: float, stack: ExitStack):
             dashboard_address=dashboard,
             silence_logs=logging.ERROR,
             local_directory=cluster_cfg.get("local-directory"),
+            security=security,
         )
     except Exception as exc:  # noqa: BLE001 (anything that stops the cluster starting)
         raise ClusterStartError(
@@ -141,7 +144,7 @@ def _local(plan: Plan, cluster_cfg: dict, timeout: float, stack: ExitStack):
             "check memory and the local-directory, or lower --max-workers"
         ) from None
     stack.callback(_close_quietly, cluster)
-    client = Client(cluster, timeout=timeout)
+    client = Client(cluster, timeout=timeout, security=security)
     stack.callback(_close_quietly, client)
     _wait(client, plan.n_workers, timeout, "the local workers")
     return client
@@ -155,6 +158,7 @@ def _slurm(
     stack: ExitStack,
     out: TextIO,
     quiet: bool,
+    security=None,
 ):
     from distributed import Client
 
@@ -165,7 +169,7 @@ def _slurm(
             f"the SLURM backend is not available ({exc}): install dask-jobqueue"
         ) from None
     try:
-        cluster = slurm_cluster(plan, settings)
+        cluster = slurm_cluster(plan, settings, security=security)
     except ClusterStartError:
         raise
     except ConfigError:
@@ -195,13 +199,13 @@ def _slurm(
             file=out,
             flush=True,
         )
-    client = Client(cluster, timeout=timeout)
+    client = Client(cluster, timeout=timeout, security=security)
     stack.callback(_close_quietly, client)
     _wait(client, 1, timeout, "SLURM workers (is the queue full? see squeue)")
     return client
 
 
-def _address(address: str | None, timeout: float, stack: ExitStack):
+def _address(address: str | None, timeout: float, stack: ExitStack, security=None):
     from distributed import Client
 
     if not address:
@@ -217,9 +221,9 @@ def _address(address: str | None, timeout: float, stack: ExitStack):
         )
     try:
         if is_file:
-            client = Client(scheduler_file=address, timeout=timeout)
+            client = Client(scheduler_file=address, timeout=timeout, security=security)
         else:
-            client = Client(address, timeout=timeout)
+            client = Client(address, timeout=timeout, security=security)
     except Exception as exc:  # noqa: BLE001 (OSError, TimeoutError, ...)
         raise ClusterStartError(
             f"cannot reach the Dask scheduler at {address} within {timeout:.0f} s "

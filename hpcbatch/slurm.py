@@ -457,8 +457,13 @@ def _port_only(address: str) -> str:
     return ":" + str(address).rsplit(":", 1)[-1]
 
 
-def slurm_cluster(plan: Plan, settings: Mapping[str, Any], **kw: Any):
-    """A ``dask_jobqueue.SLURMCluster`` for ``plan`` (no jobs submitted until you scale)."""
+def slurm_cluster(plan: Plan, settings: Mapping[str, Any], *, security: Any = None, **kw: Any):
+    """A ``dask_jobqueue.SLURMCluster`` for ``plan`` (no jobs submitted until you scale).
+
+    ``security`` (:func:`hpcbatch.security.cluster_security`) turns on TLS; temporary
+    certificates are written for the worker jobs (mode 0600) into the current directory,
+    which the jobs must see (a shared filesystem).
+    """
     try:
         from dask_jobqueue import SLURMCluster
     except ImportError:  # pragma: no cover - a declared dependency
@@ -466,7 +471,8 @@ def slurm_cluster(plan: Plan, settings: Mapping[str, Any], **kw: Any):
             "dask-jobqueue is not installed: pip install dask-jobqueue"
         ) from None
     spec = slurm_cluster_kwargs(plan, settings, **kw)
-    cluster = SLURMCluster(**spec.kwargs)
+    tls = {"security": security, "shared_temp_directory": os.getcwd()} if security else {}
+    cluster = SLURMCluster(**spec.kwargs, **tls)
     cluster.hpcbatch_spec = spec
     return cluster
 

@@ -1,0 +1,281 @@
+"""Security: TLS between client, scheduler and workers; dashboard on loopback; secrets.
+
+- ``cluster.tls`` (``--tls``) gives a real local cluster on ``tls://`` that runs work,
+  refuses plain-TCP and certificate-less clients; user-provided PEM files work too,
+  bad ones are refused before anything starts; SLURM workers join over TLS;
+- the dashboard listens on 127.0.0.1 only (checked on the listening socket);
+- passwords: masked in URLs, read from ``$HPCBATCH_DB_URL`` or an owner-only file;
+- model / posterior files: a crafted pickle is refused (``weights_only=True``) and its
+  payload never runs;
+- SQL: values only as bound parameters.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from hpcbatch import config as hb_config
+from hpcbatch.cluster import open_cluster
+from hpcbatch.errors import ConfigError
+from hpcbatch.security import (
+    cluster_security,
+    database_url,
+    mask_url,
+    read_secret_file,
+    scrub,
+)
+
+sys.path.insert(0, str(Path(__file__).parent))
+import runtime_helpers as rh  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _settings(**cluster) -> dict:
+    settings = hb_config.load()
+    settings["cluster"].update({"dashboard-address": "127.0.0.1:0", **cluster})
+    return settings
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+# ----------------------------------------------------------------- TLS -----------
+
+
+@pytest.fixture(scope="module")
+def tls_client():
+    plan = rh.small_plan(10, 5, workers=1)
+    with open_cluster(plan, _settings(tls=True), quiet=True) as client:
+        yield client
+
+
+def test_tls_cluster_runs_tasks_on_tls_addresses(tls_client) -> None:
+    address = tls_client.scheduler.address
+    assert address.startswith("tls://")
+    workers = tls_client.scheduler_info()["workers"]
+    assert workers and all(addr.startswith("tls://") for addr in workers)
+    assert tls_client.submit(_square, 7).result(timeout=30) == 49
+
+
+def test_plain_tcp_and_certificateless_clients_are_refused(tls_client) -> None:
+    from distributed import Client
+
+    address = tls_client.scheduler.address
+    with pytest.raises((OSError, TimeoutError)):
+        Client(address.replace("tls://", "tcp://"), timeout="3s")
+    with pytest.raises((OSError, TimeoutError, TypeError, ValueError)):
+        Client(address, timeout="3s")  # TLS address but no certificate
+
+
+def test_dashboard_listens_on_loopback_only(tls_client) -> None:
+    from urllib.parse import urlparse
+
+    link = tls_client.dashboard_link
+    port = urlparse(link).port
+    assert urlparse(link).hostname == "127.0.0.1"
+    listening = [
+        c
+        for c in psutil.Process().net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+    ]
+    assert listening, f"nothing listens on the dashboard port {port}"
+    assert {c.laddr.ip for c in listening} == {"127.0.0.1"}
+
+
+def test_default_dashboard_address_is_loopback() -> None:
+    assert hb_config.load()["cluster"]["dashboard-address"].startswith("127.0.0.1:")
+
+
+def _write_pems(directory: Path) -> dict:
+    """A CA, certificate and key (from Security.temporary) written as owner-only PEM files."""
+    from distributed.security import Security
+
+    temp = Security.temporary()
+    paths = {}
+    for key, text in (
+        ("tls-ca-file", temp.tls_ca_file),
+        ("tls-cert", temp.tls_client_cert),
+        ("tls-key", temp.tls_client_key),
+    ):
+        path = directory / f"{key}.pem"
+        path.write_text(text)
+        path.chmod(0o600)
+        paths[key] = str(path)
+    return paths
+
+
+def test_user_certificate_files_give_a_working_tls_cluster(tmp_path: Path) -> None:
+    pems = _write_pems(tmp_path)
+    security = cluster_security({"cluster": pems})
+    assert security.require_encryption and security.tls_ca_file == pems["tls-ca-file"]
+    plan = rh.small_plan(4, 2, workers=1)
+    with open_cluster(plan, _settings(**pems), quiet=True) as client:
+        assert client.scheduler.address.startswith("tls://")
+        assert client.submit(_square, 3).result(timeout=30) == 9
+
+
+def test_tls_off_by_default_is_plain_tcp() -> None:
+    assert cluster_security(hb_config.load()) is None
+
+
+@pytest.mark.parametrize(
+    ("cluster", "phrase"),
+    [
+        ({"tls-cert": "CERT"}, "need all of"),
+        ({"tls-ca-file": "/nonexistent/ca.pem", "tls-cert": "C", "tls-key": "K"}, "does not exist"),
+        ({"tls-ca-file": "NOTPEM", "tls-cert": "C", "tls-key": "K"}, "not a PEM file"),
+    ],
+)
+def test_bad_certificate_settings_are_refused_before_start(tmp_path, cluster, phrase) -> None:
+    pems = _write_pems(tmp_path)
+    notpem = tmp_path / "notpem.txt"
+    notpem.write_text("hello\n")
+    resolved = {
+        k: pems.get(k) if v in ("C", "K", "CERT") else (str(notpem) if v == "NOTPEM" else v)
+        for k, v in cluster.items()
+    }
+    with pytest.raises(ConfigError, match=phrase):
+        cluster_security({"cluster": resolved})
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_slurm_workers_join_over_tls(slurm_env: dict, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # dask-jobqueue writes the worker's certificate copy here
+    settings = _settings(
+        backend="slurm",
+        tls=True,
+        queue=slurm_env["partition"],
+        walltime="00:10:00",
+        interface="lo",
+        **{"dashboard-address": ":0", "start-timeout": 90, "local-directory": str(tmp_path)},
+    )
+    plan = rh.small_plan(4, 2, workers=1, memory_limit=500_000_000)
+    with open_cluster(plan, settings, backend="slurm", quiet=True) as client:
+        assert client.scheduler.address.startswith("tls://")
+        workers = client.scheduler_info()["workers"]
+        assert workers and all(a.startswith("tls://") for a in workers)
+        job = client.submit(lambda: os.environ.get("SLURM_JOB_ID")).result(timeout=60)
+        assert job  # it ran inside a SLURM job
+    certs = list(tmp_path.glob(".dask-jobqueue.worker.*"))
+    assert all((p.stat().st_mode & 0o077) == 0 for p in certs)
+
+
+# ------------------------------------------------------------- secrets -----------
+
+SECRET = "Sup3rS3cret-xyzzy"
+
+
+def test_mask_url_hides_the_password() -> None:
+    url = f"postgresql+psycopg://alice:{SECRET}@db.example:5432/market"
+    masked = mask_url(url)
+    assert SECRET not in masked and "alice" in masked and "***" in masked
+    assert SECRET not in mask_url(f"not a url but://bob:{SECRET}@host")
+    assert SECRET not in scrub(f"error connecting to postgresql://bob:{SECRET}@h/db", SECRET)
+
+
+def test_database_url_from_env_and_owner_only_password_file(tmp_path: Path) -> None:
+    env = {"HPCBATCH_DB_URL": "postgresql+psycopg://alice@db/market"}
+    assert database_url(None, env=env) == env["HPCBATCH_DB_URL"]
+    assert database_url("sqlite:///x.db", env=env) == "sqlite:///x.db"  # the flag wins
+    assert database_url(None, default="sqlite:///d.db", env={}) == "sqlite:///d.db"
+    secret = tmp_path / "pw"
+    secret.write_text(SECRET + "\n")
+    secret.chmod(0o600)
+    url = database_url(None, env={**env, "HPCBATCH_DB_PASSWORD_FILE": str(secret)})
+    from sqlalchemy.engine import make_url
+
+    assert make_url(url).password == SECRET and make_url(url).username == "alice"
+    # a file may hold the whole URL instead
+    whole = tmp_path / "url"
+    whole.write_text(f"postgresql+psycopg://bob:{SECRET}@db/market\n")
+    whole.chmod(0o400)
+    assert database_url(None, password_file=whole, env={}).startswith("postgresql+psycopg://bob:")
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])
+def test_password_file_readable_by_others_is_refused(tmp_path: Path, mode: int) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text(SECRET)
+    secret.chmod(mode)
+    with pytest.raises(ConfigError, match="chmod 600") as info:
+        database_url("postgresql+psycopg://alice@db/market", password_file=secret, env={})
+    assert SECRET not in str(info.value)
+
+
+def test_missing_or_empty_password_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_secret_file(tmp_path / "nope")
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    empty.chmod(0o600)
+    with pytest.raises(ConfigError, match="empty"):
+        read_secret_file(empty)
+
+
+# --------------------------------------------------------------- SQL -------------
+
+_SQL_CALLS = {"text", "execute", "exec_driver_sql", "executescript", "executemany"}
+_SQL_WORDS = re.compile(
+    r"\b(SELECT|INSERT INTO|UPDATE|DELETE FROM|DROP TABLE|CREATE TABLE|WHERE)\b"
+)
+
+
+def _formatted(node: ast.AST) -> bool:
+    """An f-string, ``"..." % x``, ``"..." + x`` or ``"...".format(x)`` expression."""
+    if isinstance(node, ast.JoinedStr):
+        return True
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Mod, ast.Add)):
+        return True
+    return (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "format"
+    )
+
+
+def sql_formatting_offenders(source: str, name: str = "<src>") -> list[str]:
+    """SQL built by string formatting: a formatted string handed to text()/execute(), or
+    any f-string whose literal parts read like SQL."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and node.args:
+            func = node.func
+            fname = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if fname in _SQL_CALLS and _formatted(node.args[0]):
+                found.append(f"{name}:{node.lineno}: {fname}() of a formatted string")
+        if isinstance(node, ast.JoinedStr):
+            literal = "".join(
+                v.value
+                for v in node.values
+                if isinstance(v, ast.Constant) and isinstance(v.value, str)
+            )
+            if _SQL_WORDS.search(literal):
+                found.append(f"{name}:{node.lineno}: f-string SQL {literal[:60]!r}")
+    return found
+
+
+def test_no_sql_is_built_by_string_formatting() -> None:
+    offenders = []
+    for path in sorted((REPO / "hpcbatch").rglob("*.py")):
+        offenders += sql_formatting_offenders(path.read_text(), str(path.relative_to(REPO)))
+    assert not offenders, "SQL built with string formatting:\n" + "\n".join(offenders)
+
+
+def test_the_sql_formatting_check_catches_formatted_sql() -> None:
+    assert sql_formatting_offenders("conn.execute(text(f\"SELECT * FROM t WHERE c = '{x}'\"))")
+    assert sql_formatting_offenders('conn.exec_driver_sql("DROP TABLE %s" % name)')
+    assert sql_formatting_offenders('q = f"DELETE FROM stock_daily WHERE ts_code = {code}"')
+    assert sql_formatting_offenders('conn.execute("SELECT {}".format(x))')
+    assert not sql_formatting_offenders("conn.execute(sa.select(t).where(t.c.x == x))")
+    assert not sql_formatting_offenders('raise DataError(f"table {name} is missing")')
