@@ -15,7 +15,6 @@ from __future__ import annotations
 import ast
 import os
 import re
-import sys
 from pathlib import Path
 
 import psutil
@@ -32,10 +31,26 @@ from hpcbatch.security import (
     scrub,
 )
 
-sys.path.insert(0, str(Path(__file__).parent))
-import runtime_helpers as rh  # noqa: E402
-
 REPO = Path(__file__).resolve().parent.parent
+
+
+def small_plan(n_items: int, chunk_size: int, *, memory_limit: int = 400_000_000):
+    """A real plan of one worker with ``memory_limit`` for a tiny workload."""
+    import dataclasses
+
+    from hpcbatch.planner import Footprint, PlanSettings, make_plan
+    from hpcbatch.resources import detect_resources
+
+    footprint = Footprint(
+        workload="test",
+        item_name="item",
+        n_items=n_items,
+        per_item_bytes=1000,
+        baseline_bytes=80_000_000,
+    )
+    resources = detect_resources(memory_bytes=memory_limit + 300_000_000, cpus=1)
+    plan = make_plan(footprint, resources, PlanSettings(chunk_size=chunk_size))
+    return dataclasses.replace(plan, memory_limit_bytes=memory_limit, n_workers=1)
 
 
 def _settings(**cluster) -> dict:
@@ -53,7 +68,7 @@ def _square(x: int) -> int:
 
 @pytest.fixture(scope="module")
 def tls_client():
-    plan = rh.small_plan(10, 5, workers=1)
+    plan = small_plan(10, 5)
     with open_cluster(plan, _settings(tls=True), quiet=True) as client:
         yield client
 
@@ -117,7 +132,7 @@ def test_user_certificate_files_give_a_working_tls_cluster(tmp_path: Path) -> No
     pems = _write_pems(tmp_path)
     security = cluster_security({"cluster": pems})
     assert security.require_encryption and security.tls_ca_file == pems["tls-ca-file"]
-    plan = rh.small_plan(4, 2, workers=1)
+    plan = small_plan(4, 2)
     with open_cluster(plan, _settings(**pems), quiet=True) as client:
         assert client.scheduler.address.startswith("tls://")
         assert client.submit(_square, 3).result(timeout=30) == 9
@@ -160,7 +175,7 @@ def test_slurm_workers_join_over_tls(slurm_env: dict, tmp_path: Path, monkeypatc
         interface="lo",
         **{"dashboard-address": ":0", "start-timeout": 90, "local-directory": str(tmp_path)},
     )
-    plan = rh.small_plan(4, 2, workers=1, memory_limit=500_000_000)
+    plan = small_plan(4, 2, memory_limit=500_000_000)
     with open_cluster(plan, settings, backend="slurm", quiet=True) as client:
         assert client.scheduler.address.startswith("tls://")
         workers = client.scheduler_info()["workers"]
