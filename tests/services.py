@@ -168,11 +168,24 @@ def stale_service_dirs(kind: str) -> Iterator[Path]:
         yield d
 
 
-def as_user(user: str | None, cmd: list[str]) -> list[str]:
-    """Prefix `cmd` so it runs as `user` (when we are root and a user is given)."""
+def as_user(user: str | None, cmd: list[str], *, die_with_parent: bool = False) -> list[str]:
+    """Prefix `cmd` so it runs as `user` (when we are root and a user is given).
+
+    ``die_with_parent``: the daemon gets SIGTERM when the process that started it dies
+    (set after the user switch, which would clear a parent-death signal set before it).
+    """
     if user and is_root():
-        return ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", *cmd]
+        death = ["--pdeathsig", "TERM"] if die_with_parent else []
+        return ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", *death, *cmd]
     return cmd
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: SIGTERM this child when the pytest process dies, even by SIGKILL."""
+    import ctypes
+
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 # ---------------------------------------------------------------- PostgreSQL
@@ -509,6 +522,7 @@ class SlurmTestCluster:
                 f"--pid-file={mdir / 'munged.pid'}",
                 f"--seed-file={mdir / 'munged.seed'}",
             ],
+            die_with_parent=True,
         )
         self._spawn("munged", cmd)
         self._wait(
@@ -586,6 +600,7 @@ class SlurmTestCluster:
             env=self.env(),
             cwd=str(self.dir),
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         out.close()
         with open(self.dir / "pids", "a") as f:

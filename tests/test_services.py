@@ -37,16 +37,14 @@ def test_postgres_db_url_is_a_fresh_writable_database(
 
 @pytest.mark.slurm
 def test_slurm_cluster_runs_a_batch_job_with_its_mem(slurm_env: dict, tmp_path) -> None:
+    from hpcbatch.slurm import submit, wait_for_job
+
     script = tmp_path / "job.sh"
-    script.write_text("#!/bin/sh\necho mem=$SLURM_MEM_PER_NODE node=$SLURMD_NODENAME\n")
-    out = tmp_path / "job.out"
-    r = subprocess.run(
-        ["sbatch", "--wait", "--mem=300M", "-o", str(out), str(script)],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    script.write_text(
+        "#!/bin/sh\n#SBATCH --output=job.out\necho mem=$SLURM_MEM_PER_NODE node=$SLURMD_NODENAME\n"
     )
-    assert r.returncode == 0, r.stderr
-    assert out.read_text().strip() == f"mem=300 node={slurm_env['node']}"
+    job_id = submit(script, sbatch_args=["--mem=300M", "--chdir", str(tmp_path)])
+    assert wait_for_job(job_id, timeout=60)["JobState"] == "COMPLETED"
+    assert (tmp_path / "job.out").read_text().strip() == f"mem=300 node={slurm_env['node']}"
     info = subprocess.run(["sinfo", "-h", "-o", "%P %m %c"], capture_output=True, text=True)
     assert info.stdout.split() == [f"{slurm_env['partition']}*", "8000", str(slurm_env["cpus"])]
