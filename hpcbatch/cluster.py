@@ -48,6 +48,9 @@ def dask_memory_config(plan: Plan, *, allowed_failures: int | None = 1) -> dict[
     }
     if allowed_failures is not None:
         cfg["distributed.scheduler.allowed-failures"] = int(allowed_failures)
+        # one task per thread on a worker: when a worker is killed for memory, only the
+        # tasks really running there are suspected (not an innocent one queued behind)
+        cfg["distributed.scheduler.worker-saturation"] = 1.0
     return cfg
 
 
@@ -107,6 +110,7 @@ def open_cluster(
     cfg = dask_memory_config(plan, allowed_failures=allowed_failures)
     if backend == "address":
         cfg.pop("distributed.scheduler.allowed-failures", None)  # not ours to change
+        cfg.pop("distributed.scheduler.worker-saturation", None)
 
     with ExitStack() as stack:
         stack.enter_context(dask.config.set(cfg))

@@ -45,6 +45,7 @@ class RunReport:
     status: str  # finished | already-finished | failed | interrupted
     n_chunks: int
     chunks_done: int = 0
+    tasks_done: int = 0
     chunks_skipped: int = 0
     chunks_retried: int = 0
     chunks_split: int = 0
@@ -386,7 +387,8 @@ def summary_text(data: dict) -> str:
     lines = [
         f"run {data['run_id']}: {data['status']}"
         + (f" ({data['message']})" if data.get("message") else ""),
-        f"chunks: {data['chunks_done']} done of {data['n_chunks']}, "
+        f"chunks: {data['chunks_done']} done of {data['n_chunks']} "
+        f"({data.get('tasks_done', data['chunks_done'])} tasks incl. halves of split chunks), "
         f"{data.get('chunks_skipped', 0)} skipped (already done), "
         f"{data.get('chunks_retried', 0)} retried, {data.get('chunks_split', 0)} split, "
         f"{data.get('chunks_failed', 0)} failed; {data.get('items_done', 0)} items",

@@ -23,6 +23,7 @@ It knows nothing about stocks or Pyro: a workload hands it chunks and a task fun
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 import signal
@@ -34,7 +35,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack, nullcontext, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -290,12 +291,15 @@ def _next_batch(ac, timeout: float) -> list:
 
 @dataclass
 class _State:
-    chunks_done: int = 0
+    chunks_done: int = 0  # chunks of the run finished (all their pieces)
+    tasks_done: int = 0  # tasks finished: chunks and halves of split chunks
     items_done: int = 0
     retried: int = 0
     split: int = 0
     failed: int = 0
     max_in_flight: int = 0
+    items_left: dict = field(default_factory=dict)  # root chunk id -> items not yet done
+    meta: dict = field(default_factory=dict)  # summed numeric metadata from the tasks
 
 
 def run(
@@ -399,6 +403,9 @@ def run(
     sampler_on = _install(client, MemorySampler(), nanny=True)
     counter_on = _install_scheduler_plugin(client)
     state = _State()
+    for piece in pending:
+        root = piece.chunk_id.split(".")[0]
+        state.items_left[root] = state.items_left.get(root, 0) + piece.size
     failures: list[dict] = []
     stop: dict[str, Any] = {"reason": None, "at": None}
     loop_t0 = time.time()
@@ -483,7 +490,8 @@ def run(
     )
     if progress or status != "finished":
         print(
-            f"run {run_id!r} {status}: {state.chunks_done} chunks ({state.items_done} items) "
+            f"run {run_id!r} {status}: {state.chunks_done} chunks ({state.items_done} items, "
+            f"{state.tasks_done} tasks) "
             f"in {report.wall_time_s:.1f} s, {skipped} skipped, {state.retried} retried, "
             f"{state.split} split" + (f"; report in {run_dir}" if run_dir else ""),
             file=out,
@@ -599,12 +607,21 @@ def _loop(
             )
             if problem is not None and fatal is None:
                 fatal = problem
+        if batch:
+            # releases travel through the client's event loop; let them leave before
+            # the next submissions so the scheduler never holds more than max_in_flight
+            client.sync(_settle)
         bar.tick(done_before_items + state.items_done, state.chunks_done, len(in_flight))
     bar.tick(done_before_items + state.items_done, state.chunks_done, len(in_flight), force=True)
     if in_flight:
         client.cancel(list(_futures_of(ac)), force=True)
     ac.clear() if hasattr(ac, "clear") else None
     return fatal
+
+
+async def _settle() -> None:
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
 
 
 def _futures_of(ac) -> list:
@@ -618,18 +635,20 @@ def _on_success(
     already = bool(meta.pop(_ALREADY_DONE, False))
     if ledger is not None and not commit_on_worker and not already:
         ledger.mark_done(run_id, chunk, meta)
-    state.chunks_done += 1
+    state.tasks_done += 1
     state.items_done += chunk.size
+    root = chunk.chunk_id.split(".")[0]
+    left = state.items_left.get(root, chunk.size) - chunk.size
+    state.items_left[root] = left
+    if left <= 0:
+        state.chunks_done += 1
     _add_meta(state, meta)
 
 
 def _add_meta(state: _State, meta: dict) -> None:
-    totals = getattr(state, "meta", None)
-    if totals is None:
-        totals = state.meta = {}  # type: ignore[attr-defined]
     for k, v in meta.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool):
-            totals[k] = totals.get(k, 0) + v
+            state.meta[k] = state.meta.get(k, 0) + v
 
 
 def _on_failure(
@@ -829,11 +848,7 @@ def _build_report(
     deaths = classify_deaths(
         list(removed), list(kills), since=since, until=until, terminate_fraction=terminate or None
     )
-    peaks: dict[str, int] = {}
-    for tl in timelines:
-        values = [r for r in tl["rss"] if r == r]
-        if values:
-            peaks[tl["name"]] = int(max(values))
+    peaks = _peaks(timelines, deaths)
     limit = (
         plan.memory_limit_bytes
         if plan is not None
@@ -844,6 +859,7 @@ def _build_report(
         status=status,
         n_chunks=n_chunks,
         chunks_done=state.chunks_done,
+        tasks_done=state.tasks_done,
         chunks_skipped=skipped,
         chunks_retried=state.retried,
         chunks_split=state.split,
@@ -856,7 +872,7 @@ def _build_report(
         measured_peak_per_worker=peaks,
         memory_limit_bytes=limit,
         worker_deaths=deaths,
-        results_meta=dict(getattr(state, "meta", {})),
+        results_meta=dict(state.meta),
         report_dir=str(run_dir) if run_dir is not None else None,
         max_in_flight=state.max_in_flight,
         max_tasks_on_scheduler=max_tasks,
@@ -898,3 +914,20 @@ def _thresholds_of(client) -> dict | None:
         return next(iter(got.values()), None)
     except Exception:  # noqa: BLE001
         return None
+
+
+def _peaks(timelines: list[dict], deaths: list[dict]) -> dict[str, int]:
+    """Each worker's highest sampled RSS, or the RSS the nanny saw when it killed it."""
+    peaks: dict[str, int] = {}
+    owner: dict[str, str] = {}
+    for tl in timelines:
+        values = [r for r in tl["rss"] if r == r]  # skip NaN (no process)
+        if values:
+            peaks[tl["name"]] = int(max(values))
+        for _t, address in tl.get("addresses", ()):
+            owner[address] = tl["name"]
+    for death in deaths:
+        name = owner.get(death["worker"])
+        if name is not None and death.get("rss_bytes"):
+            peaks[name] = max(peaks.get(name, 0), int(death["rss_bytes"]))
+    return peaks

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -22,9 +21,9 @@ def seeded(chunk: Chunk, ctx: TaskContext) -> dict:
     return {"items": chunk.size, "draw": int(rng.integers(0, 2**31))}
 
 
-def log_call(chunk: Chunk, ctx: TaskContext) -> dict:
-    """Touch a file per executed chunk in $HPCBATCH_TEST_DIR; fail when a stop file exists."""
-    base = Path(os.environ["HPCBATCH_TEST_DIR"])
+def log_call(chunk: Chunk, ctx: TaskContext, base: str) -> dict:
+    """Touch a file per executed chunk in ``base``; fail past the item in ``base/stop``."""
+    base = Path(base)
     (base / "calls").mkdir(exist_ok=True)
     (base / "calls" / f"{chunk.chunk_id}-{time.time_ns()}").touch()
     if (base / "stop").exists() and chunk.start >= int((base / "stop").read_text()):
@@ -57,3 +56,36 @@ def raise_memory_error(chunk: Chunk, ctx: TaskContext) -> dict:
     if chunk.size > 2:
         raise MemoryError(f"cannot allocate {chunk.size} items")
     return {"items": chunk.size}
+
+
+def slow_logged(chunk: Chunk, ctx: TaskContext, base: str) -> dict:
+    """Log the call like :func:`log_call`, then take a little while."""
+    base = Path(base)
+    (base / "calls").mkdir(exist_ok=True)
+    (base / "calls" / f"{chunk.chunk_id}-{time.time_ns()}").touch()
+    time.sleep(0.15)
+    return {"items": chunk.size}
+
+
+def small_plan(n_items: int, chunk_size: int, *, memory_limit: int = 400_000_000, workers: int = 2):
+    """A real plan for a tiny workload, with the memory limit the tests want."""
+    import dataclasses
+
+    from hpcbatch.planner import Footprint, PlanSettings, make_plan
+    from hpcbatch.resources import detect_resources
+
+    footprint = Footprint(
+        workload="test",
+        item_name="item",
+        n_items=n_items,
+        per_item_bytes=1000,
+        baseline_bytes=80_000_000,
+    )
+    resources = detect_resources(memory_bytes=workers * memory_limit + 300_000_000, cpus=workers)
+    plan = make_plan(footprint, resources, PlanSettings(chunk_size=chunk_size, n_workers=workers))
+    return dataclasses.replace(plan, memory_limit_bytes=memory_limit)
+
+
+def calls(base: Path) -> list[str]:
+    """Chunk ids executed so far (one entry per execution)."""
+    return sorted(p.name.rsplit("-", 1)[0] for p in (base / "calls").glob("*"))
