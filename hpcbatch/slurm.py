@@ -34,6 +34,7 @@ from typing import Any
 
 from .errors import ClusterStartError, ConfigError, HpcbatchError
 from .planner import Plan
+from .security import DB_URL_ENV, mask_url  # noqa: F401 (mask_url re-exported)
 from .units import format_bytes, parse_bytes
 
 MiB = 1024**2
@@ -47,7 +48,6 @@ TEMPLATE_DIR = Path(
 #: The commands each workload runs inside a job.
 WORKLOAD_COMMANDS = {"stocks": ("stocks", "predict"), "predictive": ("predictive", "sample")}
 
-DB_URL_ENV = "HPCBATCH_DB_URL"
 
 # ------------------------------------------------------------------ walltime ----
 
@@ -154,16 +154,6 @@ def job_size(plan: Plan, reserve_bytes: int) -> JobSize:
 
 
 # ------------------------------------------------------------ secrets ------------
-
-
-def mask_url(url: str) -> str:
-    """A database URL safe to show: the password replaced by ``***``."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a SQLAlchemy URL: mask anything that looks like user:pass@
-        return re.sub(r"(://[^:/@\s]+):[^@\s]*@", r"\1:***@", url)
 
 
 def _has_password(value: str) -> bool:
