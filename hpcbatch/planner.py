@@ -397,7 +397,8 @@ def _reasons(
     fb = format_bytes
     item = footprint.item_name
     reasons = [
-        f"allocation: {fb(resources.memory_bytes)} ({resources.memory_source}), "
+        f"allocation: {resources.memory_bytes / 1e9:.1f} GB = {fb(resources.memory_bytes)} "
+        f"({resources.memory_source}), "
         f"{resources.cpus} CPUs ({resources.cpus_source}); {fb(settings.reserve_bytes)} kept for "
         "scheduler and client",
     ]
