@@ -214,3 +214,33 @@ def cluster_security(settings: Mapping[str, Any] | None):
             "--tls with temporary certificates needs the 'cryptography' package: "
             "pip install cryptography, or give cluster.tls-ca-file/tls-cert/tls-key"
         ) from None
+
+
+# ------------------------------------------------------------ model files ---------
+
+
+def load_weights(path: str | os.PathLike, *, what: str = "model file", fix: str = "", **kw: Any):
+    """``torch.load(path, weights_only=True)``; a refused or corrupt file is a DataError.
+
+    Only tensors and plain containers are unpickled: a file that would run code on load
+    (a crafted pickle) is refused and its payload never runs.  ``fix`` ends the message
+    (e.g. ``refit with 'hpcbatch predictive fit DIR'``).
+    """
+    import torch
+
+    from .errors import DataError
+
+    kw.setdefault("map_location", "cpu")
+    suffix = f": {fix}" if fix else ""
+    try:
+        return torch.load(path, weights_only=True, **kw)
+    except FileNotFoundError:
+        raise DataError(f"{what} {path} does not exist{suffix}") from None
+    except Exception as exc:  # noqa: BLE001 (torch raises many types for bad files)
+        text = str(exc)
+        if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
+            raise DataError(
+                f"{what} {path} holds more than tensors (refused by torch.load "
+                f"weights_only=True; it may be a crafted pickle){suffix}"
+            ) from None
+        raise DataError(f"{what} {path} is corrupt or not a torch file{suffix}") from None

@@ -294,3 +294,110 @@ def test_the_sql_formatting_check_catches_formatted_sql() -> None:
     assert sql_formatting_offenders('conn.execute("SELECT {}".format(x))')
     assert not sql_formatting_offenders("conn.execute(sa.select(t).where(t.c.x == x))")
     assert not sql_formatting_offenders('raise DataError(f"table {name} is missing")')
+
+
+# ------------------------------------------------------- crafted pickles ---------
+
+
+class _Payload:
+    """Unpickling this runs ``touch MARKER``: what a malicious model file would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _crafted(path: Path, marker: Path) -> Path:
+    import torch
+
+    torch.save({"linear.weight": _Payload(marker)}, path)
+    return path
+
+
+def test_the_crafted_file_really_runs_its_payload_when_loaded_unsafely(tmp_path: Path) -> None:
+    import torch
+
+    marker = tmp_path / "pwned"
+    evil = _crafted(tmp_path / "evil.pt", marker)
+    torch.load(evil, weights_only=False)  # what hpcbatch must never do
+    assert marker.exists()
+
+
+def _tiny_stock_model_dir(directory: Path) -> Path:
+    import numpy as np
+
+    from hpcbatch.stocks.model import SIZES, StockModel, save_model
+
+    model = StockModel(SIZES["tiny"])
+    n = SIZES["tiny"].n_features
+    save_model(model, directory, np.zeros(n, np.float32), np.ones(n, np.float32), {})
+    return directory
+
+
+def test_stock_model_loader_refuses_a_crafted_pickle(tmp_path: Path) -> None:
+    from hpcbatch.errors import DataError
+    from hpcbatch.stocks.model import WEIGHTS_FILE, load_model
+
+    model_dir = _tiny_stock_model_dir(tmp_path / "model")
+    assert load_model(model_dir).config.d_model == 16  # the honest directory loads
+    marker = tmp_path / "pwned"
+    _crafted(model_dir / WEIGHTS_FILE, marker)
+    with pytest.raises(DataError, match="weights_only|not a plain state dict") as info:
+        load_model(model_dir)
+    assert len(str(info.value).splitlines()) == 1
+    assert not marker.exists()
+
+
+def test_posterior_guide_loader_refuses_a_crafted_pickle(tmp_path: Path) -> None:
+    import numpy as np
+
+    from hpcbatch.errors import HpcbatchError
+    from hpcbatch.predictive.technical import load_fit, simulate
+
+    data_dir = tmp_path / "data"
+    simulate(6, 4, 2, seed=0, out=data_dir)
+    (data_dir / "fit").mkdir()
+    np.savez(data_dir / "fit" / "prior.npz", mu_mean=np.ones(4, "f4"), mu_sd=np.ones(4, "f4"))
+    marker = tmp_path / "pwned"
+    _crafted(data_dir / "fit" / "guide.pt", marker)
+    with pytest.raises(HpcbatchError, match="guide.pt") as info:
+        load_fit(data_dir)
+    assert len(str(info.value).splitlines()) == 1
+    assert not marker.exists()
+
+
+def test_every_torch_load_in_hpcbatch_is_weights_only() -> None:
+    offenders = []
+    for path in sorted((REPO / "hpcbatch").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "load"
+                and getattr(node.func.value, "id", "") == "torch"
+            ):
+                safe = any(
+                    k.arg == "weights_only"
+                    and isinstance(k.value, ast.Constant)
+                    and k.value.value is True
+                    for k in node.keywords
+                )
+                if not safe:
+                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not offenders, "torch.load without weights_only=True: " + ", ".join(offenders)
+
+
+def test_numpy_inputs_refuse_pickled_object_arrays(tmp_path: Path) -> None:
+    import numpy as np
+
+    from hpcbatch.predictive.technical import load_data, simulate
+
+    data_dir = tmp_path / "data"
+    simulate(6, 4, 2, seed=0, out=data_dir)
+    marker = tmp_path / "pwned"
+    np.save(data_dir / "group.npy", np.array([_Payload(marker)] * 6, dtype=object))
+    with pytest.raises(Exception, match="allow_pickle|[Oo]bject arrays|group"):
+        load_data(data_dir)
+    assert not marker.exists()

@@ -37,6 +37,7 @@ from pyro.infer.autoguide import AutoNormal
 from pyro.infer.autoguide.initialization import init_to_value
 
 from ..errors import ConfigError, DataError
+from ..security import load_weights
 
 LATENT_SITES = ("alpha_y", "mu_ntc", "phi_y")
 OBSERVED_SITE = "y"
@@ -343,7 +344,11 @@ def load_fit(path: str | Path) -> tuple[TechnicalData, AutoNormal, np.ndarray, n
     prior = np.load(fit_dir / "prior.npz")
     mu_mean, mu_sd = prior["mu_mean"], prior["mu_sd"]
     guide = setup_guide(make_guide(mu_mean, data.n_groups), data, mu_mean, mu_sd)
-    state = torch.load(fit_dir / "guide.pt", weights_only=True)
+    state = load_weights(
+        fit_dir / "guide.pt",
+        what="fitted guide",
+        fix=f"refit with 'hpcbatch predictive fit {path}'",
+    )
     try:
         guide.load_state_dict(state)
     except RuntimeError as exc:
