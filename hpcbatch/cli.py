@@ -390,6 +390,17 @@ def plan_predictive(
     echo_plan(make_plan(footprint, res, hb_config.plan_settings(settings)), as_json, extra)
 
 
+@main.command("report")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print report.json as it is.")
+def report_cmd(directory, as_json) -> None:
+    """Summarise a run's report (a run directory, or the report-dir: its latest run)."""
+    from .report import load_report, summary_text
+
+    data = load_report(directory)
+    click.echo(json.dumps(data, indent=2) if as_json else summary_text(data))
+
+
 def _add_command_groups() -> None:
     from .predictive.cli import predictive
     from .slurm_cli import slurm

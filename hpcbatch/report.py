@@ -227,7 +227,7 @@ def classify_deaths(
             (m for kt, m in kills if m.get("worker") == address and kt <= t + 5 and kt >= t - 120),
             None,
         )
-        tasks = sorted(str(k) for k in ev.get("processing-tasks", ()))
+        tasks = sorted(_chunk_of(k) for k in ev.get("processing-tasks", ()))
         if kill is not None:
             at = f" at {terminate_fraction:.0%} of its limit" if terminate_fraction else ""
             reason = "memory"
@@ -256,6 +256,13 @@ def classify_deaths(
             }
         )
     return deaths
+
+
+def _chunk_of(key: Any) -> str:
+    """The chunk id in a runner task key ``(group, chunk_id, attempt)``; else the key."""
+    if isinstance(key, (tuple, list)) and len(key) == 3 and str(key[0]).startswith("hpcbatch-"):
+        return str(key[1])
+    return str(key)
 
 
 # ------------------------------------------------------------ the plot ----
@@ -413,7 +420,11 @@ def summary_text(data: dict) -> str:
         lines.append(f"  worker {name}: peak {fb(peak)}")
     deaths = data.get("worker_deaths") or []
     if deaths:
-        lines.append(f"worker deaths: {len(deaths)}")
+        reasons: dict[str, int] = {}
+        for d in deaths:
+            reasons[d["reason"]] = reasons.get(d["reason"], 0) + 1
+        by = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items()))
+        lines.append(f"worker deaths: {len(deaths)} ({by})")
         for d in deaths:
             lines.append(f"  {d['worker']}: {d['reason']} - {d['detail']}")
     else:
