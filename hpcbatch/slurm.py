@@ -447,6 +447,20 @@ def _port_only(address: str) -> str:
     return ":" + str(address).rsplit(":", 1)[-1]
 
 
+def check_interface(interface: str | None) -> None:
+    """The scheduler binds to ``interface`` on this node: it must exist here."""
+    if not interface:
+        return
+    import psutil
+
+    have = sorted(psutil.net_if_addrs())
+    if interface not in have:
+        raise ConfigError(
+            f"network interface {interface!r} does not exist on this node (it has "
+            f"{', '.join(have)}): set cluster.interface to one of them, or leave it unset"
+        )
+
+
 def slurm_cluster(plan: Plan, settings: Mapping[str, Any], *, security: Any = None, **kw: Any):
     """A ``dask_jobqueue.SLURMCluster`` for ``plan`` (no jobs submitted until you scale).
 
@@ -461,6 +475,7 @@ def slurm_cluster(plan: Plan, settings: Mapping[str, Any], *, security: Any = No
             "dask-jobqueue is not installed: pip install dask-jobqueue"
         ) from None
     spec = slurm_cluster_kwargs(plan, settings, **kw)
+    check_interface(spec.kwargs.get("interface"))
     tls = {"security": security, "shared_temp_directory": os.getcwd()} if security else {}
     cluster = SLURMCluster(**spec.kwargs, **tls)
     cluster.hpcbatch_spec = spec
@@ -624,8 +639,8 @@ def classify_job(fields: Mapping[str, str], output: str = "") -> tuple[str, str]
     if state == "PREEMPTED":
         return "preempted", "preempted by a higher-priority job"
     if state == "CANCELLED":
-        by = fields.get("JobState", "").partition(" ")[2] or fields.get("Reason", "")
-        return "cancelled", f"cancelled {by}".strip()
+        said = first((re.compile(r"\*\*\* JOB .* CANCELLED AT"),))
+        return "cancelled", said or "cancelled by scancel (a user, an admin or a Dask scale-down)"
     if state == "COMPLETED" and exit_code in ("", "0:0"):
         return "completed", "finished with exit code 0"
     return "other", f"state {state}, exit code {exit_code or '?'} (see the job's output)"

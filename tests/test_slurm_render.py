@@ -570,3 +570,21 @@ def test_why_cli_prints_the_reason(tmp_path, monkeypatch) -> None:
     result = CliRunner().invoke(main, ["slurm", "why", "1"])
     assert result.exit_code == 0, result.output
     assert result.output.startswith("job 1: FAILED -> memory: ")
+
+
+def test_cancelled_job_detail_quotes_the_output_or_says_scancel(tmp_path) -> None:
+    out = tmp_path / "job.out"
+    out.write_text("slurmstepd-n1: error: *** JOB 2 ON n1 CANCELLED AT 2026-11-23T11:32:51 ***\n")
+    line = _with_state(MEM_KILLED.format(out=out), "CANCELLED", "0:15")
+    death = slurm.explain_job("1", run=FakeScheduler({"1": [line]}))
+    assert death.reason == "cancelled" and "CANCELLED AT 2026-11-23T11:32:51" in death.detail
+    out.write_text("")
+    death = slurm.explain_job("1", run=FakeScheduler({"1": [line]}))
+    assert death.detail.startswith("cancelled by scancel") and "None" not in death.detail
+
+
+def test_unknown_interface_is_a_config_error_before_anything_starts() -> None:
+    plan, settings = _plan()
+    settings = {**settings, "cluster": {**settings["cluster"], "interface": "nosuch0"}}
+    with pytest.raises(ConfigError, match="network interface 'nosuch0' does not exist.*\\blo\\b"):
+        slurm.slurm_cluster(plan, settings)
