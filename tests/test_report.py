@@ -1,0 +1,152 @@
+"""Run reports: death reasons, the memory plot, report.json and `hpcbatch report`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from hpcbatch.cli import main
+from hpcbatch.errors import ConfigError
+from hpcbatch.report import RunReport, classify_deaths, load_report, plot_memory, write_report_dir
+
+T0 = 1_000.0
+
+
+def _removed(t, worker, stimulus, tasks=(), expected=False):
+    return (
+        t,
+        {
+            "action": "remove-worker",
+            "worker": worker,
+            "stimulus_id": stimulus,
+            "processing-tasks": set(tasks),
+            "expected": expected,
+        },
+    )
+
+
+def test_worker_deaths_get_a_reason():
+    key = ("hpcbatch-hog-1234abcd", "c000003", 0)
+    removed = [
+        _removed(T0 + 5, "tcp://a:1", f"handle-worker-cleanup-{T0 + 5}", [key]),
+        _removed(T0 + 6, "tcp://b:1", f"worker-close-gracefully-{T0 + 6}", expected=True),
+        _removed(T0 + 7, "tcp://c:1", f"check-worker-ttl-{T0 + 7}"),
+        _removed(T0 + 8, "tcp://d:1", f"handle-worker-cleanup-{T0 + 8}"),
+        _removed(T0 + 9, "tcp://e:1", f"retire-workers-{T0 + 9}", expected=True),
+        _removed(T0 - 50, "tcp://f:1", "handle-worker-cleanup-1"),  # before the run
+        (T0 + 3, {"action": "add-worker", "worker": "tcp://g:1"}),
+    ]
+    kills = [(T0 + 4.9, {"worker": "tcp://a:1", "pid": 1, "rss": 400 * 2**20})]
+    deaths = classify_deaths(removed, kills, since=T0, until=T0 + 100, terminate_fraction=0.95)
+    by_worker = {d["worker"]: d for d in deaths}
+    assert set(by_worker) == {"tcp://a:1", "tcp://b:1", "tcp://c:1", "tcp://d:1", "tcp://e:1"}
+    assert by_worker["tcp://a:1"]["reason"] == "memory"
+    assert by_worker["tcp://a:1"]["tasks"] == ["c000003"]
+    assert by_worker["tcp://a:1"]["rss_bytes"] == 400 * 2**20
+    assert (
+        "95%" in by_worker["tcp://a:1"]["detail"]
+        and "400.00 MiB" in by_worker["tcp://a:1"]["detail"]
+    )
+    assert by_worker["tcp://b:1"]["reason"] == "walltime"
+    assert by_worker["tcp://c:1"]["reason"] == "connection"
+    assert by_worker["tcp://d:1"]["reason"] == "connection"
+    assert by_worker["tcp://e:1"]["reason"] == "other"
+
+
+def _report(tmp_path, **kw) -> RunReport:
+    base = dict(
+        run_id="r1",
+        status="finished",
+        n_chunks=3,
+        chunks_done=3,
+        tasks_done=4,
+        chunks_split=1,
+        items_done=12,
+        wall_time_s=3.5,
+        predicted_peak_bytes=200 * 2**20,
+        measured_peak_bytes=370 * 2**20,
+        measured_peak_per_worker={"0": 370 * 2**20},
+        memory_limit_bytes=400 * 2**20,
+        report_dir=str(tmp_path / "r1"),
+        worker_deaths=[
+            {
+                "worker": "tcp://a:1",
+                "reason": "memory",
+                "detail": "the nanny killed it",
+                "tasks": ["c000000"],
+                "time": T0,
+                "rss_bytes": 370 * 2**20,
+            }
+        ],
+        results_meta={"rows": 12},
+    )
+    base.update(kw)
+    return RunReport(**base)
+
+
+def test_run_report_is_frozen_and_round_trips_through_report_json(tmp_path):
+    report = _report(tmp_path)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        report.status = "failed"  # type: ignore[misc]
+    write_report_dir(report, tmp_path / "r1")
+    assert load_report(tmp_path / "r1") == json.loads(json.dumps(report.to_dict()))
+    text = report.summary()
+    assert "chunks: 3 done of 3 (4 tasks" in text and "1 split" in text
+    assert "predicted peak 200.00 MiB, measured peak 370.00 MiB, limit 400.00 MiB" in text
+    assert "worker deaths: 1 (1 memory)" in text and "results: rows=12" in text
+
+
+def test_hpcbatch_report_prints_the_latest_run_summary(tmp_path):
+    write_report_dir(_report(tmp_path, run_id="old"), tmp_path / "old")
+    old_time = time.time() - 100
+    os.utime(tmp_path / "old" / "report.json", (old_time, old_time))
+    write_report_dir(_report(tmp_path, run_id="new", status="interrupted"), tmp_path / "new")
+    runner = CliRunner()
+    result = runner.invoke(main, ["report", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("run new: interrupted")
+    result = runner.invoke(main, ["report", str(tmp_path / "old"), "--json"])
+    assert json.loads(result.output)["run_id"] == "old"
+    result = runner.invoke(main, ["report", str(tmp_path / "nothing")])
+    assert result.exit_code == 2 and "no run report at" in result.output
+    with pytest.raises(ConfigError):
+        load_report(tmp_path / "nothing")
+
+
+def test_memory_plot_draws_workers_limit_thresholds_and_kills(tmp_path):
+    import matplotlib.image
+
+    mib = 2**20
+    timelines = [
+        {
+            "name": "0",
+            "t": [T0 + i * 0.1 for i in range(50)],
+            "rss": [(80 + 5 * i) * mib for i in range(50)],
+            "addresses": [],
+            "memory_limit": 400 * mib,
+        },
+        {
+            "name": "1",
+            "t": [T0 + i * 0.1 for i in range(50)],
+            "rss": [90 * mib if i != 20 else float("nan") for i in range(50)],
+            "addresses": [],
+            "memory_limit": 400 * mib,
+        },
+    ]
+    path = plot_memory(
+        timelines,
+        tmp_path / "memory.png",
+        t0=T0,
+        memory_limit_bytes=400 * mib,
+        thresholds={"target": 0.6, "spill": 0.7, "pause": 0.8, "terminate": 0.95},
+        predicted_peak_bytes=200 * mib,
+        deaths=[{"reason": "memory", "time": T0 + 4.9, "rss_bytes": 380 * mib}],
+    )
+    image = matplotlib.image.imread(path)
+    assert image.shape[0] > 400 and image.shape[1] > 800
+    assert image.std() > 0.05  # not a blank canvas
