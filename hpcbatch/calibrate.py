@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .errors import ConfigError, HpcbatchError
+from .errors import CalibrationError, ConfigError
 from .planner import Footprint
 from .units import format_bytes
 
@@ -34,11 +34,7 @@ _MARK = "HPCBATCH_CALIBRATE "
 # Below this growth between the two probe sizes the slope is mostly noise.
 _MIN_GROWTH_BYTES = 8 * 1024**2
 
-
-class CalibrationError(HpcbatchError):
-    """A probe could not be run or measured."""
-
-    exit_code = 2
+__all__ = ["Calibration", "CalibrationError", "Measurement", "calibrate", "calibrated_footprint"]
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,12 @@ class PlanInfeasibleError(HpcbatchError):
         self.min_memory_bytes = min_memory_bytes
 
 
+class CalibrationError(HpcbatchError):
+    """A calibration probe could not be run or measured."""
+
+    exit_code = 2
+
+
 class ClusterStartError(HpcbatchError):
     """A Dask cluster could not be started or reached."""
 
