@@ -345,6 +345,9 @@ def make_plan(
     gpu_batch = _plan_gpu(footprint, resources, settings, n)
     if gpu_batch is not None:
         reasons.append(gpu_batch[1])
+    elif settings.use_gpu and not resources.gpus:
+        where = f" ({resources.gpus_source})" if resources.gpus_source else ""
+        reasons.append(f"GPU asked for but none found{where}: inference runs on the CPUs")
     return Plan(
         n_workers=n,
         threads_per_worker=threads,

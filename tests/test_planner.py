@@ -252,6 +252,9 @@ def test_gpu_batch_from_free_memory():
     share = 16 * GiB // plan.n_workers
     expected = gpu_batch_size(share, footprint.gpu_fixed_bytes, footprint.gpu_per_item_bytes, 0.8)
     assert plan.gpu_batch_size == expected > 0
+    no_gpu = make_plan(footprint, alloc(64 * GB, 4), PlanSettings(use_gpu=True))
+    assert no_gpu.gpu_batch_size is None
+    assert any("GPU asked for but none found" in r for r in no_gpu.reasons)
     tiny = (GPU(0, "planned", 10 * MiB, 10 * MiB, "test"),)
     with pytest.raises(PlanInfeasibleError, match="GPU"):
         make_plan(footprint, alloc(64 * GB, 1, tiny), PlanSettings(use_gpu=True))
