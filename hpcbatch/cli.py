@@ -292,8 +292,12 @@ def plan_stocks(
 
     settings = hb_config.load(profile, config_file, {"memory-fraction": memory_fraction})
     stock_cfg = settings["stocks"]
-    lookback = _positive("--lookback-days", lookback_days or stock_cfg["lookback-days"])
-    predict = _positive("--predict-days", predict_days or stock_cfg["predict-days"])
+    lookback = _positive(
+        "--lookback-days", stock_cfg["lookback-days"] if lookback_days is None else lookback_days
+    )
+    predict = _positive(
+        "--predict-days", stock_cfg["predict-days"] if predict_days is None else predict_days
+    )
     _positive("--stocks", n_stocks)
     if stock_cfg.get("limit"):
         n_stocks = min(n_stocks, int(stock_cfg["limit"]))

@@ -101,8 +101,14 @@ def _emit(workload: str, plan: Plan, settings: dict, opts: dict, args: tuple[str
         python=opts["python"],
     )
     if opts["output"]:
-        with open(opts["output"], "w") as f:
-            f.write(script)
+        try:
+            with open(opts["output"], "w") as f:
+                f.write(script)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot write {opts['output']}: {exc.strerror}: check the directory exists "
+                "and is writable"
+            ) from None
         click.echo(f"wrote {opts['output']}: sbatch {opts['output']}", err=True)
     else:
         click.echo(script, nl=False)
@@ -138,12 +144,14 @@ def render_stocks(n_stocks, lookback_days, predict_days, batch_size, args, **opt
         opts["profile"], opts["config_file"], {"memory-fraction": opts["memory_fraction"]}
     )
     cfg = settings["stocks"]
-    lookback = lookback_days or cfg["lookback-days"]
-    predict = predict_days or cfg["predict-days"]
+    lookback = cfg["lookback-days"] if lookback_days is None else lookback_days
+    predict = cfg["predict-days"] if predict_days is None else predict_days
+    batch_size = cfg["batch-size"] if batch_size is None else batch_size
     for flag, value in (
         ("--stocks", n_stocks),
         ("--lookback-days", lookback),
         ("--predict-days", predict),
+        ("--batch-size", batch_size if batch_size is not None else 1),
     ):
         if value is None or value <= 0:
             raise ConfigError(f"{flag} must be a positive whole number, got {value}")
@@ -151,7 +159,7 @@ def render_stocks(n_stocks, lookback_days, predict_days, batch_size, args, **opt
     plan = make_plan(
         footprint,
         _resources(opts["mem_gb"], opts["cpus"]),
-        hb_config.plan_settings(settings, chunk_size=batch_size or cfg["batch-size"]),
+        hb_config.plan_settings(settings, chunk_size=batch_size),
     )
     _emit("stocks", plan, settings, opts, args)
 
@@ -174,7 +182,7 @@ def render_predictive(
     settings = hb_config.load(
         opts["profile"], opts["config_file"], {"memory-fraction": opts["memory_fraction"]}
     )
-    samples = samples or int(settings["predictive"]["samples"])
+    samples = int(settings["predictive"]["samples"]) if samples is None else samples
     for flag, value in (
         ("--cells", cells),
         ("--features", features),
