@@ -213,6 +213,7 @@ class PostgresServer:
         self.port: int | None = None
         self.bindir: Path | None = None
         self.user = "postgres" if is_root() else None
+        self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
@@ -265,31 +266,40 @@ class PostgresServer:
         last = ""
         for _ in range(3):  # a concurrent process may grab the port between pick and bind
             self.port = free_port()
-            opts = (
-                f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 "
-                "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-                "-c max_connections=200"
-            )
-            r = self._run(
-                [
-                    str(self.bindir / "pg_ctl"),
-                    "-D",
-                    str(self.data),
-                    "-o",
-                    opts,
-                    "-l",
-                    str(self.dir / "postgres.log"),
-                    "-w",
-                    "-t",
-                    "60",
-                    "start",
-                ]
-            )
-            if r.returncode == 0:
+            if self._start_postmaster():
                 return self
             last = self.log_tail()
         self.stop()
         raise ServiceUnavailable(f"PostgreSQL did not start: {last}")
+
+    def _start_postmaster(self, timeout: float = 60) -> bool:
+        """The postmaster in the foreground, as our child: it gets SIGTERM (a smart
+        shutdown) if pytest dies, even by SIGKILL; `stop()` uses pg_ctl as usual."""
+        assert self.dir is not None and self.bindir is not None
+        cmd = [
+            str(self.bindir / "postgres"), "-D", str(self.data), "-p", str(self.port),
+            "-k", str(self.dir), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
+            "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+            "-c", "max_connections=200",
+        ]  # fmt: skip
+        log = open(self.dir / "postgres.log", "ab")  # noqa: SIM115 (the server writes it)
+        self.proc = subprocess.Popen(
+            as_user(self.user, cmd, die_with_parent=True), stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, cwd=str(self.dir), start_new_session=True,
+            preexec_fn=None if self.user else _die_with_parent,
+        )  # fmt: skip
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:  # line 8 of postmaster.pid is the server status
+                lines = (self.data / "postmaster.pid").read_text().splitlines()
+                if len(lines) >= 8 and lines[7].strip() == "ready":
+                    return True
+            except OSError:
+                pass
+            time.sleep(0.05)
+        stop_pid(self.proc.pid, timeout=5)
+        return False
 
     def log_tail(self, n: int = 3) -> str:
         try:
@@ -301,6 +311,9 @@ class PostgresServer:
         if self.dir is None:
             return
         stop_postgres_dir(self.dir, self.bindir, self.user)
+        if self.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=5)
         self.dir = None
 
 
