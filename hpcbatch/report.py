@@ -94,12 +94,15 @@ class MemorySampler(NannyPlugin):
             "memory_limit": getattr(getattr(nanny, "memory_manager", None), "memory_limit", None),
             "name": str(nanny.name),
             "proc": None,
+            "watch": None,  # (process, worker address) whose exit code is still unknown
+            "exits": [],  # (time, worker address, exit code) of worker processes that ended
         }
         nanny._hpcbatch_memory = state
 
         def sample() -> None:
             proc = nanny.process.process if nanny.process is not None else None
             now = time.time()
+            _watch_exit(state, proc, nanny.worker_address, now)
             if proc is None or proc.pid is None:
                 _append(state, now, math.nan)
                 return
@@ -127,6 +130,19 @@ class MemorySampler(NannyPlugin):
         pc = nanny.periodic_callbacks.pop(SAMPLER_NAME, None)
         if pc is not None:
             pc.stop()
+
+
+def _watch_exit(state: dict, proc, address, now: float) -> None:
+    """Note the exit code of a worker process when it ends (e.g. -9: SIGKILL)."""
+    watch = state["watch"]
+    if watch is not None:
+        old, old_address = watch
+        code = getattr(old, "exitcode", None)
+        if code is not None:
+            state["exits"].append((now, old_address, code))
+            state["watch"] = None
+    if state["watch"] is None and proc is not None and getattr(proc, "exitcode", 1) is None:
+        state["watch"] = (proc, address)
 
 
 def _append(state: dict, t: float, rss: float) -> None:
@@ -158,7 +174,14 @@ def nanny_memory_timeline(dask_worker=None) -> dict | None:
         "t": list(state["t"]),
         "rss": list(state["rss"]),
         "addresses": list(state["addresses"]),
+        "exits": list(state["exits"]),
     }
+
+
+def nanny_exits(dask_worker=None) -> list:
+    """Run on each nanny: (time, worker address, exit code) of its ended worker processes."""
+    state = getattr(dask_worker, "_hpcbatch_memory", None)
+    return list(state["exits"]) if state else []
 
 
 class TaskCounter(SchedulerPlugin):
@@ -206,6 +229,7 @@ def classify_deaths(
     since: float,
     until: float | None = None,
     terminate_fraction: float | None = None,
+    exits: list[tuple[float, str, int]] = (),
 ) -> list[dict]:
     """Why each worker removed between ``since`` and ``until`` left.
 
@@ -213,7 +237,10 @@ def classify_deaths(
     ``memory_events``: the nannies' ``worker-restart-memory`` events.  Reasons:
     ``memory`` (the nanny killed it above the terminate threshold), ``walltime``
     (it retired itself gracefully: Dask worker ``lifetime``, set from the walltime),
-    ``connection`` (lost connection or missed heartbeats), ``other``.
+    ``connection`` (lost connection or missed heartbeats), ``other``.  ``exits``
+    (time, worker address, exit code) from the :class:`MemorySampler` refine a lost
+    connection: SIGKILL without a Dask memory kill is the kernel's or the batch system's
+    memory enforcement in practice.
     """
     until = until if until is not None else math.inf
     kills = [(t, m) for t, m in memory_events if since <= t <= until + 1]
@@ -235,6 +262,15 @@ def classify_deaths(
                 f"the nanny killed the worker{at}: RSS {format_bytes(kill.get('rss', 0))}"
                 f" while running {', '.join(tasks) or 'no task'}"
             )
+        elif (code := _exit_code(exits, address, t)) is not None and code < 0:
+            if code == -9:
+                reason = "memory"
+                detail = (
+                    "the worker process was killed by SIGKILL, not by Dask: most likely the "
+                    "kernel OOM killer or the batch system's memory limit (check dmesg or the job log)"
+                )
+            else:
+                reason, detail = "other", f"the worker process was killed by signal {-code}"
         elif stimulus.startswith("worker-close-gracefully"):
             reason, detail = "walltime", "retired gracefully (worker lifetime before the walltime)"
         elif stimulus.startswith("check-worker-ttl"):
@@ -256,6 +292,13 @@ def classify_deaths(
             }
         )
     return deaths
+
+
+def _exit_code(exits, address: str, t: float) -> int | None:
+    for et, eaddress, code in exits:
+        if eaddress == address and t - 30 <= et <= t + 30:
+            return int(code)
+    return None
 
 
 def _chunk_of(key: Any) -> str:

@@ -48,6 +48,7 @@ from .report import (
     RunReport,
     TaskCounter,
     classify_deaths,
+    nanny_exits,
     nanny_memory_timeline,
     plot_memory,
     remove_scheduler_counter,
@@ -166,7 +167,12 @@ def _is_killed_worker(exc: BaseException) -> bool:
 
 
 def _memory_kills_of(client, key, since: float) -> list[dict]:
-    """Nanny memory kills of the workers that died while running ``key``."""
+    """Memory kills of the workers that died while running ``key``.
+
+    A nanny memory kill (``worker-restart-memory`` event, with the RSS it saw), or a
+    worker process that ended by SIGKILL: the kernel OOM killer or the batch system's
+    memory enforcement (the nanny survives those and the sampler saw the exit code).
+    """
     for attempt in range(6):  # the nanny's event can trail the worker's removal
         try:
             removed = client.get_events("all")
@@ -182,10 +188,24 @@ def _memory_kills_of(client, key, since: float) -> list[dict]:
             and key in ev.get("processing-tasks", ())
         }
         found = [m for t, m in kills if t >= since - 1 and m.get("worker") in workers]
+        if not found:
+            found = [
+                {"worker": address, "rss": 0, "sigkill": True}
+                for t, address, code in _nanny_exits(client)
+                if t >= since - 1 and address in workers and code == -9
+            ]
         if found or attempt == 5:
             return found
         time.sleep(0.3)
     return []
+
+
+def _nanny_exits(client) -> list[tuple[float, str, int]]:
+    try:
+        got = client.run(nanny_exits, nanny=True)
+    except Exception:  # noqa: BLE001 (no nannies)
+        return []
+    return [tuple(e) for exits in got.values() for e in exits or ()]
 
 
 # -------------------------------------------------------------- progress ----
@@ -675,8 +695,13 @@ def _on_failure(
         memory = bool(kills)
     where = f"chunk {chunk.chunk_id} ({chunk.size} items {chunk.start}..{chunk.stop - 1})"
     if memory:
-        needed = max((k.get("rss", 0) for k in kills), default=0)
+        needed = max((k.get("rss") or 0 for k in kills), default=0)
         how = (
+            "its worker process was killed by SIGKILL (kernel OOM killer or batch-system "
+            "memory limit)"
+            if kills and not needed
+            else None
+        ) or (
             f"its worker was killed for memory at {format_bytes(needed)}"
             if kills
             else f"{exc_type.__name__}: {str(exc)[:200]}"
@@ -846,7 +871,12 @@ def _build_report(
         removed, kills = (), ()
     terminate = thresholds.get("terminate") if thresholds else None
     deaths = classify_deaths(
-        list(removed), list(kills), since=since, until=until, terminate_fraction=terminate or None
+        list(removed),
+        list(kills),
+        since=since,
+        until=until,
+        terminate_fraction=terminate or None,
+        exits=[tuple(e) for tl in timelines for e in tl.get("exits", ())],
     )
     peaks = _peaks(timelines, deaths)
     limit = (

@@ -86,7 +86,8 @@ def test_memory_errors_are_recognised():
 @pytest.fixture(scope="module")
 def client():
     plan = rh.small_plan(100, 4)
-    with open_cluster(plan, load(), quiet=True) as c:
+    settings = load(overrides={"cluster": {"dashboard-address": "127.0.0.1:0"}})
+    with open_cluster(plan, settings, quiet=True) as c:
         yield c
 
 
@@ -131,6 +132,21 @@ def test_chunk_that_exceeds_its_worker_memory_is_split_and_completes(client, tmp
         "c000001",
         "c000002",
     }
+
+
+def test_worker_sigkilled_like_the_oom_killer_counts_as_memory_and_splits(client, tmp_path):
+    report = run(
+        make_chunks(4, 4),
+        rh.oom_killed,
+        client,
+        run_id="sigkill",
+        progress=False,
+        report_dir=tmp_path,
+    )
+    assert report.status == "finished" and report.items_done == 4
+    assert report.chunks_split == 1
+    deaths = [d for d in report.worker_deaths if d["reason"] == "memory"]
+    assert deaths and all("SIGKILL" in d["detail"] for d in deaths)
 
 
 def test_memory_error_splits_down_to_min_chunk_then_names_the_chunk(client):
