@@ -178,3 +178,58 @@ def test_job_over_its_mem_is_killed_and_explained_as_memory(
     )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["reason"] == "memory"
+
+
+@pytest.fixture(scope="module")
+def tiny_market(tmp_path_factory) -> dict:
+    """A 12-stock SQLite market and a tiny trained model (about 20 s)."""
+    d = tmp_path_factory.mktemp("market")
+    db = f"sqlite:///{d / 'stocks.db'}"
+    hb = [sys.executable, "-m", "hpcbatch.cli", "stocks"]
+    for cmd in (
+        ["generate", "--db", db, "--stocks", "12", "--days", "150"],
+        ["train", "--db", db, "--out", str(d / "model"), "--epochs", "1", "--max-stocks", "12",
+         "--max-windows", "200", "--model-size", "tiny", "--lookback-days", "150"],
+    ):  # fmt: skip
+        r = subprocess.run(hb + cmd, capture_output=True, text=True, timeout=300, cwd=d)
+        assert r.returncode == 0, r.stderr
+    return {"db": db, "model": str(d / "model"), "path": d / "stocks.db"}
+
+
+def test_rendered_stocks_job_predicts_and_a_resubmission_resumes(
+    slurm_env: dict, tiny_market: dict, tmp_path: Path
+) -> None:
+    import sqlite3
+
+    argv = ["slurm", "render", "stocks", "--mem-gb", "2", "--cpus", "2", "--stocks", "12",
+            "--lookback-days", "150", "--walltime", "00:10:00", "--partition",
+            slurm_env["partition"], "--python", sys.executable, "-o", str(tmp_path / "job.sbatch"),
+            "--", "--db", tiny_market["db"], "--model", tiny_market["model"],
+            "--lookback-days", "150", "--report-dir", str(tmp_path / "reports")]  # fmt: skip
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 0, result.output
+    script = tmp_path / "job.sbatch"
+    assert (
+        script.read_text()
+        .rstrip()
+        .endswith("--report-dir " + str(tmp_path / "reports") + " --resume")
+    )
+
+    first = slurm.submit(script, sbatch_args=["--chdir", str(tmp_path)])
+    info = slurm.wait_for_job(first, timeout=200)
+    out = _job_output(tmp_path, first)
+    assert info["JobState"] == "COMPLETED", out
+    assert re.search(r"run '(stocks-\w+)' finished: \d+ chunks \(12 items", out), out
+    run_id = re.search(r"run '(stocks-\w+)' finished", out).group(1)
+    with sqlite3.connect(tiny_market["path"]) as conn:
+        rows = conn.execute("select count(*) from stock_predictions").fetchone()[0]
+    assert rows > 0
+    assert (tmp_path / "reports" / run_id / "report.json").exists()
+
+    # Submitting the same script again resumes the same run: nothing left to do.
+    second = slurm.submit(script, sbatch_args=["--chdir", str(tmp_path)])
+    assert slurm.wait_for_job(second, timeout=200)["JobState"] == "COMPLETED"
+    out2 = _job_output(tmp_path, second)
+    assert f"run '{run_id}' already finished" in out2, out2
+    assert "0 rows upserted" in out2
+    assert slurm.explain_job(second).reason == "completed"
