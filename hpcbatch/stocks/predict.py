@@ -21,6 +21,7 @@ import json
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -77,6 +78,7 @@ class PredictTask:
     upsert_rows: int = 200
     read_semaphore: Any = None
     run_id: str | None = None
+    loaded_model: Any = None  # in-process use only (probe): a LoadedModel instead of model_dir
 
     def __call__(self, chunk: Any, ctx: Any = None) -> dict:
         return predict_chunk(chunk, ctx, self)
@@ -141,7 +143,7 @@ def compute_chunk(
         bars = _subset(bars, keep)
     features = compute_features(bars)
     windows = prediction_windows(features, task.predict_days)  # a view: no copy
-    loaded = cached_model(task.model_dir, task.device)
+    loaded = task.loaded_model or cached_model(task.model_dir, task.device)
     batch = inference_batch(
         task.device,
         task.cpu_batch,
@@ -150,11 +152,12 @@ def compute_chunk(
         fraction=task.gpu_memory_fraction,
     )
     returns, confidence, used = predict_windows(loaded, windows, batch)
+    halvings = int(np.log2(batch // used)) if used < batch else 0
     del windows, features
     dates = bars.dates[:, -task.predict_days :]
     version = task.model_version or loaded.version
     rows = prediction_rows(bars.codes, dates, returns, confidence, version, task.run_id)
-    counts.update(windows=len(rows), predictions=len(rows), inference_batch=used)
+    counts.update(windows=len(rows), predictions=len(rows), inference_halvings=halvings)
     return rows, counts
 
 
@@ -232,9 +235,20 @@ class PredictOptions:
             )
 
 
-def default_run_id(db_url: str, model_dir: str, opts: PredictOptions, chunk_size: int) -> str:
+def run_params(db_url: str, model_dir: str, opts: PredictOptions) -> dict:
+    """What defines a run's output (recorded in the ledger; a resumed run must match).
+
+    ``batch_size`` and ``concurrency`` only shape the work, so they may change on resume.
+    """
+    values = asdict(opts)
+    for key in ("batch_size", "concurrency"):
+        values.pop(key)
+    return {"db": masked(db_url), "model_dir": str(Path(model_dir).resolve()), **values}
+
+
+def default_run_id(db_url: str, model_dir: str, opts: PredictOptions) -> str:
     """Same inputs -> same run id, so ``--resume`` finds the earlier run's ledger."""
-    key = json.dumps([masked(db_url), str(model_dir), asdict(opts), chunk_size], sort_keys=True)
+    key = json.dumps(run_params(db_url, model_dir, opts), sort_keys=True)
     return "stocks-" + hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
@@ -246,6 +260,7 @@ class Prepared:
     device: str
     footprint: Any
     task: PredictTask
+    model_config: Any
 
 
 def prepare(db_url: str, model_dir: str, opts: PredictOptions, *, gpu_memory_fraction: float = 0.8) -> Prepared:
@@ -274,7 +289,7 @@ def prepare(db_url: str, model_dir: str, opts: PredictOptions, *, gpu_memory_fra
         gpu_memory_fraction=gpu_memory_fraction,
         upsert_rows=opts.upsert_rows,
     )
-    return Prepared(codes, device, footprint, task)
+    return Prepared(codes, device, footprint, task, loaded.config)
 
 
 def predict(
@@ -292,6 +307,8 @@ def predict(
     report_dir: str | None = None,
     progress: bool = True,
     quiet: bool = False,
+    calibrate: bool | None = None,
+    probe_sizes: tuple[int, int] = (32, 96),
 ):
     """Predict every selected stock and write the predictions; returns the RunReport."""
     from .. import config as hb_config
@@ -306,18 +323,33 @@ def predict(
     prep = prepare(
         db_url, model_dir, opts, gpu_memory_fraction=float(settings.get("gpu-memory-fraction", 0.8))
     )
+    footprint = prep.footprint
+    if settings.get("calibrate") if calibrate is None else calibrate:
+        from ..calibrate import calibrated_footprint
+
+        footprint, _ = calibrated_footprint(
+            footprint,
+            "hpcbatch.stocks.probe:probe",
+            probe_sizes,
+            {
+                "lookback_days": opts.lookback_days,
+                "predict_days": opts.predict_days,
+                "model_config": asdict(prep.model_config),
+            },
+        )
     resources = resources or detect_resources()
     plan_settings = hb_config.plan_settings(
         settings, chunk_size=opts.batch_size, use_gpu=prep.device != "cpu"
     )
-    plan = make_plan(prep.footprint, resources, plan_settings)
+    plan = make_plan(footprint, resources, plan_settings)
     chunks = make_chunks(len(prep.codes), plan.chunk_size, items=prep.codes)
-    run_id = run_id or default_run_id(db_url, model_dir, opts, plan.chunk_size)
+    run_id = run_id or default_run_id(db_url, model_dir, opts)
     task = _with(prep.task, run_id=run_id, planned_gpu_batch=plan.gpu_batch_size)
     ledger = Ledger(str(db_url))
     run_kwargs = dict(
         run_id=run_id,
         ledger=ledger,
+        params=run_params(db_url, model_dir, opts),
         commit_on_worker=True,
         seed=int(settings.get("seed", 0) or 0),
         plan=plan,

@@ -73,7 +73,12 @@ def bars_query(codes: Sequence[str], lookback_days: int) -> sa.Select:
 
 def read_bars(conn: Connection, codes: Sequence[str], lookback_days: int) -> Bars:
     """Fetch and lay out a chunk's bars (one query); malformed rows are a DataError."""
-    rows = conn.execute(bars_query(codes, lookback_days)).all()
+    return bars_from_rows(conn.execute(bars_query(codes, lookback_days)).all())
+
+
+def bars_from_rows(rows: Sequence[Sequence]) -> Bars:
+    """Rows ``(ts_code, trade_date, open, high, low, close, pre_close, vol, amount)`` sorted
+    by (ts_code, trade_date) -> a checked :class:`Bars` layout."""
     if not rows:
         return bars_from_columns([], {})
     cols = list(zip(*rows, strict=True))
