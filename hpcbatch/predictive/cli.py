@@ -1,10 +1,314 @@
-"""`hpcbatch predictive ...` commands: thin wrappers over the hpcbatch.predictive API."""
+"""`hpcbatch predictive ...` commands: thin wrappers over the hpcbatch.predictive API.
+
+Reads settings once (``--profile`` / ``--config`` / flags) and passes values down.
+"""
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
+
 import click
+
+from .. import config as hb_config
+from ..errors import ConfigError
+from ..units import format_bytes
+
+
+def _config_options(func):
+    func = click.option("--config", "config_file", default=None, help="A YAML settings file.")(func)
+    return click.option("--profile", default=None, help="A profile, e.g. predictive.")(func)
 
 
 @click.group("predictive")
 def predictive() -> None:
     """Posterior predictive sampling: simulate, fit, sample, demo."""
+
+
+@predictive.command()
+@click.option("--cells", type=int, default=2000, show_default=True, help="N, cells.")
+@click.option("--features", type=int, default=200, show_default=True, help="T, features.")
+@click.option("--groups", type=int, default=2, show_default=True, help="C, technical groups.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", "out_dir", required=True, help="Data directory to write.")
+def simulate(cells, features, groups, seed, out_dir) -> None:
+    """Simulate counts from the technical model with known true parameters."""
+    from .technical import simulate as simulate_data
+
+    t0 = time.perf_counter()
+    data = simulate_data(cells, features, groups, seed=seed, out=out_dir)
+    click.echo(
+        f"{out_dir}: {data.n_cells} cells x {data.n_features} features, {data.n_groups} groups "
+        f"(counts {format_bytes(data.counts.nbytes)}, truth in truth.npz) in "
+        f"{time.perf_counter() - t0:.1f} s"
+    )
+
+
+@predictive.command()
+@click.argument("data_dir")
+@click.option("--steps", type=int, default=1500, show_default=True, help="SVI step budget.")
+@click.option("--max-lr", type=float, default=0.05, show_default=True, help="One-cycle peak LR.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def fit(data_dir, steps, max_lr, seed) -> None:
+    """Fit the technical model (SVI, AutoNormal, Adam with a one-cycle learning rate)."""
+    from .technical import fit as fit_model
+
+    every = max(1, steps // 10)
+
+    def progress(step: int, loss: float) -> None:
+        if step % every == 0 or step == steps:
+            click.echo(f"step {step}/{steps}  -ELBO {loss:,.0f}", err=True)
+
+    result = fit_model(data_dir, steps=steps, max_lr=max_lr, seed=seed, progress=progress)
+    click.echo(
+        f"fitted in {result.wall_time_s:.1f} s, final -ELBO {result.final_elbo_loss:,.0f}; "
+        f"guide {result.path / 'guide.pt'}, ELBO curve {result.path / 'elbo.png'}"
+    )
+    truth = Path(data_dir) / "truth.npz"
+    if truth.exists():
+        from .technical import recovery
+
+        for name, row in recovery(data_dir).items():
+            click.echo(
+                f"  {name}: correlation with truth {row['correlation']:.3f}, "
+                f"95% interval coverage {row['coverage']:.0%}"
+            )
+
+
+@predictive.command("sample")
+@click.argument("data_dir")
+@click.option("--samples", type=int, default=None, help="S, posterior samples (default 1000).")
+@click.option("--with-observations", is_flag=True, default=None, help="Also draw the counts y.")
+@click.option("--chunk-size", default=None, help="Samples per chunk: auto (planned) or a number.")
+@click.option("--cell-block", default=None, help="Cells per model run with observations.")
+@click.option(
+    "--cluster",
+    "backend",
+    type=click.Choice(["local", "slurm", "address", "sync"]),
+    default=None,
+    help="Where chunks run (sync: in this process, no Dask).",
+)
+@click.option("--address", default=None, help="Scheduler address for --cluster address.")
+@click.option("--calibrate/--no-calibrate", default=None, help="Measure the footprint first.")
+@click.option("--probe-sizes", default=None, help="The two probe sizes, e.g. 2,8.")
+@click.option("--memory-fraction", type=float, default=None)
+@click.option("--mem", default=None, help="Plan for this much memory (e.g. 12GB).")
+@click.option("--cpus", type=int, default=None, help="Plan for this many CPUs.")
+@click.option("--seed", type=int, default=None, help="Run seed (chunk seeds derive from it).")
+@click.option("--out", "out_path", required=True, help="The zarr store to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@click.option("--report-dir", default=None, help="Where the run report goes.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON.")
+@_config_options
+def sample_cmd(
+    data_dir,
+    samples,
+    with_observations,
+    chunk_size,
+    cell_block,
+    backend,
+    address,
+    calibrate,
+    probe_sizes,
+    memory_fraction,
+    mem,
+    cpus,
+    seed,
+    out_path,
+    overwrite,
+    report_dir,
+    as_json,
+    profile,
+    config_file,
+) -> None:
+    """Draw posterior predictive samples of a fitted data directory into a zarr store."""
+    settings = hb_config.load(
+        profile,
+        config_file,
+        {"memory-fraction": memory_fraction, "seed": seed, "report-dir": report_dir},
+    )
+    if backend and backend != "sync":
+        settings["cluster"]["backend"] = backend
+    if address:
+        settings["cluster"]["address"] = address
+    cfg = settings["predictive"]
+    run = sample_data_dir(
+        data_dir,
+        samples=samples if samples is not None else int(cfg["samples"]),
+        with_observations=bool(cfg["with-observations"])
+        if with_observations is None
+        else with_observations,
+        chunk_size=_auto_or_int("--chunk-size", chunk_size or cfg["chunk-size"]),
+        cell_block=_auto_or_int("--cell-block", cell_block or cfg["cell-block"]),
+        settings=settings,
+        out=out_path,
+        overwrite=overwrite,
+        sync=backend == "sync",
+        calibrate=calibrate,
+        probe_sizes=probe_sizes,
+        mem=mem,
+        cpus=cpus,
+    )
+    _echo_run(run, out_path, as_json)
+
+
+def _auto_or_int(flag: str, value) -> int | str:
+    if value in (None, "auto"):
+        return "auto"
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{flag} must be 'auto' or a whole number, got {value!r}") from None
+    if number < 1:
+        raise ConfigError(f"{flag} must be at least 1, got {number}")
+    return number
+
+
+def sample_data_dir(
+    data_dir,
+    *,
+    samples: int,
+    with_observations: bool,
+    chunk_size,
+    cell_block,
+    settings: dict,
+    out,
+    overwrite: bool = False,
+    sync: bool = False,
+    calibrate: bool | None = None,
+    probe_sizes: str | None = None,
+    mem: str | None = None,
+    cpus: int | None = None,
+    progress: bool = True,
+):
+    """Sample the built-in model of a fitted data directory; planned with its footprint."""
+    from . import technical
+    from .footprint import technical_footprint
+    from .sample import run_sampling
+
+    if samples < 1:
+        raise ConfigError(f"--samples must be a positive whole number, got {samples}")
+    data, guide, mu_mean, mu_sd = technical.load_fit(data_dir)
+    # The counts are only needed to draw nothing but latents: pass them memory-mapped
+    # as the model's observed data would be; y is drawn, so they stay None.
+    args, kwargs = technical.model_inputs(data, mu_mean, mu_sd, with_counts=False)
+    sites = list(technical.LATENT_SITES)
+    if with_observations:
+        sites.append(technical.OBSERVED_SITE)
+    resources = None
+    if mem is not None or cpus is not None:
+        from ..cli import resources_from_options
+
+        resources = resources_from_options(None, cpus, None, mem=mem, plan_ahead=False)
+
+    def footprint_for(layout, block):
+        base = technical_footprint(
+            data.n_cells,
+            data.n_features,
+            data.n_groups,
+            samples,
+            with_observations=with_observations,
+            cell_block=block,
+        )
+        wanted = settings.get("calibrate") if calibrate is None else calibrate
+        if not wanted:
+            return base
+        from ..calibrate import calibrated_footprint, check_probe
+        from ..cli import PREDICTIVE_PROBE, _probe_sizes
+
+        check_probe(PREDICTIVE_PROBE)
+        sizes = _probe_sizes(probe_sizes, (2, 8))
+        click.echo(f"calibrating: probe at sizes 0, {sizes[0]}, {sizes[1]} ...", err=True)
+        measured, _ = calibrated_footprint(
+            base,
+            PREDICTIVE_PROBE,
+            sizes,
+            {
+                "cells": data.n_cells,
+                "features": data.n_features,
+                "groups": data.n_groups,
+                "with_observations": with_observations,
+                "cell_block": block,
+            },
+        )
+        return measured
+
+    return run_sampling(
+        technical.technical_model,
+        guide=guide,
+        num_samples=samples,
+        model_args=args,
+        model_kwargs=kwargs,
+        return_sites=sites,
+        data_plate=technical.DATA_PLATE,
+        split_args=technical.SPLIT_ARGS,
+        chunk_size=chunk_size,
+        cell_block=cell_block,
+        client="sync" if sync else None,
+        out=out,
+        overwrite=overwrite,
+        seed=int(settings.get("seed", 0)),
+        settings=settings,
+        footprint=footprint_for,
+        resources=resources,
+        report_dir=settings.get("report-dir"),
+        progress=progress,
+    )
+
+
+def _echo_run(run, out_path, as_json: bool) -> None:
+    report = run.report
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2, default=str))
+        return
+    click.echo(report.summary())
+    click.echo(f"plan: {run.plan.chunk_size} samples per chunk, {run.plan.n_workers} workers")
+    if run.block:
+        click.echo(f"cells per model run: {run.block}")
+    for site in run.layout.sites:
+        click.echo(f"  {out_path}/{site.name}: {list(site.shape)} {site.dtype}")
+
+
+@predictive.command()
+@click.option("--dir", "work_dir", default="hpcbatch-demo/predictive", show_default=True)
+@click.option("--cells", type=int, default=2000, show_default=True)
+@click.option("--features", type=int, default=300, show_default=True)
+@click.option("--samples", type=int, default=400, show_default=True)
+@click.option("--steps", type=int, default=800, show_default=True)
+@click.option("--cluster", "backend", type=click.Choice(["local", "sync"]), default="local")
+@_config_options
+def demo(work_dir, cells, features, samples, steps, backend, profile, config_file) -> None:
+    """Simulate, fit and sample the built-in model end to end (a few minutes)."""
+    from .technical import fit as fit_model
+    from .technical import recovery
+    from .technical import simulate as simulate_data
+
+    settings = hb_config.load(profile, config_file)
+    work = Path(work_dir)
+    click.echo(f"1/3 simulate {cells} cells x {features} features -> {work}", err=True)
+    simulate_data(cells, features, 2, seed=0, out=work)
+    click.echo(f"2/3 fit: {steps} SVI steps", err=True)
+    result = fit_model(work, steps=steps)
+    for name, row in recovery(work).items():
+        click.echo(
+            f"  {name}: correlation with truth {row['correlation']:.3f}, "
+            f"95% interval coverage {row['coverage']:.0%}"
+        )
+    click.echo(f"  ELBO curve: {result.path / 'elbo.png'}")
+    out = work / "samples.zarr"
+    click.echo(
+        f"3/3 sample {samples} posterior predictive draws with observations -> {out}", err=True
+    )
+    run = sample_data_dir(
+        work,
+        samples=samples,
+        with_observations=True,
+        chunk_size="auto",
+        cell_block="auto",
+        settings=settings,
+        out=out,
+        overwrite=True,
+        sync=backend == "sync",
+    )
+    _echo_run(run, out, False)

@@ -1,9 +1,12 @@
 """Analytic memory footprint of posterior predictive sampling (per sample, per worker).
 
 The true cost drivers (REFERENCE.md, section 2): with the likelihood present a
-vectorised draw materialises about 4 x S x N x T x 4 bytes; without it, the latent
-sites and the guide's draws, O(S x C x T).  Replaced by a measured footprint with
-``--calibrate``.
+vectorised draw materialises about 4-6 x S x N x T x 4 bytes; without it, the latent
+sites and the guide's draws, O(S x C x T).  hpcbatch never runs the likelihood over all
+cells at once: latent-only sampling runs it on one cell, sampling observations runs it
+block by block of cells, so one sample's cost is bounded by the block.  Constants were
+measured with :func:`hpcbatch.predictive.probe.probe`; ``--calibrate`` measures them
+again for the run at hand.
 """
 
 from __future__ import annotations
@@ -11,16 +14,33 @@ from __future__ import annotations
 from ..planner import Footprint
 
 FLOAT = 4
-# Interpreter + torch + Pyro + a Dask worker.
-BASELINE_BYTES = 450 * 1024**2
-# Tensors alive per observed value during a vectorised NegativeBinomial draw.
-OBS_COPIES = 4
+# Interpreter + torch + Pyro + a Dask worker (the probe measured 272 MiB at size 0;
+# a Dask worker process adds its own structures).
+BASELINE_BYTES = 400 * 1024**2
+# Tensors alive per observed value during a vectorised NegativeBinomial draw: logits
+# temporaries, the Gamma rate, the Poisson draw, the numpy/zarr copy.  Measured with
+# the probe at N=5,000, T=4,000: 98 MB per sample for 1,048-cell blocks = 5.8 x
+# block x T x 4 bytes.
+OBS_COPIES = 6
 
 
-# Latent tensors alive per feature per sample: guide loc/scale draws, alpha [C],
-# mu, o, phi, log2_alpha [C-1], plus temporaries.
+# Bytes one sample may use per block of data-plate rows (the vectorised likelihood of
+# all sites of one block): rows per block = this / (OBS_COPIES x row bytes).
+BLOCK_TARGET_BYTES = 64 * 1024**2
+
+
+def auto_block(n_rows: int, row_bytes_per_sample: int) -> int:
+    """Rows of the data plate drawn per model run when observations are requested."""
+    per_row = max(1, OBS_COPIES * row_bytes_per_sample)
+    return max(1, min(n_rows, BLOCK_TARGET_BYTES // per_row))
+
+
+# Latent tensors alive per feature per sample: guide draws (unconstrained and
+# constrained), alpha [C], mu, o, phi, log2_alpha [C-1], their zarr copies and
+# temporaries.  Measured with the probe at T=4,000, C=2: 350 KB per sample = 22 floats
+# per feature.
 def _latent_floats_per_feature(groups: int) -> int:
-    return 3 * groups + 8
+    return 5 * groups + 12
 
 
 def technical_footprint(
@@ -36,11 +56,12 @@ def technical_footprint(
     """Per-sample bytes for the built-in negative-binomial technical model.
 
     With observations, one item is one sample over a block of ``cell_block`` cells
-    (all cells by default): the planner's chunk of samples then runs block by block.
+    (by default :func:`auto_block`, as ``hpcbatch.predictive.sample`` chooses): the
+    planner's chunk of samples then runs block by block.
     """
     latent = _latent_floats_per_feature(groups) * features * FLOAT
     per_item = latent
-    block = cell_block or cells
+    block = cell_block or auto_block(cells, features * FLOAT)
     if with_observations:
         per_item += OBS_COPIES * block * features * FLOAT
     counts = cells * features * FLOAT

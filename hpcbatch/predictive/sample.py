@@ -36,10 +36,7 @@ import torch
 
 from ..errors import ChunkFailedError, ConfigError, HpcbatchError
 from . import core, shared
-from .footprint import sampling_footprint
-
-# Bytes one sample may use per cell block (all sites of one block), to size blocks.
-BLOCK_TARGET_BYTES = 64 * 1024**2
+from .footprint import auto_block, sampling_footprint
 
 # Pyro keeps its handler stack and param store in module globals: one draw per process
 # at a time (threads of one worker take turns; torch still uses all intra-op threads).
@@ -259,8 +256,7 @@ def choose_block(layout: core.Layout, cell_block: int | str | None) -> int | Non
         if block < 1:
             raise ConfigError(f"cell_block must be at least 1, got {cell_block}")
         return min(block, n_rows)
-    per_row = max(1, 4 * layout.per_sample_bytes(in_plate=True))
-    return max(1, min(n_rows, BLOCK_TARGET_BYTES // per_row))
+    return auto_block(n_rows, layout.per_sample_bytes(in_plate=True))
 
 
 def _create_store(path: Path, layout: core.Layout, block: int | None, compress: bool, attrs):
@@ -321,7 +317,7 @@ def _accepts_n_workers(client) -> bool:
         return False
 
 
-def _plan(footprint, client, settings, chunk_size, memory_fraction):
+def _plan(footprint, client, settings, chunk_size, memory_fraction, resources=None):
     from .. import config as hb_config
     from ..planner import make_plan
     from ..resources import detect_resources
@@ -335,7 +331,7 @@ def _plan(footprint, client, settings, chunk_size, memory_fraction):
         overrides["reserve_bytes"] = 0
         overrides["threads_per_worker"] = 1
     else:
-        resources = detect_resources()
+        resources = resources or detect_resources()
         if client == "sync":
             overrides["n_workers"] = 1
     plan_settings = hb_config.plan_settings(settings, **overrides)
@@ -361,6 +357,7 @@ def run_sampling(
     overwrite: bool = False,
     cell_block: int | str | None = "auto",
     footprint=None,
+    resources=None,
     settings: Mapping | None = None,
     cluster_backend: str | None = None,
     shared_dir: str | os.PathLike | None = None,
@@ -369,7 +366,12 @@ def run_sampling(
     report_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> SampleRun:
-    """:func:`sample` with everything around it: the plan, the run report, notes."""
+    """:func:`sample` with everything around it: the plan, the run report, notes.
+
+    ``footprint``: a :class:`~hpcbatch.planner.Footprint`, or ``f(layout, block)``
+    returning one (default: sized from the returned sites); ``resources``: the
+    allocation to plan for (default: detected; a given ``client``'s workers).
+    """
     from .. import config as hb_config
 
     model_kwargs = dict(model_kwargs or {})
@@ -417,8 +419,12 @@ def run_sampling(
             rows_per_block=block or 0,
             shared_input_bytes=node_shared,
         )
+    elif callable(footprint):
+        footprint = footprint(layout, block)
     fixed = None if chunk_size in ("auto", None) else int(chunk_size)
-    plan = _plan(footprint, None if in_process else client, settings, fixed, memory_fraction)
+    plan = _plan(
+        footprint, None if in_process else client, settings, fixed, memory_fraction, resources
+    )
     if in_process:
         plan = _as_sync(plan, client)
 

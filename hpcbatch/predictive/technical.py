@@ -357,3 +357,45 @@ def load_fit(path: str | Path) -> tuple[TechnicalData, AutoNormal, np.ndarray, n
             f"({str(exc).splitlines()[0]}): refit with 'hpcbatch predictive fit {path}'"
         ) from None
     return data, guide, mu_mean, mu_sd
+
+
+def recovery(path: str | Path, num_samples: int = 400, seed: int = 0) -> dict[str, dict]:
+    """How well the fit recovered the simulated truth, per latent site.
+
+    ``correlation``: Pearson correlation of log posterior mean with log truth (alpha_y
+    without the baseline row, which is fixed at 1); ``coverage``: the share of true
+    values inside the central 95 % posterior interval.
+    """
+    from pyro.infer import Predictive
+
+    truth_file = Path(path) / "truth.npz"
+    if not truth_file.exists():
+        raise DataError(f"{path} has no truth.npz: recovery needs simulated data")
+    truth = np.load(truth_file)
+    data, guide, mu_mean, mu_sd = load_fit(path)
+    args, kwargs = model_inputs(data, mu_mean, mu_sd, with_counts=False)
+    one_cell = tuple(a[:1] if a is not None else None for a in args)
+    with pyro.util.optional(torch.random.fork_rng(), True):
+        pyro.set_rng_seed(seed)
+        draws = Predictive(
+            technical_model,
+            guide=guide,
+            num_samples=num_samples,
+            return_sites=list(LATENT_SITES),
+            parallel=True,
+        )(*one_cell, **kwargs)
+    result = {}
+    for name in LATENT_SITES:
+        values = draws[name].numpy().reshape(num_samples, -1)
+        true = np.asarray(truth[name]).reshape(-1)
+        if name == "alpha_y":
+            values, true = values[:, data.n_features :], true[data.n_features :]
+        if true.size == 0:
+            continue
+        low, high = np.quantile(values, [0.025, 0.975], axis=0)
+        corr = np.corrcoef(np.log(values.mean(0)), np.log(true))[0, 1]
+        result[name] = {
+            "correlation": float(corr),
+            "coverage": float(np.mean((true >= low) & (true <= high))),
+        }
+    return result
