@@ -379,6 +379,16 @@ def plot_memory(
             zorder=5,
             label="worker killed for memory",
         )
+        for d in kills:
+            if d.get("tasks"):
+                ax.annotate(
+                    ", ".join(d["tasks"][:2]),
+                    (d["time"] - t0, d["rss_bytes"] / mib),
+                    textcoords="offset points",
+                    xytext=(6, 4),
+                    fontsize=8,
+                    color="red",
+                )
     ax.set_xlabel("time since the run started (s)")
     ax.set_ylabel("worker memory, RSS (MiB)")
     ax.set_title(title or "Per-worker memory (RSS sampled every 0.1 s)")

@@ -231,6 +231,7 @@ class _Progress:
         self.tty = enabled and hasattr(out, "isatty") and out.isatty()
         self.t0 = time.monotonic()
         self.last_line = -math.inf
+        self.last_done = -1
         self.last_draw = -math.inf
         self.memory = None
         self.last_memory = -math.inf
@@ -273,8 +274,9 @@ class _Progress:
                 line = f"\r[{bar}] " + self.text(done_items, chunks_done, in_flight)
                 self.out.write(line[:200].ljust(120))
                 self.out.flush()
-        elif force or now - self.last_line >= self.interval:
+        elif (force and done_items != self.last_done) or now - self.last_line >= self.interval:
             self.last_line = now
+            self.last_done = done_items
             print(
                 "progress: " + self.text(done_items, chunks_done, in_flight),
                 file=self.out,
