@@ -105,11 +105,12 @@ def _tiny_plan(settings: dict):
 
 
 def test_slurm_cluster_two_worker_jobs_run_chunks_with_the_plans_limit(
-    slurm_env: dict, tmp_path: Path
+    slurm_env: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from hpcbatch.cluster import open_cluster
     from hpcbatch.runner import make_chunks, run
 
+    monkeypatch.chdir(tmp_path)  # worker jobs write slurm-<id>.out into the submit directory
     settings = hb_config.load()
     settings["cluster"].update(
         {
@@ -233,3 +234,36 @@ def test_rendered_stocks_job_predicts_and_a_resubmission_resumes(
     assert f"run '{run_id}' already finished" in out2, out2
     assert "0 rows upserted" in out2
     assert slurm.explain_job(second).reason == "completed"
+
+
+def test_rendered_driver_job_runs_workers_as_separate_jobs(
+    slurm_env: dict, tiny_market: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # sbatch passes the submitter's environment to the driver job
+    monkeypatch.setenv("DASK_HPCBATCH__CLUSTER__INTERFACE", "lo")
+    monkeypatch.setenv("DASK_HPCBATCH__CLUSTER__DASHBOARD_ADDRESS", ":0")
+    argv = ["slurm", "render", "stocks", "--driver", "--mem-gb", "2", "--cpus", "1",
+            "--stocks", "12", "--lookback-days", "150", "--walltime", "00:10:00",
+            "--partition", slurm_env["partition"], "--python", sys.executable,
+            "-o", str(tmp_path / "driver.sbatch"), "--", "--db", tiny_market["db"],
+            "--model", tiny_market["model"], "--lookback-days", "150",
+            "--report-dir", str(tmp_path / "reports"), "--run-id", f"driver-{tmp_path.name}"]  # fmt: skip
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "driver.sbatch").read_text()
+    worker_mem = re.search(r"--cpus-per-task=1 --mem=(\d+M)", text).group(1)
+
+    job_id = slurm.submit(tmp_path / "driver.sbatch", sbatch_args=["--chdir", str(tmp_path)])
+    info = slurm.wait_for_job(job_id, timeout=200)
+    out = _job_output(tmp_path, job_id)
+    assert info["JobState"] == "COMPLETED", out
+    assert info["TRES"].startswith("cpu=1,mem=2G")
+    assert "dask slurm cluster: 1 workers, 1 threads" in out, out
+    assert re.search(r"run 'driver-\S+' finished: \d+ chunks \(12 items", out), out
+    # the worker ran in its own job, of the size the rendered script announced
+    worker_logs = [p for p in tmp_path.glob("slurm-*.out") if "dask_worker" in p.read_text()
+                   or "distributed.worker" in p.read_text()]  # fmt: skip
+    assert len(worker_logs) == 1
+    worker_job = re.search(r"slurm-(\d+)\.out", worker_logs[0].name).group(1)
+    winfo = slurm.job_info(worker_job) or {}
+    assert winfo.get("TRES", "").startswith(f"cpu=1,mem={worker_mem}")
