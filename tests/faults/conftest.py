@@ -1,0 +1,175 @@
+"""Fixtures of the fault-injection suite: a small market + model, undisturbed baselines,
+and helpers to start a real run, wait until it is half way, and break it."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+HERE = Path(__file__).parent
+PYTHON = sys.executable
+N_STOCKS = 24
+DAYS = 200
+BATCH = 2  # stocks per chunk -> 12 chunks
+
+
+def fault_env(**faults) -> dict:
+    """The environment of a driver whose workers load the fault injector."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HPCBATCH_FAULT", "SLURM_"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["DASK_DISTRIBUTED__WORKER__PRELOAD"] = '["inject"]'
+    env["PYTHONWARNINGS"] = "ignore"
+    env.update({f"HPCBATCH_FAULT_{k.upper()}": str(v) for k, v in faults.items()})
+    return env
+
+
+@pytest.fixture(scope="session")
+def stock_inputs(tmp_path_factory) -> dict:
+    """A SQLite market of 24 stocks x 200 days and a tiny model with fixed weights."""
+    import numpy as np
+    import torch
+
+    from hpcbatch.stocks.generate import generate_market
+    from hpcbatch.stocks.model import SIZES, StockModel, save_model
+    from hpcbatch.stocks.schema import make_engine
+
+    base = tmp_path_factory.mktemp("stock-inputs")
+    engine = make_engine(f"sqlite:///{base / 'market.db'}", create=True)
+    generate_market(engine, N_STOCKS, DAYS, seed=1)
+    engine.dispose()
+    torch.manual_seed(0)
+    config = SIZES["tiny"]
+    save_model(
+        StockModel(config),
+        base / "model",
+        np.zeros(config.n_features, np.float32),
+        np.ones(config.n_features, np.float32),
+        {},
+    )
+    return {"db": base / "market.db", "model": base / "model"}
+
+
+def fresh_db(stock_inputs: dict, directory: Path) -> str:
+    """A copy of the market database (no predictions yet); its SQLAlchemy URL."""
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / "stocks.db"
+    shutil.copy(stock_inputs["db"], target)
+    return f"sqlite:///{target}"
+
+
+def _sqlite_path(url: str) -> str:
+    return url.split("sqlite:///", 1)[1]
+
+
+def prediction_rows(url: str) -> list[tuple]:
+    """Every prediction, sorted; prediction time and run id left out (they differ per run)."""
+    if url.startswith("sqlite"):
+        con = sqlite3.connect(f"file:{_sqlite_path(url)}?mode=ro", uri=True)
+        fetch = con.execute
+    else:
+        import sqlalchemy as sa
+
+        engine = sa.create_engine(url)
+        con = engine.connect()
+        fetch = lambda q: con.execute(sa.text(q))  # noqa: E731 (a constant query)
+    try:
+        rows = fetch(
+            "SELECT ts_code, trade_date, model_version, predicted_return, predicted_direction, "
+            "confidence, predicted_return_3d FROM stock_predictions "
+            "ORDER BY ts_code, trade_date, model_version"
+        ).fetchall()
+    finally:
+        con.close()
+    return [tuple(r) for r in rows]
+
+
+def checksum(rows: list[tuple]) -> str:
+    return hashlib.sha256(repr(rows).encode()).hexdigest()[:16]
+
+
+def done_chunks(url: str) -> int:
+    """Chunks the ledger has recorded as done (0 before the tables exist)."""
+    try:
+        con = sqlite3.connect(f"file:{_sqlite_path(url)}?mode=ro", uri=True, timeout=5)
+        try:
+            return con.execute("SELECT count(*) FROM hpcbatch_chunks").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return 0
+
+
+def done_ids(url: str) -> set[str]:
+    con = sqlite3.connect(f"file:{_sqlite_path(url)}?mode=ro", uri=True, timeout=5)
+    try:
+        return {r[0] for r in con.execute("SELECT chunk_id FROM hpcbatch_chunks")}
+    finally:
+        con.close()
+
+
+def start_stocks(url: str, model: Path, reports: Path, *extra: str, **faults) -> subprocess.Popen:
+    cmd = [PYTHON, str(HERE / "drive_stocks.py"), url, str(model), str(reports), *extra]
+    return subprocess.Popen(
+        cmd, env=fault_env(**faults), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_until(predicate, proc: subprocess.Popen, timeout: float = 120, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"driver ended before {what}: {proc.returncode}\n{out}\n{err}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def dask_workers(driver_pid: int) -> list[psutil.Process]:
+    """The worker processes of a driver's local cluster (spawned by its in-process nannies)."""
+    workers = []
+    for child in psutil.Process(driver_pid).children(recursive=True):
+        try:
+            if "spawn_main" in " ".join(child.cmdline()):
+                workers.append(child)
+        except psutil.Error:
+            continue
+    return workers
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a driver and everything it started (nannies, workers)."""
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        family = []
+    for p in [psutil.Process(proc.pid), *family] if proc.poll() is None else family:
+        with contextlib.suppress(psutil.Error):
+            p.send_signal(signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def stocks_baseline(stock_inputs, tmp_path_factory) -> dict:
+    """An undisturbed run: its prediction rows and checksum."""
+    import json
+
+    base = tmp_path_factory.mktemp("baseline")
+    url = fresh_db(stock_inputs, base)
+    proc = start_stocks(url, stock_inputs["model"], base / "reports")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    rows = prediction_rows(url)
+    assert rows, "the undisturbed run wrote no predictions"
+    return {"rows": rows, "checksum": checksum(rows), "report": json.loads(out.splitlines()[-1])}
