@@ -1,0 +1,174 @@
+"""Indicators against straightforward loop implementations; the 105-feature array."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hpcbatch.stocks import features as F
+
+
+def loop_ema(x, alpha, init=None):
+    out, prev = [], (x[0] if init is None else init)
+    for v in x:
+        prev = (1 - alpha) * prev + alpha * v
+        out.append(prev)
+    return np.array(out)
+
+
+def loop_sma(x, n):
+    padded = [x[0]] * (n - 1) + list(x)
+    return np.array([sum(padded[i : i + n]) / n for i in range(len(x))])
+
+
+def loop_std(x, n):
+    padded = [x[0]] * (n - 1) + list(x)
+    out = []
+    for i in range(len(x)):
+        w = padded[i : i + n]
+        m = sum(w) / n
+        out.append((sum((v - m) ** 2 for v in w) / n) ** 0.5)
+    return np.array(out)
+
+
+def loop_rsi(close, n):
+    gains, losses = [0.0], [0.0]
+    for a, b in zip(close[:-1], close[1:], strict=True):
+        gains.append(max(b - a, 0.0))
+        losses.append(max(a - b, 0.0))
+    g, lo = loop_ema(gains, 1 / n), loop_ema(losses, 1 / n)
+    return np.array([50.0 if gg + ll == 0 else 100 * gg / (gg + ll) for gg, ll in zip(g, lo, strict=True)])
+
+
+def loop_atr(high, low, prev_close, n):
+    tr = [max(h - lo, abs(h - p), abs(lo - p)) for h, lo, p in zip(high, low, prev_close, strict=True)]
+    return loop_ema(tr, 1 / n)
+
+
+@pytest.fixture
+def series():
+    """Hand-made bars: a trend, a flat stretch, a crash and a rebound (300 days)."""
+    rng = np.random.default_rng(3)
+    close = np.concatenate(
+        [
+            np.linspace(10, 14, 80),
+            np.full(30, 14.0),
+            np.linspace(14, 9, 40),
+            9 + np.cumsum(rng.normal(0, 0.2, 150)),
+        ]
+    )
+    close = np.maximum(close, 1.0)
+    pre = np.r_[close[0], close[:-1]]
+    high = np.maximum(close, pre) * 1.01
+    low = np.minimum(close, pre) * 0.99
+    return close, pre, high, low
+
+
+def test_ema_blocked_closed_form_matches_the_recursion_over_long_series():
+    x = np.random.default_rng(0).normal(50, 5, (3, 1000))
+    for alpha in (2 / 6, 2 / 27, 1 / 14, 0.5):
+        got = F.ema(x, alpha)
+        for row in range(3):
+            np.testing.assert_allclose(got[row], loop_ema(x[row], alpha), rtol=1e-10)
+    np.testing.assert_allclose(F.ema(x, 1 / 3, init=50.0)[0], loop_ema(x[0], 1 / 3, 50.0), rtol=1e-10)
+
+
+def test_sma_and_bollinger_match_loops(series):
+    close = series[0][None, :]
+    for n in (5, 20, 60):
+        np.testing.assert_allclose(F.sma(close, n)[0], loop_sma(series[0], n), rtol=1e-10)
+    mid, upper, lower = F.bollinger(close, 20, 2.0)
+    sd = loop_std(series[0], 20)
+    np.testing.assert_allclose(mid[0], loop_sma(series[0], 20), rtol=1e-10)
+    np.testing.assert_allclose(upper[0], loop_sma(series[0], 20) + 2 * sd, atol=1e-7)
+    np.testing.assert_allclose(lower[0], loop_sma(series[0], 20) - 2 * sd, atol=1e-7)
+
+
+def test_rsi_matches_loop_and_is_50_on_a_flat_series(series):
+    close = series[0]
+    for n in (6, 14):
+        np.testing.assert_allclose(F.rsi(close[None, :], n)[0], loop_rsi(close, n), atol=1e-9)
+    flat = np.full((1, 100), 7.0)
+    assert np.all(F.rsi(flat, 14) == 50.0)
+    rising = np.linspace(1, 2, 100)[None, :]
+    assert F.rsi(rising, 14)[0, -1] == pytest.approx(100.0)
+
+
+def test_macd_matches_loops(series):
+    close = series[0]
+    line = loop_ema(close, 2 / 13) - loop_ema(close, 2 / 27)
+    signal = loop_ema(line, 2 / 10)
+    got = F.macd(close[None, :])
+    np.testing.assert_allclose(got[0][0], line, atol=1e-9)
+    np.testing.assert_allclose(got[1][0], signal, atol=1e-9)
+    np.testing.assert_allclose(got[2][0], line - signal, atol=1e-9)
+
+
+def test_atr_matches_loop(series):
+    close, pre, high, low = series
+    got = F.atr(high[None, :], low[None, :], pre[None, :], 14)[0]
+    np.testing.assert_allclose(got, loop_atr(high, low, pre, 14), rtol=1e-10)
+
+
+def test_rolling_extremes_and_days_since(series):
+    close = series[0]
+    got_max = F.rolling_max(close[None, :], 10)[0]
+    padded = [close[0]] * 9 + list(close)
+    assert np.allclose(got_max, [max(padded[i : i + 10]) for i in range(len(close))])
+    peak = np.r_[np.zeros(10), 5.0, np.zeros(20)][None, :]
+    assert F.days_since_max(peak, 25)[0, 10] == 0
+    assert F.days_since_max(peak, 25)[0, 15] == 5
+
+
+def _bars(n_stocks=3, days=200, seed=1):
+    from hpcbatch.stocks.probe import synthetic_rows
+    from hpcbatch.stocks.sink import bars_from_rows
+
+    return bars_from_rows(synthetic_rows(n_stocks, days, seed))
+
+
+def test_105_float32_features_all_finite_even_with_degenerate_bars():
+    bars = _bars()
+    # A stock frozen at one price with zero volume: divisions by zero everywhere.
+    for name in ("open", "high", "low", "close", "pre_close"):
+        getattr(bars, name)[1] = 5.0
+    bars.vol[1] = 0.0
+    bars.amount[1] = 0.0
+    out = F.compute_features(bars)
+    assert out.shape == (3, bars.shape[1], 105) and out.dtype == np.float32
+    assert np.isfinite(out).all()
+    assert len(F.FEATURE_NAMES) == 105 and F.FEATURE_NAMES[F.CLOSE_PCT] == "close_pct"
+    assert np.abs(out).max() <= 10.0
+    # close_pct is tanh(percent change / 3) and inverts back to the percent change.
+    pct = 100 * (bars.close[0] / bars.pre_close[0] - 1)
+    np.testing.assert_allclose(F.unsquash(out[0, :, F.CLOSE_PCT].astype(float)), pct, atol=1e-3)
+
+
+def test_a_stock_features_do_not_depend_on_its_chunk():
+    """Left padding to the longest stock of the chunk must not change a stock's features."""
+    from hpcbatch.stocks.probe import synthetic_rows
+    from hpcbatch.stocks.sink import bars_from_rows
+
+    rows = synthetic_rows(10, 300, seed=5)
+    codes = sorted({r[0] for r in rows})
+    counts = {c: sum(1 for r in rows if r[0] == c) for c in codes}
+    short = min(codes, key=lambda c: counts[c])
+    assert counts[short] < max(counts.values())  # some stock is listed later / suspended
+    alone = F.compute_features(bars_from_rows([r for r in rows if r[0] == short]))
+    together_bars = bars_from_rows(rows)
+    together = F.compute_features(together_bars)
+    i = together_bars.codes.index(short)
+    n = counts[short]
+    body = slice(F.WARMUP_DAYS, None)  # after the warm-up every window is full
+    np.testing.assert_allclose(together[i, -n:][body], alone[0][body], atol=2e-5)
+
+
+def test_bars_layout_right_aligns_and_edge_pads():
+    codes = ["A", "A", "A", "B"]
+    cols = {"trade_date": [20250101, 20250102, 20250103, 20250103]}
+    for f in F.PRICE_FIELDS:
+        cols[f] = [1.0, 2.0, 3.0, 9.0]
+    bars = F.bars_from_columns(codes, cols)
+    assert bars.codes == ["A", "B"] and list(bars.n_rows) == [3, 1]
+    assert bars.close.tolist() == [[1.0, 2.0, 3.0], [9.0, 9.0, 9.0]]
+    assert bars.dates[1].tolist() == [20250103] * 3
