@@ -32,7 +32,7 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-from .errors import ClusterStartError, ConfigError, HpcbatchError
+from .errors import ClusterStartError, ConfigError, HpcbatchError, RunInterrupted
 from .planner import Plan
 from .security import DB_URL_ENV, mask_url  # noqa: F401 (mask_url re-exported)
 from .units import format_bytes, parse_bytes
@@ -305,7 +305,7 @@ def render_sbatch(
         "mem": size.sbatch_mem,
         "mem_exact": fb(size.mem_bytes),
         "walltime": format_walltime(walltime_s),
-        "signal_seconds": str(min(300, max(10, walltime_s // 10))),
+        "signal_seconds": str(min(WALLTIME_WARNING_S, max(10, walltime_s // 10))),
         "directives": _directive_lines(partition, account, extra_directives),
         "n_workers": str(plan.n_workers),
         "threads": str(plan.threads_per_worker),
@@ -593,7 +593,7 @@ def wait_for_job(
 @dataclass(frozen=True)
 class JobDeath:
     """Why a job ended. ``reason``: completed | memory | walltime | node | preempted |
-    cancelled | other."""
+    cancelled | interrupted (hpcbatch stopped on SIGTERM, not at the walltime) | other."""
 
     job_id: str
     state: str
@@ -612,6 +612,26 @@ _MEMORY_PATTERNS = (
 )
 _TIME_PATTERNS = (re.compile(r"DUE TO TIME LIMIT", re.I),)
 _NODE_PATTERNS = (re.compile(r"DUE TO NODE FAILURE", re.I),)
+# hpcbatch's own stop on SIGTERM (RunInterrupted, exit code 3)
+_STOPPED_PATTERNS = (re.compile(r"run '.*' stopped by SIG\w+ with"),)
+
+#: The most seconds before the walltime that rendered scripts ask for SIGTERM
+#: (``--signal=B:TERM@S``, S = a tenth of the walltime, 10 s to 5 min).
+WALLTIME_WARNING_S = 300
+
+
+def _duration(text: str | None) -> int | None:
+    """SLURM's ``[D-]HH:MM:SS`` (RunTime, TimeLimit) in seconds; None if unlimited/odd."""
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+):(\d\d):(\d\d)", (text or "").strip())
+    if not m:
+        return None
+    d, h, mi, sec = (int(x) if x else 0 for x in m.groups())
+    return d * 86400 + h * 3600 + mi * 60 + sec
+
+
+def _seconds_left(fields: Mapping[str, str]) -> int | None:
+    limit, ran = _duration(fields.get("TimeLimit")), _duration(fields.get("RunTime"))
+    return None if limit is None or ran is None else max(0, limit - ran)
 
 
 def classify_job(fields: Mapping[str, str], output: str = "") -> tuple[str, str]:
@@ -641,6 +661,12 @@ def classify_job(fields: Mapping[str, str], output: str = "") -> tuple[str, str]
     if state == "CANCELLED":
         said = first((re.compile(r"\*\*\* JOB .* CANCELLED AT"),))
         return "cancelled", said or "cancelled by scancel (a user, an admin or a Dask scale-down)"
+    stopped = first(_STOPPED_PATTERNS)
+    if stopped and exit_code.startswith(f"{RunInterrupted.exit_code}:"):
+        left = _seconds_left(fields)
+        if left is not None and left <= WALLTIME_WARNING_S + 30:
+            return "walltime", f"stopped at the walltime warning ({left} s left): {stopped}"
+        return "interrupted", stopped
     if state == "COMPLETED" and exit_code in ("", "0:0"):
         return "completed", "finished with exit code 0"
     return "other", f"state {state}, exit code {exit_code or '?'} (see the job's output)"

@@ -21,8 +21,8 @@ from hpcbatch import config as hb_config
 from hpcbatch import slurm
 from hpcbatch.cli import main
 from hpcbatch.errors import ConfigError, HpcbatchError
-from hpcbatch.planner import make_plan
-from hpcbatch.resources import detect_resources
+from hpcbatch.planner import Footprint, Plan, make_plan
+from hpcbatch.resources import Resources, detect_resources
 from hpcbatch.stocks.footprint import stocks_footprint
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -231,9 +231,69 @@ def _render(argv: list[str]) -> str:
     return result.output
 
 
-@pytest.mark.parametrize("case", sorted(GOLDEN_CASES))
+def _fixed_plan(workload: str, n_workers: int, threads: int, limit: int, shared: int) -> Plan:
+    """A hand-built plan, so the golden files pin the templates, not the footprint models
+    (which their owners tune) or the planner."""
+    item, n_items, chunk = {"stocks": ("stock", 5000, 50), "predictive": ("sample", 1000, 25)}[
+        workload
+    ]
+    footprint = Footprint(
+        workload=workload, item_name=item, n_items=n_items, per_item_bytes=2 * 2**20,
+        baseline_bytes=400 * 2**20, shared_input_bytes=shared, shared_input_mmap=True,
+    )  # fmt: skip
+    cpus = n_workers * threads
+    node = n_workers * limit + shared + 256 * 2**20
+    resources = Resources(memory_bytes=node, memory_source="--mem-gb", cpus=cpus,
+                          cpus_source="--cpus", planned_ahead=True)  # fmt: skip
+    return Plan(
+        n_workers=n_workers, threads_per_worker=threads, memory_limit_bytes=limit,
+        chunk_size=chunk, n_chunks=-(-n_items // chunk), predicted_peak_bytes=limit // 2,
+        memory_fraction=0.6, binding="cpus", reasons=("fixed for the golden files",),
+        footprint=footprint, resources=resources,
+    )  # fmt: skip
+
+
+GOLDEN_SETTINGS = {"reserve": "256MiB", "cluster": {"walltime": "01:00:00", "queue": None,
+                   "account": None, "job-extra-directives": []}}  # fmt: skip
+
+GOLDEN_RENDERS = {
+    "stocks_local": (
+        ("stocks", 4, 1, 2800 * 2**20, 36 * 2**20),
+        dict(walltime="02:00:00", partition="short", account="lab42"),
+    ),
+    "stocks_driver_secret": (
+        ("stocks", 8, 1, 2200 * 2**20, 36 * 2**20),
+        dict(
+            walltime="1-00:00:00",
+            driver=True,
+            extra=["--qos=long"],
+            profile="stocks-19gb",
+            args=["--db", "postgresql+psycopg://alice:s3cr3t@db.example/stocks"],
+        ),
+    ),  # fmt: skip
+    "predictive_local": (
+        ("predictive", 8, 1, 7 * 2**30, 2737 * 2**20),
+        dict(walltime="240", args=["--input", "counts.zarr", "--output", "posterior.zarr"]),
+    ),
+    "predictive_driver": (
+        ("predictive", 2, 2, 3 * 2**30, 0),
+        dict(
+            walltime="00:30:00",
+            driver=True,
+            partition="debug",
+            job_name="pp-small",
+            config_file="my settings.yaml",
+        ),
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("case", sorted(GOLDEN_RENDERS))
 def test_rendered_scripts_match_golden_files(case: str) -> None:
-    text = _render(GOLDEN_CASES[case])
+    plan_args, kwargs = GOLDEN_RENDERS[case]
+    text = slurm.render_sbatch(
+        plan_args[0], _fixed_plan(*plan_args), GOLDEN_SETTINGS, python=PY, **kwargs
+    )
     path = GOLDEN / f"{case}.sbatch"
     if REGEN:
         path.write_text(text)
@@ -241,6 +301,16 @@ def test_rendered_scripts_match_golden_files(case: str) -> None:
     assert text == path.read_text(), (
         f"{path.name} changed; if intended, regenerate with HPCBATCH_REGEN_GOLDEN=1 and review"
     )
+
+
+def test_golden_local_script_adds_up() -> None:
+    text = (GOLDEN / "stocks_local.sbatch").read_text()
+    # 4 x 2800 MiB + 36 MiB shared + 256 MiB reserve = 11492 MiB
+    assert "#SBATCH --mem=11492M" in text and "#SBATCH --cpus-per-task=4" in text
+    text = (GOLDEN / "predictive_driver.sbatch").read_text()
+    # workers: 2 x 3 GiB, no reserve in worker jobs = 6 GiB exactly; 2 workers x 2 threads
+    assert "--cpus-per-task=4 --mem=6G" in text
+    assert "--config 'my settings.yaml'" in text  # shell-quoted
 
 
 def _directive(text: str, name: str) -> str:
@@ -401,7 +471,7 @@ def test_slurm_cluster_kwargs_follow_the_plan() -> None:
 def test_slurm_cluster_job_script_carries_exact_limit_and_mem() -> None:
     pytest.importorskip("dask_jobqueue")
     plan, settings = _plan(12, 4)
-    settings = {**settings, "cluster": {**settings["cluster"], "dashboard-address": None}}
+    settings = {**settings, "cluster": {**settings["cluster"], "dashboard-address": ":0"}}
     cluster = slurm.slurm_cluster(plan, settings)
     try:
         script = cluster.job_script()
@@ -588,3 +658,39 @@ def test_unknown_interface_is_a_config_error_before_anything_starts() -> None:
     settings = {**settings, "cluster": {**settings["cluster"], "interface": "nosuch0"}}
     with pytest.raises(ConfigError, match="network interface 'nosuch0' does not exist.*\\blo\\b"):
         slurm.slurm_cluster(plan, settings)
+
+
+STOPPED = (
+    "run 'int1' interrupted: 3 chunks (3 items, 3 tasks) in 1.6 s, 0 skipped, 0 retried\n"
+    "error: run 'int1' stopped by SIGTERM with 3 of 40 items done: rerun the same command "
+    "with --resume\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("run_time", "time_limit", "reason"),
+    [
+        ("00:09:50", "00:10:00", "walltime"),  # SIGTERM from --signal=B:TERM@60
+        ("1-23:55:00", "2-00:00:00", "walltime"),
+        ("00:00:12", "00:10:00", "interrupted"),  # scancel --signal=TERM long before
+        ("00:00:12", "UNLIMITED", "interrupted"),
+    ],
+)
+def test_hpcbatch_stop_on_sigterm_is_walltime_only_near_the_limit(
+    tmp_path, run_time, time_limit, reason
+) -> None:
+    out = tmp_path / "job.out"
+    out.write_text(STOPPED)
+    line = _with_state(MEM_KILLED.format(out=out), "FAILED", "3:0")
+    line = line.replace("RunTime=00:00:02", f"RunTime={run_time}")
+    line = line.replace("TimeLimit=UNLIMITED", f"TimeLimit={time_limit}")
+    death = slurm.explain_job("1", run=FakeScheduler({"1": [line]}))
+    assert death.reason == reason
+    assert "stopped by SIGTERM with 3 of 40 items done" in death.detail
+
+
+def test_exit_3_without_hpcbatchs_message_is_other(tmp_path) -> None:
+    out = tmp_path / "job.out"
+    out.write_text("something else exited 3\n")
+    line = _with_state(MEM_KILLED.format(out=out), "FAILED", "3:0")
+    assert slurm.explain_job("1", run=FakeScheduler({"1": [line]})).reason == "other"
