@@ -182,11 +182,16 @@ def calibrate(
     *,
     timeout_s: float = 600,
     import_distributed: bool = True,
+    max_size: int | None = None,
+    max_retries: int = 2,
 ) -> Calibration:
     """Measure ``probe`` at size 0 and the two ``sizes``; fit fixed and per-item bytes.
 
     ``import_distributed`` makes each child import ``distributed`` first, so the
-    fixed bytes include what a Dask worker process loads before any task.
+    fixed bytes include what a Dask worker process loads before any task.  When the
+    peak grows by less than 8 MiB between the sizes (noise would dominate the
+    slope), the sizes move up to ``(b, 4 b)``, at most ``max_retries`` times and not
+    beyond ``max_size`` (e.g. the number of items of the real run); notes say so.
     """
     if len(sizes) != 2:
         raise ConfigError(f"give two probe sizes, e.g. 4,16; got {list(sizes)}")
@@ -194,12 +199,25 @@ def calibrate(
     if a < 1 or a == b:
         raise ConfigError(f"probe sizes must be two different positive numbers, got {a}, {b}")
     check_probe(probe)
-    runs = tuple(
-        measure(probe, s, probe_kwargs, timeout_s=timeout_s, import_distributed=import_distributed)
-        for s in (0, a, b)
-    )
-    zero, first, second = runs
+
+    def run(size: int) -> Measurement:
+        return measure(
+            probe, size, probe_kwargs, timeout_s=timeout_s, import_distributed=import_distributed
+        )
+
+    zero, first, second = run(0), run(a), run(b)
     notes: list[str] = []
+    for _ in range(max_retries):
+        growth = second.peak_rss_bytes - first.peak_rss_bytes
+        small = 0 <= growth < _MIN_GROWTH_BYTES  # a fall is not noise: report it as is
+        if not small or (max_size is not None and 4 * b > max_size):
+            break
+        notes.append(
+            f"peak RSS grew only {format_bytes(growth)} between sizes {a} and {b}: "
+            f"measured again at {4 * b}"
+        )
+        a, b, first, second = b, 4 * b, second, run(4 * b)
+    runs = (zero, first, second)
     fixed, per_item = _fit(
         a, first.peak_rss_bytes, b, second.peak_rss_bytes, zero.peak_rss_bytes, "peak RSS", notes
     )

@@ -244,7 +244,9 @@ def _maybe_calibrate(
 
     check_probe(probe)
     click.echo(f"calibrating: running {probe} at sizes 0, {sizes[0]}, {sizes[1]} ...", err=True)
-    measured, result = calibrated_footprint(footprint, probe, sizes, probe_kwargs)
+    measured, result = calibrated_footprint(
+        footprint, probe, sizes, probe_kwargs, max_size=footprint.n_items
+    )
     return measured, {"calibration": result.to_dict()}
 
 

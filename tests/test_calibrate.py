@@ -104,3 +104,28 @@ def test_child_peak_is_not_inflated_by_a_big_parent(probe_module):
     zero = measure(f"{probe_module}:probe", 0, import_distributed=False)
     assert ballast.sum() == 300 * MiB
     assert zero.peak_rss_bytes < 200 * MiB
+
+
+def test_too_little_growth_measures_again_at_bigger_sizes(probe_module):
+    result = calibrate(
+        f"{probe_module}:probe",
+        (1, 2),
+        {"per_item_mib": 1, "fixed_mib": 0},
+        import_distributed=False,
+    )
+    assert result.sizes == (8, 32)  # (1, 2) -> (2, 8) -> (8, 32)
+    assert [m.size for m in result.measurements] == [0, 8, 32]
+    assert sum("measured again" in note for note in result.notes) == 2
+    assert result.per_item_bytes == pytest.approx(MiB, rel=0.15)
+
+
+def test_growth_retries_stop_at_max_size(probe_module):
+    result = calibrate(
+        f"{probe_module}:probe",
+        (1, 2),
+        {"per_item_mib": 1, "fixed_mib": 0},
+        import_distributed=False,
+        max_size=5,
+    )
+    assert result.sizes == (1, 2)
+    assert any("mostly noise" in note for note in result.notes)
