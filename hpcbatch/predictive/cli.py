@@ -185,7 +185,7 @@ def sample_data_dir(
     """Sample the built-in model of a fitted data directory; planned with its footprint."""
     from . import technical
     from .footprint import technical_footprint
-    from .sample import run_sampling
+    from .sampling import run_sampling
 
     if samples < 1:
         raise ConfigError(f"--samples must be a positive whole number, got {samples}")

@@ -10,12 +10,13 @@ sites, their full output shapes, the data plate's axis in each site, and checks 
 user's input (unknown return sites, a guide that does not match the model, a plate
 holding local latents, split arguments that do not follow the plate).
 
-No Dask, no files: see :mod:`hpcbatch.predictive.sample` for the shell.
+No Dask, no files: see :mod:`hpcbatch.predictive.sampling` for the shell.
 """
 
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -293,13 +294,18 @@ def inspect_model(
                     "fitted to this model"
                 ) from exc
         latent_values = _guide_values(guide_trace, posterior)
+        if data_plate is not None and guide_trace is not None:
+            for name, site in guide_trace.nodes.items():
+                in_plate = any(f.name == data_plate for f in site.get("cond_indep_stack", ()))
+                if site["type"] == "sample" and in_plate and name in latent_values:
+                    raise _local_latent(data_plate, name, True)
         try:
             trace = _model_trace(poutine.condition(model, latent_values), probe_args, probe_kwargs)
         except Exception as exc:
             where = (
                 f" on {min(PROBE_ROWS, plate_size)} rows of '{data_plate}'" if data_plate else ""
             )
-            raise _model_error(exc, where, latent_values, data_plate) from exc
+            raise _model_error(exc, where, latent_values, data_plate, plate_size) from exc
     sample_sites = {name: site for name, site in trace.nodes.items() if site["type"] == "sample"}
     _check_guide(sample_sites, latent_values, guide is not None)
     max_nesting = _guess_nesting(model, probe_args, probe_kwargs, latent_values)
@@ -344,8 +350,14 @@ def _guide_values(guide_trace, posterior) -> dict[str, torch.Tensor]:
     return {name: value[0] for name, value in (posterior or {}).items()}
 
 
-def _model_error(exc, where, latent_values, data_plate) -> Exception:
+def _model_error(exc, where, latent_values, data_plate, plate_size=None) -> Exception:
     text = _describe(exc)
+    if data_plate is not None:
+        mismatch = re.search(
+            rf"inside plate\('{re.escape(data_plate)}'\) at site .* (\d+) vs (\d+)", text
+        )
+        if mismatch:
+            return _plate_mismatch(data_plate, int(mismatch.group(1)), plate_size)
     if latent_values and ("shape" in text.lower() or "size" in text.lower()):
         return ConfigError(
             f"the model failed when conditioned on the guide's draws{where} ({text}): the "

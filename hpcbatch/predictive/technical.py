@@ -16,7 +16,7 @@ when read), ``group.npy``, ``sum_factor.npy``, ``truth.npz`` and ``meta.json``; 
 adds ``fit/guide.pt`` (the AutoNormal state dict, loadable with ``weights_only=True``),
 ``fit/prior.npz``, ``fit/elbo.png`` and ``fit/fit.json``.
 
-Does not sample the posterior predictive: that is :mod:`hpcbatch.predictive.sample`.
+Does not sample the posterior predictive: that is :mod:`hpcbatch.predictive.sampling`.
 """
 
 from __future__ import annotations
