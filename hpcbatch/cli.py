@@ -21,6 +21,9 @@ from .planner import Footprint, Plan, make_plan, plural
 from .resources import Resources, detect_resources
 from .units import format_bytes, parse_bytes
 
+# click >= 8.2 raises this for a group called without a command (older click prints help).
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
 STOCKS_PROBE = "hpcbatch.stocks.probe:probe"
 PREDICTIVE_PROBE = "hpcbatch.predictive.probe:probe"
 
@@ -44,6 +47,10 @@ class HpcbatchGroup(click.Group):
         except click.Abort:
             click.echo("error: aborted", err=True)
             sys.exit(1)
+        except _NO_ARGS_IS_HELP as exc:
+            # `hpcbatch` or `hpcbatch plan` alone: the help, not an error.
+            click.echo(exc.ctx.get_help() if exc.ctx else exc.format_message())
+            sys.exit(0)
         except click.ClickException as exc:
             hint = ""
             if isinstance(exc, click.UsageError) and exc.ctx is not None:

@@ -213,3 +213,10 @@ def test_console_script_error_has_no_traceback():
     assert done.returncode == 2
     assert done.stderr.startswith("error: --mem '12XB'") and "Traceback" not in done.stderr
     assert done.stdout == ""
+
+
+@pytest.mark.parametrize("args", [[], ["plan"]])
+def test_no_command_prints_the_help(args):
+    result = invoke(*args)
+    assert result.exit_code == 0
+    assert result.stdout.startswith("Usage: ") and "Commands:" in result.stdout
