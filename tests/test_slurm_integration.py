@@ -267,3 +267,42 @@ def test_rendered_driver_job_runs_workers_as_separate_jobs(
     worker_job = re.search(r"slurm-(\d+)\.out", worker_logs[0].name).group(1)
     winfo = slurm.job_info(worker_job) or {}
     assert winfo.get("TRES", "").startswith(f"cpu=1,mem={worker_mem}")
+
+
+def test_sigterm_mid_run_stops_cleanly_and_resubmission_runs_only_the_rest(
+    slurm_env: dict, tiny_market: dict, tmp_path: Path
+) -> None:
+    """What happens at the walltime warning (--signal=B:TERM@S): the signal reaches
+    hpcbatch (the script execs it), finished chunks stay recorded, the rerun skips them."""
+    import time
+
+    argv = ["slurm", "render", "stocks", "--mem-gb", "2", "--cpus", "1", "--stocks", "12",
+            "--batch-size", "1", "--lookback-days", "150", "--walltime", "00:10:00",
+            "--partition", slurm_env["partition"], "--python", sys.executable,
+            "-o", str(tmp_path / "job.sbatch"), "--", "--db", tiny_market["db"],
+            "--model", tiny_market["model"], "--lookback-days", "150", "--batch-size", "1",
+            "--report-dir", str(tmp_path / "reports"), "--run-id", f"int-{tmp_path.name}"]  # fmt: skip
+    assert CliRunner().invoke(main, argv).exit_code == 0
+    job_id = slurm.submit(tmp_path / "job.sbatch", sbatch_args=["--chdir", str(tmp_path)])
+    out_file = tmp_path / f"hpcbatch-stocks-{job_id}.out"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # the run loop has started (its handler is installed)
+        if out_file.exists() and "progress: " in out_file.read_text():
+            break
+        time.sleep(0.1)
+    r = subprocess.run(["scancel", "--signal=TERM", "--batch", job_id], capture_output=True,
+                       text=True, env=slurm_env["env"], timeout=30)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    info = slurm.wait_for_job(job_id, timeout=120)
+    out = out_file.read_text()
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "3:0"), out
+    done = int(re.search(r"stopped by SIGTERM with (\d+) of 12 items done", out).group(1))
+    assert done < 12, out
+    death = slurm.explain_job(job_id)
+    assert death.reason == "interrupted" and "rerun the same command with --resume" in death.detail
+
+    again = slurm.submit(tmp_path / "job.sbatch", sbatch_args=["--chdir", str(tmp_path)])
+    assert slurm.wait_for_job(again, timeout=200)["JobState"] == "COMPLETED"
+    out2 = _job_output(tmp_path, again)
+    assert f"{done} of 12 chunks already done, {12 - done} to run" in out2, out2
+    assert re.search(rf"finished: {12 - done} chunks \({12 - done} items.*{done} skipped", out2)
