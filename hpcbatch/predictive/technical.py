@@ -343,6 +343,12 @@ def load_fit(path: str | Path) -> tuple[TechnicalData, AutoNormal, np.ndarray, n
         )
     prior = np.load(fit_dir / "prior.npz")
     mu_mean, mu_sd = prior["mu_mean"], prior["mu_sd"]
+    if mu_mean.shape != (data.n_features,):
+        raise DataError(
+            f"{fit_dir} was fitted to {mu_mean.shape[0]} features but {path} has "
+            f"{data.n_features}: the fit does not match the data; refit with "
+            f"'hpcbatch predictive fit {path}'"
+        )
     guide = setup_guide(make_guide(mu_mean, data.n_groups), data, mu_mean, mu_sd)
     state = load_weights(
         fit_dir / "guide.pt",
