@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from ..errors import ConfigError, DataError
-from .schema import BAR_COLUMNS, init_db, stock_daily
+from .schema import BAR_COLUMNS, init_db, stock_daily, write_transaction
 
 BLOCK_STOCKS = 256
 END_DATE = np.datetime64("2025-12-31")
@@ -174,7 +174,7 @@ def generate_market(
     codes = stock_codes(stocks)
     market = _market_returns(np.random.default_rng([seed, 10**6]), days)
     total = 0
-    with engine.begin() as conn:
+    with write_transaction(engine) as conn:
         if existing:
             conn.execute(stock_daily.delete())
         for block, start in enumerate(range(0, stocks, BLOCK_STOCKS)):

@@ -31,7 +31,7 @@ from ..planner import gpu_batch_size
 from .features import compute_features, min_rows
 from .footprint import stocks_footprint
 from .model import cached_model, gpu_free_bytes, load_model, predict_windows, resolve_device
-from .schema import init_db, make_engine, masked, preflight, require_tables
+from .schema import init_db, make_engine, masked, preflight, require_tables, write_transaction
 from .sink import engine_for, list_codes, read_bars, select_codes, upsert_predictions
 from .windows import prediction_windows
 
@@ -179,7 +179,7 @@ def predict_chunk(chunk: Any, ctx: Any, task: PredictTask) -> dict:
     rows, counts = compute_chunk(codes, bars, task)
     run_id = getattr(ctx, "run_id", None) or task.run_id
     ledger = getattr(ctx, "ledger", None)
-    with engine.begin() as conn:  # predictions and ledger row: one transaction
+    with write_transaction(engine) as conn:  # predictions and ledger row: one transaction
         upsert_predictions(conn, rows, task.upsert_rows)
         counts["seconds"] = round(time.perf_counter() - t0, 3)
         if ledger is not None:

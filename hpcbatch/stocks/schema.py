@@ -12,10 +12,12 @@ turn into numpy dates.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import sqlalchemy as sa
-from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 
 from ..errors import ConfigError, DataError
 
@@ -84,12 +86,25 @@ def _sqlite_on_connect(dbapi_conn, _record) -> None:
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.close()
-    # Let SQLAlchemy's "begin" event emit BEGIN IMMEDIATE (no lock-upgrade deadlocks).
+    # Let SQLAlchemy's "begin" event emit BEGIN (see _sqlite_on_begin).
     dbapi_conn.isolation_level = None
 
 
 def _sqlite_on_begin(conn) -> None:
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    # Writers take the write lock up front (no lock-upgrade deadlock between workers);
+    # readers begin deferred so they never block each other or a writer (WAL).
+    immediate = conn.get_execution_options().get(WRITE_OPTION)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+WRITE_OPTION = "hpcbatch_write"
+
+
+@contextmanager
+def write_transaction(engine: Engine) -> Iterator[Connection]:
+    """A transaction meant to write (SQLite: ``BEGIN IMMEDIATE``); commits on success."""
+    with engine.connect().execution_options(**{WRITE_OPTION: True}) as conn, conn.begin():
+        yield conn
 
 
 def make_engine(url: str | URL, *, create: bool = False) -> Engine:
