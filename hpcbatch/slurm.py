@@ -26,7 +26,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
@@ -229,6 +229,79 @@ def _check_name(what: str, value: str | None) -> None:
         )
 
 
+def workload_cli(workload: str) -> Any:
+    """The click command a workload's job runs (``hpcbatch stocks predict`` ...)."""
+    from .cli import main
+
+    group, verb = WORKLOAD_COMMANDS[workload]
+    grp = main.commands.get(group)
+    cmd = getattr(grp, "commands", {}).get(verb)
+    if cmd is None:
+        raise ConfigError(f"this hpcbatch has no '{group} {verb}' command to put in the script")
+    return cmd
+
+
+def workload_options(workload: str) -> set[str]:
+    """The option names (``--resume``, ``--mem-gb`` ...) the workload's command accepts."""
+    cmd = workload_cli(workload)
+    return {
+        o for p in cmd.params for o in [*getattr(p, "opts", []), *getattr(p, "secondary_opts", [])]
+    }
+
+
+def check_workload_args(workload: str, argv: Sequence[str]) -> None:
+    """Parse the job's workload arguments with the workload's CLI, without running it."""
+    import click
+
+    cmd = workload_cli(workload)
+    group, verb = WORKLOAD_COMMANDS[workload]
+    try:
+        with cmd.make_context(f"hpcbatch {group} {verb}", list(argv)):
+            pass
+    except click.exceptions.Exit:
+        pass
+    except click.UsageError as exc:
+        raise ConfigError(
+            f"the job would fail at once: 'hpcbatch {group} {verb}' says: {exc.format_message().rstrip('.')}: "
+            "fix the workload arguments after --"
+        ) from None
+
+
+def _workload_command(
+    workload: str,
+    plan: Plan,
+    cmd_args: Sequence[str],
+    profile: str | None,
+    config_file: str | None,
+    driver: bool,
+    options: Collection[str] | None,
+) -> tuple[list[str], str]:
+    """The ``hpcbatch <group> <verb> ...`` argv for the job, and what resubmitting does."""
+    group, verb = WORKLOAD_COMMANDS[workload]
+    options = set(workload_options(workload) if options is None else options)
+    command = [group, verb]
+    if profile:
+        command += ["--profile", profile]
+    if config_file:
+        command += ["--config", config_file]
+    if driver:
+        if "--cluster" not in options:
+            raise ConfigError(
+                f"'hpcbatch {group} {verb}' has no --cluster option, so it cannot drive worker "
+                "jobs: render without --driver"
+            )
+        # The driver plans for the worker jobs' allocation (not its own small one): the
+        # same figures as this plan, so it sizes workers exactly as rendered here.
+        gb = _gb(plan.resources.memory_bytes)
+        mem = ["--mem-gb", gb] if "--mem-gb" in options else ["--mem", f"{gb}GB"]
+        command += ["--cluster", "slurm", *mem, "--cpus", str(plan.resources.cpus)]
+    command += list(cmd_args)
+    if "--resume" in options:
+        command.append("--resume")
+        return command, "Submit this script again to resume."
+    return command, f"'hpcbatch {group} {verb}' has no --resume: resubmitting starts again."
+
+
 def render_sbatch(
     workload: str,
     plan: Plan,
@@ -246,6 +319,8 @@ def render_sbatch(
     python: str | None = None,
     driver_mem: str = "2G",
     template_dir: Path | None = None,
+    command_options: Collection[str] | None = None,
+    check_command: bool = True,
 ) -> str:
     """A ready sbatch script for ``workload`` whose ``--mem``/``--cpus-per-task`` come from ``plan``.
 
@@ -256,6 +331,11 @@ def render_sbatch(
     ``partition`` and ``account`` default to the ``cluster`` settings; ``extra`` are
     more ``#SBATCH`` options; ``args`` go onto the workload command (a database URL
     with a password there becomes ``$HPCBATCH_DB_URL``).
+
+    The workload's own command line decides the flags: ``--resume`` only if it has one,
+    the driver's allocation as ``--mem-gb`` or ``--mem`` (``command_options`` overrides
+    what is read from the CLI); with ``check_command`` the final command line is parsed
+    by that CLI now, so a missing argument fails here and not in the queue.
     """
     if workload not in WORKLOAD_COMMANDS:
         raise ConfigError(
@@ -278,24 +358,10 @@ def render_sbatch(
     extra_directives = list(extra) + list(cluster.get("job-extra-directives") or [])
 
     cmd_args, secret = scrub_args(args)
-    group, verb = WORKLOAD_COMMANDS[workload]
-    command = [group, verb]
-    if profile:
-        command += ["--profile", profile]
-    if config_file:
-        command += ["--config", config_file]
-    if driver:
-        # The driver plans for the worker jobs' allocation (not its own small one): the
-        # same figures as this plan, so it sizes workers exactly as rendered here.
-        command += [
-            "--cluster",
-            "slurm",
-            "--mem-gb",
-            _gb(plan.resources.memory_bytes),
-            "--cpus",
-            str(plan.resources.cpus),
-        ]
-    command += [*cmd_args, "--resume"]
+    command, resume_text = _workload_command(workload, plan, cmd_args, profile, config_file, driver,
+                                       command_options)  # fmt: skip
+    if check_command:
+        check_workload_args(workload, command[2:])
 
     fb = format_bytes
     values = {
@@ -318,6 +384,7 @@ def render_sbatch(
         "n_chunks": str(plan.n_chunks),
         "peak": fb(plan.predicted_peak_bytes),
         "plan_source": f"{fb(plan.resources.memory_bytes)}, {plan.resources.cpus} CPUs",
+        "resume_text": resume_text,
         "secret_note": (
             f"# The database URL is read from ${DB_URL_ENV} at run time (export it before sbatch;\n"
             "# sbatch passes your environment to the job). It is never written into this file.\n"
