@@ -197,3 +197,24 @@ def test_non_editable_install_finds_profiles(tmp_path):
     assert done.returncode == 0, done.stderr
     where, limit = done.stdout.split()
     assert where.startswith(str(site)) and limit == "50"
+
+
+def test_ci_runs_readmes_test_command():
+    """.ci/run installs and tests exactly as README.md tells a new user to."""
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    test_command = (
+        "python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && .venv/bin/python -m pytest"
+    )
+    assert test_command in readme
+    assert (
+        "python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/hpcbatch stocks demo"
+        in readme
+    )
+    for part in (
+        "python3 -m venv .venv",
+        ".venv/bin/pip install -e '.[test]'",
+        ".venv/bin/python -m pytest",
+    ):
+        assert part in ci
+    assert os.access(REPO / ".ci" / "run", os.X_OK)

@@ -289,3 +289,17 @@ def test_no_gpu_driver_reports_why(tmp_path, monkeypatch):
     res = detect_resources(env={}, root=tmp_path)
     assert res.gpus == () and "no GPU driver" in res.gpus_source
     assert res.to_dict()["gpus_source"] == res.gpus_source
+
+
+def test_this_machines_own_cgroup_directory_is_checked():
+    """On the real machine the process's own (possibly nested) cgroup is among those read."""
+    from hpcbatch.resources import _cgroup_dirs, _own_cgroups
+
+    own = _own_cgroups(Path("/"))
+    path = own.get("memory") or own.get("v2")
+    if not path or path == "/":
+        pytest.skip("this process sits in the root cgroup: nothing nested to find")
+    dirs = [d for d, _ in _cgroup_dirs(Path("/"), "memory")]
+    if not dirs:
+        pytest.skip("no cgroup filesystem mounted here")
+    assert any(str(d).endswith(path.rstrip("/")) for d in dirs), (path, dirs)
