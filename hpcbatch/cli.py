@@ -297,7 +297,7 @@ def plan_stocks(
     as_json,
 ) -> None:
     """Plan stock batch prediction."""
-    from .stocks.footprint import stocks_footprint
+    from .stocks.footprint import stocks_footprint, stocks_max_chunk
 
     settings = hb_config.load(profile, config_file, {"memory-fraction": memory_fraction})
     stock_cfg = settings["stocks"]
@@ -324,7 +324,11 @@ def plan_stocks(
         {"lookback_days": lookback, "predict_days": predict},
     )
     plan_obj = make_plan(
-        footprint, res, hb_config.plan_settings(settings, chunk_size=chunk, use_gpu=use_gpu)
+        footprint,
+        res,
+        hb_config.plan_settings(
+            settings, chunk_size=chunk, use_gpu=use_gpu, max_chunk=stocks_max_chunk(settings)
+        ),
     )
     echo_plan(plan_obj, as_json, extra)
 

@@ -29,6 +29,15 @@ BASELINE_BYTES = 330 * 1024**2
 FULL_MODEL_PARAMETERS = 9_081_962
 # Prediction rows as dicts before the upsert, per prediction.
 PREDICTION_ROW_BYTES = 1_200
+#: Stocks per chunk when neither --batch-size nor the max-chunk setting is given (the
+#: original's default batch).  50 stocks are 500 windows, two full inference batches;
+#: bigger chunks only raise the per-worker peak, so it stays flat as the market grows.
+MAX_CHUNK_STOCKS = 50
+
+
+def stocks_max_chunk(settings: dict) -> int:
+    """The planner's cap on stocks per chunk: the ``max-chunk`` setting, else 50."""
+    return int(settings.get("max-chunk") or MAX_CHUNK_STOCKS)
 
 
 def _model_shape(model_config: Any) -> tuple[int, int, int, int]:

@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import ConfigError
 from ..planner import gpu_batch_size
 from .features import compute_features, min_rows
-from .footprint import stocks_footprint
+from .footprint import stocks_footprint, stocks_max_chunk
 from .model import cached_model, gpu_free_bytes, load_model, predict_windows, resolve_device
 from .schema import init_db, make_engine, masked, preflight, require_tables, write_transaction
 from .sink import engine_for, list_codes, read_bars, select_codes, upsert_predictions
@@ -339,7 +339,10 @@ def predict(
         )
     resources = resources or detect_resources()
     plan_settings = hb_config.plan_settings(
-        settings, chunk_size=opts.batch_size, use_gpu=prep.device != "cpu"
+        settings,
+        chunk_size=opts.batch_size,
+        use_gpu=prep.device != "cpu",
+        max_chunk=stocks_max_chunk(settings),
     )
     plan = make_plan(footprint, resources, plan_settings)
     chunks = make_chunks(len(prep.codes), plan.chunk_size, items=prep.codes)
