@@ -81,7 +81,7 @@ def probe(
     scratch = Path(tempfile.mkdtemp(prefix="hpcbatch-probe-"))
     key = f"probe-{scratch.name}"
     try:
-        _create_store(scratch / "probe.zarr", layout, block, False, {})
+        _create_store(scratch / "probe.zarr", layout, block, False, {}, size)
         _JOBS[key] = job
         start = time.perf_counter()
         meta = sample_chunk_task(

@@ -12,9 +12,11 @@ samples.  So a one-chunk run equals ``pyro.set_rng_seed(chunk_seed(seed, "c00000
 Predictive(..., parallel=True)(*args, **kwargs)``, and any chunk can be reproduced
 alone.  Results depend on the chunking, never on the number of workers.
 
-Zarr layout: one array per site, shaped as Predictive's output; zarr chunks hold one
-sample (and one cell block along the data plate), so no two tasks ever write the
-same zarr chunk, whatever the chunking or splitting.
+Zarr layout: one array per site, shaped as Predictive's output; along the samples a
+zarr chunk holds a divisor of the planned chunk size (at most 16 MiB; one cell block
+along the data plate), so planned chunks never share a zarr chunk.  Only the two
+halves of a chunk split after running out of memory can share one; they take an
+``flock`` on it for their write.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import shutil
 import tempfile
 import threading
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -41,6 +44,8 @@ from .footprint import auto_block, sampling_footprint
 # Pyro keeps its handler stack and param store in module globals: one draw per process
 # at a time (threads of one worker take turns; torch still uses all intra-op threads).
 _PYRO_LOCK = threading.Lock()
+# Largest zarr chunk written by one task (bigger sites get one sample per zarr chunk).
+ZARR_CHUNK_BYTES = 16 * 1024**2
 _JOBS: dict[str, SamplingJob] = {}
 _ARRAYS: dict[tuple[str, str], Any] = {}
 
@@ -106,8 +111,58 @@ def _write(out: str, site: core.SiteLayout, start: int, stop: int, value, rows=N
     target = tuple(len(range(*r.indices(n))) for r, n in zip(region, site.shape, strict=True))
     if array.shape != target:
         array = np.broadcast_to(array, target)
-    _zarr_array(out, site.name)[tuple(region)] = array.astype(site.dtype, copy=False)
+    zarr_array = _zarr_array(out, site.name)
+    edges = _partial_chunks(start, stop, zarr_array.chunks[0], site.shape[0])
+    with _chunk_locks(out, site.name, edges, rows):
+        zarr_array[tuple(region)] = array.astype(site.dtype, copy=False)
     return int(array.nbytes)
+
+
+def _partial_chunks(start: int, stop: int, z: int, n: int) -> list[int]:
+    """Zarr chunks along samples that ``start:stop`` covers only in part."""
+    edges = set()
+    if start % z:
+        edges.add(start // z)
+    if stop % z and stop != n:
+        edges.add((stop - 1) // z)
+    return sorted(edges)
+
+
+@contextmanager
+def _chunk_locks(out: str, site: str, edges: list[int], rows) -> Iterator[None]:
+    """Lock zarr chunks shared with another task (only halves of a split chunk do that).
+
+    Planned chunks are whole zarr chunks (their length divides the chunk size), so
+    this is a no-op except after an out-of-memory split; ``flock`` serialises the two
+    halves' read-modify-write of the chunk they share.
+    """
+    if not edges:
+        yield
+        return
+    import fcntl
+
+    lock_dir = Path(out) / ".hpcbatch-locks"
+    lock_dir.mkdir(exist_ok=True)
+    handles = []
+    try:
+        for index in edges:
+            tag = f"{site}.{index}" + (f".{rows[0]}" if rows else "")
+            handle = open(lock_dir / tag, "w")  # noqa: SIM115  (held until the write is done)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            handles.append(handle)
+        yield
+    finally:
+        for handle in handles:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+
+
+def samples_per_zarr_chunk(per_sample_bytes: int, chunk_size: int) -> int:
+    """Samples per zarr chunk: a divisor of the chunk size, at most ``ZARR_CHUNK_BYTES``."""
+    z = max(1, min(chunk_size, ZARR_CHUNK_BYTES // max(1, per_sample_bytes)))
+    while chunk_size % z:
+        z -= 1
+    return z
 
 
 def pyro_seed(chunk_seed: int) -> int:
@@ -259,7 +314,9 @@ def choose_block(layout: core.Layout, cell_block: int | str | None) -> int | Non
     return auto_block(n_rows, layout.per_sample_bytes(in_plate=True))
 
 
-def _create_store(path: Path, layout: core.Layout, block: int | None, compress: bool, attrs):
+def _create_store(
+    path: Path, layout: core.Layout, block: int | None, compress: bool, attrs, chunk_size: int
+):
     import zarr
 
     if path.exists():
@@ -267,8 +324,11 @@ def _create_store(path: Path, layout: core.Layout, block: int | None, compress: 
     group = zarr.open_group(store=str(path), mode="w")
     for site in layout.sites:
         chunks = [1] + list(site.shape[1:])
+        per_sample = site.per_sample_bytes
         if site.plate_axis is not None and block:
             chunks[site.plate_axis] = block
+            per_sample = per_sample // max(1, site.shape[site.plate_axis]) * block
+        chunks[0] = samples_per_zarr_chunk(per_sample, chunk_size)
         options = {} if compress else {"compressors": None}
         group.create_array(
             site.name,
@@ -452,7 +512,7 @@ def run_sampling(
         }
     }
     try:
-        _create_store(store, layout, block, compress, attrs)
+        _create_store(store, layout, block, compress, attrs, plan.chunk_size)
     except OSError as exc:
         raise ConfigError(f"cannot create {store}: {exc.strerror}") from None
     try:

@@ -246,7 +246,7 @@ def test_latent_only_with_data_plate_runs_the_likelihood_on_one_row(tech_fit):
 # -------------------------------------------------------- zarr + workers ----
 
 
-def test_zarr_output_chunks_one_sample_and_matches_dict(tech_fit, tmp_path):
+def test_zarr_output_is_chunked_with_the_samples_and_matches_dict(tech_fit, tmp_path):
     data, guide, args, kwargs = tech_fit
     common = dict(
         guide=guide,
@@ -267,7 +267,9 @@ def test_zarr_output_chunks_one_sample_and_matches_dict(tech_fit, tmp_path):
     reopened = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
     for name in TECH_SITES:
         np.testing.assert_array_equal(reopened[name][...], as_dict[name])
-        assert reopened[name].chunks[0] == 1  # no two tasks ever share a zarr chunk
+        # Planned chunks (7 samples) are whole zarr chunks: no two tasks share one.
+        assert 7 % reopened[name].chunks[0] == 0
+    assert reopened["alpha_y"].chunks[0] == 7
     assert reopened["y"].chunks[1] == 60
     assert reopened.attrs["hpcbatch"]["chunk_size"] == 7
 
@@ -323,3 +325,29 @@ def test_large_arguments_are_shared_by_memory_map(tmp_path):
     assert opened is args[1].open()  # once per process
     assert isinstance(opened, torch.Tensor) and torch.equal(opened, torch.from_numpy(big))
     assert shared.shared_bytes(args, kwargs) == 2 * big.nbytes
+
+
+def test_split_halves_share_zarr_chunks_safely(tmp_path):
+    """After an OOM split, halves write parts of one zarr chunk, under a lock."""
+    from hpcbatch.predictive import core
+    from hpcbatch.predictive.sampling import (
+        _create_store,
+        _partial_chunks,
+        _write,
+        samples_per_zarr_chunk,
+    )
+
+    assert samples_per_zarr_chunk(1000, 12) == 12
+    assert samples_per_zarr_chunk(8 * 1024**2, 12) == 2  # 16 MiB cap, a divisor of 12
+    assert samples_per_zarr_chunk(10**9, 12) == 1
+    assert _partial_chunks(0, 12, 12, 40) == []  # a planned chunk: whole zarr chunk
+    assert _partial_chunks(12, 18, 12, 40) == [1]  # first half of c000001
+    assert _partial_chunks(18, 24, 12, 40) == [1]  # second half
+    assert _partial_chunks(36, 40, 12, 40) == []  # the short last chunk
+    site = core.SiteLayout("w", (40, 3), "float32", None)
+    layout = core.Layout((site,), None, (), (), False, ())
+    _create_store(tmp_path / "s.zarr", layout, None, False, {}, 12)
+    values = np.arange(120, dtype=np.float32).reshape(40, 3)
+    for start, stop in ((0, 12), (12, 18), (18, 24), (24, 36), (36, 40)):
+        _write(str(tmp_path / "s.zarr"), site, start, stop, values[start:stop])
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "s.zarr" / "w"))[...], values)
