@@ -306,3 +306,28 @@ def test_sigterm_mid_run_stops_cleanly_and_resubmission_runs_only_the_rest(
     out2 = _job_output(tmp_path, again)
     assert f"{done} of 12 chunks already done, {12 - done} to run" in out2, out2
     assert re.search(rf"finished: {12 - done} chunks \({12 - done} items.*{done} skipped", out2)
+
+
+def test_rendered_predictive_job_samples_into_zarr(slurm_env: dict, tmp_path: Path) -> None:
+    hb = [sys.executable, "-m", "hpcbatch.cli", "predictive"]
+    data = tmp_path / "data"
+    for cmd in (["simulate", "--cells", "200", "--features", "40", "--out", str(data)],
+                ["fit", str(data), "--steps", "50"]):  # fmt: skip
+        r = subprocess.run(hb + cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+    argv = ["slurm", "render", "predictive", "--cells", "200", "--features", "40",
+            "--samples", "20", "--mem-gb", "2", "--cpus", "2", "--walltime", "00:10:00",
+            "--partition", slurm_env["partition"], "--python", sys.executable,
+            "-o", str(tmp_path / "pp.sbatch"), "--", str(data), "--samples", "20",
+            "--out", str(tmp_path / "post.zarr"), "--report-dir", str(tmp_path / "reports")]  # fmt: skip
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 0, result.output
+    job_id = slurm.submit(tmp_path / "pp.sbatch", sbatch_args=["--chdir", str(tmp_path)])
+    info = slurm.wait_for_job(job_id, timeout=200)
+    out = _job_output(tmp_path, job_id)
+    assert info["JobState"] == "COMPLETED", out
+    assert "samples=20" in out, out
+    import zarr
+
+    store = zarr.open_group(str(tmp_path / "post.zarr"), mode="r")
+    assert store["alpha_y"].shape == (20, 2, 40) and store["phi_y"].shape[0] == 20
