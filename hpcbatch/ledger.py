@@ -115,7 +115,9 @@ class Ledger:
         self._engine = None
 
     def __repr__(self) -> str:
-        return f"Ledger({self.url!r})"
+        from .security import mask_url
+
+        return f"Ledger({mask_url(self.url)!r})"  # reprs reach Dask's logs: no password
 
     @property
     def engine(self) -> Engine:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import os
 import re
+import sys
 from pathlib import Path
 
 import psutil
@@ -401,3 +402,158 @@ def test_numpy_inputs_refuse_pickled_object_arrays(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="allow_pickle|[Oo]bject arrays|group"):
         load_data(data_dir)
     assert not marker.exists()
+
+
+# ------------------------------------------------- no password anywhere ---------
+
+LEAK = "Leak-Me-Not-7f3a9"
+
+
+def _cli(args: list[str], cwd: Path, **env_extra: str):
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HPCBATCH_", "SLURM_"))}
+    env.update(
+        PYTHONPATH=str(REPO / "tests" / "faults"),
+        DASK_DISTRIBUTED__WORKER__PRELOAD='["inject"]',
+        DASK_HPCBATCH__CLUSTER__DASHBOARD_ADDRESS="127.0.0.1:0",
+        PYTHONWARNINGS="ignore",
+        **env_extra,
+    )
+    hpcbatch = str(Path(sys.executable).with_name("hpcbatch"))
+    return subprocess.run(
+        [hpcbatch, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def _tiny_model(directory: Path) -> Path:
+    import numpy as np
+    import torch
+
+    from hpcbatch.stocks.model import SIZES, StockModel, save_model
+
+    torch.manual_seed(0)
+    config = SIZES["tiny"]
+    zeros, ones = np.zeros(config.n_features, "f4"), np.ones(config.n_features, "f4")
+    return save_model(StockModel(config), directory, zeros, ones, {})
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_database_password_never_appears_in_outputs_files_reports_or_reprs(
+    postgres_db_url: str, tmp_path: Path
+) -> None:
+    from sqlalchemy.engine import make_url
+
+    url = make_url(postgres_db_url).set(password=LEAK).render_as_string(hide_password=False)
+    bad_url = make_url(url).set(port=1).render_as_string(hide_password=False)
+    model = _tiny_model(tmp_path / "model")
+    reports = tmp_path / "reports"
+    common = ["--lookback-days", "140", "--predict-days", "3", "--batch-size", "3"]
+    runs = {
+        "generate": _cli(
+            ["stocks", "generate", "--db", url, "--stocks", "6", "--days", "150"], tmp_path
+        ),
+        "predict-json": _cli(
+            [
+                "stocks",
+                "predict",
+                "--db",
+                url,
+                "--model",
+                str(model),
+                "--report-dir",
+                str(reports),
+                "--cpus",
+                "1",
+                "--json",
+                "--model-version",
+                "v2",
+                *common,
+            ],
+            tmp_path,
+        ),
+        # a chunk that fails on the worker: Dask logs the task and its arguments
+        "predict-failing-chunk": _cli(
+            [
+                "stocks",
+                "predict",
+                "--db",
+                url,
+                "--model",
+                str(model),
+                "--report-dir",
+                str(reports),
+                "--cpus",
+                "1",
+                "--model-version",
+                "v3",
+                *common,
+            ],
+            tmp_path,
+            HPCBATCH_FAULT_FAIL_ITEM="000001.SZ",
+            DASK_HPCBATCH__RETRIES="0",
+        ),
+        "unreachable": _cli(
+            ["stocks", "predict", "--db", bad_url, "--model", str(model)], tmp_path
+        ),
+        "render": _cli(
+            [
+                "slurm",
+                "render",
+                "stocks",
+                "--mem-gb",
+                "4",
+                "--cpus",
+                "2",
+                "--stocks",
+                "6",
+                "-o",
+                str(tmp_path / "job.sbatch"),
+                "--",
+                "--db",
+                url,
+            ],
+            tmp_path,
+        ),
+        "render-stdout": _cli(
+            ["slurm", "render", "stocks", "--mem-gb", "4", "--cpus", "2", "--", "--db", url],
+            tmp_path,
+        ),
+    }
+    assert runs["generate"].returncode == 0, runs["generate"].stderr
+    assert runs["predict-json"].returncode == 0, runs["predict-json"].stderr
+    assert runs["predict-failing-chunk"].returncode != 0
+    assert "000001.SZ" in runs["predict-failing-chunk"].stderr or "c0000" in (
+        runs["predict-failing-chunk"].stderr
+    )
+    assert runs["unreachable"].returncode == 2
+    assert runs["render"].returncode == 0, runs["render"].stderr
+    assert "HPCBATCH_DB_URL" in (tmp_path / "job.sbatch").read_text()
+    for name, result in runs.items():
+        assert LEAK not in result.stdout + result.stderr, f"password printed by {name}"
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "report.json" for p in written)
+    for path in written:
+        assert LEAK.encode() not in path.read_bytes(), f"password written to {path}"
+    # what the database itself records about the runs
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        params = " ".join(conn.execute(sa.text("SELECT params FROM hpcbatch_runs")).scalars())
+        run_ids = " ".join(
+            str(x)
+            for x in conn.execute(
+                sa.text("SELECT DISTINCT run_id FROM stock_predictions")
+            ).scalars()
+        )
+    engine.dispose()
+    assert params and LEAK not in params and LEAK not in run_ids
+    # reprs of what travels to the workers
+    from hpcbatch.ledger import Ledger
+    from hpcbatch.stocks.predict import PredictTask
+
+    assert LEAK not in repr(Ledger(url))
+    assert LEAK not in repr(PredictTask(db_url=url, model_dir=str(model)))

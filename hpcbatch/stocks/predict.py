@@ -20,7 +20,7 @@ import hashlib
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,7 @@ def inference_batch(
 class PredictTask:
     """The picklable task function ``task(chunk, ctx) -> counts`` run on the workers."""
 
-    db_url: str
+    db_url: str = field(repr=False)  # reprs reach Dask's logs: never show the password
     model_dir: str
     lookback_days: int = 400
     predict_days: int = 10

@@ -14,7 +14,9 @@ Faults, from environment variables (inherited by the workers):
   than that allocates and touches that many MB, every time it runs (a chunk that
   exceeds its worker's memory limit, repeatedly);
 - ``HPCBATCH_FAULT_HOG_ITEM``: a chunk holding this item (ts_code) always allocates,
-  at any size (a chunk that cannot fit even at the minimum size).
+  at any size (a chunk that cannot fit even at the minimum size);
+- ``HPCBATCH_FAULT_FAIL_ITEM``: a chunk holding this item raises ``RuntimeError``
+  (a bug or bad row: retried, then the run fails naming the chunk).
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ def _before_chunk(chunk) -> None:
         poison = os.environ.get("HPCBATCH_FAULT_HOG_ITEM")
         if chunk.size > above or (poison and poison in tuple(chunk.items)):
             _hog(hog_mb)
+    fail = os.environ.get("HPCBATCH_FAULT_FAIL_ITEM")
+    if fail and fail in tuple(chunk.items):
+        raise RuntimeError(f"injected failure in chunk {chunk.chunk_id}")
     delay = float(os.environ.get("HPCBATCH_FAULT_DELAY_S", "0") or 0)
     if delay:
         time.sleep(delay)
