@@ -744,3 +744,13 @@ def test_render_refuses_workload_args_the_job_would_reject() -> None:
     result = CliRunner().invoke(main, [*base, "--", "fitted/", "--out", "p.zarr", "--bogus"])
     assert result.exit_code == 2 and "No such option '--bogus'" in result.output
     assert "#SBATCH" not in result.output
+
+
+def test_render_inside_a_job_sizes_from_that_job(monkeypatch) -> None:
+    for key, value in {"SLURM_JOB_ID": "5", "SLURM_MEM_PER_NODE": "4000",
+                       "SLURM_CPUS_PER_TASK": "2"}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    text = _render(["render", "stocks", "--stocks", "100"])
+    # the plan never asks for more than the job it was made in
+    assert 3990 <= int(_directive(text, "mem").rstrip("M")) <= 4000
+    assert int(_directive(text, "cpus-per-task")) <= 2
