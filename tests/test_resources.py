@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hpcbatch.errors import ResourceError
 from hpcbatch.resources import (
@@ -303,3 +306,32 @@ def test_this_machines_own_cgroup_directory_is_checked():
     if not dirs:
         pytest.skip("no cgroup filesystem mounted here")
     assert any(str(d).endswith(path.rstrip("/")) for d in dirs), (path, dirs)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.sampled_from(["v1", "v2"]),
+    st.lists(st.one_of(st.none(), st.integers(2**20, 2**40)), min_size=1, max_size=5),
+)
+def test_property_tightest_level_of_any_nesting_wins(version, levels):
+    """Whatever level of a nested hierarchy carries a limit, the smallest one is found."""
+    names = [f"l{i}" for i in range(len(levels))]
+    unlimited = V1_UNLIMITED if version == "v1" else "max"
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        limits = {
+            "/".join(names[: i + 1]): unlimited if v is None else str(v)
+            for i, v in enumerate(levels)
+        }
+        path = "/" + "/".join(names)
+        if version == "v1":
+            cgroup_v1(root, path, {"": V1_UNLIMITED, **limits})
+        else:
+            cgroup_v2(root, path, limits)
+        found = cgroup_memory(root)
+        real = [v for v in levels if v is not None]
+        if not real:
+            assert found is None
+        else:
+            assert found.value == min(real)
+            assert found.source.startswith(f"cgroup {version}")
