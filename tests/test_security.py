@@ -557,3 +557,63 @@ def test_a_database_password_never_appears_in_outputs_files_reports_or_reprs(
 
     assert LEAK not in repr(Ledger(url))
     assert LEAK not in repr(PredictTask(db_url=url, model_dir=str(model)))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_hostile_codes_and_versions_are_data_not_sql(tmp_path: Path) -> None:
+    import sqlite3
+
+    from hpcbatch.stocks.generate import generate_market
+    from hpcbatch.stocks.schema import make_engine
+
+    db = tmp_path / "market.db"
+    engine = make_engine(f"sqlite:///{db}", create=True)
+    generate_market(engine, 3, 150, seed=0)
+    engine.dispose()
+    hostile = "x'); DROP TABLE stock_daily;--"
+    con = sqlite3.connect(db)
+    columns = [r[1] for r in con.execute("PRAGMA table_info(stock_daily)")]
+    rows = con.execute(
+        "SELECT * FROM stock_daily WHERE ts_code = (SELECT min(ts_code) FROM stock_daily)"
+    ).fetchall()
+    code_at = columns.index("ts_code")
+    con.executemany(
+        f"INSERT INTO stock_daily VALUES ({', '.join('?' * len(columns))})",
+        [tuple(hostile if i == code_at else v for i, v in enumerate(r)) for r in rows],
+    )
+    con.commit()
+    n_bars = con.execute("SELECT count(*) FROM stock_daily").fetchone()[0]
+    con.close()
+    version = "v1'; DROP TABLE stock_predictions;--"
+    model = _tiny_model(tmp_path / "model")
+    result = _cli(
+        [
+            "stocks",
+            "predict",
+            "--db",
+            f"sqlite:///{db}",
+            "--model",
+            str(model),
+            "--cpus",
+            "1",
+            "--lookback-days",
+            "140",
+            "--predict-days",
+            "2",
+            "--model-version",
+            version,
+            "--report-dir",
+            str(tmp_path / "reports"),
+        ],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT count(*) FROM stock_daily").fetchone()[0] == n_bars
+    predicted = con.execute(
+        "SELECT ts_code, model_version, count(*) FROM stock_predictions GROUP BY 1, 2"
+    ).fetchall()
+    con.close()
+    assert (hostile, version, 2) in predicted
+    assert len(predicted) == 4 and {p[2] for p in predicted} == {2}
