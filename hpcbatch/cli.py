@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from collections.abc import Callable
 
 import click
 
@@ -64,7 +65,7 @@ class HpcbatchGroup(click.Group):
         sys.exit(result if isinstance(result, int) else 0)
 
 
-def config_options(func):
+def config_options(func: Callable) -> Callable:
     """``--profile NAME`` and ``--config FILE``."""
 
     @click.option(
@@ -80,7 +81,7 @@ def config_options(func):
     return wrapper
 
 
-def allocation_options(func):
+def allocation_options(func: Callable) -> Callable:
     """``--mem``/``--mem-gb``, ``--cpus``, ``--gpus``: describe an allocation instead of detecting it."""
 
     @click.option("--mem-gb", type=float, default=None, help="Memory of the allocation in GB.")
@@ -209,7 +210,7 @@ def plan() -> None:
     """
 
 
-def calibration_options(func):
+def calibration_options(func: Callable) -> Callable:
     @click.option(
         "--calibrate/--no-calibrate",
         default=None,

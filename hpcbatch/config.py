@@ -15,12 +15,15 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dask.config
 import yaml
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .planner import PlanSettings
 
 _DEFAULTS_FILE = Path(__file__).with_name("hpcbatch.yaml")
 PROFILE_DIR = Path(__file__).with_name("profiles")
@@ -142,7 +145,7 @@ def validate(settings: Mapping[str, Any]) -> None:
         raise ConfigError(f"unknown cluster backend {backend!r}: use local, slurm or address")
 
 
-def _number(settings: Mapping[str, Any], key: str, kind: type, *, optional: bool = False):
+def _number(settings: Mapping[str, Any], key: str, kind: type, *, optional: bool = False) -> Any:
     value = settings[key]
     if value is None and optional:
         return None
@@ -159,7 +162,7 @@ def _number(settings: Mapping[str, Any], key: str, kind: type, *, optional: bool
         ) from None
 
 
-def plan_settings(settings: Mapping[str, Any], **overrides: Any):
+def plan_settings(settings: Mapping[str, Any], **overrides: Any) -> PlanSettings:
     """Build :class:`~hpcbatch.planner.PlanSettings` from loaded settings."""
     from .planner import PlanSettings
     from .units import parse_bytes
