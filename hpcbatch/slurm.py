@@ -19,6 +19,7 @@ Database URLs are never written into a script: a URL with a password becomes
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -36,6 +37,8 @@ from .errors import ClusterStartError, ConfigError, HpcbatchError, RunInterrupte
 from .planner import Plan
 from .security import DB_URL_ENV, mask_url  # noqa: F401 (mask_url re-exported)
 from .units import format_bytes, parse_bytes
+
+logger = logging.getLogger(__name__)
 
 MiB = 1024**2
 
@@ -546,7 +549,29 @@ def slurm_cluster(plan: Plan, settings: Mapping[str, Any], *, security: Any = No
     tls = {"security": security, "shared_temp_directory": os.getcwd()} if security else {}
     cluster = SLURMCluster(**spec.kwargs, **tls)
     cluster.hpcbatch_spec = spec
+    for note in spec.notes:
+        logger.info("%s", note)
+    given = job_script_memory_limit(cluster.job_script())
+    if given != plan.memory_limit_bytes:
+        cluster.close()
+        raise ClusterStartError(
+            f"dask-jobqueue's worker command would give each worker {given} bytes, not the plan's "
+            f"{plan.memory_limit_bytes}: this dask-jobqueue orders worker arguments differently; "
+            "pin dask-jobqueue 0.9 or report it"
+        )
     return cluster
+
+
+def job_script_memory_limit(script: str) -> int | None:
+    """The memory limit a dask-jobqueue job script gives each worker (the last
+    ``--memory-limit`` wins on the worker's command line)."""
+    found = re.findall(r"--memory-limit[ =](\S+)", script)
+    if not found:
+        return None
+    try:
+        return parse_bytes(found[-1])
+    except ConfigError:
+        return None
 
 
 # --------------------------------------------------------- jobs -------------------

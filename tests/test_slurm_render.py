@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from hpcbatch import config as hb_config
 from hpcbatch import slurm
 from hpcbatch.cli import main
-from hpcbatch.errors import ConfigError, HpcbatchError
+from hpcbatch.errors import ClusterStartError, ConfigError, HpcbatchError
 from hpcbatch.planner import Footprint, Plan, make_plan
 from hpcbatch.resources import Resources, detect_resources
 from hpcbatch.stocks.footprint import stocks_footprint
@@ -754,3 +754,33 @@ def test_render_inside_a_job_sizes_from_that_job(monkeypatch) -> None:
     # the plan never asks for more than the job it was made in
     assert 3990 <= int(_directive(text, "mem").rstrip("M")) <= 4000
     assert int(_directive(text, "cpus-per-task")) <= 2
+
+
+def test_job_script_memory_limit_takes_the_last_one() -> None:
+    script = "python -m distributed.cli.dask_worker --memory-limit 2.73GiB --nanny --memory-limit 2923809174 --lifetime 1s"
+    assert slurm.job_script_memory_limit(script) == 2923809174
+    assert slurm.job_script_memory_limit("--memory-limit 1GiB") == 2**30
+    assert slurm.job_script_memory_limit("no limit here") is None
+
+
+def test_slurm_cluster_refuses_a_job_script_without_the_plans_limit(monkeypatch) -> None:
+    pytest.importorskip("dask_jobqueue")
+    plan, settings = _plan(12, 4)
+    settings = {**settings, "cluster": {**settings["cluster"], "dashboard-address": ":0"}}
+    real = slurm.slurm_cluster_kwargs
+
+    def without_pin(*args, **kwargs):  # as if dask-jobqueue put our argument first
+        spec = real(*args, **kwargs)
+        extra = [a for a in spec.kwargs["worker_extra_args"]]
+        i = extra.index("--memory-limit")
+        del extra[i : i + 2]
+        return slurm.SlurmClusterSpec(
+            {**spec.kwargs, "worker_extra_args": extra},
+            spec.derived_memory_limit,
+            spec.memory_limit,
+            spec.notes,
+        )
+
+    monkeypatch.setattr(slurm, "slurm_cluster_kwargs", without_pin)
+    with pytest.raises(ClusterStartError, match=r"would give each worker \d+ bytes, not the plan.s \d+"):
+        slurm.slurm_cluster(plan, settings)
