@@ -506,12 +506,27 @@ class SlurmTestCluster:
         self.dir = make_service_dir("slurm")
         try:
             self._start_munge()
-            self._write_conf()
-            self._start_slurm()
+            for attempt in range(3):  # another process may take a port between pick and bind
+                self._write_conf()
+                try:
+                    self._start_slurm()
+                    break
+                except ServiceUnavailable:
+                    if attempt == 2:
+                        raise
+                    self._stop_slurm_daemons()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _stop_slurm_daemons(self) -> None:
+        for name in ("slurmd", "slurmctld"):
+            p = self.procs.pop(name, None)
+            if p is not None:
+                stop_pid(p.pid, timeout=10)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(timeout=1)
 
     def _start_munge(self) -> None:
         assert self.dir is not None
@@ -560,6 +575,7 @@ class SlurmTestCluster:
     def _write_conf(self) -> None:
         assert self.dir is not None
         for sub in ("state", "spool"):
+            shutil.rmtree(self.dir / sub, ignore_errors=True)
             (self.dir / sub).mkdir()
         ctld_port = free_port()
         slurmd_port = free_port({ctld_port})
