@@ -474,6 +474,29 @@ CASES: list[Case] = [
         r"--mem-gb 100000 GB is more than",
         setup=STOCKS,
     ),
+    Case(
+        "password-file-world-readable",
+        "database",
+        ("stocks", "init-db"),
+        r"password file .*pw is readable by others \(mode 0644\): run 'chmod 600",
+        env={
+            "HPCBATCH_DB_URL": "postgresql+psycopg://alice@127.0.0.1:1/market",
+            "HPCBATCH_DB_PASSWORD_FILE": "{work}/pw",
+        },
+        setup=_write("pw", SECRET + "\n", mode=0o644),
+        inproc=False,
+    ),
+    Case(
+        "password-file-missing",
+        "database",
+        ("stocks", "init-db"),
+        r"password file .*nope does not exist",
+        env={
+            "HPCBATCH_DB_URL": "postgresql+psycopg://alice@127.0.0.1:1/market",
+            "HPCBATCH_DB_PASSWORD_FILE": "{work}/nope",
+        },
+        inproc=False,
+    ),
     # --- model files -----------------------------------------------------------------
     Case(
         "model-dir-missing",

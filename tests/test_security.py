@@ -617,3 +617,44 @@ def test_hostile_codes_and_versions_are_data_not_sql(tmp_path: Path) -> None:
     con.close()
     assert (hostile, version, 2) in predicted
     assert len(predicted) == 4 and {p[2] for p in predicted} == {2}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_cli_tls_flag_and_db_url_from_the_environment(tmp_path: Path) -> None:
+    from hpcbatch.stocks.generate import generate_market
+    from hpcbatch.stocks.schema import make_engine
+
+    db = tmp_path / "market.db"
+    engine = make_engine(f"sqlite:///{db}", create=True)
+    generate_market(engine, 2, 140, seed=0)
+    engine.dispose()
+    model = _tiny_model(tmp_path / "model")
+    result = _cli(
+        [
+            "stocks",
+            "predict",
+            "--tls",
+            "--model",
+            str(model),
+            "--cpus",
+            "1",
+            "--lookback-days",
+            "130",
+            "--predict-days",
+            "1",
+            "--report-dir",
+            str(tmp_path / "r"),
+        ],
+        tmp_path,
+        HPCBATCH_DB_URL=f"sqlite:///{db}",  # no --db: the URL comes from the environment
+        HPCBATCH_FAULT_ADDR_DIR=str(tmp_path / "addr"),
+    )
+    assert result.returncode == 0, result.stderr
+    addresses = [p.read_text() for p in (tmp_path / "addr").glob("worker-*")]
+    assert addresses and all(a.startswith("tls://") for a in addresses)
+    import sqlite3
+
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT count(*) FROM stock_predictions").fetchone()[0] == 2
+    con.close()

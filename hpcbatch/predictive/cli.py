@@ -100,6 +100,7 @@ def fit(data_dir, steps, max_lr, seed) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 @click.option("--report-dir", default=None, help="Where the run report goes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON.")
+@click.option("--tls/--no-tls", default=None, help="TLS between client, scheduler and workers.")
 @_config_options
 def sample_cmd(
     data_dir,
@@ -119,6 +120,7 @@ def sample_cmd(
     overwrite,
     report_dir,
     as_json,
+    tls,
     profile,
     config_file,
 ) -> None:
@@ -132,6 +134,8 @@ def sample_cmd(
         settings["cluster"]["backend"] = backend
     if address:
         settings["cluster"]["address"] = address
+    if tls is not None:
+        settings["cluster"]["tls"] = tls
     cfg = settings["predictive"]
     run = sample_data_dir(
         data_dir,

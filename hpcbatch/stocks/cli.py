@@ -14,6 +14,7 @@ import click
 
 from .. import config as hb_config
 from ..errors import ConfigError
+from ..security import database_url
 
 
 def _settings(profile, config_file) -> dict:
@@ -25,8 +26,8 @@ def db_option(func):
         "--db",
         "db_url",
         default=None,
-        help="SQLAlchemy URL: sqlite:///FILE (default from config) or "
-        "postgresql+psycopg://user:password@host/db.",
+        help="SQLAlchemy URL: sqlite:///FILE or postgresql+psycopg://user@host/db (default: "
+        "$HPCBATCH_DB_URL, else config; password from $HPCBATCH_DB_PASSWORD_FILE, mode 600).",
     )(func)
 
 
@@ -49,7 +50,7 @@ def init_db_cmd(db_url, profile, config_file) -> None:
     """Create stock_daily and stock_predictions (existing tables are checked, never altered)."""
     from .schema import init_db, make_engine, masked
 
-    url = db_url or _settings(profile, config_file)["stocks"]["db"]
+    url = database_url(db_url, default=_settings(profile, config_file)["stocks"]["db"])
     engine = make_engine(url, create=True)
     created = init_db(engine)
     engine.dispose()
@@ -69,7 +70,7 @@ def generate(db_url, n_stocks, days, seed, replace, profile, config_file) -> Non
     from .generate import generate_market
     from .schema import make_engine, masked
 
-    url = db_url or _settings(profile, config_file)["stocks"]["db"]
+    url = database_url(db_url, default=_settings(profile, config_file)["stocks"]["db"])
     t0 = time.perf_counter()
     engine = make_engine(url, create=True)
     summary = generate_market(engine, n_stocks, days, seed, replace=replace)
@@ -106,7 +107,7 @@ def train(
     from .train import train as fit
 
     settings = _settings(profile, config_file)["stocks"]
-    url = db_url or settings["db"]
+    url = database_url(db_url, default=settings["db"])
     out_dir = out_dir or settings["model-dir"]
     engine = make_engine(url)
     summary = fit(
@@ -162,11 +163,12 @@ def _cluster_choice(value: str | None) -> tuple[str | None, str | None]:
 @click.option("--mem-gb", type=float, default=None, help="Use at most this much memory (GB).")
 @click.option("--cpus", type=int, default=None, help="Use at most this many CPUs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON.")
+@click.option("--tls/--no-tls", default=None, help="TLS between client, scheduler and workers.")
 @profile_options
 def predict(
     db_url, model_dir, batch_size, concurrency, lookback_days, predict_days, use_gpu, limit,
     offset, model_version, cluster, resume, run_id, report_dir, calibrate, mem_gb, cpus,
-    as_json, profile, config_file,
+    as_json, tls, profile, config_file,
 ) -> None:
     """Predict the last trading days of every stock and upsert them into stock_predictions."""
     from ..resources import detect_resources
@@ -174,6 +176,8 @@ def predict(
     from .predict import predict as run_predict
 
     settings = _settings(profile, config_file)
+    if tls is not None:
+        settings["cluster"]["tls"] = tls
     stock_cfg = settings["stocks"]
     opts = PredictOptions.from_settings(
         stock_cfg,
@@ -187,7 +191,7 @@ def predict(
         memory_bytes=None if mem_gb is None else int(mem_gb * 1e9), cpus=cpus, plan_ahead=False
     )
     backend, address = _cluster_choice(cluster)
-    url = db_url or stock_cfg["db"]
+    url = database_url(db_url, default=stock_cfg["db"])
     report = run_predict(
         url, model_dir or stock_cfg["model-dir"], settings=settings, options=opts,
         resources=resources, backend=backend, address=address, resume=resume, run_id=run_id,

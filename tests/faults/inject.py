@@ -86,5 +86,11 @@ def install() -> None:
 install()
 
 
-def dask_setup(worker=None) -> None:  # the preload hook; patching happened on import
+def dask_setup(worker=None) -> None:
+    """The preload hook (patching happened on import); with ``HPCBATCH_FAULT_ADDR_DIR``
+    each worker records the scheduler address it connects to (tcp:// or tls://)."""
     install()
+    addr_dir = os.environ.get("HPCBATCH_FAULT_ADDR_DIR")
+    if addr_dir and worker is not None:
+        Path(addr_dir).mkdir(parents=True, exist_ok=True)
+        (Path(addr_dir) / f"worker-{os.getpid()}").write_text(str(worker.scheduler.address))
