@@ -95,7 +95,11 @@ def _child(contender: str, data_dir: Path, samples: int, observations: bool, cap
         }
         if observations:
             shapes["y"] = (samples, data.n_cells, data.n_features)
-        outputs = {k: np.ones(v, np.float32) for k, v in shapes.items()}  # touched
+        output_bytes = sum(int(np.prod(v)) * 4 for v in shapes.values())
+        # Outputs held in memory (touched), as Predictive holds them, when they fit.
+        held = output_bytes < cap // 2
+        outputs = {k: np.ones(v, np.float32) for k, v in shapes.items()} if held else {}
+        result["outputs_allocated"] = held
         t0 = time.perf_counter()
         from hpcbatch.predictive.core import guide_draw
 
@@ -103,7 +107,8 @@ def _child(contender: str, data_dir: Path, samples: int, observations: bool, cap
         draws = guide_draw(guide, samples, one_cell, kwargs)  # the raw guide draws
         result["guide_draw_s"] = time.perf_counter() - t0
         del draws
-        result["output_bytes"] = int(sum(a.nbytes for a in outputs.values()))
+        result["output_bytes"] = output_bytes
+        del outputs
         result["input_bytes"] = int(data.counts.nbytes + data.group.nbytes + data.sum_factor.nbytes)
     elif contender == "predictive_parallel":
         out = Predictive(
