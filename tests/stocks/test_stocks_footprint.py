@@ -1,0 +1,53 @@
+"""The stock footprint and plan: per-worker peak independent of the market size; the probe."""
+
+from __future__ import annotations
+
+from hpcbatch.planner import PlanSettings, make_plan
+from hpcbatch.resources import detect_resources
+from hpcbatch.stocks.footprint import MAX_CHUNK_STOCKS, stocks_footprint, stocks_max_chunk
+from hpcbatch.stocks.model import SIZES
+from hpcbatch.stocks.probe import probe
+
+
+def _plan(n_stocks: int, mem_gb: float = 24, **kw):
+    res = detect_resources(memory_bytes=int(mem_gb * 1e9), cpus=2, plan_ahead=True)
+    settings = PlanSettings(max_chunk=stocks_max_chunk({}), **kw)
+    return make_plan(stocks_footprint(n_stocks), res, settings)
+
+
+def test_per_worker_peak_does_not_grow_with_the_market():
+    small, large = _plan(500), _plan(5000)
+    assert small.chunk_size == large.chunk_size == MAX_CHUNK_STOCKS
+    assert small.predicted_peak_bytes == large.predicted_peak_bytes
+    assert large.n_chunks == 100
+
+
+def test_a_small_allocation_gets_smaller_chunks_not_an_oom():
+    tight = _plan(5000, mem_gb=1.55)
+    assert 1 <= tight.chunk_size < MAX_CHUNK_STOCKS and tight.n_workers == 1
+    assert tight.predicted_peak_bytes <= tight.memory_limit_bytes * tight.memory_fraction
+
+
+def test_footprint_follows_lookback_and_model_size():
+    full = stocks_footprint(100, 400, 10)
+    short = stocks_footprint(100, 180, 10)
+    small = stocks_footprint(100, 400, 10, model_config=SIZES["small"])
+    assert short.per_item_bytes < full.per_item_bytes
+    assert small.baseline_bytes < full.baseline_bytes and small.model_bytes < full.model_bytes
+    assert full.model_mmap and full.fixed_bytes == full.baseline_bytes  # weights: once per node
+
+
+def test_probe_runs_the_real_chunk_work():
+    counts = probe(4, lookback_days=200, predict_days=5, model_size="tiny", cpu_batch=8)
+    assert counts["stocks"] == 4
+    assert counts["windows"] == 5 * counts["stocks_predicted"] > 0
+    assert probe(0, model_size="tiny") == {"stocks": 0}
+
+
+def test_too_small_an_allocation_names_what_to_request():
+    import pytest
+
+    from hpcbatch.errors import PlanInfeasibleError
+
+    with pytest.raises(PlanInfeasibleError, match="request --mem=2G"):
+        _plan(5000, mem_gb=1.2)
