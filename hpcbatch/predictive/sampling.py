@@ -619,7 +619,10 @@ def _run_in_process(job, chunks, store, run_id, seed, plan):
         _JOBS.pop(key, None)
         for cache_key in [k for k in _ARRAYS if k[0] == str(store)]:
             _ARRAYS.pop(cache_key, None)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    from ..calibrate import _vm_hwm
+
+    # VmHWM, not ru_maxrss: the latter carries the parent's peak across exec.
+    peak = _vm_hwm() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return RunReport(
         run_id=run_id,
         status="finished",
