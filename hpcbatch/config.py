@@ -173,6 +173,7 @@ def plan_settings(settings: Mapping[str, Any], **overrides: Any) -> PlanSettings
         if settings["reserve"] in (0, "0")
         else parse_bytes(settings["reserve"], what="setting reserve"),
         threads_per_worker=_number(settings, "threads-per-worker", int),
+        max_threads_per_worker=_number(settings, "max-threads-per-worker", int),
         max_workers=_number(settings, "max-workers", int, optional=True),
         min_chunk=_number(settings, "min-chunk", int),
         max_chunk=_number(settings, "max-chunk", int, optional=True),

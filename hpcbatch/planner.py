@@ -87,6 +87,7 @@ class PlanSettings:
     max_workers: int | None = None
     n_workers: int | None = None
     threads_per_worker: int = 1
+    max_threads_per_worker: int = 1
     reserve_bytes: int = 256 * 1024**2
     chunks_per_worker: int = 4
     use_gpu: bool = False
@@ -103,7 +104,12 @@ class PlanSettings:
             raise ConfigError(
                 f"GPU memory fraction must be between 0 and 1 (exclusive), got {self.gpu_memory_fraction}"
             )
-        for name in ("min_chunk", "threads_per_worker", "chunks_per_worker"):
+        for name in (
+            "min_chunk",
+            "threads_per_worker",
+            "max_threads_per_worker",
+            "chunks_per_worker",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(
                     f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
@@ -312,21 +318,18 @@ def make_plan(
             f"only {resources.cpus} CPUs"
         )
         settings = replace(settings, threads_per_worker=resources.cpus)
+    found = _most_workers(footprint, resources, settings)
+    if found is None:
+        raise _infeasible(footprint, resources, settings)
+    n, top, cap_reason = found
+    settings, n, top, cap_reason = _fill_cpus_with_threads(
+        footprint, resources, settings, (n, top, cap_reason), notes
+    )
     threads = settings.threads_per_worker
     fraction = settings.memory_fraction
     usable = _usable(footprint, settings, resources.memory_bytes)
-    top, cap_reason = _worker_options(footprint, resources, settings)
-    need = _smallest_chunk(footprint, settings)
-    chosen = None
-    for n in range(top, 0, -1):
-        if _fits(footprint, settings, resources.memory_bytes, n, need):
-            chosen = (n, usable // n, _worker_budget(footprint, settings, usable // n))
-            break
-        if settings.n_workers is not None:
-            break
-    if chosen is None:
-        raise _infeasible(footprint, resources, settings)
-    n, limit, capacity = chosen
+    limit = usable // n
+    capacity = _worker_budget(footprint, settings, limit)
 
     chunk, chunk_reason = _choose_chunk(footprint, settings, n, capacity)
     peak = footprint.fixed_bytes + threads * chunk * footprint.per_item_bytes
@@ -363,6 +366,56 @@ def make_plan(
         gpu_batch_size=gpu_batch[0] if gpu_batch else None,
         thresholds=dict(settings.thresholds),
     )
+
+
+def _most_workers(
+    footprint: Footprint, resources: Resources, settings: PlanSettings
+) -> tuple[int, int, str] | None:
+    """(workers that fit, the most worth trying, what caps those) at the settings' threads."""
+    top, cap_reason = _worker_options(footprint, resources, settings)
+    need = _smallest_chunk(footprint, settings)
+    for n in range(top, 0, -1):
+        if _fits(footprint, settings, resources.memory_bytes, n, need):
+            return n, top, cap_reason
+        if settings.n_workers is not None:
+            break
+    return None
+
+
+def _fill_cpus_with_threads(
+    footprint: Footprint,
+    resources: Resources,
+    settings: PlanSettings,
+    found: tuple[int, int, str],
+    notes: list[str],
+) -> tuple[PlanSettings, int, int, str]:
+    """When per-worker memory leaves CPUs idle, more threads per worker may use them.
+
+    Threads of one worker share its copies.  Only up to ``max_threads_per_worker``
+    (1 by default: a workload must be thread-safe, e.g. not Pyro's global handler
+    stack); the plan keeping the most CPUs busy wins, with fewer threads on a tie.
+    """
+    n, top, cap_reason = found
+    threads = settings.threads_per_worker
+    limit = min(settings.max_threads_per_worker, resources.cpus)
+    if settings.n_workers is not None or limit <= threads or n * threads >= resources.cpus:
+        return settings, n, top, cap_reason
+    best = (n * threads, -threads, settings, found)
+    for t in range(threads + 1, limit + 1):
+        trial = replace(settings, threads_per_worker=t)
+        got = _most_workers(footprint, resources, trial)
+        if got is not None and (got[0] * t, -t) > best[:2]:
+            best = (got[0] * t, -t, trial, got)
+    if best[2] is settings:
+        return settings, n, top, cap_reason
+    chosen, (m, m_top, m_reason) = best[2], best[3]
+    t = chosen.threads_per_worker
+    notes.append(
+        f"threads: {m} workers x {t} threads keep {m * t} CPUs busy, against {n * threads} with "
+        f"{n} worker(s) x {threads}: a worker's threads share its "
+        f"{format_bytes(footprint.fixed_bytes)} of fixed bytes (max-threads-per-worker {limit})"
+    )
+    return chosen, m, m_top, m_reason
 
 
 def _choose_chunk(
@@ -416,7 +469,11 @@ def _reasons(
         how = "memory-mapped once per node" if footprint.model_mmap else "loaded into every worker"
         reasons.append(f"model weights {fb(footprint.model_bytes)} are {how}")
     cap_text = {
-        "cpus": f"one worker per CPU ({resources.cpus} CPUs / {settings.threads_per_worker} thread each)",
+        "cpus": (
+            f"one worker per CPU ({resources.cpus} CPUs)"
+            if settings.threads_per_worker == 1
+            else f"{resources.cpus} CPUs / {settings.threads_per_worker} threads per worker"
+        ),
         "max_workers": f"max-workers caps at {settings.max_workers}",
         "items": f"only {plural(footprint.n_items, item)} to share out",
         "n_workers set": f"{settings.n_workers} workers as requested",

@@ -218,3 +218,10 @@ def test_ci_runs_readmes_test_command():
     ):
         assert part in ci
     assert os.access(REPO / ".ci" / "run", os.X_OK)
+
+
+def test_plan_settings_carry_the_configured_values():
+    settings = hb_config.load(overrides={"max-threads-per-worker": 3, "min-chunk": 2})
+    plan = hb_config.plan_settings(settings, chunk_size=5)
+    assert (plan.max_threads_per_worker, plan.min_chunk, plan.chunk_size) == (3, 2, 5)
+    assert plan.memory_fraction == 0.6 and plan.reserve_bytes == 256 * 2**20

@@ -66,7 +66,10 @@ def check_plan(plan, footprint: Footprint, res: Resources, st_: PlanSettings) ->
         assert plan.n_workers < res.cpus
         assert any(r.startswith(f"workers: {plan.n_workers}, not ") for r in plan.reasons)
         with pytest.raises(PlanInfeasibleError):  # one more worker would not fit
-            make_plan(footprint, res, _with(st_, n_workers=plan.n_workers + 1))
+            more = _with(
+                st_, n_workers=plan.n_workers + 1, threads_per_worker=plan.threads_per_worker
+            )
+            make_plan(footprint, res, more)
     else:  # pragma: no cover - a new binding name needs a check here
         raise AssertionError(plan.binding)
 
@@ -223,6 +226,23 @@ def test_seed_case_mmap_counts_the_input_once_per_node():
     assert any("memory-mapped: one page-cache copy per node" in r for r in plan.reasons)
 
 
+def test_seed_case_threads_use_the_cpus_copies_leave_idle():
+    copied = technical_footprint(**SEED, shared_input_mmap=False)
+    res = alloc(100 * GB, 32)
+    single = make_plan(copied, res)
+    st_ = PlanSettings(max_threads_per_worker=4)
+    plan = make_plan(copied, res, st_)
+    check_plan(plan, copied, res, st_)
+    assert plan.threads_per_worker > 1
+    assert plan.n_workers * plan.threads_per_worker > single.n_workers  # more CPUs busy
+    assert plan.n_workers * plan.threads_per_worker <= 32
+    assert plan.n_workers <= single.n_workers  # never more copies than fit before
+    assert any(r.startswith("threads: ") for r in plan.reasons)
+    # Nothing to gain where the CPUs are busy already: one thread per worker stays.
+    mmap = technical_footprint(**SEED)
+    assert make_plan(mmap, res, st_).threads_per_worker == 1
+
+
 def test_seed_case_500gb_32cpus():
     res = alloc(500 * GB, 32)
     # Without the likelihood the latent sites are small: 32 workers fit even with copies.
@@ -312,16 +332,18 @@ footprints = st.builds(
     st.booleans(),
 )
 plan_settings = st.builds(
-    lambda fraction, min_chunk, threads, chunk: PlanSettings(
+    lambda fraction, min_chunk, threads, chunk, max_threads: PlanSettings(
         memory_fraction=fraction,
         min_chunk=min_chunk,
         threads_per_worker=threads,
+        max_threads_per_worker=max_threads,
         chunk_size=None if chunk is None else max(chunk, min_chunk),
     ),
     st.floats(0.05, 0.9),
     st.integers(1, 8),
     st.integers(1, 4),
     st.one_of(st.none(), st.integers(1, 500)),
+    st.integers(1, 8),
 )
 
 
