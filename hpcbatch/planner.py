@@ -499,6 +499,8 @@ def _reasons(
                 if footprint.shared_input_bytes and not footprint.shared_input_mmap
                 else "request more memory or shrink the work per item"
             )
+            if settings.max_threads_per_worker <= settings.threads_per_worker:
+                fix += ", or allow threads (max-threads-per-worker) if the work is thread-safe"
             reasons.append(f"{idle} of {resources.cpus} CPUs stay idle: to use them, {fix}")
     reasons.append(
         f"chunk: {plural(chunk, item)} at {fb(footprint.per_item_bytes)} each ({chunk_reason})"
