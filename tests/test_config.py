@@ -164,6 +164,7 @@ def test_plan_settings_reject_bad_values(key, value, message):
 
 def test_non_editable_install_finds_profiles(tmp_path):
     """A wheel (not the source tree) carries the defaults and the profiles."""
+    pytest.importorskip("setuptools", reason="building the wheel needs setuptools")
     src = tmp_path / "src"
     shutil.copytree(
         REPO / "hpcbatch", src / "hpcbatch", ignore=shutil.ignore_patterns("__pycache__")
