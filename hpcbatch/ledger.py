@@ -122,8 +122,10 @@ class Ledger:
     @property
     def engine(self) -> Engine:
         """This process's engine (made on first use; tables created if missing)."""
+        from .security import mask_url
+
         if self._engine is None:
-            kwargs: dict[str, Any] = {}
+            kwargs: dict[str, Any] = {"pool_pre_ping": True}  # survive a server restart
             if self.url.startswith("sqlite"):
                 # many worker processes may write: wait for the lock instead of failing
                 kwargs["connect_args"] = {"timeout": 60}
@@ -133,10 +135,12 @@ class Ledger:
                     sa.event.listen(engine, "connect", _sqlite_pragmas)
                 _META.create_all(engine, checkfirst=True)
             except sa.exc.ArgumentError as exc:
-                raise ConfigError(f"ledger URL {self.url!r} is not valid: {exc}") from None
+                raise ConfigError(
+                    f"ledger URL {mask_url(self.url)!r} is not valid: {exc}"
+                ) from None
             except sa.exc.OperationalError as exc:
                 raise HpcbatchError(
-                    f"cannot open the ledger database {self.url}: {exc.orig}: "
+                    f"cannot open the ledger database {mask_url(self.url)}: {exc.orig}: "
                     "check the path or server"
                 ) from None
             self._engine = engine

@@ -81,7 +81,9 @@ class PredictTask:
     loaded_model: Any = None  # in-process use only (probe): a LoadedModel instead of model_dir
 
     def __call__(self, chunk: Any, ctx: Any = None) -> dict:
-        return predict_chunk(chunk, ctx, self)
+        from ..retry import with_backoff  # a database restart mid-run: wait, then redo the chunk
+
+        return with_backoff(lambda: predict_chunk(chunk, ctx, self), what="stocks chunk")
 
 
 def _read_slot(task: PredictTask):
@@ -235,20 +237,50 @@ class PredictOptions:
             )
 
 
-def run_params(db_url: str, model_dir: str, opts: PredictOptions) -> dict:
+def run_params(
+    db_url: str, model_dir: str, opts: PredictOptions, inputs: Mapping[str, Any] | None = None
+) -> dict:
     """What defines a run's output (recorded in the ledger; a resumed run must match).
 
+    ``inputs`` fingerprints the bars and the weights (:func:`input_fingerprint`), so new
+    data or a retrained model makes a new run instead of "already finished".
     ``batch_size`` and ``concurrency`` only shape the work, so they may change on resume.
     """
     values = asdict(opts)
     for key in ("batch_size", "concurrency"):
         values.pop(key)
-    return {"db": masked(db_url), "model_dir": str(Path(model_dir).resolve()), **values}
+    return {
+        "db": masked(db_url),
+        "model_dir": str(Path(model_dir).resolve()),
+        **values,
+        **dict(inputs or {}),
+    }
 
 
-def default_run_id(db_url: str, model_dir: str, opts: PredictOptions) -> str:
+def input_fingerprint(engine, model_dir: str | Path) -> dict:
+    """Row count and last date of the bars, size and mtime of the weights."""
+    import sqlalchemy as sa
+
+    from .model import WEIGHTS_FILE
+    from .schema import stock_daily
+
+    with engine.connect() as conn:
+        rows, last = conn.execute(
+            sa.select(sa.func.count(), sa.func.max(stock_daily.c.trade_date))
+        ).one()
+    weights = (Path(model_dir) / WEIGHTS_FILE).stat()
+    return {
+        "bars_rows": int(rows),
+        "bars_last_date": last,
+        "weights": f"{weights.st_size}-{weights.st_mtime_ns}",
+    }
+
+
+def default_run_id(
+    db_url: str, model_dir: str, opts: PredictOptions, inputs: Mapping[str, Any] | None = None
+) -> str:
     """Same inputs -> same run id, so ``--resume`` finds the earlier run's ledger."""
-    key = json.dumps(run_params(db_url, model_dir, opts), sort_keys=True)
+    key = json.dumps(run_params(db_url, model_dir, opts, inputs), sort_keys=True)
     return "stocks-" + hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
@@ -261,6 +293,7 @@ class Prepared:
     footprint: Any
     task: PredictTask
     model_config: Any
+    inputs: dict
 
 
 def prepare(db_url: str, model_dir: str, opts: PredictOptions, *, gpu_memory_fraction: float = 0.8) -> Prepared:
@@ -273,6 +306,7 @@ def prepare(db_url: str, model_dir: str, opts: PredictOptions, *, gpu_memory_fra
         preflight(engine)
         loaded = load_model(model_dir)  # fail here, not on every worker
         codes = select_codes(list_codes(engine), opts.offset, opts.limit)
+        inputs = input_fingerprint(engine, model_dir)
     finally:
         engine.dispose()
     footprint = stocks_footprint(
@@ -289,7 +323,7 @@ def prepare(db_url: str, model_dir: str, opts: PredictOptions, *, gpu_memory_fra
         gpu_memory_fraction=gpu_memory_fraction,
         upsert_rows=opts.upsert_rows,
     )
-    return Prepared(codes, device, footprint, task, loaded.config)
+    return Prepared(codes, device, footprint, task, loaded.config, inputs)
 
 
 def predict(
@@ -346,13 +380,13 @@ def predict(
     )
     plan = make_plan(footprint, resources, plan_settings)
     chunks = make_chunks(len(prep.codes), plan.chunk_size, items=prep.codes)
-    run_id = run_id or default_run_id(db_url, model_dir, opts)
+    run_id = run_id or default_run_id(db_url, model_dir, opts, prep.inputs)
     task = _with(prep.task, run_id=run_id, planned_gpu_batch=plan.gpu_batch_size)
     ledger = Ledger(str(db_url))
     run_kwargs = dict(
         run_id=run_id,
         ledger=ledger,
-        params=run_params(db_url, model_dir, opts),
+        params=run_params(db_url, model_dir, opts, prep.inputs),
         commit_on_worker=True,
         seed=int(settings.get("seed", 0) or 0),
         plan=plan,

@@ -72,50 +72,50 @@ def _sqlite_path(url: str) -> str:
     return url.split("sqlite:///", 1)[1]
 
 
-def prediction_rows(url: str) -> list[tuple]:
-    """Every prediction, sorted; prediction time and run id left out (they differ per run)."""
+def _query(url: str, sql: str) -> list[tuple]:
+    """Rows of a constant query, read-only for SQLite, through SQLAlchemy otherwise."""
     if url.startswith("sqlite"):
-        con = sqlite3.connect(f"file:{_sqlite_path(url)}?mode=ro", uri=True)
-        fetch = con.execute
-    else:
-        import sqlalchemy as sa
+        con = sqlite3.connect(f"file:{_sqlite_path(url)}?mode=ro", uri=True, timeout=5)
+        try:
+            return [tuple(r) for r in con.execute(sql).fetchall()]
+        finally:
+            con.close()
+    import sqlalchemy as sa
 
-        engine = sa.create_engine(url)
-        con = engine.connect()
-        fetch = lambda q: con.execute(sa.text(q))  # noqa: E731 (a constant query)
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
     try:
-        rows = fetch(
-            "SELECT ts_code, trade_date, model_version, predicted_return, predicted_direction, "
-            "confidence, predicted_return_3d FROM stock_predictions "
-            "ORDER BY ts_code, trade_date, model_version"
-        ).fetchall()
+        with engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(sa.text(sql)).fetchall()]
     finally:
-        con.close()
-    return [tuple(r) for r in rows]
+        engine.dispose()
+
+
+def prediction_rows(url: str) -> list[tuple]:
+    """Every prediction, sorted; prediction time and run id left out (they differ per run);
+    booleans as 0/1 so SQLite and PostgreSQL compare equal."""
+    rows = _query(
+        url,
+        "SELECT ts_code, trade_date, model_version, predicted_return, predicted_direction, "
+        "confidence, predicted_return_3d FROM stock_predictions "
+        "ORDER BY ts_code, trade_date, model_version",
+    )
+    return [tuple(int(v) if isinstance(v, bool) else v for v in r) for r in rows]
 
 
 def checksum(rows: list[tuple]) -> str:
     return hashlib.sha256(repr(rows).encode()).hexdigest()[:16]
 
 
-def done_chunks(url: str) -> int:
-    """Chunks the ledger has recorded as done (0 before the tables exist)."""
-    try:
-        con = sqlite3.connect(f"file:{_sqlite_path(url)}?mode=ro", uri=True, timeout=5)
-        try:
-            return con.execute("SELECT count(*) FROM hpcbatch_chunks").fetchone()[0]
-        finally:
-            con.close()
-    except sqlite3.Error:
-        return 0
-
-
 def done_ids(url: str) -> set[str]:
-    con = sqlite3.connect(f"file:{_sqlite_path(url)}?mode=ro", uri=True, timeout=5)
+    """Chunk ids the ledger has recorded as done (empty before the tables exist)."""
     try:
-        return {r[0] for r in con.execute("SELECT chunk_id FROM hpcbatch_chunks")}
-    finally:
-        con.close()
+        return {r[0] for r in _query(url, "SELECT chunk_id FROM hpcbatch_chunks")}
+    except Exception:  # noqa: BLE001 (no table yet, or the server is down)
+        return set()
+
+
+def done_chunks(url: str) -> int:
+    return len(done_ids(url))
 
 
 def start_stocks(url: str, model: Path, reports: Path, *extra: str, **faults) -> subprocess.Popen:
