@@ -109,6 +109,19 @@ def test_end_to_end_on_a_local_cluster_lands_every_row_exactly_once(market_copy,
     )
     assert again.status == "already-finished"
     assert _count(market_copy) == (10 * ok, 10 * ok)
+    # New bars make a new run: it runs, and its upserts replace rows instead of adding.
+    engine = make_engine(market_copy)
+    with engine.begin() as conn:
+        conn.execute(stock_daily.delete().where(stock_daily.c.trade_date == "20251231"))
+    third = predict(
+        market_copy, str(tiny_model), settings=settings, options=_opts(), resources=resources,
+        backend="local", progress=False, quiet=True, report_dir=None,
+    )
+    assert third.status == "finished" and third.run_id != report.run_id
+    ok3, _ = _expected(market_copy)
+    total, distinct = _count(market_copy)
+    assert total == distinct and total >= 10 * ok  # old last-day rows stay, nothing doubled
+    assert third.results_meta["predictions"] == 10 * ok3
 
 
 def test_bad_input_fails_before_anything_is_written(market_copy, tiny_model, tmp_path):
