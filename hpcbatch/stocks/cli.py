@@ -207,6 +207,13 @@ def _echo_outcome(report, url: str) -> None:
     from .schema import masked
 
     meta = report.results_meta or {}
+    if report.status == "already-finished":
+        click.echo(
+            f"nothing new to predict: run {report.run_id} finished earlier with the same bars, "
+            f"model and settings; its predictions are in stock_predictions of {masked(url)} "
+            "(give --run-id NAME to run again anyway)"
+        )
+        return
     click.echo(
         f"predictions: {meta.get('predictions', 0)} rows upserted into stock_predictions of "
         f"{masked(url)} ({meta.get('stocks_predicted', 0)} stocks predicted, "
@@ -222,7 +229,7 @@ def _echo_outcome(report, url: str) -> None:
 @click.option("--stocks", "n_stocks", type=int, default=300, show_default=True)
 @click.option("--days", type=int, default=400, show_default=True)
 @click.option("--epochs", type=int, default=3, show_default=True)
-@click.option("--max-windows", type=int, default=3000, show_default=True)
+@click.option("--max-windows", type=int, default=2000, show_default=True)
 @click.option(
     "--model-size", type=click.Choice(["full", "small", "tiny"]), default="small",
     show_default=True,

@@ -26,7 +26,7 @@ def run_demo(
     n_stocks: int = 300,
     days: int = 400,
     epochs: int = 3,
-    max_windows: int = 3000,
+    max_windows: int = 2000,
     model_size: str = "small",
     seed: int = 0,
     echo: Callable[[str], None] = print,

@@ -232,7 +232,8 @@ class PredictOptions:
         need = min_rows(self.predict_days)
         if self.lookback_days < need:
             raise ConfigError(
-                f"--lookback-days {self.lookback_days} is too short: {self.predict_days} prediction "
+                f"--lookback-days {self.lookback_days} (flag or profile) is too short: "
+                f"{self.predict_days} prediction "
                 f"days need {need} days (60 warm-up + 60-day window + {self.predict_days - 1})"
             )
 
