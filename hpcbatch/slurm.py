@@ -321,6 +321,7 @@ def render_sbatch(
     driver: bool = False,
     python: str | None = None,
     driver_mem: str = "2G",
+    jobs: int = 1,
     template_dir: Path | None = None,
     command_options: Collection[str] | None = None,
     check_command: bool = True,
@@ -330,7 +331,8 @@ def render_sbatch(
     ``driver=False``: one node, ``hpcbatch <workload> ... --resume`` on a local cluster
     of the plan's workers. ``driver=True``: a one-CPU driver job that runs the same
     command with ``--cluster slurm``; dask-jobqueue submits the workers as jobs of the
-    plan's size (``--mem-gb``/``--cpus`` given to the command). ``walltime``,
+    plan's size (``--mem-gb``/``--cpus`` given to the command), adaptively up to ``jobs``
+    worker jobs so workers retiring at their lifetime are replaced. ``walltime``,
     ``partition`` and ``account`` default to the ``cluster`` settings; ``extra`` are
     more ``#SBATCH`` options; ``args`` go onto the workload command (a database URL
     with a password there becomes ``$HPCBATCH_DB_URL``).
@@ -349,6 +351,8 @@ def render_sbatch(
     partition = partition or cluster.get("queue")
     account = account or cluster.get("account")
     job_name = job_name or f"hpcbatch-{workload}"
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {jobs}")
     for what, value in (
         ("partition", partition),
         ("account", account),
@@ -398,7 +402,8 @@ def render_sbatch(
         "command": " ".join(_quote(a) for a in command),
         "driver_mem": driver_mem,
         "worker_walltime": format_walltime(walltime_s),
-        "exports": _driver_exports(partition, account, walltime_s) if driver else "",
+        "jobs": str(jobs),
+        "exports": _driver_exports(partition, account, walltime_s, jobs) if driver else "",
     }
     template = load_template("driver.sbatch" if driver else "local.sbatch", template_dir)
     try:
@@ -415,8 +420,13 @@ def _gb(n_bytes: int) -> str:
     return text
 
 
-def _driver_exports(partition: str | None, account: str | None, walltime_s: int) -> str:
-    lines = [f"export DASK_HPCBATCH__CLUSTER__WALLTIME={format_walltime(walltime_s)}"]
+def _driver_exports(partition: str | None, account: str | None, walltime_s: int, jobs: int) -> str:
+    # Adaptive, not a fixed scale: dask-jobqueue replaces workers that retire at their
+    # --lifetime only in adaptive mode.
+    lines = [
+        f"export DASK_HPCBATCH__CLUSTER__WALLTIME={format_walltime(walltime_s)}",
+        f"export DASK_HPCBATCH__CLUSTER__ADAPT_MAXIMUM={jobs}",
+    ]
     if partition:
         lines.append(f"export DASK_HPCBATCH__CLUSTER__QUEUE={partition}")
     if account:

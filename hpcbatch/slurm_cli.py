@@ -40,6 +40,13 @@ def _render_options(func):
         help="A small driver job; workers run as separate jobs via dask-jobqueue.",
     )
     @click.option(
+        "--jobs",
+        type=int,
+        default=1,
+        show_default=True,
+        help="With --driver: at most this many worker jobs (adaptive).",
+    )
+    @click.option(
         "--directive",
         "directives",
         multiple=True,
@@ -99,6 +106,7 @@ def _emit(workload: str, plan: Plan, settings: dict, opts: dict, args: tuple[str
         config_file=opts["config_file"],
         driver=opts["driver"],
         python=opts["python"],
+        jobs=opts["jobs"],
     )
     if opts["output"]:
         try:

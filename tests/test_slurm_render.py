@@ -782,5 +782,18 @@ def test_slurm_cluster_refuses_a_job_script_without_the_plans_limit(monkeypatch)
         )
 
     monkeypatch.setattr(slurm, "slurm_cluster_kwargs", without_pin)
-    with pytest.raises(ClusterStartError, match=r"would give each worker \d+ bytes, not the plan.s \d+"):
+    with pytest.raises(
+        ClusterStartError, match=r"would give each worker \d+ bytes, not the plan.s \d+"
+    ):
         slurm.slurm_cluster(plan, settings)
+
+
+def test_driver_scales_adaptively_up_to_jobs() -> None:
+    text = _render([*CLI_CASES["stocks_driver_secret"][:2], "--jobs", "3",
+                    *CLI_CASES["stocks_driver_secret"][2:]])  # fmt: skip
+    # adaptive: dask-jobqueue replaces workers retiring at --lifetime only in adapt mode
+    assert "export DASK_HPCBATCH__CLUSTER__ADAPT_MAXIMUM=3" in text
+    assert "Up to 3 such job(s), adaptively" in text
+    result = CliRunner().invoke(main, ["slurm", "render", "stocks", "--mem-gb", "12", "--cpus",
+                                       "4", "--driver", "--jobs", "0"])  # fmt: skip
+    assert result.exit_code == 2 and "--jobs must be at least 1, got 0" in result.output
