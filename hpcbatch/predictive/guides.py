@@ -30,6 +30,26 @@ def save_guide(guide: Callable, path: str | Path) -> Path:
     return path
 
 
+def build_guide(guide: torch.nn.Module, *model_args, then=None, **model_kwargs):
+    """Create an autoguide's parameters by one call, in an empty param store.
+
+    Entries of an earlier guide with the same names (``AutoNormal.locs.x``) in the
+    global param store would otherwise clash with new shapes or override new values;
+    they are dropped, so the module's own parameters are what Pyro sees afterwards.
+    ``then(guide)`` runs inside the empty store (e.g. to load a state dict).
+    """
+    store = pyro.get_param_store()
+    with store.scope():
+        with torch.no_grad():
+            guide(*model_args, **model_kwargs)
+        if then is not None:
+            then(guide)
+    prefix = f"{getattr(guide, '_pyro_name', '')}."
+    for name in [n for n in store if prefix != "." and n.startswith(prefix)]:
+        del store[name]
+    return guide
+
+
 def load_guide(guide: Callable, path: str | Path, *model_args, **model_kwargs) -> Callable:
     """Load ``path`` into ``guide``; an autoguide is first built by one call on the args.
 
@@ -45,14 +65,10 @@ def load_guide(guide: Callable, path: str | Path, *model_args, **model_kwargs) -
 
     state = load_weights(path, what="guide parameters", fix="save them with save_guide")
     if isinstance(guide, torch.nn.Module):
-        store = pyro.get_param_store()
-        # Build in an empty param store, so entries of an earlier guide with the same
-        # names neither clash with the new shapes nor override the loaded values.
-        with store.scope():
-            with torch.no_grad():
-                guide(*model_args, **model_kwargs)
+
+        def load(module):
             try:
-                guide.load_state_dict(state)
+                module.load_state_dict(state)
             except RuntimeError as exc:
                 detail = next(
                     (line.strip() for line in str(exc).splitlines()[1:] if line.strip()), ""
@@ -62,10 +78,8 @@ def load_guide(guide: Callable, path: str | Path, *model_args, **model_kwargs) -
                     "this model and data, and build it with the fitting arguments "
                     "(observations given)"
                 ) from None
-        prefix = f"{getattr(guide, '_pyro_name', '')}."
-        for name in [n for n in store if prefix != "." and n.startswith(prefix)]:
-            del store[name]
-        return guide
+
+        return build_guide(guide, *model_args, then=load, **model_kwargs)
     store = pyro.get_param_store()
     for key, value in state.items():
         name = key.removeprefix("param_store/")

@@ -39,8 +39,9 @@ def technical_inputs(cells: int, features: int, groups: int, seed: int = 0):
         "n_groups": groups,
     }
     guide = technical.make_guide(mu_mean, groups)
-    with torch.no_grad():
-        guide(group[:1], sum_factor[:1], torch.zeros(1, features), **kwargs)
+    from .guides import build_guide
+
+    build_guide(guide, group[:1], sum_factor[:1], torch.zeros(1, features), **kwargs)
     return (group, sum_factor, None), kwargs, guide
 
 

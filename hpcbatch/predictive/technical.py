@@ -244,10 +244,9 @@ def make_guide(mu_mean: np.ndarray, n_groups: int) -> AutoNormal:
 def setup_guide(guide: AutoNormal, data: TechnicalData, mu_mean, mu_sd) -> AutoNormal:
     """Build the guide's parameters from a one-cell slice (cheap at any N)."""
     args, kwargs = model_inputs(data, mu_mean, mu_sd, with_counts=True)
-    sliced = tuple(a[:1] for a in args)
-    with torch.no_grad():
-        guide(*sliced, **kwargs)
-    return guide
+    from .guides import build_guide
+
+    return build_guide(guide, *(a[:1] for a in args), **kwargs)
 
 
 # ------------------------------------------------------------------ fit ----
