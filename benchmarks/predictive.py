@@ -2,7 +2,8 @@
 
 Cases (REFERENCE.md section 2): latent sites only (alpha_y, mu_ntc, phi_y) at
 N=5,000 x T=4,000 and N=20,000 x T=30,000 with S=1,000; with observations at
-N=5,000 x T=4,000 with S=200.  Contenders, each in a fresh process whose whole process
+N=5,000 x T=4,000 with S=200; and two small cases (N=100 and N=300, T=4,000) where
+``Predictive(parallel=True)`` fits under the cap, for the speed comparison.  Contenders, each in a fresh process whose whole process
 tree is watched from outside (RSS summed every 0.1 s, killed above the cap):
 
 - ``predictive_parallel``: ``Predictive(parallel=True)`` in one call;
@@ -38,6 +39,10 @@ CASES = {
     "latent_5k_4k": dict(cells=5000, features=4000, samples=1000, observations=False),
     "latent_20k_30k": dict(cells=20000, features=30000, samples=1000, observations=False),
     "obs_5k_4k": dict(cells=5000, features=4000, samples=200, observations=True),
+    # Small enough for Predictive(parallel=True) to fit under an 8 GB cap: the speed
+    # comparison "wherever that one fits".
+    "latent_100_4k": dict(cells=100, features=4000, samples=1000, observations=False),
+    "obs_300_4k": dict(cells=300, features=4000, samples=200, observations=True),
 }
 CONTENDERS = (
     "floor",
