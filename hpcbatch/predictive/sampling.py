@@ -393,7 +393,9 @@ def _plan(footprint, client, settings, chunk_size, memory_fraction, resources=No
     else:
         resources = resources or detect_resources()
         if client == "sync":
+            # One process, chunks in turn: no load balancing, the largest chunk that fits.
             overrides["n_workers"] = 1
+            overrides["chunks_per_worker"] = 1
     plan_settings = hb_config.plan_settings(settings, **overrides)
     return make_plan(footprint, resources, plan_settings)
 
