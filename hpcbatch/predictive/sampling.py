@@ -87,7 +87,8 @@ def _load_job(path: str) -> SamplingJob:
 
         with open(path, "rb") as handle:
             job = cloudpickle.load(handle)
-        _JOBS.clear()  # one run's job per process at a time
+        _JOBS.clear()  # one run's job per process at a time: drop the last run's maps
+        shared.forget_open()
         _JOBS[path] = job
     return job
 

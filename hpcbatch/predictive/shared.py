@@ -48,6 +48,11 @@ class SharedArray:
         return tensor
 
 
+def forget_open() -> None:
+    """Drop this process's memory maps of earlier runs (their files may be gone)."""
+    _OPEN.clear()
+
+
 def readonly_tensor(array: np.ndarray) -> torch.Tensor:
     """``torch.from_numpy`` over a read-only array, without the not-writable warning."""
     with warnings.catch_warnings():
