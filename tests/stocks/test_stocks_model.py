@@ -162,3 +162,28 @@ def test_batch_is_halved_on_out_of_memory_and_every_item_runs_once():
 
     with pytest.raises(ValueError):
         M.run_batches(4, 4, other)
+
+
+def test_inference_after_a_fake_cuda_oom_gives_the_same_predictions(tiny_model):
+    """predict_windows halves its batch on OOM and still predicts every window once."""
+    loaded = M.load_model(tiny_model)
+    win = np.random.default_rng(1).normal(size=(3, 5, 60, 105)).astype(np.float32)
+    expected, expected_conf, _ = M.predict_windows(loaded, win, batch=15)
+
+    class SmallDevice(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.calls = inner, []
+
+        def forward(self, x):
+            self.calls.append(x.shape[0])
+            if x.shape[0] > 4:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+            return self.inner(x)
+
+    fake = SmallDevice(loaded.model)
+    oom = M.LoadedModel(fake, loaded.config, loaded.mean, loaded.std, "v", "cpu", "")
+    got, conf, used = M.predict_windows(oom, win, batch=15)
+    assert used == 3 and fake.calls[:3] == [15, 7, 3]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(conf, expected_conf, rtol=1e-5)
