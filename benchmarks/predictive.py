@@ -277,6 +277,9 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
     parser.add_argument("--timeout-s", type=float, default=1200)
+    parser.add_argument(
+        "--override-samples", type=int, default=None, help="Replace S in every chosen case."
+    )
     opts = parser.parse_args()
     if opts.child:
         result = _child(opts.child, Path(opts.dir), opts.samples, opts.observations, opts.cap)
@@ -285,7 +288,9 @@ def main() -> None:
     cap = int(opts.cap_gb * 1e9)
     out = {"cap_bytes": cap, "cpus": os.cpu_count(), "load_avg_start": os.getloadavg(), "cases": {}}
     for name in opts.cases.split(","):
-        case = CASES[name]
+        case = dict(CASES[name])
+        if opts.override_samples:
+            case["samples"] = opts.override_samples
         data_dir = Path(opts.dir) / f"n{case['cells']}_t{case['features']}"
         t0 = time.time()
         _prepare(data_dir, case["cells"], case["features"])
