@@ -28,7 +28,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -74,7 +74,6 @@ class SampleRun:
     plan: Any
     layout: core.Layout
     block: int | None
-    notes: list[str] = field(default_factory=list)
 
 
 # -------------------------------------------------------------- worker side --
@@ -470,6 +469,70 @@ def run_sampling(
     run_id = run_id or f"predictive-{uuid.uuid4().hex[:10]}"
     scratch = Path(shared_dir or tempfile.gettempdir()) / "hpcbatch-shared" / run_id
     in_process = client == "sync"
+    try:
+        plan, store, report = _prepare_and_execute(
+            model,
+            guide,
+            posterior,
+            model_args,
+            model_kwargs,
+            layout,
+            block,
+            data_plate,
+            footprint,
+            client,
+            settings,
+            chunk_size,
+            memory_fraction,
+            resources,
+            scratch,
+            out_path,
+            compress,
+            run_id,
+            seed,
+            report_dir,
+            progress,
+            cluster_backend,
+            in_process,
+            num_samples,
+        )
+    except BaseException:
+        if out_path is not None:
+            shutil.rmtree(out_path, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    samples = _collect(store, layout, out_path is None)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return SampleRun(samples, report, plan, layout, block)
+
+
+def _prepare_and_execute(
+    model,
+    guide,
+    posterior,
+    model_args,
+    model_kwargs,
+    layout,
+    block,
+    data_plate,
+    footprint,
+    client,
+    settings,
+    chunk_size,
+    memory_fraction,
+    resources,
+    scratch,
+    out_path,
+    compress,
+    run_id,
+    seed,
+    report_dir,
+    progress,
+    cluster_backend,
+    in_process,
+    num_samples,
+):
+    """Share the inputs, plan, create the store and run the chunks."""
     if in_process:
         job_args, job_kwargs, job_posterior = model_args, model_kwargs, posterior
     else:
@@ -490,9 +553,6 @@ def run_sampling(
     plan = _plan(
         footprint, None if in_process else client, settings, fixed, memory_fraction, resources
     )
-    if in_process:
-        plan = _as_sync(plan, client)
-
     job = SamplingJob(
         model=model,
         guide=guide,
@@ -520,32 +580,20 @@ def run_sampling(
         _create_store(store, layout, block, compress, attrs, plan.chunk_size)
     except OSError as exc:
         raise ConfigError(f"cannot create {store}: {exc.strerror}") from None
-    try:
-        report = _execute(
-            job,
-            plan,
-            client,
-            settings,
-            store,
-            scratch,
-            run_id,
-            seed,
-            report_dir,
-            progress,
-            cluster_backend,
-        )
-    except BaseException:
-        if out_path is not None:
-            shutil.rmtree(out_path, ignore_errors=True)
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
-    samples = _collect(store, layout, out_path is None)
-    shutil.rmtree(scratch, ignore_errors=True)
-    return SampleRun(samples, report, plan, layout, block)
-
-
-def _as_sync(plan, client):
-    return replace(plan, n_workers=1)
+    report = _execute(
+        job,
+        plan,
+        client,
+        settings,
+        store,
+        scratch,
+        run_id,
+        seed,
+        report_dir,
+        progress,
+        cluster_backend,
+    )
+    return plan, store, report
 
 
 def _collect(store: Path, layout: core.Layout, load: bool):
