@@ -636,6 +636,37 @@ def job_info(job_id: str, *, run: CommandRunner | None = None) -> dict[str, str]
     return parse_scontrol(out.splitlines()[0])
 
 
+SACCT_FIELDS = ("JobID", "State", "ExitCode", "Timelimit", "Elapsed", "NodeList")
+
+
+def sacct_record(job_id: str, *, run: CommandRunner | None = None) -> dict[str, str] | None:
+    """The job from SLURM accounting (``sacct``), in ``scontrol``'s field names.
+
+    Used once ``scontrol`` has forgotten the job. A step that ran out of memory
+    (``OUT_OF_MEMORY`` on ``JOBID.batch``) makes the job's state ``OUT_OF_MEMORY``.
+    """
+    run = run or _runner()
+    code, out, _ = run(["sacct", "-j", str(job_id), "-n", "-P", "-o", ",".join(SACCT_FIELDS)])
+    if code != 0:
+        return None
+    rows = [dict(zip(SACCT_FIELDS, line.split("|"), strict=False)) for line in out.splitlines()]
+    main = next((r for r in rows if r.get("JobID") == str(job_id)), None)
+    if main is None:
+        return None
+    state = main.get("State", "UNKNOWN")
+    if any(r.get("State", "").startswith("OUT_OF_MEMORY") for r in rows):
+        state = "OUT_OF_MEMORY"
+    return {
+        "JobId": str(job_id),
+        "JobState": state,
+        "ExitCode": main.get("ExitCode", ""),
+        "TimeLimit": main.get("Timelimit", ""),
+        "RunTime": main.get("Elapsed", ""),
+        "NodeList": main.get("NodeList", ""),
+        "Source": "sacct",
+    }
+
+
 def jobcomp_record(job_id: str, path: str | Path) -> dict[str, str] | None:
     """The job's line in a ``jobcomp/filetxt`` file (kept after scontrol forgets the job)."""
     try:
@@ -782,7 +813,8 @@ def explain_job(
     output: str | Path | None = None,
     tail_bytes: int = 65536,
 ) -> JobDeath:
-    """Why job ``job_id`` ended, from ``scontrol show job``, the jobcomp file and its output.
+    """Why job ``job_id`` ended, from ``scontrol show job`` (else the jobcomp file, else
+    ``sacct``) and the tail of its output.
 
     The output file is taken from ``StdOut`` unless given; memory kills by the
     ``jobacct_gather`` OverMemoryKill only show there (state FAILED, exit 0:9).
@@ -791,9 +823,11 @@ def explain_job(
     if fields is None and jobcomp is not None:
         fields = jobcomp_record(job_id, jobcomp)
     if fields is None:
+        fields = sacct_record(job_id, run=run)
+    if fields is None:
         raise HpcbatchError(
-            f"no record of job {job_id}: SLURM forgot it (MinJobAge) and no jobcomp line; "
-            "pass --jobcomp FILE or check sacct -j " + str(job_id)
+            f"no record of job {job_id}: scontrol has forgotten it (MinJobAge), sacct has "
+            "nothing (no accounting?) and no jobcomp line: pass --jobcomp FILE"
         )
     out_path = output or fields.get("StdOut")
     text = ""

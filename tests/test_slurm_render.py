@@ -537,8 +537,9 @@ JOBCOMP = (
 class FakeScheduler:
     """The command layer: answers scontrol from a table, records every call."""
 
-    def __init__(self, jobs: dict[str, list[str]]):
+    def __init__(self, jobs: dict[str, list[str]], sacct: dict[str, str] | None = None):
         self.jobs = {k: list(v) for k, v in jobs.items()}
+        self.sacct = sacct
         self.calls: list[list[str]] = []
 
     def __call__(self, argv):
@@ -548,6 +549,10 @@ class FakeScheduler:
             if not states:
                 return 1, "", "slurm_load_jobs error: Invalid job id specified\n"
             return 0, (states.pop(0) if len(states) > 1 else states[0]), ""
+        if argv[0] == "sacct":
+            if self.sacct is None:
+                return 1, "", "sacct: error: Slurm accounting storage is disabled\n"
+            return 0, self.sacct.get(argv[2], ""), ""
         if argv[0] == "sbatch":
             return 0, "77;cluster\n", ""
         return 127, "", "unexpected"
@@ -797,3 +802,38 @@ def test_driver_scales_adaptively_up_to_jobs() -> None:
     result = CliRunner().invoke(main, ["slurm", "render", "stocks", "--mem-gb", "12", "--cpus",
                                        "4", "--driver", "--jobs", "0"])  # fmt: skip
     assert result.exit_code == 2 and "--jobs must be at least 1, got 0" in result.output
+
+
+# sacct -n -P -o JobID,State,ExitCode,Timelimit,Elapsed,NodeList, as on a cluster with
+# accounting (the test SLURM has none): cgroup memory kill, and a time limit.
+SACCT_OOM = (
+    "812|OUT_OF_MEMORY|0:125|02:00:00|00:41:07|node17\n"
+    "812.batch|OUT_OF_MEMORY|0:125||00:41:07|node17\n"
+    "812.extern|COMPLETED|0:0||00:41:07|node17\n"
+)
+SACCT_TIMEOUT = (
+    "813|TIMEOUT|0:0|01:00:00|01:00:12|node03\n813.batch|CANCELLED|0:15||01:00:13|node03\n"
+)
+
+
+def test_forgotten_job_is_read_from_sacct(tmp_path) -> None:
+    run = FakeScheduler({}, sacct={"812": SACCT_OOM, "813": SACCT_TIMEOUT, "814": ""})
+    death = slurm.explain_job("812", run=run)
+    assert (death.reason, death.state, death.exit_code) == ("memory", "OUT_OF_MEMORY", "0:125")
+    assert ["sacct", "-j", "812", "-n", "-P", "-o",
+            "JobID,State,ExitCode,Timelimit,Elapsed,NodeList"] in run.calls  # fmt: skip
+    death = slurm.explain_job("813", run=run)
+    assert death.reason == "walltime" and "01:00:00" in death.detail
+    with pytest.raises(HpcbatchError, match="no record of job 814"):
+        slurm.explain_job("814", run=run)
+
+
+def test_sacct_memory_kill_seen_only_on_a_step(tmp_path) -> None:
+    sacct = "9|FAILED|0:9|UNLIMITED|00:00:02|n1\n9.batch|OUT_OF_MEMORY|0:125||00:00:02|n1\n"
+    fields = slurm.sacct_record("9", run=FakeScheduler({}, sacct={"9": sacct}))
+    assert fields["JobState"] == "OUT_OF_MEMORY" and fields["ExitCode"] == "0:9"
+
+
+def test_no_accounting_no_record_says_what_to_pass() -> None:
+    with pytest.raises(HpcbatchError, match="sacct has nothing .*: pass --jobcomp FILE"):
+        slurm.explain_job("77", run=FakeScheduler({}))
