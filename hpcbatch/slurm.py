@@ -215,6 +215,11 @@ def _directive_lines(partition: str | None, account: str | None, extra: Sequence
             continue
         if d.startswith("#SBATCH"):
             d = d[len("#SBATCH") :].strip()
+        if "\n" in d or "\r" in d:
+            raise ConfigError(
+                f"extra sbatch directive {directive!r} has a line break: give one option per "
+                "--directive"
+            )
         if not d.startswith("-"):
             raise ConfigError(
                 f"extra sbatch directive {directive!r} is not an option: write it like "
@@ -222,6 +227,16 @@ def _directive_lines(partition: str | None, account: str | None, extra: Sequence
             )
         lines.append(f"#SBATCH {d}")
     return "\n".join(lines)
+
+
+def _check_python(python: str) -> str:
+    """The interpreter path goes inside ``"${HPCBATCH_PYTHON:-...}"``: no quotes or expansions."""
+    if re.search(r'["$`\\}\n\r]', python):
+        raise ConfigError(
+            f"--python {python!r} has characters that cannot go into the script "
+            "(quote, $, backquote, backslash, }, line break): use a plain path"
+        )
+    return python
 
 
 def _check_name(what: str, value: str | None) -> None:
@@ -398,7 +413,7 @@ def render_sbatch(
             if secret
             else ""
         ),
-        "python": python or sys.executable,
+        "python": _check_python(python or sys.executable),
         "command": " ".join(_quote(a) for a in command),
         "driver_mem": driver_mem,
         "worker_walltime": format_walltime(walltime_s),

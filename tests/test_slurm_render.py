@@ -390,6 +390,9 @@ def test_render_writes_a_file_with_output_option(tmp_path) -> None:
         (["--walltime", "2h"], "walltime '2h' is not a SLURM time limit"),
         (["--partition", "a b;rm"], "partition 'a b;rm' has characters"),
         (["--directive", "qos=long"], "is not an option: write it like --constraint"),
+        (["--directive", "--qos=x\nrm -rf ~"], "has a line break: give one option"),
+        (["--python", '/opt/py"; rm -rf ~; "'], "has characters that cannot go into the script"),
+        (["--python", "/opt/$(id)/python"], "has characters that cannot go into the script"),
     ],
 )
 def test_render_bad_input_is_one_line_and_exit_2(argv, message) -> None:
