@@ -259,7 +259,11 @@ def _announce(client, backend: str, plan: Plan, out: TextIO) -> None:
         f"dask {backend} cluster: {len(workers)} workers, {threads} threads, memory limit "
         + ", ".join(_fmt(limit) for limit in sorted(x or 0 for x in limits))
         + " per worker; thresholds "
-        + ", ".join(f"{k} {v}" for k, v in plan.thresholds.items()),
+        + (
+            "as configured on the existing workers"
+            if backend == "address"
+            else ", ".join(f"{k} {v}" for k, v in plan.thresholds.items())
+        ),
         file=out,
         flush=True,
     )

@@ -18,6 +18,7 @@ It does not decide anything about the run (the runner does).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -33,6 +34,7 @@ from .units import format_bytes
 
 SAMPLER_NAME = "hpcbatch-memory-sampler"
 COUNTER_NAME = "hpcbatch-task-counter"
+EXIT_TOPIC = "hpcbatch-worker-exit"
 SAMPLE_INTERVAL_S = 0.1
 _MAX_SAMPLES = 20_000
 
@@ -94,15 +96,12 @@ class MemorySampler(NannyPlugin):
             "memory_limit": getattr(getattr(nanny, "memory_manager", None), "memory_limit", None),
             "name": str(nanny.name),
             "proc": None,
-            "watch": None,  # (process, worker address) whose exit code is still unknown
-            "exits": [],  # (time, worker address, exit code) of worker processes that ended
         }
         nanny._hpcbatch_memory = state
 
         def sample() -> None:
             proc = nanny.process.process if nanny.process is not None else None
             now = time.time()
-            _watch_exit(state, proc, nanny.worker_address, now)
             if proc is None or proc.pid is None:
                 _append(state, now, math.nan)
                 return
@@ -118,6 +117,7 @@ class MemorySampler(NannyPlugin):
                 state["addresses"].append((now, address))
             _append(state, now, rss)
 
+        _record_worker_exits(nanny)
         old = nanny.periodic_callbacks.pop(SAMPLER_NAME, None)
         if old is not None:
             old.stop()
@@ -132,17 +132,25 @@ class MemorySampler(NannyPlugin):
             pc.stop()
 
 
-def _watch_exit(state: dict, proc, address, now: float) -> None:
-    """Note the exit code of a worker process when it ends (e.g. -9: SIGKILL)."""
-    watch = state["watch"]
-    if watch is not None:
-        old, old_address = watch
-        code = getattr(old, "exitcode", None)
-        if code is not None:
-            state["exits"].append((now, old_address, code))
-            state["watch"] = None
-    if state["watch"] is None and proc is not None and getattr(proc, "exitcode", 1) is None:
-        state["watch"] = (proc, address)
+def _record_worker_exits(nanny) -> None:
+    """Log an ``hpcbatch-worker-exit`` event (worker address, exit code) on the scheduler
+    each time the nanny's worker process ends.
+
+    Wraps the nanny's exit handler, which runs before the nanny unregisters the dead
+    worker, so the address is the dead worker's (a SIGKILL shows as exit code -9).
+    """
+    handler = getattr(nanny, "_on_worker_exit", None)
+    if handler is None or getattr(handler, "_hpcbatch", False):
+        return
+
+    async def on_exit(exitcode, _handler=handler):
+        if exitcode is not None and getattr(nanny, "_hpcbatch_memory", None) is not None:
+            with contextlib.suppress(Exception):
+                nanny.log_event(EXIT_TOPIC, {"worker": nanny.worker_address, "exitcode": exitcode})
+        return await _handler(exitcode)
+
+    on_exit._hpcbatch = True  # type: ignore[attr-defined]
+    nanny._on_worker_exit = on_exit
 
 
 def _append(state: dict, t: float, rss: float) -> None:
@@ -174,14 +182,7 @@ def nanny_memory_timeline(dask_worker=None) -> dict | None:
         "t": list(state["t"]),
         "rss": list(state["rss"]),
         "addresses": list(state["addresses"]),
-        "exits": list(state["exits"]),
     }
-
-
-def nanny_exits(dask_worker=None) -> list:
-    """Run on each nanny: (time, worker address, exit code) of its ended worker processes."""
-    state = getattr(dask_worker, "_hpcbatch_memory", None)
-    return list(state["exits"]) if state else []
 
 
 class TaskCounter(SchedulerPlugin):

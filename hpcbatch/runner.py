@@ -43,12 +43,12 @@ from .errors import ChunkFailedError, ConfigError, HpcbatchError, RunInterrupted
 from .ledger import ChunkAlreadyDone, DoneIndex, Ledger
 from .report import (
     COUNTER_NAME,
+    EXIT_TOPIC,
     SAMPLER_NAME,
     MemorySampler,
     RunReport,
     TaskCounter,
     classify_deaths,
-    nanny_exits,
     nanny_memory_timeline,
     plot_memory,
     remove_scheduler_counter,
@@ -190,9 +190,9 @@ def _memory_kills_of(client, key, since: float) -> list[dict]:
         found = [m for t, m in kills if t >= since - 1 and m.get("worker") in workers]
         if not found:
             found = [
-                {"worker": address, "rss": 0, "sigkill": True}
-                for t, address, code in _nanny_exits(client)
-                if t >= since - 1 and address in workers and code == -9
+                {"worker": ev.get("worker"), "rss": 0, "sigkill": True}
+                for t, ev in _events(client, EXIT_TOPIC)
+                if t >= since - 1 and ev.get("worker") in workers and ev.get("exitcode") == -9
             ]
         if found or attempt == 5:
             return found
@@ -200,12 +200,11 @@ def _memory_kills_of(client, key, since: float) -> list[dict]:
     return []
 
 
-def _nanny_exits(client) -> list[tuple[float, str, int]]:
+def _events(client, topic: str) -> list:
     try:
-        got = client.run(nanny_exits, nanny=True)
-    except Exception:  # noqa: BLE001 (no nannies)
+        return list(client.get_events(topic))
+    except Exception:  # noqa: BLE001
         return []
-    return [tuple(e) for exits in got.values() for e in exits or ()]
 
 
 # -------------------------------------------------------------- progress ----
@@ -583,7 +582,9 @@ def _loop(
                 file=out,
                 flush=True,
             )
-        if stop["reason"] is not None and time.monotonic() - stop["at"] > grace_period_s:
+        if fatal is not None and stop["at"] is None:
+            stop["at"] = time.monotonic()  # a failed chunk: the others get the same grace
+        if stop["at"] is not None and time.monotonic() - stop["at"] > grace_period_s:
             print(
                 f"grace period over: cancelling {len(in_flight)} chunks in flight "
                 "(they are not recorded and will rerun on resume)",
@@ -878,7 +879,11 @@ def _build_report(
         since=since,
         until=until,
         terminate_fraction=terminate or None,
-        exits=[tuple(e) for tl in timelines for e in tl.get("exits", ())],
+        exits=[
+            (t, ev.get("worker"), ev.get("exitcode"))
+            for t, ev in _events(client, EXIT_TOPIC)
+            if isinstance(ev, dict)
+        ],
     )
     peaks = _peaks(timelines, deaths)
     limit = (
