@@ -377,11 +377,16 @@ def render_sbatch(
         _check_name(what, value)
     reserve = parse_bytes(settings.get("reserve", "256MiB"), what="reserve")
     size = job_size(plan, 0 if driver else reserve)
-    extra_directives = list(extra) + list(cluster.get("job-extra-directives") or [])
+    # cluster.job-extra-directives describe the worker jobs: the single-node job is one,
+    # a driver is not (dask-jobqueue puts them on the worker jobs it submits).
+    extra_directives = list(extra)
+    if not driver:
+        extra_directives += list(cluster.get("job-extra-directives") or [])
 
     cmd_args, secret = scrub_args(args)
-    command, resume_text = _workload_command(workload, plan, cmd_args, profile, config_file, driver,
-                                       command_options)  # fmt: skip
+    command, resume_text = _workload_command(
+        workload, plan, cmd_args, profile, config_file, driver, command_options
+    )
     if check_command:
         check_workload_args(workload, command[2:])
 

@@ -50,7 +50,8 @@ def _render_options(func):
         "--directive",
         "directives",
         multiple=True,
-        help="Another #SBATCH option, e.g. --directive=--qos=short (repeatable).",
+        help="Another #SBATCH option for this script's job, e.g. --directive=--qos=short "
+        "(repeatable). Worker jobs of --driver take cluster.job-extra-directives.",
     )
     @click.option(
         "--python",

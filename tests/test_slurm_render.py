@@ -840,3 +840,18 @@ def test_sacct_memory_kill_seen_only_on_a_step(tmp_path) -> None:
 def test_no_accounting_no_record_says_what_to_pass() -> None:
     with pytest.raises(HpcbatchError, match="sacct has nothing .*: pass --jobcomp FILE"):
         slurm.explain_job("77", run=FakeScheduler({}))
+
+
+def test_worker_directives_go_on_worker_jobs_not_on_the_driver() -> None:
+    plan, settings = _plan()
+    settings = {
+        **settings,
+        "cluster": {**settings["cluster"], "job-extra-directives": ["--gres=gpu:1"]},
+    }
+    local = slurm.render_sbatch("stocks", plan, settings, extra=["--qos=long"])
+    assert "#SBATCH --gres=gpu:1" in local and "#SBATCH --qos=long" in local
+    driver = slurm.render_sbatch("stocks", plan, settings, extra=["--qos=long"], driver=True)
+    assert "#SBATCH --gres=gpu:1" not in driver and "#SBATCH --qos=long" in driver
+    assert slurm.slurm_cluster_kwargs(plan, settings).kwargs["job_extra_directives"] == [
+        "--gres=gpu:1"
+    ]
