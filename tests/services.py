@@ -6,6 +6,10 @@ them in pytest fixtures. Each server lives in its own temp directory
 directory records the PID of the process that owns it (`owner.pid`); servers left
 by a run that died are stopped and their directories removed by the next run.
 
+The daemons run in the foreground as children of the pytest process with a
+parent-death signal, so they stop even when pytest is killed with SIGKILL; a port
+taken between picking and binding is retried with a fresh one.
+
 Missing Debian packages are installed with apt-get under a file lock (two
 concurrent runs must not both run dpkg). Anything that cannot be installed or
 started raises `ServiceUnavailable` with the reason, and the fixtures skip with it.
