@@ -147,7 +147,7 @@ def render() -> None:
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def render_stocks(n_stocks, lookback_days, predict_days, batch_size, args, **opts) -> None:
     """sbatch script for `hpcbatch stocks predict`."""
-    from .stocks.footprint import stocks_footprint
+    from .stocks.footprint import stocks_footprint, stocks_max_chunk
 
     settings = hb_config.load(
         opts["profile"], opts["config_file"], {"memory-fraction": opts["memory_fraction"]}
@@ -168,7 +168,10 @@ def render_stocks(n_stocks, lookback_days, predict_days, batch_size, args, **opt
     plan = make_plan(
         footprint,
         _resources(opts["mem_gb"], opts["cpus"]),
-        hb_config.plan_settings(settings, chunk_size=batch_size),
+        # the same chunk cap as `hpcbatch plan stocks` and `stocks predict`
+        hb_config.plan_settings(
+            settings, chunk_size=batch_size, max_chunk=stocks_max_chunk(settings)
+        ),
     )
     _emit("stocks", plan, settings, opts, args)
 

@@ -8,6 +8,7 @@ Regenerate the golden scripts after an intended change with
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -855,3 +856,33 @@ def test_worker_directives_go_on_worker_jobs_not_on_the_driver() -> None:
     assert slurm.slurm_cluster_kwargs(plan, settings).kwargs["job_extra_directives"] == [
         "--gres=gpu:1"
     ]
+
+
+@pytest.mark.parametrize(
+    ("render_args", "plan_args"),
+    [
+        (["stocks", "--stocks", "5000"], ["stocks", "--stocks", "5000"]),
+        (["stocks", "--stocks", "300", "--batch-size", "7"],
+         ["stocks", "--stocks", "300", "--batch-size", "7"]),
+        (["predictive", "--cells", "21761", "--features", "31467"],
+         ["predictive", "--cells", "21761", "--features", "31467"]),
+    ],
+)  # fmt: skip
+def test_rendered_plan_is_the_plan_command_s(render_args, plan_args) -> None:
+    """`slurm render` sizes the job from the same plan `hpcbatch plan` shows."""
+    alloc = ["--mem-gb", "12", "--cpus", "4"]
+    extra = ["--", "fitted/", "--out", "p.zarr"] if render_args[0] == "predictive" else []
+    text = _render(["render", *render_args, *alloc, *extra])
+    shown = CliRunner().invoke(main, ["plan", *plan_args, *alloc, "--json"])
+    assert shown.exit_code == 0, shown.output
+    plan = json.loads(shown.output)
+    m = re.search(r"#   (\d+) worker\(s\) x (\d+) thread.*\n.*\n.*\n#   \d+ \w+s in (\d+) chunks of (\d+)",
+                  text)  # fmt: skip
+    assert m, text
+    assert [int(g) for g in m.groups()] == [plan["n_workers"], plan["threads_per_worker"],
+                                            plan["n_chunks"], plan["chunk_size"]]  # fmt: skip
+    size = -(-(plan["n_workers"] * plan["memory_limit_bytes"]
+               + plan["footprint"]["shared_input_bytes"] * plan["footprint"]["shared_input_mmap"]
+               + plan["footprint"]["model_bytes"] * plan["footprint"]["model_mmap"]
+               + 256 * 2**20) // 2**20)  # fmt: skip
+    assert _directive(text, "mem") == f"{size}M"
