@@ -728,6 +728,8 @@ def wait_for_job(
         info = job_info(job_id, run=run)
         if info is None and jobcomp is not None:
             info = jobcomp_record(job_id, jobcomp)
+        if info is None:
+            info = sacct_record(job_id, run=run)
         state = (info or {}).get("JobState", "").split()[0] if info else ""
         if state in FINISHED_STATES:
             return info or {}

@@ -886,3 +886,10 @@ def test_rendered_plan_is_the_plan_command_s(render_args, plan_args) -> None:
                + plan["footprint"]["model_bytes"] * plan["footprint"]["model_mmap"]
                + 256 * 2**20) // 2**20)  # fmt: skip
     assert _directive(text, "mem") == f"{size}M"
+
+
+def test_wait_for_job_finds_a_forgotten_job_in_sacct() -> None:
+    run = FakeScheduler({}, sacct={"813": SACCT_TIMEOUT})
+    assert slurm.wait_for_job("813", run=run, sleep=lambda s: None)["JobState"] == "TIMEOUT"
+    with pytest.raises(HpcbatchError, match="SLURM does not know job 5"):
+        slurm.wait_for_job("5", run=FakeScheduler({}), sleep=lambda s: None)
