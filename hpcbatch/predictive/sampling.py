@@ -295,6 +295,35 @@ def _check_counts(num_samples, posterior_samples, guide) -> dict:
     return posterior
 
 
+def portable_guide(guide):
+    """The guide without the data its prototype trace holds, for pickling to workers.
+
+    An autoguide keeps the trace of the model run it was built on: the observed data
+    (``_INPUT`` args, observed values, likelihood parameters) of that run, often the
+    whole counts matrix.  Only its latent sites are needed to draw; everything else is
+    dropped (a shallow copy; the caller's guide is unchanged) and latent values that
+    are views of larger tensors are cut to their own size.
+    """
+    trace = getattr(guide, "prototype_trace", None)
+    if trace is None or not isinstance(guide, torch.nn.Module):
+        return guide
+    slim = trace.copy()
+    for name, site in list(slim.nodes.items()):
+        if site["type"] != "sample" or site["is_observed"]:
+            slim.remove_node(name)
+            continue
+        site = dict(site)
+        site["value"] = site["value"].detach().clone()
+        site.pop("args", None)
+        site.pop("kwargs", None)
+        slim.nodes[name] = site
+    import copy
+
+    light = copy.copy(guide)
+    light.__dict__["prototype_trace"] = slim
+    return light
+
+
 def _guide_state(guide) -> dict | None:
     """The param-store entries a guide reads (a plain callable guide's ``pyro.param`` s)."""
     if guide is None or isinstance(guide, torch.nn.Module):
@@ -555,7 +584,7 @@ def _prepare_and_execute(
     )
     job = SamplingJob(
         model=model,
-        guide=guide,
+        guide=guide if in_process else portable_guide(guide),
         posterior=job_posterior,
         model_args=job_args,
         model_kwargs=job_kwargs,

@@ -246,7 +246,8 @@ def setup_guide(guide: AutoNormal, data: TechnicalData, mu_mean, mu_sd) -> AutoN
     args, kwargs = model_inputs(data, mu_mean, mu_sd, with_counts=True)
     from .guides import build_guide
 
-    return build_guide(guide, *(a[:1] for a in args), **kwargs)
+    # Copies, not views: the guide's prototype trace keeps these arguments.
+    return build_guide(guide, *(a[:1].clone() for a in args), **kwargs)
 
 
 # ------------------------------------------------------------------ fit ----
