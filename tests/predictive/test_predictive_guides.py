@@ -74,3 +74,25 @@ def test_hand_written_guide_with_param_store(tmp_path):
     assert abs(got["loc"].mean() + 7.0) < 0.5
     # The caller's param store is left as it was.
     assert float(pyro.param("mean").detach()) == -7.0
+
+
+def test_guides_travel_to_workers_without_the_data_they_were_built_on():
+    import cloudpickle
+
+    from hpcbatch.predictive.sampling import portable_guide
+
+    guide, args = hierarchical_setup()
+    big_y = torch.zeros(400_000)
+    group = torch.zeros(400_000, dtype=torch.long)
+    built = AutoNormal(hierarchical_model)
+    built(group, 5, big_y)  # its prototype trace holds the 1.6 MB of observations
+    assert len(cloudpickle.dumps(built)) > big_y.numel() * 4
+    light = portable_guide(built)
+    assert len(cloudpickle.dumps(light)) < 100_000
+    assert light is not built and len(cloudpickle.dumps(built)) > big_y.numel() * 4
+    pyro.set_rng_seed(0)
+    a = Predictive(hierarchical_model, guide=built, num_samples=5, parallel=True)(*args)
+    pyro.set_rng_seed(0)
+    b = Predictive(hierarchical_model, guide=light, num_samples=5, parallel=True)(*args)
+    for name in a:
+        assert torch.equal(a[name], b[name])
