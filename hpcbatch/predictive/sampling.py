@@ -580,7 +580,7 @@ def _prepare_and_execute(
         footprint = footprint(layout, block)
     fixed = None if chunk_size in ("auto", None) else int(chunk_size)
     plan = _plan(
-        footprint, None if in_process else client, settings, fixed, memory_fraction, resources
+        footprint, client, settings, fixed, memory_fraction, resources
     )
     job = SamplingJob(
         model=model,
