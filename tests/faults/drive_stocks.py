@@ -2,12 +2,14 @@
 
 ``python drive_stocks.py DB_URL MODEL_DIR REPORT_DIR [--resume]``; prints the run
 report as JSON on stdout; an HpcbatchError is one ``error:`` line and its exit code,
-as the CLI does.  (Used until/unless the tests drive ``hpcbatch stocks predict``.)
+as the CLI does.  ``HPCBATCH_FAULT_DRIVER_MEMORY`` (bytes, default 3 GB) is the
+allocation planned for (2 CPUs), which sets the workers' memory limit.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 
@@ -23,13 +25,14 @@ def main(argv: list[str]) -> int:
     opts = PredictOptions.from_settings(
         settings["stocks"], lookback_days=180, predict_days=5, batch_size=2, use_gpu="false"
     )
+    memory = int(os.environ.get("HPCBATCH_FAULT_DRIVER_MEMORY", 3_000_000_000))
     try:
         report = predict(
             db_url,
             model_dir,
             settings=settings,
             options=opts,
-            resources=detect_resources(memory_bytes=3_000_000_000, cpus=2, plan_ahead=True),
+            resources=detect_resources(memory_bytes=memory, cpus=2, plan_ahead=True),
             progress=False,
             quiet=True,
             resume="--resume" in argv,

@@ -10,11 +10,11 @@ Faults, from environment variables (inherited by the workers):
   way by killing a worker or the driver);
 - ``HPCBATCH_FAULT_MARK_DIR``: touch ``<dir>/<chunk_id>-<ns>`` when a chunk starts
   (count how many chunks ran, and which);
-- ``HPCBATCH_FAULT_HOG_MB`` with ``HPCBATCH_FAULT_HOG_ABOVE`` (items): a chunk larger
-  than that allocates and touches that many MB, every time it runs (a chunk that
-  exceeds its worker's memory limit, repeatedly);
-- ``HPCBATCH_FAULT_HOG_ITEM``: a chunk holding this item (ts_code) always allocates,
-  at any size (a chunk that cannot fit even at the minimum size);
+- ``HPCBATCH_FAULT_HOG_MB``: a chunk of more than ``HPCBATCH_FAULT_HOG_ABOVE`` items
+  (default 0), and holding the item ``HPCBATCH_FAULT_HOG_ITEM`` if that is set,
+  allocates and touches that many MB every time it runs: a chunk that exceeds its
+  worker's memory limit, repeatedly (``ABOVE=1``: its halves fit; ``ABOVE=0`` with an
+  item: it cannot fit even at the minimum size);
 - ``HPCBATCH_FAULT_FAIL_ITEM``: a chunk holding this item raises ``RuntimeError``
   (a bug or bad row: retried, then the run fails naming the chunk).
 """
@@ -49,8 +49,8 @@ def _before_chunk(chunk) -> None:
     hog_mb = int(os.environ.get("HPCBATCH_FAULT_HOG_MB", "0") or 0)
     if hog_mb:
         above = int(os.environ.get("HPCBATCH_FAULT_HOG_ABOVE", "0") or 0)
-        poison = os.environ.get("HPCBATCH_FAULT_HOG_ITEM")
-        if chunk.size > above or (poison and poison in tuple(chunk.items)):
+        item = os.environ.get("HPCBATCH_FAULT_HOG_ITEM")
+        if chunk.size > above and (not item or item in tuple(chunk.items)):
             _hog(hog_mb)
     fail = os.environ.get("HPCBATCH_FAULT_FAIL_ITEM")
     if fail and fail in tuple(chunk.items):

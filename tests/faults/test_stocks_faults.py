@@ -100,3 +100,56 @@ def test_driver_stopped_half_way_then_resume_runs_only_the_missing_chunks(
     assert len(rows) == len(stocks_baseline["rows"])
     assert checksum(rows) == stocks_baseline["checksum"]
     assert done_chunks(url) == 12
+
+
+MEMORY = "1700000000"  # 2 workers of ~620 MiB each: a 600 MB allocation kills one
+
+
+def test_chunk_over_its_memory_limit_is_split_and_retried_until_it_fits(
+    stock_inputs, stocks_baseline, tmp_path
+) -> None:
+    url = fresh_db(stock_inputs, tmp_path)
+    proc = start_stocks(
+        url,
+        stock_inputs["model"],
+        tmp_path / "reports",
+        driver_memory=MEMORY,
+        hog_mb=600,
+        hog_above=1,  # the 2-stock chunk holding 000005.SZ: killed every time; its halves fit
+        hog_item="000005.SZ",
+    )
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err
+    report = json.loads(out.splitlines()[-1])
+    assert report["status"] == "finished"
+    assert report["chunks_split"] >= 1
+    assert any(d["reason"] == "memory" for d in report["worker_deaths"])
+    assert "ran out of memory" in err and "split into 1 + 1" in err
+    assert {"c000002.0", "c000002.1"} <= done_ids(url)
+    rows = prediction_rows(url)
+    assert len(rows) == len(stocks_baseline["rows"])
+    assert checksum(rows) == stocks_baseline["checksum"]
+
+
+def test_chunk_that_cannot_fit_at_the_minimum_size_fails_clearly_and_the_rest_is_kept(
+    stock_inputs, stocks_baseline, tmp_path
+) -> None:
+    url = fresh_db(stock_inputs, tmp_path)
+    poison = "000005.SZ"
+    proc = start_stocks(
+        url,
+        stock_inputs["model"],
+        tmp_path / "reports",
+        driver_memory=MEMORY,
+        hog_mb=600,
+        hog_above=0,  # even the 1-stock chunk of 000005.SZ is over the limit
+        hog_item=poison,
+    )
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode != 0
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "memory" in last and "c000002" in last, last
+    rows = prediction_rows(url)
+    expected = [r for r in stocks_baseline["rows"] if r[0] != poison]
+    assert rows == expected  # everything else committed, nothing of the poison chunk
+    assert done_ids(url) == ({f"c{i:06d}" for i in range(12)} - {"c000002"}) | {"c000002.1"}
