@@ -360,7 +360,10 @@ def _create_store(
             chunks[site.plate_axis] = block
             per_sample = per_sample // max(1, site.shape[site.plate_axis]) * block
         chunks[0] = samples_per_zarr_chunk(per_sample, chunk_size)
-        options = {} if compress else {"compressors": None}
+        # Default (None): compress only sites in the data plate (counts compress well;
+        # float posterior draws barely do and zstd would cost more than the draw).
+        squeeze = compress if compress is not None else site.plate_axis is not None
+        options = {} if squeeze else {"compressors": None}
         group.create_array(
             site.name,
             shape=site.shape,
@@ -594,7 +597,8 @@ def _prepare_and_execute(
         guide_param_state=_guide_state(guide),
     )
     store = out_path or scratch / "samples.zarr"
-    compress = (out_path is not None) if compress is None else compress
+    if out_path is None:
+        compress = False  # a scratch store read back at once
     attrs = {
         "hpcbatch": {
             "run_id": run_id,
