@@ -294,6 +294,8 @@ def inspect_model(
                     "fitted to this model"
                 ) from exc
         latent_values = _guide_values(guide_trace, posterior)
+        if data_plate is not None and posterior:
+            _check_posterior_locals(model, probe_args, probe_kwargs, data_plate, posterior)
         if data_plate is not None and guide_trace is not None:
             for name, site in guide_trace.nodes.items():
                 in_plate = any(f.name == data_plate for f in site.get("cond_indep_stack", ()))
@@ -348,6 +350,18 @@ def _guide_values(guide_trace, posterior) -> dict[str, torch.Tensor]:
             and not site["infer"].get("is_auxiliary")
         }
     return {name: value[0] for name, value in (posterior or {}).items()}
+
+
+def _check_posterior_locals(model, args, kwargs, plate, posterior) -> None:
+    """A posterior_samples entry for a site inside the data plate cannot be split."""
+    try:
+        prior = _model_trace(model, args, kwargs)
+    except Exception:  # noqa: BLE001  (the conditioned run below reports it)
+        return
+    for name, site in prior.nodes.items():
+        in_plate = any(f.name == plate for f in site.get("cond_indep_stack", ()))
+        if site["type"] == "sample" and in_plate and name in posterior:
+            raise _local_latent(plate, name, False)
 
 
 def _model_error(exc, where, latent_values, data_plate, plate_size=None) -> Exception:

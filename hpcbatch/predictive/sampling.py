@@ -582,9 +582,7 @@ def _prepare_and_execute(
     elif callable(footprint):
         footprint = footprint(layout, block)
     fixed = None if chunk_size in ("auto", None) else int(chunk_size)
-    plan = _plan(
-        footprint, client, settings, fixed, memory_fraction, resources
-    )
+    plan = _plan(footprint, client, settings, fixed, memory_fraction, resources)
     job = SamplingJob(
         model=model,
         guide=guide if in_process else portable_guide(guide),

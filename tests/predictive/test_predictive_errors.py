@@ -135,6 +135,22 @@ def test_plate_with_local_latents_is_refused():
         )
 
 
+def test_posterior_samples_of_a_local_latent_are_refused():
+    x = torch.randn(30)
+    posterior = {"w": torch.randn(4), "z": torch.randn(4, 30)}
+    with pytest.raises(ConfigError, match="local latent variable 'z' .*posterior_samples"):
+        sample(
+            local_latent_model,
+            posterior_samples=posterior,
+            num_samples=4,
+            model_args=(x,),
+            return_sites=["y"],
+            data_plate="data",
+            split_args=("x",),
+            client="sync",
+        )
+
+
 def test_unknown_data_plate_names_the_plates():
     guide, x = regression_setup(n_rows=50)
     with pytest.raises(ConfigError, match="no plate named 'cells'.*data"):
