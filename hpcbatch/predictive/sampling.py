@@ -688,14 +688,22 @@ def _run_in_process(job, chunks, store, run_id, seed, plan):
     _JOBS[key] = job
     total = {"samples": 0, "bytes_written": 0}
     t0 = time.time()
+    queue = list(chunks)
+    splits = 0
     try:
-        for chunk in chunks:
+        while queue:
+            chunk = queue.pop(0)
             ctx = runner.TaskContext(run_id, runner.chunk_seed(seed, chunk.chunk_id), 0)
             try:
                 meta = sample_chunk_task(chunk, ctx, job_path=key, out=str(store))
             except HpcbatchError:
                 raise
             except Exception as exc:
+                # As the runner does: a chunk out of memory is halved and retried.
+                if runner.is_memory_error(exc) and chunk.size > 1:
+                    queue[:0] = chunk.split()
+                    splits += 1
+                    continue
                 raise _chunk_error(chunk, exc) from exc
             for name, value in meta.items():
                 total[name] += value
@@ -712,6 +720,7 @@ def _run_in_process(job, chunks, store, run_id, seed, plan):
         status="finished",
         n_chunks=len(chunks),
         chunks_done=len(chunks),
+        chunks_split=splits,
         items_done=total["samples"],
         wall_time_s=time.time() - t0,
         plan=plan.to_dict(),
