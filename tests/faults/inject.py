@@ -3,7 +3,7 @@
 Set ``DASK_DISTRIBUTED__WORKER__PRELOAD='["inject"]'`` (with this directory on
 ``PYTHONPATH``) and every worker of the run imports this module before its first
 task; it wraps the workloads' chunk functions (``hpcbatch.stocks.predict.predict_chunk``,
-``hpcbatch.predictive.sample.sample_chunk_task``), leaving hpcbatch's code untouched.
+``hpcbatch.predictive.sampling.sample_chunk_task``), leaving hpcbatch's code untouched.
 Faults, from environment variables (inherited by the workers):
 
 - ``HPCBATCH_FAULT_DELAY_S``: sleep this long before each chunk (to stop a run half
@@ -29,7 +29,8 @@ from pathlib import Path
 
 TARGETS = (
     ("hpcbatch.stocks.predict", "predict_chunk"),
-    ("hpcbatch.predictive.sample", "sample_chunk_task"),
+    ("hpcbatch.predictive.sampling", "sample_chunk_task"),
+    ("hpcbatch.predictive.sample", "sample_chunk_task"),  # its name before the rename
 )
 
 
