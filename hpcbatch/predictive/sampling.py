@@ -360,10 +360,10 @@ def _create_store(
             chunks[site.plate_axis] = block
             per_sample = per_sample // max(1, site.shape[site.plate_axis]) * block
         chunks[0] = samples_per_zarr_chunk(per_sample, chunk_size)
-        # Default (None): compress only sites in the data plate (counts compress well;
-        # float posterior draws barely do and zstd would cost more than the draw).
-        squeeze = compress if compress is not None else site.plate_axis is not None
-        options = {} if squeeze else {"compressors": None}
+        # Uncompressed by default: zstd costs ~15 % of the sampling time with
+        # observations (measured, N=300 x T=4,000) and float draws barely compress;
+        # compress=True shrinks stores of counts.
+        options = {} if compress else {"compressors": None}
         group.create_array(
             site.name,
             shape=site.shape,
