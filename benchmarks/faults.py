@@ -1,0 +1,363 @@
+"""Fault-injection scenarios on real runs; prints one JSON table.
+
+Each scenario runs the stock prediction workload (a synthetic market in SQLite, or in a
+throwaway PostgreSQL for the database faults) with a fault injected, then compares the
+result with an undisturbed run of the same seed: rows lost, rows duplicated, checksum
+equal, chunks re-run on resume, wall time.  The fault machinery is the test suite's
+(``tests/faults``: a Dask worker preload that delays chunks, marks them, allocates
+memory or fails them), so the scenarios here are the tests' heavier variants:
+more stocks, every chunk over its memory limit, the database gone for good.
+
+    python benchmarks/faults.py [--stocks 48] [--only worker-sigkill,db-gone] > faults.json
+
+Needs root for the disk-full scenario (a small tmpfs) and PostgreSQL binaries for the
+database ones; a scenario that cannot run says why instead of a result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO / "tests" / "faults"), str(REPO / "tests")]
+
+import conftest as fx  # noqa: E402  (tests/faults/conftest.py: the fault helpers)
+
+
+def _reproduce(test: str) -> str:
+    return f"pytest {test}"
+
+
+class Bench:
+    def __init__(self, base: Path, n_stocks: int, batch: int):
+        self.base = base
+        self.n_stocks = n_stocks
+        self.batch = batch
+        self.n_chunks = -(-n_stocks // batch)
+        self.inputs = self._inputs()
+        self.baseline = None
+
+    # ------------------------------------------------------------------ inputs --
+
+    def _inputs(self) -> dict:
+        import numpy as np
+        import torch
+
+        from hpcbatch.stocks.generate import generate_market
+        from hpcbatch.stocks.model import SIZES, StockModel, save_model
+        from hpcbatch.stocks.schema import make_engine
+
+        engine = make_engine(f"sqlite:///{self.base / 'market.db'}", create=True)
+        generate_market(engine, self.n_stocks, fx.DAYS, seed=1)
+        engine.dispose()
+        torch.manual_seed(0)
+        cfg = SIZES["tiny"]
+        zeros, ones = np.zeros(cfg.n_features, "f4"), np.ones(cfg.n_features, "f4")
+        save_model(StockModel(cfg), self.base / "model", zeros, ones, {})
+        return {"db": self.base / "market.db", "model": self.base / "model"}
+
+    def fresh(self, name: str) -> tuple[str, Path]:
+        work = self.base / name
+        return fx.fresh_db(self.inputs, work), work
+
+    def start(self, url: str, work: Path, *extra: str, **faults) -> subprocess.Popen:
+        return fx.start_stocks(url, self.inputs["model"], work / "reports", *extra, **faults)
+
+    # ----------------------------------------------------------------- compare --
+
+    def compare(self, url: str) -> dict:
+        rows = fx.prediction_rows(url)
+        keys = [r[:3] for r in rows]
+        base = self.baseline["rows"]
+        base_keys = {r[:3] for r in base}
+        return {
+            "rows": len(rows),
+            "rows_expected": len(base),
+            "lost": len(base_keys - set(keys)),
+            "duplicated": len(keys) - len(set(keys)),
+            "equal_to_undisturbed": fx.checksum(rows) == self.baseline["checksum"],
+        }
+
+    # --------------------------------------------------------------- scenarios --
+
+    def undisturbed(self) -> dict:
+        url, work = self.fresh("undisturbed")
+        t0 = time.monotonic()
+        proc = self.start(url, work)
+        out, err = proc.communicate(timeout=1800)
+        assert proc.returncode == 0, err
+        rows = fx.prediction_rows(url)
+        self.baseline = {"rows": rows, "checksum": fx.checksum(rows)}
+        return {
+            "fault": "none (the reference run)",
+            "exit_code": 0,
+            "wall_s": round(time.monotonic() - t0, 1),
+            "rows": len(rows),
+        }
+
+    def worker_sigkill(self) -> dict:
+        url, work = self.fresh("worker-sigkill")
+        t0 = time.monotonic()
+        proc = self.start(url, work, delay_s=0.5)
+        fx.wait_until(lambda: fx.done_chunks(url) >= self.n_chunks // 2, proc, 900, "half")
+        killed = 0
+        for victim in fx.dask_workers(proc.pid):  # every worker, one after the other
+            with contextlib.suppress(Exception):
+                victim.send_signal(signal.SIGKILL)
+                killed += 1
+            time.sleep(1.0)
+        out, err = proc.communicate(timeout=1800)
+        report = json.loads(out.splitlines()[-1]) if proc.returncode == 0 else {}
+        return {
+            "fault": f"SIGKILL all {killed} workers half way, one by one",
+            "exit_code": proc.returncode,
+            "wall_s": round(time.monotonic() - t0, 1),
+            "worker_deaths": len(report.get("worker_deaths", [])),
+            **self.compare(url),
+            "reproduce": _reproduce("tests/faults/test_stocks_faults.py -k worker_sigkilled"),
+        }
+
+    def driver_stop(self, sig: signal.Signals) -> dict:
+        url, work = self.fresh(f"driver-{sig.name}")
+        marks = work / "marks"
+        t0 = time.monotonic()
+        proc = self.start(url, work, delay_s=0.5, mark_dir=marks)
+        fx.wait_until(lambda: fx.done_chunks(url) >= self.n_chunks // 2, proc, 900, "half")
+        if sig == signal.SIGKILL:
+            fx.kill_tree(proc)
+            proc.communicate(timeout=120)
+            first_line = "(killed: no output)"
+        else:
+            proc.send_signal(sig)
+            _, err = proc.communicate(timeout=300)
+            first_line = err.strip().splitlines()[-1]
+        first_code = proc.returncode
+        committed = fx.done_ids(url)
+        again = work / "marks-resume"
+        proc = self.start(url, work, "--resume", mark_dir=again)
+        out, err = proc.communicate(timeout=1800)
+        report = json.loads(out.splitlines()[-1]) if proc.returncode == 0 else {}
+        ran = len(list(again.iterdir())) if again.exists() else 0
+        return {
+            "fault": f"{sig.name} to the driver half way, then --resume",
+            "exit_code_stopped": first_code,
+            "message": first_line[:200],
+            "chunks_committed_before": len(committed),
+            "chunks_run_on_resume": ran,
+            "chunks_missing_before": self.n_chunks - len(committed),
+            "chunks_skipped_on_resume": report.get("chunks_skipped"),
+            "exit_code": proc.returncode,
+            "wall_s": round(time.monotonic() - t0, 1),
+            **self.compare(url),
+            "reproduce": _reproduce(
+                f"tests/faults/test_stocks_faults.py -k 'driver_stopped and {sig.name}'"
+            ),
+        }
+
+    def memory_every_chunk(self) -> dict:
+        url, work = self.fresh("memory-split")
+        t0 = time.monotonic()
+        proc = self.start(url, work, driver_memory="1700000000", hog_mb=600, hog_above=1)
+        out, err = proc.communicate(timeout=3600)
+        report = json.loads(out.splitlines()[-1]) if proc.returncode == 0 else {}
+        deaths = report.get("worker_deaths", [])
+        return {
+            "fault": "every chunk of more than 1 stock allocates 600 MB over a ~620 MiB limit",
+            "exit_code": proc.returncode,
+            "wall_s": round(time.monotonic() - t0, 1),
+            "chunks_split": report.get("chunks_split"),
+            "worker_deaths": len(deaths),
+            "death_reasons": sorted({d["reason"] for d in deaths}),
+            **self.compare(url),
+            "reproduce": _reproduce("tests/faults/test_stocks_faults.py -k over_its_memory"),
+        }
+
+    def memory_min_size(self) -> dict:
+        url, work = self.fresh("memory-min")
+        codes = sorted({r[0] for r in self.baseline["rows"]})
+        item = codes[len(codes) // 2]
+        t0 = time.monotonic()
+        proc = self.start(
+            url, work, driver_memory="1700000000", hog_mb=600, hog_above=0, hog_item=item
+        )
+        out, err = proc.communicate(timeout=1800)
+        rows = fx.prediction_rows(url)
+        expected = [r for r in self.baseline["rows"] if r[0] != item]
+        return {
+            "fault": f"the chunk of {item} is over the limit even at 1 stock",
+            "exit_code": proc.returncode,
+            "message": err.strip().splitlines()[-1][:240],
+            "wall_s": round(time.monotonic() - t0, 1),
+            "rows": len(rows),
+            "rows_expected_without_that_stock": len(expected),
+            "everything_else_committed": rows == expected,
+            "reproduce": _reproduce("tests/faults/test_stocks_faults.py -k minimum_size"),
+        }
+
+    def _postgres(self):
+        import services
+
+        server = services.PostgresServer()
+        server.start()
+        from hpcbatch.stocks.generate import generate_market
+        from hpcbatch.stocks.schema import make_engine
+
+        engine = make_engine(server.url)
+        generate_market(engine, self.n_stocks, fx.DAYS, seed=1)
+        engine.dispose()
+        return server
+
+    def db_restart(self, outage_s: float = 5.0) -> dict:
+        server = self._postgres()
+        try:
+            url, work = server.url, self.base / "db-restart"
+            t0 = time.monotonic()
+            proc = self.start(url, work, delay_s=0.5)
+            fx.wait_until(lambda: fx.done_chunks(url) >= self.n_chunks // 3, proc, 900, "a third")
+            server.proc.send_signal(signal.SIGINT)
+            server.proc.wait(timeout=60)
+            time.sleep(outage_s)
+            assert server._start_postmaster(), server.log_tail()
+            out, err = proc.communicate(timeout=1800)
+            retries = err.count("retry ")
+            return {
+                "fault": f"PostgreSQL stopped (fast shutdown) for {outage_s:.0f} s mid-run",
+                "exit_code": proc.returncode,
+                "wall_s": round(time.monotonic() - t0, 1),
+                "backoff_retries_logged": retries,
+                **self.compare(url),
+                "reproduce": _reproduce("tests/faults/test_db_faults.py -k restarted"),
+            }
+        finally:
+            server.stop()
+
+    def db_gone(self) -> dict:
+        server = self._postgres()
+        try:
+            url, work = server.url, self.base / "db-gone"
+            t0 = time.monotonic()
+            proc = self.start(url, work, delay_s=0.5)
+            fx.wait_until(lambda: fx.done_chunks(url) >= self.n_chunks // 3, proc, 900, "a third")
+            server.proc.send_signal(signal.SIGINT)
+            server.proc.wait(timeout=60)
+            out, err = proc.communicate(timeout=3600)
+            failed_after = round(time.monotonic() - t0, 1)
+            message = err.strip().splitlines()[-1][:240] if err.strip() else ""
+            assert server._start_postmaster(), server.log_tail()
+            committed = fx.done_ids(url)
+            rows = fx.prediction_rows(url)
+            consistent = {r[0] for r in rows} and len({r[0] for r in rows}) <= (
+                len(committed) * self.batch
+            )
+            resume = self.start(url, work, "--resume")
+            out2, err2 = resume.communicate(timeout=1800)
+            return {
+                "fault": "PostgreSQL stopped for good mid-run; restarted later, then --resume",
+                "exit_code_while_gone": proc.returncode,
+                "message": message,
+                "failed_after_s": failed_after,
+                "traceback_shown": "Traceback" in err,
+                "ledger_consistent_with_rows": bool(consistent),
+                "exit_code": resume.returncode,
+                **self.compare(url),
+                "reproduce": "python benchmarks/faults.py --only db-gone",
+            }
+        finally:
+            server.stop()
+
+    def disk_full(self) -> dict:
+        point = self.base / "smallfs"
+        point.mkdir()
+        r = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(point)],
+            capture_output=True,
+            text=True,
+        )
+        if r.returncode != 0:
+            return {"fault": "disk full", "skipped": r.stderr.strip()}
+        try:
+            shutil.copy(self.inputs["db"], point / "stocks.db")
+            url, work = f"sqlite:///{point / 'stocks.db'}", self.base / "disk-full"
+            t0 = time.monotonic()
+            proc = self.start(url, work, delay_s=0.5)
+            fx.wait_until(lambda: fx.done_chunks(url) >= self.n_chunks // 3, proc, 900, "a third")
+            filler = point / "filler"
+            with open(filler, "wb", buffering=0) as handle:
+                for size in (2**16, 2**12, 2**9):
+                    with contextlib.suppress(OSError):
+                        while True:
+                            handle.write(b"\0" * size)
+            _, err = proc.communicate(timeout=1800)
+            message = err.strip().splitlines()[-1][:240]
+            filler.unlink()
+            committed = fx.done_ids(url)
+            stocks_stored = {r[0] for r in fx.prediction_rows(url)}
+            resume = self.start(url, work, "--resume")
+            resume.communicate(timeout=1800)
+            return {
+                "fault": "the database's file system fills up mid-run; space freed, --resume",
+                "exit_code_when_full": proc.returncode,
+                "message": message,
+                "traceback_shown": 'Traceback (most recent call last):\n  File "' in err
+                and "drive_stocks.py" in err,
+                "rows_only_of_committed_chunks": len(stocks_stored) <= len(committed) * self.batch,
+                "exit_code": resume.returncode,
+                "wall_s": round(time.monotonic() - t0, 1),
+                **self.compare(url),
+                "reproduce": _reproduce("tests/faults/test_output_faults.py -k disk_full_mid"),
+            }
+        finally:
+            subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+SCENARIOS = {
+    "worker-sigkill": lambda b: b.worker_sigkill(),
+    "driver-sigkill": lambda b: b.driver_stop(signal.SIGKILL),
+    "driver-sigterm": lambda b: b.driver_stop(signal.SIGTERM),
+    "memory-every-chunk": lambda b: b.memory_every_chunk(),
+    "memory-min-size": lambda b: b.memory_min_size(),
+    "db-restart": lambda b: b.db_restart(),
+    "db-gone": lambda b: b.db_gone(),
+    "disk-full": lambda b: b.disk_full(),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stocks", type=int, default=48)
+    parser.add_argument("--only", default=None, help="comma-separated scenario names")
+    args = parser.parse_args()
+    names = args.only.split(",") if args.only else list(SCENARIOS)
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenario(s) {unknown}: choose from {', '.join(SCENARIOS)}")
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="hpcbatch-faults-") as tmp:
+        bench = Bench(Path(tmp), args.stocks, 2)  # tests/faults/drive_stocks.py: 2 per chunk
+        results["undisturbed"] = bench.undisturbed()
+        print(json.dumps({"undisturbed": results["undisturbed"]}), file=sys.stderr, flush=True)
+        for name in names:
+            try:
+                results[name] = SCENARIOS[name](bench)
+            except Exception as exc:  # noqa: BLE001 (report and go on to the next)
+                results[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            print(json.dumps({name: results[name]}), file=sys.stderr, flush=True)
+    print(
+        json.dumps(
+            {"stocks": args.stocks, "stocks_per_chunk": 2, "scenarios": results},
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
