@@ -23,8 +23,9 @@ ROW_OBJECT_BYTES = 500
 # Live float64 (stocks x days) intermediates during the feature pass (cached
 # indicators, sliding-window extremes, the where/division temporaries).
 FEATURE_TEMPORARIES = 80
-# Interpreter + numpy + torch + SQLAlchemy + a Dask worker (nanny excluded), measured.
-BASELINE_BYTES = 330 * 1024**2
+# Interpreter + numpy + torch + SQLAlchemy + a Dask worker (nanny excluded), measured
+# (probe at size 0: 310 MiB with the full model in its heap; benchmark workers).
+BASELINE_BYTES = 300 * 1024**2
 # Full size model: ~9.1M float32 parameters.
 FULL_MODEL_PARAMETERS = 9_081_962
 # Prediction rows as dicts before the upsert, per prediction.
