@@ -3,7 +3,8 @@
 A model argument (numpy array or torch tensor) of at least ``min_bytes`` is replaced
 in the task description by a :class:`SharedArray` (a path, a shape, a dtype).  Each
 worker process opens it with ``np.load(mmap_mode="r")`` and wraps it with
-``torch.from_numpy`` (no copy), once per process: the node holds one page-cache copy
+``torch.from_numpy`` (no copy; a numpy argument stays the memmap), once per process:
+the node holds one page-cache copy
 however many workers read it.  An array that is already memory-mapped from an
 ``.npy`` file (``np.load(path, mmap_mode="r")``) is used in place, not rewritten.
 """
@@ -33,19 +34,21 @@ class SharedArray:
     path: str
     shape: tuple[int, ...]
     dtype: str
+    as_tensor: bool = True  # the argument was a tensor (else a numpy array: a memmap)
 
     @property
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
 
-    def open(self) -> torch.Tensor:
-        """A tensor over the memory-mapped file, opened once per process."""
-        tensor = _OPEN.get(self.path)
-        if tensor is None:
+    def open(self):
+        """A tensor (or, for a numpy argument, the memmap) over the file, once per process."""
+        key = f"{self.path}|{self.as_tensor}"
+        value = _OPEN.get(key)
+        if value is None:
             array = np.load(self.path, mmap_mode="r")
-            tensor = readonly_tensor(array)
-            _OPEN[self.path] = tensor
-        return tensor
+            value = readonly_tensor(array) if self.as_tensor else array
+            _OPEN[key] = value
+        return value
 
 
 def forget_open() -> None:
@@ -102,7 +105,9 @@ def share(value, directory: Path, label: str, min_bytes: int = DEFAULT_MIN_BYTES
                 "pass shared_dir= a writable node-local directory"
             ) from None
         path = str(target)
-    return SharedArray(path, tuple(int(n) for n in array.shape), str(array.dtype))
+    return SharedArray(
+        path, tuple(int(n) for n in array.shape), str(array.dtype), isinstance(value, torch.Tensor)
+    )
 
 
 def share_all(args: tuple, kwargs: Mapping, directory: Path, min_bytes: int = DEFAULT_MIN_BYTES):
@@ -113,15 +118,11 @@ def share_all(args: tuple, kwargs: Mapping, directory: Path, min_bytes: int = DE
 
 
 def resolve(value):
-    if isinstance(value, SharedArray):
-        return value.open()
-    if isinstance(value, np.ndarray):
-        return torch.as_tensor(value)
-    return value
+    return value.open() if isinstance(value, SharedArray) else value
 
 
 def resolve_all(args: tuple, kwargs: Mapping) -> tuple[tuple, dict]:
-    """Open the shared arrays (tensors over memory maps); numpy arguments become tensors."""
+    """Open the shared arrays: each argument comes back as the type it was given."""
     return tuple(resolve(a) for a in args), {k: resolve(v) for k, v in kwargs.items()}
 
 

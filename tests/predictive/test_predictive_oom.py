@@ -24,13 +24,13 @@ def picky_model(x):
         pyro.sample("y", dist.Normal(w * x, 1.0))
 
 
-def _run(client, out):
+def _run(client, out, n_rows=3):
     posterior = {"w": torch.linspace(-1, 1, 20)}
     return run_sampling(
         picky_model,
         posterior_samples=posterior,
         num_samples=20,
-        model_args=(torch.ones(3),),
+        model_args=(torch.ones(n_rows),),
         chunk_size=10,
         client=client,
         out=out,
@@ -68,11 +68,12 @@ def test_dask_runner_halves_chunks_and_matches_sync(tmp_path):
             ) as cluster,
             Client(cluster) as client,
         ):
-            run = _run(client, tmp_path / "d.zarr")
+            # 1.2 MB of x: a shared input, memory-mapped by the worker, not pickled.
+            run = _run(client, tmp_path / "d.zarr", n_rows=300_000)
     finally:
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     assert run.report.chunks_split == 6 and run.report.status == "finished"
-    sync = _run("sync", tmp_path / "s.zarr")
+    sync = _run("sync", tmp_path / "s.zarr", n_rows=300_000)
     np.testing.assert_array_equal(
         np.asarray(run.samples["y"][...]), np.asarray(sync.samples["y"][...])
     )

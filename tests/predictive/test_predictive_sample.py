@@ -323,7 +323,11 @@ def test_large_arguments_are_shared_by_memory_map(tmp_path):
     assert args[2] == 3 and isinstance(kwargs["small"], np.ndarray)
     opened = args[1].open()
     assert opened is args[1].open()  # once per process
-    assert isinstance(opened, torch.Tensor) and torch.equal(opened, torch.from_numpy(big))
+    # Each argument comes back as the type it was given, over the memory map.
+    assert isinstance(opened, np.memmap) and np.array_equal(opened, big)
+    as_tensor = shared.share(torch.from_numpy(big.copy()), tmp_path / "sh", "t")
+    tensor = as_tensor.open()
+    assert isinstance(tensor, torch.Tensor) and torch.equal(tensor, torch.from_numpy(big))
     assert shared.shared_bytes(args, kwargs) == 2 * big.nbytes
 
 
