@@ -293,7 +293,13 @@ def demo(work_dir, cells, features, samples, steps, backend, profile, config_fil
     click.echo(f"1/3 simulate {cells} cells x {features} features -> {work}", err=True)
     simulate_data(cells, features, 2, seed=0, out=work)
     click.echo(f"2/3 fit: {steps} SVI steps", err=True)
-    result = fit_model(work, steps=steps)
+    every = max(1, steps // 5)
+
+    def progress(step: int, loss: float) -> None:
+        if step % every == 0:
+            click.echo(f"  step {step}/{steps}  -ELBO {loss:,.0f}", err=True)
+
+    result = fit_model(work, steps=steps, progress=progress)
     for name, row in recovery(work).items():
         click.echo(
             f"  {name}: correlation with truth {row['correlation']:.3f}, "
