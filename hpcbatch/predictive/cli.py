@@ -277,9 +277,9 @@ def _echo_run(run, out_path, as_json: bool) -> None:
 @predictive.command()
 @click.option("--dir", "work_dir", default="hpcbatch-demo/predictive", show_default=True)
 @click.option("--cells", type=int, default=2000, show_default=True)
-@click.option("--features", type=int, default=300, show_default=True)
+@click.option("--features", type=int, default=200, show_default=True)
 @click.option("--samples", type=int, default=400, show_default=True)
-@click.option("--steps", type=int, default=800, show_default=True)
+@click.option("--steps", type=int, default=600, show_default=True)
 @click.option("--cluster", "backend", type=click.Choice(["local", "sync"]), default="local")
 @_config_options
 def demo(work_dir, cells, features, samples, steps, backend, profile, config_file) -> None:
