@@ -467,6 +467,12 @@ def run(
                 done_before_items=done_before_items,
                 out=out,
             )
+    except BaseException:
+        # lost scheduler, Ctrl-C, a ledger error: the done chunks are recorded; mark the run
+        if ledger is not None:
+            with suppress(Exception):
+                ledger.finish_run(run_id, "interrupted")
+        raise
     finally:
         bar.close()
         if old_handler is not None:
@@ -608,8 +614,18 @@ def _loop(
                     state=state,
                 )
                 continue
-            if status == "cancelled":
-                queue.appendleft((chunk, attempt))
+            if status == "cancelled":  # e.g. the scheduler restarted: run it again
+                if attempt < retries:
+                    state.retried += 1
+                    queue.appendleft((chunk, attempt + 1))
+                elif fatal is None:
+                    state.failed += 1
+                    fatal = ChunkFailedError(
+                        f"chunk {chunk.chunk_id} was cancelled {attempt + 1} times (scheduler "
+                        "restarted or someone cancelled it): check the cluster, then rerun "
+                        "with --resume",
+                        chunk_id=chunk.chunk_id,
+                    )
                 continue
             exc_type, exc, tb = result
             problem = _on_failure(
