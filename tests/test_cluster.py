@@ -13,6 +13,9 @@ from hpcbatch.cluster import dask_memory_config, open_cluster, tunnel_hint
 from hpcbatch.config import load
 from hpcbatch.errors import ClusterStartError, ConfigError
 
+# a hang must fail the test with a traceback, not stall CI
+pytestmark = pytest.mark.timeout(120)
+
 
 def _free_port() -> int:
     with socket.socket() as s:

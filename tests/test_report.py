@@ -150,3 +150,14 @@ def test_memory_plot_draws_workers_limit_thresholds_and_kills(tmp_path):
     image = matplotlib.image.imread(path)
     assert image.shape[0] > 400 and image.shape[1] > 800
     assert image.std() > 0.05  # not a blank canvas
+
+
+def test_a_sigkilled_worker_process_is_a_memory_death():
+    removed = [
+        _removed(T0 + 5, "tcp://a:1", f"handle-worker-cleanup-{T0 + 5}"),
+        _removed(T0 + 6, "tcp://b:1", f"handle-worker-cleanup-{T0 + 6}"),
+    ]
+    exits = [(T0 + 4.8, "tcp://a:1", -9), (T0 + 5.9, "tcp://b:1", -11)]
+    deaths = {d["worker"]: d for d in classify_deaths(removed, [], since=T0, exits=exits)}
+    assert deaths["tcp://a:1"]["reason"] == "memory" and "SIGKILL" in deaths["tcp://a:1"]["detail"]
+    assert deaths["tcp://b:1"]["reason"] == "other" and "signal 11" in deaths["tcp://b:1"]["detail"]

@@ -24,6 +24,8 @@ from hpcbatch.ledger import Ledger
 from hpcbatch.runner import Chunk, chunk_seed, is_memory_error, make_chunks, run
 
 HERE = Path(__file__).parent
+# a hang must fail the test with a traceback, not stall CI
+pytestmark = pytest.mark.timeout(300)
 PYTHON = sys.executable
 
 
