@@ -485,17 +485,19 @@ def run(
     elif stop["reason"] is not None:
         status = "interrupted"
     if ledger is not None:
-        ledger.finish_run(run_id, status)
-        if status == "finished" and commit_on_worker:
-            index = DoneIndex(ledger.done_ids(run_id))
-            missing = [c.chunk_id for c in chunks if not index.is_done(c.chunk_id)]
-            if missing:
-                print(
-                    f"warning: {len(missing)} chunks (e.g. {missing[0]}) finished but their "
-                    "sink did not record them in the ledger: they will rerun on --resume",
-                    file=out,
-                    flush=True,
-                )
+        try:
+            _finish_ledger(ledger, run_id, status, chunks, commit_on_worker, out)
+        except Exception as exc:  # noqa: BLE001 (the full disk / lost database that failed the run)
+            from .security import scrub
+
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            print(
+                f"warning: could not record run {run_id!r} as {status} in the ledger "
+                f"({type(exc).__name__}: {scrub(first)}); the chunks recorded before stay "
+                "done, --resume will finish the record",
+                file=out,
+                flush=True,
+            )
 
     report = _build_report(
         client,
@@ -661,6 +663,20 @@ def _loop(
 async def _settle() -> None:
     await asyncio.sleep(0)
     await asyncio.sleep(0)
+
+
+def _finish_ledger(ledger, run_id: str, status: str, chunks, commit_on_worker: bool, out) -> None:
+    ledger.finish_run(run_id, status)
+    if status == "finished" and commit_on_worker:
+        index = DoneIndex(ledger.done_ids(run_id))
+        missing = [c.chunk_id for c in chunks if not index.is_done(c.chunk_id)]
+        if missing:
+            print(
+                f"warning: {len(missing)} chunks (e.g. {missing[0]}) finished but their "
+                "sink did not record them in the ledger: they will rerun on --resume",
+                file=out,
+                flush=True,
+            )
 
 
 def _futures_of(ac) -> list:

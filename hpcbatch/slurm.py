@@ -536,15 +536,12 @@ def slurm_cluster_kwargs(
         kwargs["log_directory"] = log_directory
     dash = cluster.get("dashboard-address")
     if dash:
-        kwargs["scheduler_options"] = {"dashboard_address": _port_only(dash)}
+        # as configured: the default 127.0.0.1:PORT keeps it off the node's network (reach it
+        # with the SSH tunnel line); ":PORT" in a profile opens it on every interface
+        kwargs["scheduler_options"] = {"dashboard_address": str(dash)}
     return SlurmClusterSpec(
         kwargs=kwargs, derived_memory_limit=derived, memory_limit=limit, notes=tuple(notes)
     )
-
-
-def _port_only(address: str) -> str:
-    """The scheduler runs on the driver's node: listen on all its interfaces, same port."""
-    return ":" + str(address).rsplit(":", 1)[-1]
 
 
 def check_interface(interface: str | None) -> None:

@@ -658,3 +658,11 @@ def test_cli_tls_flag_and_db_url_from_the_environment(tmp_path: Path) -> None:
     con = sqlite3.connect(db)
     assert con.execute("SELECT count(*) FROM stock_predictions").fetchone()[0] == 2
     con.close()
+
+
+def test_slurm_scheduler_dashboard_stays_on_loopback_by_default() -> None:
+    from hpcbatch.slurm import slurm_cluster_kwargs
+
+    settings = hb_config.load()
+    spec = slurm_cluster_kwargs(small_plan(4, 2), settings)
+    assert spec.kwargs["scheduler_options"]["dashboard_address"].startswith("127.0.0.1:")
