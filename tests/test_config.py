@@ -71,7 +71,7 @@ def test_dask_config_get_shows_the_defaults():
     [
         ("stocks-12gb", {"batch-size": 30, "concurrency": 8, "lookback-days": 180}),
         ("stocks-19gb", {"batch-size": 100, "concurrency": 16, "lookback-days": 400}),
-        ("stocks-debug", {"batch-size": 10, "concurrency": 2, "lookback-days": 90, "limit": 50}),
+        ("stocks-debug", {"batch-size": 10, "concurrency": 2, "lookback-days": 130, "limit": 50}),
     ],
 )
 def test_stock_profiles_have_the_reference_values(name, expected):
