@@ -244,3 +244,26 @@ def load_weights(path: str | os.PathLike, *, what: str = "model file", fix: str 
                 f"weights_only=True; it may be a crafted pickle){suffix}"
             ) from None
         raise DataError(f"{what} {path} is corrupt or not a torch file{suffix}") from None
+
+
+# ------------------------------------------------------------ scratch dirs --------
+
+
+def private_dir(path: str | os.PathLike) -> Path:
+    """``path`` as a directory only this user can use (created mode 0700 if missing).
+
+    For files that processes load as code (pickled jobs) under a shared parent such as
+    ``/tmp``: a directory owned by someone else, or open to group or others, is refused,
+    so nobody else can swap what the workers will unpickle.
+    """
+    p = Path(path)
+    p.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = p.lstat()
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"scratch directory {p} is not a plain directory: remove it")
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise ConfigError(
+            f"scratch directory {p} is owned by another user or open to others (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}): remove it, or pass another shared_dir"
+        )
+    return p

@@ -666,3 +666,20 @@ def test_slurm_scheduler_dashboard_stays_on_loopback_by_default() -> None:
     settings = hb_config.load()
     spec = slurm_cluster_kwargs(small_plan(4, 2), settings)
     assert spec.kwargs["scheduler_options"]["dashboard_address"].startswith("127.0.0.1:")
+
+
+def test_scratch_for_pickled_jobs_is_private(tmp_path: Path) -> None:
+    from hpcbatch.security import private_dir
+
+    made = private_dir(tmp_path / "shared" / "hpcbatch-shared-0")
+    assert (made.stat().st_mode & 0o777) == 0o700
+    assert private_dir(made) == made  # existing and private: fine
+    opened = tmp_path / "opened"
+    opened.mkdir()
+    opened.chmod(0o777)  # e.g. made world-writable by someone else in /tmp
+    with pytest.raises(ConfigError, match="open to others"):
+        private_dir(opened)
+    link = tmp_path / "link"
+    link.symlink_to(made)
+    with pytest.raises(ConfigError, match="not a plain directory"):
+        private_dir(link)

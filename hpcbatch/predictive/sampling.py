@@ -38,6 +38,7 @@ import pyro
 import torch
 
 from ..errors import ChunkFailedError, ConfigError, HpcbatchError
+from ..security import private_dir
 from . import core, shared
 from .footprint import auto_block, sampling_footprint
 
@@ -499,7 +500,9 @@ def run_sampling(
     )
     block = choose_block(layout, cell_block)
     run_id = run_id or f"predictive-{uuid.uuid4().hex[:10]}"
-    scratch = Path(shared_dir or tempfile.gettempdir()) / "hpcbatch-shared" / run_id
+    # per user and private: workers unpickle the job file written here
+    base = private_dir(Path(shared_dir or tempfile.gettempdir()) / f"hpcbatch-shared-{os.getuid()}")
+    scratch = base / run_id
     in_process = client == "sync"
     try:
         plan, store, report = _prepare_and_execute(
