@@ -98,6 +98,11 @@ def fit(data_dir, steps, max_lr, seed) -> None:
 @click.option("--seed", type=int, default=None, help="Run seed (chunk seeds derive from it).")
 @click.option("--out", "out_path", required=True, help="The zarr store to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue an interrupted run into --out: only chunks not in its ledger run.",
+)
 @click.option("--report-dir", default=None, help="Where the run report goes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON.")
 @click.option("--tls/--no-tls", default=None, help="TLS between client, scheduler and workers.")
@@ -118,6 +123,7 @@ def sample_cmd(
     seed,
     out_path,
     overwrite,
+    resume,
     report_dir,
     as_json,
     tls,
@@ -148,6 +154,7 @@ def sample_cmd(
         settings=settings,
         out=out_path,
         overwrite=overwrite,
+        resume=resume,
         sync=backend == "sync",
         calibrate=calibrate,
         probe_sizes=probe_sizes,
@@ -179,6 +186,7 @@ def sample_data_dir(
     settings: dict,
     out,
     overwrite: bool = False,
+    resume: bool = False,
     sync: bool = False,
     calibrate: bool | None = None,
     probe_sizes: str | None = None,
@@ -252,6 +260,7 @@ def sample_data_dir(
         client="sync" if sync else None,
         out=out,
         overwrite=overwrite,
+        resume=resume,
         seed=int(settings.get("seed", 0)),
         settings=settings,
         footprint=footprint_for,

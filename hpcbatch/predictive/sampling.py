@@ -21,8 +21,11 @@ halves of a chunk split after running out of memory can share one; they take an
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import uuid
@@ -37,7 +40,7 @@ import numpy as np
 import pyro
 import torch
 
-from ..errors import ChunkFailedError, ConfigError, HpcbatchError
+from ..errors import ChunkFailedError, ConfigError, HpcbatchError, RunInterrupted
 from ..security import private_dir
 from . import core, shared
 from .footprint import auto_block, sampling_footprint
@@ -49,6 +52,7 @@ _PYRO_LOCK = threading.Lock()
 ZARR_CHUNK_BYTES = 16 * 1024**2
 _JOBS: dict[str, SamplingJob] = {}
 _ARRAYS: dict[tuple[str, str], Any] = {}
+RESUME_HINT = "rerun the same command with --resume"
 
 
 @dataclass(frozen=True)
@@ -260,11 +264,32 @@ def _restore_guide_params(job: SamplingJob) -> None:
 # -------------------------------------------------------------- client side --
 
 
-def _check_out(out: str | os.PathLike | None, overwrite: bool) -> Path | None:
+def ledger_path(out: str | os.PathLike) -> Path:
+    """The SQLite run ledger of the zarr store ``out``: ``<out>.ledger.db`` beside it."""
+    path = Path(out)
+    return path.with_name(path.name + ".ledger.db")
+
+
+def _remove_ledger(out: Path) -> None:
+    base = ledger_path(out)
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        Path(str(base) + suffix).unlink(missing_ok=True)
+
+
+def _check_out(
+    out: str | os.PathLike | None, overwrite: bool, resume: bool = False
+) -> Path | None:
     if out is None:
         return None
     path = Path(out)
-    if path.exists() and not overwrite:
+    if resume and overwrite:
+        raise ConfigError("pass either resume=True (--resume) or overwrite=True (--overwrite)")
+    if path.exists() and not overwrite and not resume:
+        if ledger_path(path).exists():
+            raise ConfigError(
+                f"output {path} already exists with a run ledger: pass resume=True (--resume) "
+                "to continue or confirm it, or overwrite=True (--overwrite) to start again"
+            )
         raise ConfigError(
             f"output {path} already exists: choose another path or pass overwrite=True "
             "(--overwrite)"
@@ -344,6 +369,111 @@ def choose_block(layout: core.Layout, cell_block: int | str | None) -> int | Non
             raise ConfigError(f"cell_block must be at least 1, got {cell_block}")
         return min(block, n_rows)
     return auto_block(n_rows, layout.per_sample_bytes(in_plate=True))
+
+
+def _digest(obj: Any, h) -> None:
+    """Feed ``obj`` (tensors, arrays, containers, scalars) into the hash ``h``."""
+    obj = shared.resolve(obj) if isinstance(obj, shared.SharedArray) else obj
+    if torch.is_tensor(obj):
+        obj = obj.detach().cpu().numpy()
+    if isinstance(obj, np.ndarray):
+        h.update(f"a{obj.dtype.str}{obj.shape}".encode())
+        h.update(np.ascontiguousarray(obj).tobytes())
+    elif isinstance(obj, Mapping):
+        h.update(b"{")
+        for key in sorted(obj, key=str):
+            h.update(repr(key).encode())
+            _digest(obj[key], h)
+        h.update(b"}")
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[")
+        for item in obj:
+            _digest(item, h)
+        h.update(b"]")
+    elif obj is None or isinstance(obj, (bool, int, float, str, np.generic)):
+        h.update(repr(obj).encode())
+    else:
+        h.update(_qualname(obj).encode())
+
+
+def _qualname(obj: Any) -> str:
+    if obj is None:
+        return "None"
+    target = obj if callable(obj) and hasattr(obj, "__qualname__") else type(obj)
+    return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', '?')}"
+
+
+def run_params(
+    model: Callable,
+    guide: Callable | None,
+    posterior: Mapping,
+    model_args: tuple,
+    model_kwargs: Mapping,
+    layout: core.Layout,
+    *,
+    num_samples: int,
+    seed: int,
+    chunk_size: int | str | None,
+    block: int | None,
+    data_plate: str | None,
+) -> dict:
+    """What defines a run's samples (recorded in the ledger and the store; resume must match).
+
+    The model and guide by name, a digest of the inputs, the posterior samples and a
+    guide's parameters, the samples, seed, requested chunking and returned sites.
+    """
+    h = hashlib.sha1()
+    _digest((model_args, dict(model_kwargs), dict(posterior)), h)
+    if isinstance(guide, torch.nn.Module):
+        _digest(dict(guide.state_dict()), h)
+    state = _guide_state(guide)
+    if state:
+        _digest(dict(state["params"]), h)
+    return {
+        "model": _qualname(model),
+        "guide": _qualname(guide),
+        "inputs": h.hexdigest()[:16],
+        "num_samples": int(num_samples),
+        "seed": int(seed),
+        "chunk_size": "auto" if chunk_size in ("auto", None) else int(chunk_size),
+        "cell_block": block,
+        "data_plate": data_plate,
+        "sites": {s.name: [list(s.shape), str(s.dtype)] for s in layout.sites},
+    }
+
+
+def default_run_id(params: Mapping) -> str:
+    """Same inputs and settings -> same run id, so ``--resume`` finds the earlier run."""
+    key = json.dumps(params, sort_keys=True, default=str)
+    return "predictive-" + hashlib.sha1(key.encode()).hexdigest()[:12]
+
+
+def _recorded(path: Path, run_id: str, params: Mapping) -> dict:
+    """The hpcbatch attributes of an existing store to resume; refuse another run's store."""
+    import zarr
+
+    try:
+        recorded = dict(zarr.open_group(store=str(path), mode="r").attrs.get("hpcbatch") or {})
+    except Exception:  # noqa: BLE001 (not a zarr group at all)
+        recorded = {}
+    if not recorded:
+        raise ConfigError(
+            f"cannot resume {path}: it is not an hpcbatch predictive store: "
+            "choose another --out or pass --overwrite"
+        )
+    if recorded.get("run_id") != run_id:
+        old = recorded.get("params") or {}
+        diffs = [
+            f"{k} {old.get(k)!r} -> {params.get(k)!r}"
+            for k in sorted(set(old) | set(params))
+            if json.dumps(old.get(k), default=str) != json.dumps(params.get(k), default=str)
+        ]
+        what = "; ".join(diffs) if diffs else f"run {recorded.get('run_id')!r}"
+        raise ConfigError(
+            f"cannot resume {path}: it was written with other parameters ({what}): "
+            "rerun with the original settings, or pass --overwrite to start again"
+        )
+    return recorded
 
 
 def _create_store(
@@ -462,8 +592,14 @@ def run_sampling(
     run_id: str | None = None,
     report_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    resume: bool = False,
 ) -> SampleRun:
     """:func:`sample` with everything around it: the plan, the run report, notes.
+
+    With ``out`` and a Dask cluster the run is recorded in a SQLite ledger beside the
+    store (:func:`ledger_path`) under a run id derived from :func:`run_params`; a
+    failed or interrupted run keeps its store and ledger, and ``resume=True`` runs
+    only the chunks not yet recorded (``client="sync"`` cannot resume).
 
     ``footprint``: a :class:`~hpcbatch.planner.Footprint`, or ``f(layout, block)``
     returning one (default: sized from the returned sites); ``resources``: the
@@ -474,7 +610,14 @@ def run_sampling(
     model_kwargs = dict(model_kwargs or {})
     model_args = tuple(model_args)
     posterior = _check_counts(num_samples, posterior_samples, guide)
-    out_path = _check_out(out, overwrite)
+    out_path = _check_out(out, overwrite, resume)
+    if resume and out_path is None:
+        raise ConfigError("resume=True needs out= (the zarr store of the run to continue)")
+    if resume and client == "sync":
+        raise ConfigError(
+            "--resume needs a Dask cluster: in-process (sync) runs keep no ledger; "
+            "drop --cluster sync or --resume"
+        )
     if chunk_size not in ("auto", None) and (
         isinstance(chunk_size, bool)
         or not isinstance(chunk_size, (int, np.integer))
@@ -499,6 +642,19 @@ def run_sampling(
         split_args=split_args,
     )
     block = choose_block(layout, cell_block)
+    state: dict[str, Any] = {"params": None, "resuming": False, "started": False}
+    if out_path is not None and client != "sync":
+        params = run_params(
+            model, guide, posterior, model_args, model_kwargs, layout,
+            num_samples=num_samples, seed=seed, chunk_size=chunk_size, block=block,
+            data_plate=data_plate,
+        )  # fmt: skip
+        state["params"] = params
+        run_id = run_id or default_run_id(params)
+        if resume and out_path.exists():
+            recorded = _recorded(out_path, run_id, params)
+            state["resuming"] = True
+            chunk_size = int(recorded["chunk_size"])  # the store's zarr chunks follow it
     run_id = run_id or f"predictive-{uuid.uuid4().hex[:10]}"
     # per user and private: workers unpickle the job file written here
     base = private_dir(Path(shared_dir or tempfile.gettempdir()) / f"hpcbatch-shared-{os.getuid()}")
@@ -530,10 +686,21 @@ def run_sampling(
             cluster_backend,
             in_process,
             num_samples,
+            state,
         )
-    except BaseException:
-        if out_path is not None:
+    except BaseException as exc:
+        if out_path is not None and (state["resuming"] or state["started"]):
+            # Started with a ledger: keep the finished chunks for --resume.
+            if not isinstance(exc, RunInterrupted):
+                print(
+                    f"{out_path}: the finished chunks are kept (ledger {ledger_path(out_path)}):"
+                    f" fix the cause and {RESUME_HINT}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        elif out_path is not None:
             shutil.rmtree(out_path, ignore_errors=True)
+            _remove_ledger(out_path)
         shutil.rmtree(scratch, ignore_errors=True)
         raise
     samples = _collect(store, layout, out_path is None)
@@ -566,6 +733,7 @@ def _prepare_and_execute(
     cluster_backend,
     in_process,
     num_samples,
+    state,
 ):
     """Share the inputs, plan, create the store and run the chunks."""
     if in_process:
@@ -608,12 +776,17 @@ def _prepare_and_execute(
             "chunk_size": plan.chunk_size,
             "cell_block": block,
             "sites": list(layout.names),
+            "params": state["params"],
         }
     }
-    try:
-        _create_store(store, layout, block, compress, attrs, plan.chunk_size)
-    except OSError as exc:
-        raise ConfigError(f"cannot create {store}: {exc.strerror}") from None
+    if not state["resuming"]:
+        if out_path is not None:
+            _remove_ledger(out_path)  # a fresh store: a stale ledger must not skip chunks
+        try:
+            _create_store(store, layout, block, compress, attrs, plan.chunk_size)
+        except OSError as exc:
+            raise ConfigError(f"cannot create {store}: {exc.strerror}") from None
+    state["started"] = state["params"] is not None
     report = _execute(
         job,
         plan,
@@ -626,6 +799,7 @@ def _prepare_and_execute(
         report_dir,
         progress,
         cluster_backend,
+        state,
     )
     return plan, store, report
 
@@ -640,13 +814,31 @@ def _collect(store: Path, layout: core.Layout, load: bool):
 
 
 def _execute(
-    job, plan, client, settings, store, scratch, run_id, seed, report_dir, progress, backend
-):
+    job, plan, client, settings, store, scratch, run_id, seed, report_dir, progress, backend,
+    state,
+):  # fmt: skip
     from .. import runner
+    from ..ledger import Ledger
 
     chunks = runner.make_chunks(job.layout.sites[0].shape[0], plan.chunk_size)
     if client == "sync":
         return _run_in_process(job, chunks, store, run_id, seed, plan)
+    ledger_kwargs: dict[str, Any] = {}
+    if state["params"] is not None:
+        ledger = Ledger(f"sqlite:///{ledger_path(store).absolute()}")
+        ledger_kwargs = dict(
+            ledger=ledger,
+            params=state["params"],
+            resume=state["resuming"],
+            resume_hint=RESUME_HINT,
+        )
+        info = ledger.run_info(run_id)
+        if info is not None and info["status"] == "finished":
+            # Nothing to run: the runner says so without a cluster.
+            return runner.run(
+                chunks, sample_chunk_task, None, run_id=run_id, seed=seed, plan=plan,
+                progress=progress, **ledger_kwargs,
+            )  # fmt: skip
     scratch.mkdir(parents=True, exist_ok=True)
     job_path = scratch / "job.pkl"
     import cloudpickle
@@ -663,6 +855,7 @@ def _execute(
         progress=progress,
         retries=int(settings.get("retries", 2)),
         min_chunk=1,
+        **ledger_kwargs,
     )
     if client is not None:
         return runner.run(chunks, task, client, **kwargs)
