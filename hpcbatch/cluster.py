@@ -120,6 +120,9 @@ def open_cluster(
             client = _slurm(plan, settings, cluster_cfg, timeout, stack, out, quiet, security)
         else:
             client = _address(address or cluster_cfg.get("address"), timeout, stack, security)
+        # how long the runner lets the cluster have no workers before failing the run
+        # (the same patience as for the first workers: a SLURM job may sit in the queue)
+        client.hpcbatch_start_timeout_s = timeout  # type: ignore[attr-defined]
         if not quiet:
             _announce(client, backend, plan, out)
         yield client

@@ -16,7 +16,9 @@ completes, and:
 - retries other failures ``retries`` times, then raises :class:`ChunkFailedError`
   with the chunk id and the worker's traceback (finished chunks stay recorded);
 - on SIGTERM stops submitting, lets chunks in flight finish within a grace period,
-  writes the report and raises :class:`RunInterrupted` (resume later).
+  writes the report and raises :class:`RunInterrupted` (resume later);
+- fails the run (report written, :class:`ChunkFailedError`) when the cluster has had
+  no workers at all for ``no_worker_timeout_s``, instead of waiting forever.
 
 It knows nothing about stocks or Pyro: a workload hands it chunks and a task function.
 """
@@ -58,6 +60,7 @@ from .report import (
 from .units import format_bytes
 
 _ALREADY_DONE = "__hpcbatch_already_done__"
+NO_WORKER_TIMEOUT_S = 120.0  # no workers at all for this long fails the run (not a hang)
 
 
 # ---------------------------------------------------------------- chunks ----
@@ -344,6 +347,7 @@ def run(
     grace_period_s: float = 60.0,
     resume_hint: str = "rerun the same command with --resume",
     out: TextIO | None = None,
+    no_worker_timeout_s: float | None = None,
 ) -> RunReport:
     """Run ``task_fn(chunk, ctx)`` for every chunk on ``client``'s cluster; see the module doc.
 
@@ -351,6 +355,12 @@ def run(
     ``params`` (a small JSON-able dict) is recorded with the run; a resumed run must
     have the same.  Returns a :class:`RunReport`; raises :class:`ChunkFailedError` or
     :class:`RunInterrupted` after writing the report.
+
+    ``no_worker_timeout_s``: when the cluster has had no workers at all for this long
+    the run fails (report written, finished chunks kept) instead of waiting forever.
+    ``None`` uses the cluster's start timeout when the client came from
+    :func:`hpcbatch.cluster.open_cluster` (``cluster.start-timeout``: a SLURM job may
+    wait in the queue), else :data:`NO_WORKER_TIMEOUT_S`.
     """
     out = out or sys.stderr
     chunks = list(chunks)
@@ -416,6 +426,12 @@ def run(
         max_in_flight = _default_in_flight(client, plan)
     if max_in_flight < 1:
         raise ConfigError(f"max-in-flight must be at least 1, got {max_in_flight}")
+    if no_worker_timeout_s is None:
+        no_worker_timeout_s = float(
+            getattr(client, "hpcbatch_start_timeout_s", None) or NO_WORKER_TIMEOUT_S
+        )
+    if no_worker_timeout_s <= 0:
+        raise ConfigError(f"no-worker timeout must be positive, got {no_worker_timeout_s}")
 
     run_dir = Path(report_dir) / run_id if report_dir is not None else None
     if run_dir is not None:
@@ -466,6 +482,10 @@ def run(
                 bar=bar,
                 done_before_items=done_before_items,
                 out=out,
+                resume_hint=resume_hint,
+                no_worker_timeout_s=no_worker_timeout_s,
+                chunks_before=skipped,
+                n_chunks=n_chunks,
             )
     except BaseException:
         # lost scheduler, Ctrl-C, a ledger error: the done chunks are recorded; mark the run
@@ -555,8 +575,14 @@ def _loop(
     bar: _Progress,
     done_before_items: int,
     out: TextIO,
+    resume_hint: str = "rerun the same command with --resume",
+    no_worker_timeout_s: float = 120.0,
+    chunks_before: int = 0,
+    n_chunks: int = 0,
 ) -> ChunkFailedError | None:
     from distributed import as_completed
+
+    watch = _WorkerWatch(client, no_worker_timeout_s)
 
     queue: deque[tuple[Chunk, int]] = deque((c, 0) for c in pending)
     in_flight: dict[Any, tuple[Chunk, int, float]] = {}
@@ -624,8 +650,8 @@ def _loop(
                     state.failed += 1
                     fatal = ChunkFailedError(
                         f"chunk {chunk.chunk_id} was cancelled {attempt + 1} times (scheduler "
-                        "restarted or someone cancelled it): check the cluster, then rerun "
-                        "with --resume",
+                        f"restarted or someone cancelled it): check the cluster, then "
+                        f"{resume_hint}",
                         chunk_id=chunk.chunk_id,
                     )
                 continue
@@ -645,6 +671,7 @@ def _loop(
                 state=state,
                 failures=failures,
                 out=out,
+                resume_hint=resume_hint,
             )
             if problem is not None and fatal is None:
                 fatal = problem
@@ -653,6 +680,16 @@ def _loop(
             # the next submissions so the scheduler never holds more than max_in_flight
             client.sync(_settle)
         bar.tick(done_before_items + state.items_done, state.chunks_done, len(in_flight))
+        if fatal is None and in_flight:
+            gone = watch.seconds_without_workers()
+            if gone is not None and gone >= no_worker_timeout_s:
+                state.failed += 1
+                fatal = _no_workers_error(
+                    gone, state, failures, chunks_before, n_chunks, resume_hint
+                )
+                failures.append({"chunk_id": None, "error": str(fatal), "traceback": ""})
+                print(f"\n{fatal}", file=out, flush=True)
+                break  # nothing can run: cancel what is in flight, write the report
     bar.tick(done_before_items + state.items_done, state.chunks_done, len(in_flight), force=True)
     if in_flight:
         client.cancel(list(_futures_of(ac)), force=True)
@@ -722,6 +759,7 @@ def _on_failure(
     state: _State,
     failures: list,
     out: TextIO,
+    resume_hint: str = "rerun the same command with --resume",
 ) -> ChunkFailedError | None:
     kills: list[dict] = []
     memory = is_memory_error(exc)
@@ -786,11 +824,52 @@ def _on_failure(
     error = ChunkFailedError(
         f"{where} failed after {attempt + 1} attempts: {exc_type.__name__}: "
         f"{_one_line(str(exc))}: fix the cause (traceback above and in the report), then "
-        "rerun with --resume; finished chunks are kept",
+        f"{resume_hint} (finished chunks are kept)",
         chunk_id=chunk.chunk_id,
     )
     error.traceback = text  # type: ignore[attr-defined]
     return error
+
+
+class _WorkerWatch:
+    """How long the cluster has had no workers at all (asked at most every ``every_s``)."""
+
+    def __init__(self, client, timeout_s: float, every_s: float = 1.0):
+        self.client = client
+        self.every_s = min(every_s, max(timeout_s / 4, 0.05))
+        self.last_check = float("-inf")
+        self.empty_since: float | None = None
+
+    def seconds_without_workers(self) -> float | None:
+        now = time.monotonic()
+        if now - self.last_check >= self.every_s:
+            self.last_check = now
+            try:
+                info = self.client.scheduler_info(n_workers=1)
+            except Exception:  # noqa: BLE001 (a lost scheduler fails the run elsewhere)
+                return None
+            if info.get("workers") or info.get("n_workers"):
+                self.empty_since = None
+            elif self.empty_since is None:
+                self.empty_since = now
+        return None if self.empty_since is None else now - self.empty_since
+
+
+def _no_workers_error(
+    gone: float, state: _State, failures: list, chunks_before: int, n_chunks: int, hint: str
+) -> ChunkFailedError:
+    kills = state.split + sum("out of memory" in str(f.get("error")) for f in failures)
+    why = (
+        f"after {kills} out-of-memory kills: most likely the worker processes were "
+        "killed for memory faster than they restarted"
+        if kills
+        else "most likely repeated memory kills (or the workers' jobs ended)"
+    )
+    return ChunkFailedError(
+        f"the cluster lost all its workers and none came back for {gone:.0f} s ({why}): "
+        f"{chunks_before + state.chunks_done} of {n_chunks} chunks done; give each worker "
+        f"more memory (--mem-gb, fewer workers) or use smaller chunks, then {hint}"
+    )
 
 
 def _one_line(text: str) -> str:

@@ -446,3 +446,64 @@ def test_sigterm_stops_cleanly_and_resume_finishes_the_rest(tmp_path):
     assert out.split()[:3] == ["DONE", str(60 - len(done_first)), str(len(done_first))]
     calls_all = rh.calls(tmp_path)
     assert sorted(calls_all) == sorted({c.chunk_id for c in make_chunks(60, 1)})  # each once
+
+
+def test_cluster_that_loses_all_its_workers_fails_the_run_instead_of_hanging(tmp_path):
+    # every worker gone mid-run (what repeated memory kills under load left behind):
+    # the run fails within no_worker_timeout_s with one line, the report written and
+    # the finished chunks kept, instead of waiting forever for results
+    import threading
+
+    plan = rh.small_plan(200, 2)
+    settings = load(overrides={"cluster": {"dashboard-address": "127.0.0.1:0"}})
+    ledger = Ledger(f"sqlite:///{tmp_path}/l.db")
+    task = functools.partial(rh.slow_logged, base=str(tmp_path))
+    with open_cluster(plan, settings, quiet=True) as c:
+
+        def kill_workers():
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and len(ledger.done_ids("lost")) < 3:
+                time.sleep(0.05)
+            c.cluster.scale(0)
+
+        killer = threading.Thread(target=kill_workers, daemon=True)
+        killer.start()
+        t0 = time.monotonic()
+        with pytest.raises(ChunkFailedError) as err:
+            run(
+                make_chunks(200, 2),
+                task,
+                c,
+                run_id="lost",
+                ledger=ledger,
+                progress=False,
+                report_dir=tmp_path,
+                no_worker_timeout_s=3,
+                resume_hint="rerun with --resume-please",
+            )
+        waited = time.monotonic() - t0
+        killer.join(5)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "lost all its workers" in message and "memory" in message
+    assert message.endswith("rerun with --resume-please")
+    done = ledger.done_ids("lost")
+    assert len(done) >= 3
+    assert f"{len(done)} of 100 chunks done" in message
+    assert waited < 50
+    saved = json.loads((tmp_path / "lost" / "report.json").read_text())
+    assert saved["status"] == "failed"
+    assert "lost all its workers" in saved["message"]
+
+
+def test_a_failed_chunk_names_the_runs_own_resume_hint(client):
+    with pytest.raises(ChunkFailedError, match=r"then rerun from scratch \(finished chunks"):
+        run(
+            make_chunks(6, 2),
+            rh.always_fails,
+            client,
+            run_id="hint",
+            retries=0,
+            progress=False,
+            resume_hint="rerun from scratch",
+        )

@@ -147,9 +147,23 @@ def connection_error(engine_or_url, exc: BaseException) -> DataError:
     reason = reason[0] if reason else type(exc).__name__
     if url.password:
         reason = reason.replace(str(url.password), "***")
-    hint = "check host, port, user and password"
-    if "password" in reason.lower() or "authentication" in reason.lower():
+    low = reason.lower()
+    if url.get_backend_name() == "sqlite":
+        path = Path(url.database or "")
+        hint = (
+            f"check that {path} is a SQLite database file and that this user can read and "
+            f"write it and its directory {path.parent.resolve()}"
+        )
+        if "readonly" in low or "read-only" in low or "unable to open" in low:
+            hint = (
+                f"the file {path} or its directory {path.parent.resolve()} (where SQLite "
+                "writes its journal) is not writable by this user: make both writable "
+                "(chmod u+w) or use a database path in a writable directory"
+            )
+    elif "password" in low or "authentication" in low:
         hint = "check the user name and password"
+    else:
+        hint = "check host, port, user and password"
     return DataError(f"cannot connect to database {masked(url)} ({reason}): {hint}")
 
 
