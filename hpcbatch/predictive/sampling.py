@@ -461,6 +461,11 @@ def _recorded(path: Path, run_id: str, params: Mapping) -> dict:
             f"cannot resume {path}: it is not an hpcbatch predictive store: "
             "choose another --out or pass --overwrite"
         )
+    if recorded.get("run_id") != run_id and recorded.get("params") is None:
+        raise ConfigError(
+            f"cannot resume {path}: it was written without a ledger (an in-process or "
+            "in-memory run): choose another --out or pass --overwrite"
+        )
     if recorded.get("run_id") != run_id:
         old = recorded.get("params") or {}
         diffs = [

@@ -119,3 +119,12 @@ def test_ledger_sits_beside_the_store_which_zarr_opens(hier, client, tmp_path):
     group = zarr.open_group(store=str(out), mode="r")
     assert set(group.array_keys()) == {s.name for s in run.layout.sites}
     assert group.attrs["hpcbatch"]["run_id"] == run.report.run_id
+
+
+def test_a_store_written_without_a_ledger_is_not_resumed(hier, client, tmp_path):
+    out = tmp_path / "s.zarr"
+    _run(hier, out, "sync")
+    assert not ledger_path(out).exists()
+    with pytest.raises(ConfigError, match="written without a ledger"):
+        _run(hier, out, client, resume=True)
+    assert out.exists()
