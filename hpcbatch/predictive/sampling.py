@@ -276,6 +276,21 @@ def _remove_ledger(out: Path) -> None:
         Path(str(base) + suffix).unlink(missing_ok=True)
 
 
+def _n_done(out: Path, run_id: str) -> int:
+    """Chunks of ``run_id`` recorded in the ledger beside ``out`` (0 if none or unreadable)."""
+    from ..ledger import Ledger
+
+    if not ledger_path(out).exists():
+        return 0
+    ledger = Ledger(f"sqlite:///{ledger_path(out).absolute()}")
+    try:
+        return len(ledger.done_ids(run_id))
+    except Exception:  # noqa: BLE001 (no tables yet: the run never started)
+        return 0
+    finally:
+        ledger.engine.dispose()
+
+
 def _check_out(
     out: str | os.PathLike | None, overwrite: bool, resume: bool = False
 ) -> Path | None:
@@ -694,8 +709,10 @@ def run_sampling(
             state,
         )
     except BaseException as exc:
-        if out_path is not None and (state["resuming"] or state["started"]):
-            # Started with a ledger: keep the finished chunks for --resume.
+        if out_path is not None and (
+            state["resuming"] or (state["started"] and _n_done(out_path, run_id) > 0)
+        ):
+            # Chunks recorded in the ledger: keep them for --resume.
             if not isinstance(exc, RunInterrupted):
                 print(
                     f"{out_path}: the finished chunks are kept (ledger {ledger_path(out_path)}):"
