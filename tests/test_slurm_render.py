@@ -293,10 +293,10 @@ GOLDEN_RENDERS = {
 
 
 # The workload CLIs' options as the golden files assume them: stocks has --resume and
-# --mem-gb; predictive (as built) has neither, and takes --mem 12GB.
+# --mem-gb; predictive has --resume and takes --mem 12GB.
 GOLDEN_OPTIONS = {
     "stocks": {"--profile", "--config", "--cluster", "--mem-gb", "--cpus", "--resume"},
-    "predictive": {"--profile", "--config", "--cluster", "--mem", "--cpus"},
+    "predictive": {"--profile", "--config", "--cluster", "--mem", "--cpus", "--resume"},
 }
 
 
