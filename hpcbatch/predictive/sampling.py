@@ -585,6 +585,42 @@ def _plan(footprint, client, settings, chunk_size, memory_fraction, resources=No
     return make_plan(footprint, resources, plan_settings)
 
 
+@dataclass
+class _Request:
+    """One sampling run as checked by :func:`run_sampling`, handed down whole."""
+
+    model: Callable
+    guide: Callable | None
+    posterior: Mapping | None
+    model_args: tuple
+    model_kwargs: dict
+    layout: core.Layout
+    block: int | None
+    data_plate: str | None
+    num_samples: int
+    seed: int
+    client: Any
+    settings: dict
+    chunk_size: int | str | None
+    memory_fraction: float | None
+    resources: Any
+    footprint: Any
+    scratch: Path
+    out_path: Path | None
+    compress: bool | None
+    run_id: str
+    report_dir: str | os.PathLike | None
+    progress: bool
+    cluster_backend: str | None
+    params: dict | None = None  # set when the run keeps a ledger (out= on a cluster)
+    resuming: bool = False
+    started: bool = False
+
+    @property
+    def in_process(self) -> bool:
+        return self.client == "sync"
+
+
 def run_sampling(
     model: Callable,
     *,
@@ -662,55 +698,56 @@ def run_sampling(
         split_args=split_args,
     )
     block = choose_block(layout, cell_block)
-    state: dict[str, Any] = {"params": None, "resuming": False, "started": False}
+    params = None
+    resuming = False
     if out_path is not None and client != "sync":
         params = run_params(
             model, guide, posterior, model_args, model_kwargs, layout,
             num_samples=num_samples, seed=seed, chunk_size=chunk_size, block=block,
             data_plate=data_plate,
         )  # fmt: skip
-        state["params"] = params
         run_id = run_id or default_run_id(params)
         if resume and out_path.exists():
             recorded = _recorded(out_path, run_id, params)
-            state["resuming"] = True
+            resuming = True
             chunk_size = int(recorded["chunk_size"])  # the store's zarr chunks follow it
     run_id = run_id or f"predictive-{uuid.uuid4().hex[:10]}"
-    # per user and private: workers unpickle the job file written here
+    # per user and private: workers unpickle the job file written here; one directory
+    # per invocation, so two drivers of the same run id never remove each other's inputs
     base = private_dir(Path(shared_dir or tempfile.gettempdir()) / f"hpcbatch-shared-{os.getuid()}")
-    scratch = base / run_id
-    in_process = client == "sync"
+    scratch = base / f"{run_id}-{uuid.uuid4().hex[:8]}"
+    request = _Request(
+        model=model,
+        guide=guide,
+        posterior=posterior,
+        model_args=model_args,
+        model_kwargs=model_kwargs,
+        layout=layout,
+        block=block,
+        data_plate=data_plate,
+        num_samples=num_samples,
+        seed=seed,
+        client=client,
+        settings=settings,
+        chunk_size=chunk_size,
+        memory_fraction=memory_fraction,
+        resources=resources,
+        footprint=footprint,
+        scratch=scratch,
+        out_path=out_path,
+        compress=compress,
+        run_id=run_id,
+        report_dir=report_dir,
+        progress=progress,
+        cluster_backend=cluster_backend,
+        params=params,
+        resuming=resuming,
+    )
     try:
-        plan, store, report = _prepare_and_execute(
-            model,
-            guide,
-            posterior,
-            model_args,
-            model_kwargs,
-            layout,
-            block,
-            data_plate,
-            footprint,
-            client,
-            settings,
-            chunk_size,
-            memory_fraction,
-            resources,
-            scratch,
-            out_path,
-            compress,
-            run_id,
-            seed,
-            report_dir,
-            progress,
-            cluster_backend,
-            in_process,
-            num_samples,
-            state,
-        )
+        plan, store, report = _prepare_and_execute(request)
     except BaseException as exc:
         if out_path is not None and (
-            state["resuming"] or (state["started"] and _n_done(out_path, run_id) > 0)
+            request.resuming or (request.started and _n_done(out_path, run_id) > 0)
         ):
             # Chunks recorded in the ledger: keep them for --resume.
             if not isinstance(exc, RunInterrupted):
@@ -730,43 +767,19 @@ def run_sampling(
     return SampleRun(samples, report, plan, layout, block)
 
 
-def _prepare_and_execute(
-    model,
-    guide,
-    posterior,
-    model_args,
-    model_kwargs,
-    layout,
-    block,
-    data_plate,
-    footprint,
-    client,
-    settings,
-    chunk_size,
-    memory_fraction,
-    resources,
-    scratch,
-    out_path,
-    compress,
-    run_id,
-    seed,
-    report_dir,
-    progress,
-    cluster_backend,
-    in_process,
-    num_samples,
-    state,
-):
+def _prepare_and_execute(r: _Request):
     """Share the inputs, plan, create the store and run the chunks."""
-    if in_process:
-        job_args, job_kwargs, job_posterior = model_args, model_kwargs, posterior
+    if r.in_process:
+        job_args, job_kwargs, job_posterior = r.model_args, r.model_kwargs, r.posterior
     else:
-        job_args, job_kwargs = shared.share_all(model_args, model_kwargs, scratch)
-        job_posterior = dict(shared.share_all((), posterior, scratch)[1])
+        job_args, job_kwargs = shared.share_all(r.model_args, r.model_kwargs, r.scratch)
+        job_posterior = dict(shared.share_all((), r.posterior, r.scratch)[1])
     node_shared = shared.shared_bytes(job_args, job_kwargs, job_posterior)
+    layout, block = r.layout, r.block
+    footprint = r.footprint
     if footprint is None:
         footprint = sampling_footprint(
-            num_samples,
+            r.num_samples,
             latent_bytes_per_sample=layout.per_sample_bytes(in_plate=False),
             row_bytes_per_sample=layout.per_sample_bytes(in_plate=True),
             rows_per_block=block or 0,
@@ -774,56 +787,42 @@ def _prepare_and_execute(
         )
     elif callable(footprint):
         footprint = footprint(layout, block)
-    fixed = None if chunk_size in ("auto", None) else int(chunk_size)
-    plan = _plan(footprint, client, settings, fixed, memory_fraction, resources)
+    fixed = None if r.chunk_size in ("auto", None) else int(r.chunk_size)
+    plan = _plan(footprint, r.client, r.settings, fixed, r.memory_fraction, r.resources)
     job = SamplingJob(
-        model=model,
-        guide=guide if in_process else portable_guide(guide),
+        model=r.model,
+        guide=r.guide if r.in_process else portable_guide(r.guide),
         posterior=job_posterior,
         model_args=job_args,
         model_kwargs=job_kwargs,
         layout=layout,
-        data_plate=data_plate,
+        data_plate=r.data_plate,
         block=block,
-        guide_param_state=_guide_state(guide),
+        guide_param_state=_guide_state(r.guide),
     )
-    store = out_path or scratch / "samples.zarr"
-    if out_path is None:
-        compress = False  # a scratch store read back at once
+    store = r.out_path or r.scratch / "samples.zarr"
+    # a scratch store is read back at once: never compressed
+    compress = r.compress if r.out_path is not None else False
     attrs = {
         "hpcbatch": {
-            "run_id": run_id,
-            "seed": seed,
-            "num_samples": num_samples,
+            "run_id": r.run_id,
+            "seed": r.seed,
+            "num_samples": r.num_samples,
             "chunk_size": plan.chunk_size,
             "cell_block": block,
             "sites": list(layout.names),
-            "params": state["params"],
+            "params": r.params,
         }
     }
-    if not state["resuming"]:
-        if out_path is not None:
-            _remove_ledger(out_path)  # a fresh store: a stale ledger must not skip chunks
+    if not r.resuming:
+        if r.out_path is not None:
+            _remove_ledger(r.out_path)  # a fresh store: a stale ledger must not skip chunks
         try:
             _create_store(store, layout, block, compress, attrs, plan.chunk_size)
         except OSError as exc:
             raise ConfigError(f"cannot create {store}: {exc.strerror}") from None
-    state["started"] = state["params"] is not None
-    report = _execute(
-        job,
-        plan,
-        client,
-        settings,
-        store,
-        scratch,
-        run_id,
-        seed,
-        report_dir,
-        progress,
-        cluster_backend,
-        state,
-    )
-    return plan, store, report
+    r.started = r.params is not None
+    return plan, store, _execute(job, plan, r, store)
 
 
 def _collect(store: Path, layout: core.Layout, load: bool):
@@ -835,61 +834,57 @@ def _collect(store: Path, layout: core.Layout, load: bool):
     return {site.name: np.asarray(group[site.name][...]) for site in layout.sites}
 
 
-def _execute(
-    job, plan, client, settings, store, scratch, run_id, seed, report_dir, progress, backend,
-    state,
-):  # fmt: skip
+def _execute(job: SamplingJob, plan, r: _Request, store: Path):
     from .. import runner
     from ..ledger import Ledger
 
     chunks = runner.make_chunks(job.layout.sites[0].shape[0], plan.chunk_size)
-    if client == "sync":
-        return _run_in_process(job, chunks, store, run_id, seed, plan)
+    if r.in_process:
+        return _run_in_process(job, chunks, store, r.run_id, r.seed, plan)
     ledger_kwargs: dict[str, Any] = {}
-    if state["params"] is not None:
+    if r.params is not None:
         ledger = Ledger(f"sqlite:///{ledger_path(store).absolute()}")
         ledger_kwargs = dict(
             ledger=ledger,
-            params=state["params"],
-            resume=state["resuming"],
+            params=r.params,
+            resume=r.resuming,
             resume_hint=RESUME_HINT,
         )
-        info = ledger.run_info(run_id)
+        info = ledger.run_info(r.run_id)
         if info is not None and info["status"] == "finished":
             # Nothing to run: the runner says so without a cluster.
             return runner.run(
-                chunks, sample_chunk_task, None, run_id=run_id, seed=seed, plan=plan,
-                progress=progress, **ledger_kwargs,
+                chunks, sample_chunk_task, None, run_id=r.run_id, seed=r.seed, plan=plan,
+                progress=r.progress, **ledger_kwargs,
             )  # fmt: skip
-    scratch.mkdir(parents=True, exist_ok=True)
-    job_path = scratch / "job.pkl"
+    r.scratch.mkdir(parents=True, exist_ok=True)
+    job_path = r.scratch / "job.pkl"
     import cloudpickle
 
     with open(job_path, "wb") as handle:
         cloudpickle.dump(job, handle)
     task = partial(sample_chunk_task, job_path=str(job_path), out=str(store))
     kwargs = dict(
-        run_id=run_id,
-        seed=seed,
+        run_id=r.run_id,
+        seed=r.seed,
         plan=plan,
-        report_dir=report_dir,
+        report_dir=r.report_dir,
         commit_on_worker=False,
-        progress=progress,
-        retries=int(settings.get("retries", 2)),
+        progress=r.progress,
+        retries=int(r.settings.get("retries", 2)),
         min_chunk=1,
         **ledger_kwargs,
     )
-    if client is not None:
-        return runner.run(chunks, task, client, **kwargs)
+    if r.client is not None:
+        return runner.run(chunks, task, r.client, **kwargs)
     from ..cluster import open_cluster
 
-    cluster_settings = dict(settings)
     with open_cluster(
         plan,
-        cluster_settings,
-        backend=backend or settings["cluster"]["backend"],
-        address=settings["cluster"].get("address"),
-        quiet=not progress,
+        dict(r.settings),
+        backend=r.cluster_backend or r.settings["cluster"]["backend"],
+        address=r.settings["cluster"].get("address"),
+        quiet=not r.progress,
     ) as own:
         return runner.run(chunks, task, own, **kwargs)
 
