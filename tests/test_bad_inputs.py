@@ -124,6 +124,21 @@ def _edit_json(name: str, key: str, value) -> Setup:
     return setup
 
 
+def _pickled_npy(path: str) -> Setup:
+    """An object-array ``.npy`` whose unpickling would create ``pwned`` in the work dir."""
+
+    def setup(work: Path, inputs: dict) -> None:
+        import numpy as np
+
+        class Payload:
+            def __reduce__(self):
+                return (os.system, (f"touch {work / 'pwned'}",))
+
+        np.save(work / path, np.array([Payload(), 1], dtype=object), allow_pickle=True)
+
+    return setup
+
+
 def _fitted(name: str = "data", *, fit: bool = True) -> Setup:
     def setup(work: Path, inputs: dict) -> None:
         shutil.copytree(inputs["fitted"], work / name)
@@ -541,6 +556,13 @@ CASES: list[Case] = [
         setup=_then(_fitted(), _crafted_weights("data/fit/guide.pt")),
     ),
     Case("guide-missing", "model", SAMPLE, r"has no fitted guide", setup=_fitted(fit=False)),
+    Case(
+        "data-pickled-object-array",
+        "model",
+        SAMPLE,
+        r"group.npy is not a plain numeric .npy array \(it holds Python objects",
+        setup=_then(_fitted(), _pickled_npy("data/group.npy")),
+    ),
     Case(
         "data-dir-missing",
         "model",

@@ -110,6 +110,25 @@ class TechnicalData:
         return int(self.counts.shape[1])
 
 
+def _load_array(file: Path, **kwargs) -> np.ndarray:
+    """``np.load`` without pickles: an object array or a damaged file is one clear error."""
+    try:
+        array = np.load(file, allow_pickle=False, **kwargs)
+    except (ValueError, OSError, EOFError) as exc:
+        reason = (
+            "it holds Python objects (pickles are refused)"
+            if "allow_pickle" in str(exc)
+            else str(exc)
+        )
+        raise DataError(
+            f"{file} is not a plain numeric .npy array ({reason}): "
+            "rewrite it with numpy.save of a numeric array, or 'hpcbatch predictive simulate'"
+        ) from None
+    if array.dtype == object:
+        raise DataError(f"{file} holds Python objects: save a numeric array instead")
+    return array
+
+
 def load_data(path: str | Path) -> TechnicalData:
     """Open a data directory written by :func:`simulate` (or by hand, same files)."""
     path = Path(path)
@@ -120,9 +139,9 @@ def load_data(path: str | Path) -> TechnicalData:
             f"{path} is not a predictive data directory (missing {', '.join(missing)}): "
             "create one with 'hpcbatch predictive simulate --out DIR'"
         )
-    counts = np.load(files[0], mmap_mode="r")
-    group = np.load(files[1]).astype(np.int64)
-    sum_factor = np.load(files[2]).astype(np.float32)
+    counts = _load_array(files[0], mmap_mode="r")
+    group = _load_array(files[1]).astype(np.int64)
+    sum_factor = _load_array(files[2]).astype(np.float32)
     if counts.ndim != 2 or group.shape != (counts.shape[0],) or sum_factor.shape != group.shape:
         raise DataError(
             f"{path}: counts must be [N, T] and group, sum_factor [N]; got {counts.shape}, "
