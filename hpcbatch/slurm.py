@@ -42,10 +42,10 @@ logger = logging.getLogger(__name__)
 
 MiB = 1024**2
 
-#: Where the sbatch templates live (the repository's slurm/ dir; override with
-#: HPCBATCH_SLURM_TEMPLATES for an installed copy).
+#: Where the sbatch templates live: shipped inside the package (hpcbatch/sbatch/, which the
+#: repository's slurm/ links to); HPCBATCH_SLURM_TEMPLATES points at a site's own copies.
 TEMPLATE_DIR = Path(
-    os.environ.get("HPCBATCH_SLURM_TEMPLATES", Path(__file__).resolve().parent.parent / "slurm")
+    os.environ.get("HPCBATCH_SLURM_TEMPLATES", Path(__file__).resolve().parent / "sbatch")
 )
 
 #: The commands each workload runs inside a job.
@@ -198,8 +198,9 @@ def load_template(name: str, template_dir: Path | None = None) -> Template:
         return Template(path.read_text())
     except OSError:
         raise ConfigError(
-            f"sbatch template {path} not found: run from a checkout with slurm/ or set "
-            "HPCBATCH_SLURM_TEMPLATES to the directory holding local.sbatch and driver.sbatch"
+            f"sbatch template {path} not found: set HPCBATCH_SLURM_TEMPLATES to the "
+            "directory holding local.sbatch and driver.sbatch (the package ships them in "
+            "hpcbatch/sbatch/)"
         ) from None
 
 
