@@ -893,3 +893,27 @@ def test_wait_for_job_finds_a_forgotten_job_in_sacct() -> None:
     assert slurm.wait_for_job("813", run=run, sleep=lambda s: None)["JobState"] == "TIMEOUT"
     with pytest.raises(HpcbatchError, match="SLURM does not know job 5"):
         slurm.wait_for_job("5", run=FakeScheduler({}), sleep=lambda s: None)
+
+
+def test_templates_ship_inside_the_package() -> None:
+    """A non-editable install has no checkout: the templates must be package data."""
+    import fnmatch
+
+    import hpcbatch
+
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is Python 3.11+")
+
+    package = Path(hpcbatch.__file__).resolve().parent
+    assert slurm.TEMPLATE_DIR.resolve().is_relative_to(package) or os.environ.get(
+        "HPCBATCH_SLURM_TEMPLATES"
+    )
+    pyproject = tomllib.loads((package.parent / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["hpcbatch"]
+    shipped = sorted((package / "sbatch").glob("*.sbatch"))
+    assert {p.name for p in shipped} >= {"local.sbatch", "driver.sbatch"}
+    for path in shipped:
+        rel = path.relative_to(package).as_posix()
+        assert any(fnmatch.fnmatch(rel, g) for g in globs), f"{rel} is not package data"
+    # the repository's slurm/ shows the very same files
+    for path in shipped:
+        assert (package.parent / "slurm" / path.name).read_text() == path.read_text()
