@@ -258,12 +258,6 @@ def _maybe_calibrate(
     return measured, {"calibration": result.to_dict()}
 
 
-def _positive(flag: str, value) -> int:
-    if value is None or value <= 0:
-        raise ConfigError(f"{flag} must be a positive whole number, got {value}")
-    return value
-
-
 @plan.command("stocks")
 @click.option("--stocks", "n_stocks", type=int, default=5000, show_default=True)
 @click.option(
@@ -302,18 +296,18 @@ def plan_stocks(
 
     settings = hb_config.load(profile, config_file, {"memory-fraction": memory_fraction})
     stock_cfg = settings["stocks"]
-    lookback = _positive(
+    lookback = hb_config.require_positive(
         "--lookback-days", stock_cfg["lookback-days"] if lookback_days is None else lookback_days
     )
-    predict = _positive(
+    predict = hb_config.require_positive(
         "--predict-days", stock_cfg["predict-days"] if predict_days is None else predict_days
     )
-    _positive("--stocks", n_stocks)
+    hb_config.require_positive("--stocks", n_stocks)
     if stock_cfg.get("limit"):
         n_stocks = min(n_stocks, int(stock_cfg["limit"]))
     chunk = batch_size if batch_size is not None else stock_cfg["batch-size"]
     if chunk is not None:
-        _positive("--batch-size", chunk)
+        hb_config.require_positive("--batch-size", chunk)
     res = resources_from_options(mem_gb, cpus, gpus, gpu_mem_gb, mem=mem, plan_ahead=True)
     footprint = stocks_footprint(n_stocks, lookback, predict)
     footprint, extra = _maybe_calibrate(
@@ -382,7 +376,7 @@ def plan_predictive(
         ("--groups", groups),
         ("--samples", samples),
     ):
-        _positive(name, value)
+        hb_config.require_positive(name, value)
     res = resources_from_options(mem_gb, cpus, gpus, gpu_mem_gb, mem=mem, plan_ahead=True)
     footprint = technical_footprint(
         cells,

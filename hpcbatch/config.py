@@ -145,6 +145,13 @@ def validate(settings: Mapping[str, Any]) -> None:
         raise ConfigError(f"unknown cluster backend {backend!r}: use local, slurm or address")
 
 
+def require_positive(flag: str, value: Any) -> int:
+    """``value`` if it is a positive whole number, else one line naming ``flag``."""
+    if value is None or value <= 0:
+        raise ConfigError(f"{flag} must be a positive whole number, got {value}")
+    return value
+
+
 def _number(settings: Mapping[str, Any], key: str, kind: type, *, optional: bool = False) -> Any:
     value = settings[key]
     if value is None and optional:

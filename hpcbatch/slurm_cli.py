@@ -162,8 +162,7 @@ def render_stocks(n_stocks, lookback_days, predict_days, batch_size, args, **opt
         ("--predict-days", predict),
         ("--batch-size", batch_size if batch_size is not None else 1),
     ):
-        if value is None or value <= 0:
-            raise ConfigError(f"{flag} must be a positive whole number, got {value}")
+        hb_config.require_positive(flag, value)
     footprint = stocks_footprint(n_stocks, lookback, predict)
     plan = make_plan(
         footprint,
@@ -201,8 +200,7 @@ def render_predictive(
         ("--groups", groups),
         ("--samples", samples),
     ):
-        if value <= 0:
-            raise ConfigError(f"{flag} must be a positive whole number, got {value}")
+        hb_config.require_positive(flag, value)
     footprint = technical_footprint(
         cells,
         features,

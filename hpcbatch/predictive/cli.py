@@ -199,8 +199,7 @@ def sample_data_dir(
     from .footprint import technical_footprint
     from .sampling import run_sampling
 
-    if samples < 1:
-        raise ConfigError(f"--samples must be a positive whole number, got {samples}")
+    hb_config.require_positive("--samples", samples)
     data, guide, mu_mean, mu_sd = technical.load_fit(data_dir)
     # The counts are only needed to draw nothing but latents: pass them memory-mapped
     # as the model's observed data would be; y is drawn, so they stay None.

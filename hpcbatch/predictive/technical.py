@@ -36,6 +36,7 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 from pyro.infer.autoguide.initialization import init_to_value
 
+from ..config import require_positive
 from ..errors import ConfigError, DataError
 from ..security import load_weights
 
@@ -166,8 +167,7 @@ def simulate(
     exceed memory.
     """
     for name, value in (("cells", cells), ("features", features), ("groups", groups)):
-        if value < 1:
-            raise ConfigError(f"--{name} must be a positive whole number, got {value}")
+        require_positive(f"--{name}", value)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
