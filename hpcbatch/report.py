@@ -12,7 +12,10 @@ Memory is measured where it happens: a :class:`MemorySampler` nanny plugin sampl
 its worker process's RSS ten times a second (peaks between the scheduler's
 heartbeats are not missed) and keeps the timeline across worker restarts, so a worker
 the nanny kills for memory shows its climb to the kill.  Worker deaths come from the
-scheduler's ``remove-worker`` events and the nanny's ``worker-restart-memory`` events.
+scheduler's ``remove-worker`` events and the nanny's ``worker-restart-memory`` events;
+on a SLURM cluster a worker whose whole job ended takes the reason SLURM gives for the
+job (:func:`add_slurm_job_reasons`: ``cancelled`` / ``memory`` / ``walltime`` / ``node``,
+with the job id), since Dask alone only sees a lost connection.
 It does not decide anything about the run (the runner does).
 """
 
@@ -293,6 +296,45 @@ def classify_deaths(
             }
         )
     return deaths
+
+
+#: SLURM's reasons (:func:`hpcbatch.slurm.classify_job`) that say more than Dask's
+#: "connection": the job itself was ended by SLURM or a user.
+SLURM_DEATH_REASONS = ("cancelled", "memory", "walltime", "node", "preempted")
+
+
+def add_slurm_job_reasons(deaths: list[dict], job_of: Any) -> list[dict]:
+    """Deaths of workers whose SLURM job ended, with the reason SLURM gives for the job.
+
+    ``job_of(worker_address)`` (:meth:`hpcbatch.cluster.WorkerJobWatch.job_of`) returns
+    the ended job (``job_id``, ``state``, ``reason``, ``detail``, and when it was
+    replaced ``replacement_job_id`` / ``replacement_wait_s``) or None.  Each such death
+    gains ``slurm_job_id`` and ``slurm_state``; its reason becomes SLURM's when that is
+    one of :data:`SLURM_DEATH_REASONS` (a job that completed at its worker lifetime keeps
+    Dask's ``walltime``).  ``job_of`` None (not a SLURM cluster) returns ``deaths`` as is.
+    """
+    if job_of is None:
+        return deaths
+    out = []
+    for death in deaths:
+        try:
+            job = job_of(death.get("worker", ""))
+        except Exception:  # noqa: BLE001 (SLURM unreachable: keep Dask's reason)
+            job = None
+        if not job:
+            out.append(death)
+            continue
+        death = dict(death, slurm_job_id=job["job_id"], slurm_state=job.get("state"))
+        for key in ("replacement_job_id", "replacement_wait_s"):
+            if job.get(key) is not None:
+                death[key] = job[key]
+        if job.get("reason") in SLURM_DEATH_REASONS:
+            death["reason"] = job["reason"]
+            death["detail"] = (
+                f"SLURM job {job['job_id']} {job.get('state', '?')}: {job.get('detail', '')}"
+            )
+        out.append(death)
+    return out
 
 
 def _exit_code(exits, address: str, t: float) -> int | None:
