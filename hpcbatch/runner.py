@@ -18,7 +18,14 @@ completes, and:
 - on SIGTERM stops submitting, lets chunks in flight finish within a grace period,
   writes the report and raises :class:`RunInterrupted` (resume later);
 - fails the run (report written, :class:`ChunkFailedError`) when the cluster has had
-  no workers at all for ``no_worker_timeout_s``, instead of waiting forever.
+  no workers at all for ``no_worker_timeout_s``, instead of waiting forever (during a
+  SIGTERM stop, no workers just ends the wait: the run is interrupted, not failed);
+- checks the run's database is reachable before anything is submitted (preflight) and
+  keeps a run-level circuit breaker on it: a chunk that fails with a transient
+  database error (:func:`hpcbatch.retry.is_transient`, :class:`DatabaseUnavailable`)
+  stops all submission while the runner probes the database itself; if it comes back
+  the held chunks rerun, if it stays down for ``db_outage_s`` the run fails at once
+  with one line (database, cause, chunks committed, the resume command).
 
 It knows nothing about stocks or Pyro: a workload hands it chunks and a task function.
 """
@@ -50,6 +57,7 @@ from .report import (
     MemorySampler,
     RunReport,
     TaskCounter,
+    add_slurm_job_reasons,
     classify_deaths,
     nanny_memory_timeline,
     plot_memory,
@@ -57,10 +65,13 @@ from .report import (
     scheduler_max_tasks,
     write_report_dir,
 )
+from .retry import DatabaseUnavailable, is_transient, probe_database
 from .units import format_bytes
 
 _ALREADY_DONE = "__hpcbatch_already_done__"
 NO_WORKER_TIMEOUT_S = 120.0  # no workers at all for this long fails the run (not a hang)
+DB_OUTAGE_S = 60.0  # the database unreachable for this long fails the run (a restart is not)
+STOPPING_NO_WORKER_S = 5.0  # during a SIGTERM stop: no workers this long ends the wait
 
 
 # ---------------------------------------------------------------- chunks ----
@@ -348,6 +359,8 @@ def run(
     resume_hint: str = "rerun the same command with --resume",
     out: TextIO | None = None,
     no_worker_timeout_s: float | None = None,
+    database: str | None = None,
+    db_outage_s: float = DB_OUTAGE_S,
 ) -> RunReport:
     """Run ``task_fn(chunk, ctx)`` for every chunk on ``client``'s cluster; see the module doc.
 
@@ -361,6 +374,12 @@ def run(
     ``None`` uses the cluster's start timeout when the client came from
     :func:`hpcbatch.cluster.open_cluster` (``cluster.start-timeout``: a SLURM job may
     wait in the queue), else :data:`NO_WORKER_TIMEOUT_S`.
+
+    ``database``: the URL of the database the chunks read and write (default: the
+    ledger's); it is probed before anything is submitted, and when a chunk fails with a
+    transient database error the run holds all submission until it answers again.  It
+    may stay unreachable for ``db_outage_s`` seconds in all (a restart is ridden out);
+    after that the run fails with :class:`~hpcbatch.retry.DatabaseUnavailable`.
     """
     out = out or sys.stderr
     chunks = list(chunks)
@@ -370,6 +389,14 @@ def run(
         raise ConfigError("commit_on_worker=True needs a ledger for the task's sink to write to")
     if retries < 0 or min_chunk < 1:
         raise ConfigError("retries must be >= 0 and min-chunk >= 1")
+    if not db_outage_s > 0:
+        raise ConfigError(
+            f"database-outage-timeout must be a positive number of seconds, got {db_outage_s}"
+        )
+    if database is None and ledger is not None:
+        database = ledger.url
+    breaker = _DatabaseBreaker(database, db_outage_s)
+    breaker.preflight(resume_hint)
     t_start = time.time()
     n_items = sum(c.size for c in chunks)
     chunk_size = max(c.size for c in chunks)
@@ -379,14 +406,15 @@ def run(
     skipped = 0
     done_before_items = 0
     if ledger is not None:
-        info = ledger.start_run(
-            run_id,
-            n_items=n_items,
-            chunk_size=chunk_size,
-            seed=seed,
-            params=params,
-            resume=resume,
-        )
+        with breaker.guard(resume_hint):
+            info = ledger.start_run(
+                run_id,
+                n_items=n_items,
+                chunk_size=chunk_size,
+                seed=seed,
+                params=params,
+                resume=resume,
+            )
         if info["finished"]:
             msg = (
                 f"run {run_id!r} already finished ({info['n_done']} chunks recorded): nothing to do"
@@ -404,7 +432,8 @@ def run(
         if int(info["chunk_size"]) != chunk_size:
             chunks = _rechunk(chunks, int(info["chunk_size"]), run_id)
             n_chunks = len(chunks)
-        index = DoneIndex(ledger.done_ids(run_id))
+        with breaker.guard(resume_hint):
+            index = DoneIndex(ledger.done_ids(run_id))
         pending = []
         for chunk in chunks:
             if index.is_done(chunk.chunk_id):
@@ -486,6 +515,7 @@ def run(
                 no_worker_timeout_s=no_worker_timeout_s,
                 chunks_before=skipped,
                 n_chunks=n_chunks,
+                breaker=breaker,
             )
     except BaseException:
         # lost scheduler, Ctrl-C, a ledger error: the done chunks are recorded; mark the run
@@ -504,7 +534,7 @@ def run(
         status = "failed"
     elif stop["reason"] is not None:
         status = "interrupted"
-    if ledger is not None:
+    if ledger is not None and not breaker.took_down(ledger.url):
         try:
             _finish_ledger(ledger, run_id, status, chunks, commit_on_worker, out)
         except Exception as exc:  # noqa: BLE001 (the full disk / lost database that failed the run)
@@ -995,6 +1025,10 @@ def _build_report(
             for t, ev in _events(client, EXIT_TOPIC)
             if isinstance(ev, dict)
         ],
+    )
+    # a SLURM worker job that ended: the reason SLURM gives (cancelled, memory, ...)
+    deaths = add_slurm_job_reasons(
+        deaths, getattr(getattr(client, "hpcbatch_job_watch", None), "job_of", None)
     )
     peaks = _peaks(timelines, deaths)
     limit = (
