@@ -36,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -106,10 +107,40 @@ def copy_market(url: str, stocks: int, days: int, seed: int) -> int:
         raw.commit()
     finally:
         raw.close()
-    with engine.connect() as conn:
+    with engine.begin() as conn:  # committed: a rolled-back ANALYZE leaves no statistics
         conn.exec_driver_sql("ANALYZE stock_daily")
     engine.dispose()
     return rows
+
+
+def chunk_query_plan(url: str, n_codes: int = 50) -> list[str]:
+    """The scan nodes of PostgreSQL's plan for one chunk's bars query (index, not seq)."""
+    import sqlalchemy as sa
+
+    from hpcbatch.stocks.schema import make_engine
+    from hpcbatch.stocks.sink import bars_query, list_codes
+
+    engine = make_engine(url)
+    codes = list_codes(engine)
+    middle = codes[len(codes) // 2 : len(codes) // 2 + n_codes]
+    query = bars_query(middle, 400).compile(engine, compile_kwargs={"literal_binds": True})
+    with engine.connect() as conn:
+        plan = [r[0] for r in conn.execute(sa.text(f"EXPLAIN {query}"))]
+    engine.dispose()
+    return [line.strip() for line in plan if "Scan" in line]
+
+
+def _check_database(url: str, backend: str, workdir: Path) -> tuple[str, Callable[[], None]]:
+    """A second, empty database for generate_market: same PostgreSQL server if possible."""
+    if backend == "postgresql":
+        sys.path.insert(0, str(REPO / "tests"))
+        from services import create_database, drop_database
+
+        server = url.rsplit("/", 1)[0] + "/postgres"
+        with contextlib.suppress(Exception):
+            name, check_url = create_database(server, "hpcbatch_check")
+            return check_url, lambda: drop_database(server, name)
+    return f"sqlite:///{workdir / 'check.db'}", lambda: None
 
 
 def load_market(url: str, backend: str, args: argparse.Namespace, workdir: Path) -> dict:
@@ -134,20 +165,26 @@ def load_market(url: str, backend: str, args: argparse.Namespace, workdir: Path)
         # The same first stocks through generate_market (executemany) in a second table
         # set: identical rows and checksums prove COPY loaded the generator's market.
         n = min(args.check_stocks, args.stocks)
-        check_url = f"sqlite:///{workdir / 'check.db'}"
-        engine = make_engine(check_url, create=True)
-        t1 = time.perf_counter()
-        generate_market(engine, n, args.days, args.seed)
-        engine.dispose()
-        gm_s = time.perf_counter() - t1
-        # stock_codes(n) is a prefix of stock_codes(N) (blocks and seeds are fixed), but
-        # the ts_code order interleaves boards, so compare exactly those codes.
-        a = _checksum_of(url, stock_codes(n))
-        b = _checksum_of(check_url, None)
+        check_url, drop = _check_database(url, backend, workdir)
+        try:
+            engine = make_engine(check_url, create=True)
+            t1 = time.perf_counter()
+            gm_rows = generate_market(engine, n, args.days, args.seed).rows
+            engine.dispose()
+            gm_s = time.perf_counter() - t1
+            # stock_codes(n) is a prefix of stock_codes(N) (blocks and seeds are fixed), but
+            # the ts_code order interleaves boards, so compare exactly those codes.
+            a = _checksum_of(url, stock_codes(n))
+            b = _checksum_of(check_url, None)
+        finally:
+            drop()
         out["generate_market_check"] = {
-            "stocks": n, "copy": a, "generate_market_sqlite": b, "equal": a == b,
-            "generate_market_s": round(gm_s, 1),
+            "stocks": n, "database": check_url.split(":", 1)[0], "copy": a,
+            "generate_market": b, "equal": a == b, "generate_market_s": round(gm_s, 1),
+            "generate_market_rows_per_s": round(gm_rows / gm_s),
         }
+    if backend == "postgresql":
+        out["chunk_query_scans"] = chunk_query_plan(url)
     return out
 
 
