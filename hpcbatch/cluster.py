@@ -13,7 +13,11 @@ Dask's memory thresholds (target/spill/pause/terminate) come from the plan (whic
 takes them from hpcbatch config) and are set before the scheduler and workers
 start; ``distributed.scheduler.allowed-failures`` is lowered so a chunk that kills
 its workers for memory comes back quickly as ``KilledWorker`` and the runner can
-split it.  On start it prints the dashboard link and, on a cluster node, the SSH
+split it.  A SLURM worker job that ends under a run (``scancel``, the job's memory
+kill, a failed node, the walltime) is noticed by :class:`WorkerJobWatch`, explained
+from ``scontrol``/``sacct`` (:func:`hpcbatch.slurm.explain_job`) and replaced by a new
+job, so the run keeps the number of jobs it asked for (dask-jobqueue alone never
+resubmits a lost job).  On start it prints the dashboard link and, on a cluster node, the SSH
 tunnel line to reach it from a laptop.  A cluster that cannot start, a queue that
 gives no workers within ``cluster.start-timeout``, or an unreachable scheduler is a
 :class:`ClusterStartError`, never a hang.  It does not plan (the planner does).
@@ -21,10 +25,13 @@ gives no workers within ``cluster.start-timeout``, or an unreachable scheduler i
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import socket
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
@@ -209,7 +216,218 @@ def _slurm(
     client = Client(cluster, timeout=timeout, security=security)
     stack.callback(_close_quietly, client)
     _wait(client, 1, timeout, "SLURM workers (is the queue full? see squeue)")
+    watch = WorkerJobWatch(cluster, out=out)
+    watch.start()
+    stack.callback(watch.stop)  # stops before the client and the cluster close
+    client.hpcbatch_job_watch = watch  # type: ignore[attr-defined]
     return client
+
+
+class WorkerJobWatch:
+    """Keeps a dask-jobqueue SLURM cluster at its jobs: a worker job that ended under
+    the run is explained and replaced.
+
+    Every ``every_s`` seconds (in a daemon thread) it maps the scheduler's workers to
+    their jobs (worker name = job name + group suffix) and, for a job with fewer
+    workers than it should have, asks SLURM (:func:`hpcbatch.slurm.job_info`, else
+    ``sacct``) whether the job still exists.  A job that has ended is explained with
+    :func:`hpcbatch.slurm.explain_job` (``cancelled`` / ``memory`` / ``walltime`` /
+    ``node`` ...) and recorded in :attr:`lost`; if its workers had connected, a job of a
+    new name is submitted in its place (``cluster.scale``): dask-jobqueue on its own
+    keeps the dead job in its spec and never resubmits it, so a run whose only job was
+    cancelled would wait for workers that never come.  A job that ends before any of
+    its workers connected (a broken job script) is replaced at most
+    ``max_failed_starts`` times in a row.  :meth:`job_of` tells the run report which
+    job a dead worker belonged to.
+    """
+
+    def __init__(
+        self,
+        cluster,
+        *,
+        every_s: float = 1.0,
+        max_failed_starts: int = 3,
+        out: TextIO | None = None,
+    ) -> None:
+        self.cluster = cluster
+        self.every_s = every_s
+        self.max_failed_starts = max_failed_starts
+        self.out = out or sys.stderr
+        self.lost: list[dict] = []  # one dict per ended job, in the order found
+        self._by_job: dict[str, dict] = {}
+        self._addresses: dict[str, tuple[str, str | None]] = {}  # address -> (job name, id)
+        self._had_workers: set[str] = set()
+        self._unknown: dict[str, int] = {}
+        self._failed_starts = 0
+        self._names_used: set[str] = set()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="hpcbatch-job-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.poll()
+            except Exception as exc:  # noqa: BLE001 (a watcher must never take the run down)
+                logging.getLogger(__name__).debug("job watch: %s", exc)
+
+    # -- what the cluster has ---------------------------------------------------
+
+    def _snapshot(self) -> tuple[dict, dict, dict]:
+        for _ in range(5):  # the cluster's loop may change these dicts as we copy them
+            try:
+                jobs = dict(self.cluster.workers)
+                spec = {k: dict(v) for k, v in self.cluster.worker_spec.items()}
+                workers = dict(self.cluster.scheduler_info.get("workers", {}))
+                return jobs, spec, workers
+            except RuntimeError:
+                time.sleep(0.01)
+        return {}, {}, {}
+
+    def poll(self) -> None:
+        """One look: record which job each worker runs in; find and replace ended jobs."""
+        from .slurm import FINISHED_STATES, job_info, sacct_record
+
+        jobs, spec, workers = self._snapshot()
+        job_of_worker = {
+            f"{name}{suffix}": name for name, s in spec.items() for suffix in s.get("group", [""])
+        }
+        present: dict[str, int] = {}
+        now = time.time()
+        for address, info in workers.items():
+            name = job_of_worker.get(str(info.get("name")))
+            if name is None:
+                continue
+            present[name] = present.get(name, 0) + 1
+            job_id = getattr(jobs.get(name), "job_id", None)
+            with self._lock:
+                self._addresses[address] = (name, job_id)
+                self._had_workers.add(name)
+                for entry in self.lost:
+                    if entry.get("replacement") == name and entry.get("replacement_ready") is None:
+                        entry["replacement_job_id"] = job_id
+                        entry["replacement_ready"] = now
+                        entry["replacement_wait_s"] = round(now - entry["time"], 2)
+        for name, job in jobs.items():
+            job_id = getattr(job, "job_id", None)
+            if name not in spec or not job_id or job_id in self._by_job:
+                continue
+            if present.get(name, 0) >= len(spec[name].get("group", [""])):
+                self._unknown.pop(job_id, None)
+                continue
+            fields = job_info(job_id) or sacct_record(job_id)
+            if fields is None:  # forgotten, or slurmctld busy: believe it after three looks
+                self._unknown[job_id] = self._unknown.get(job_id, 0) + 1
+                if self._unknown[job_id] < 3:
+                    continue
+                state = "UNKNOWN"
+            else:
+                state = (fields.get("JobState") or "UNKNOWN").split()[0]
+                if state not in FINISHED_STATES:
+                    continue
+            self._ended(name, job, str(job_id), state)
+
+    def _explain(self, job_id: str, state: str) -> dict:
+        from .errors import HpcbatchError
+        from .slurm import explain_job
+
+        try:
+            death = explain_job(job_id)
+            return {"state": death.state, "reason": death.reason, "detail": death.detail}
+        except HpcbatchError as exc:
+            return {"state": state, "reason": "other", "detail": str(exc)}
+
+    def _ended(self, name: str, job, job_id: str, state: str) -> None:
+        entry = {
+            "job_id": job_id,
+            "name": name,
+            "time": time.time(),
+            **self._explain(job_id, state),
+        }
+        had_workers = name in self._had_workers
+        entry["had_workers"] = had_workers
+        with self._lock:
+            self.lost.append(entry)
+            self._by_job[job_id] = entry
+        if self._stop.is_set():
+            return
+        if had_workers:
+            self._failed_starts = 0
+        else:
+            self._failed_starts += 1
+            if self._failed_starts > self.max_failed_starts:
+                print(
+                    f"SLURM worker job {job_id} ended before its workers connected "
+                    f"({entry['state']}: {entry['detail']}); not replacing it "
+                    f"({self.max_failed_starts} such jobs in a row): see its output file",
+                    file=self.out,
+                    flush=True,
+                )
+                return
+        print(
+            f"\nSLURM worker job {job_id} ended ({entry['state']} -> {entry['reason']}: "
+            f"{entry['detail']}): submitting a replacement job",
+            file=self.out,
+            flush=True,
+        )
+        self.cluster.loop.add_callback(self._replace, name, job, entry)
+
+    def _replace(self, name: str, job, entry: dict) -> None:
+        """On the cluster's event loop: drop the dead job from the spec, scale back up."""
+        from distributed.core import Status
+
+        cluster = self.cluster
+        if cluster.status != Status.running or cluster.workers.get(name) is not job:
+            return
+        if name not in cluster.worker_spec:
+            return  # scaled down on purpose (adaptive)
+        n_jobs = len(cluster.worker_spec)
+        self._names_used.update(cluster.worker_spec)
+        del cluster.worker_spec[name]
+        del cluster.workers[name]
+        # a name never used before: SpecCluster would reuse the dead job's, and its own
+        # lost-worker timer for that name could then cancel the replacement
+        i = 0
+        while (new := cluster._new_worker_name(i)) in self._names_used:
+            i += 1
+        self._names_used.add(new)
+        cluster.worker_spec[new] = copy.deepcopy(cluster.new_spec)
+        entry["replacement"] = new
+        entry["replacement_ready"] = None
+        cluster.scale(jobs=n_jobs)  # submits the job now in the spec but not running
+
+    # -- for the run report ----------------------------------------------------
+
+    def job_of(self, address: str) -> dict | None:
+        """The ended SLURM job a (dead) worker ran in: ``job_id``, ``state``, ``reason``,
+        ``detail`` (and the replacement's job id and wait); None if the worker's job is
+        unknown or still running."""
+        from .slurm import FINISHED_STATES, job_info, sacct_record
+
+        with self._lock:
+            name, job_id = self._addresses.get(address, (None, None))
+            entry = self._by_job.get(str(job_id)) if job_id else None
+        if job_id is None:
+            return None
+        if entry is None:  # the run ended before the next look: ask now
+            fields = job_info(job_id) or sacct_record(job_id)
+            state = (fields or {}).get("JobState", "UNKNOWN").split()[0] if fields else ""
+            if state not in FINISHED_STATES:
+                return None
+            entry = {"job_id": str(job_id), "name": name, "time": time.time()}
+            entry.update(self._explain(str(job_id), state))
+            with self._lock:
+                self._by_job.setdefault(str(job_id), entry)
+        return dict(entry)
 
 
 def _address(address: str | None, timeout: float, stack: ExitStack, security=None):
