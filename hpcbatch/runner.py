@@ -43,7 +43,7 @@ import traceback
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack, nullcontext, suppress
+from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -65,7 +65,8 @@ from .report import (
     scheduler_max_tasks,
     write_report_dir,
 )
-from .retry import DatabaseUnavailable, is_transient, probe_database
+from .retry import DatabaseUnavailable, error_line, is_transient, probe_database
+from .security import mask_url
 from .units import format_bytes
 
 _ALREADY_DONE = "__hpcbatch_already_done__"
@@ -609,10 +610,12 @@ def _loop(
     no_worker_timeout_s: float = 120.0,
     chunks_before: int = 0,
     n_chunks: int = 0,
+    breaker: _DatabaseBreaker | None = None,
 ) -> ChunkFailedError | None:
     from distributed import as_completed
 
     watch = _WorkerWatch(client, no_worker_timeout_s)
+    breaker = breaker or _DatabaseBreaker(None, DB_OUTAGE_S)
 
     queue: deque[tuple[Chunk, int]] = deque((c, 0) for c in pending)
     in_flight: dict[Any, tuple[Chunk, int, float]] = {}
@@ -621,7 +624,24 @@ def _loop(
     fatal: ChunkFailedError | None = None
     announced = False
     while True:
-        stopping = stop["reason"] is not None or fatal is not None
+        if breaker.is_open and fatal is None:
+            verdict = breaker.poll()
+            if verdict == "up":
+                held = breaker.release()
+                queue.extendleft(reversed(held))
+                print(
+                    f"\ndatabase {breaker.where} is back after {breaker.last_outage_s:.0f} s: "
+                    f"resubmitting the {len(held)} chunks held",
+                    file=out,
+                    flush=True,
+                )
+            elif verdict == "gone":
+                state.failed += 1
+                fatal = breaker.error(chunks_before + state.chunks_done, n_chunks, resume_hint)
+                failures.append({"chunk_id": None, "error": str(fatal), "traceback": ""})
+                print(f"\n{fatal}", file=out, flush=True)
+                break  # nothing can commit: cancel what is in flight, write the report
+        stopping = stop["reason"] is not None or fatal is not None or breaker.is_open
         while queue and len(in_flight) < max_in_flight and not stopping:
             chunk, attempt = queue.popleft()
             key = (group, chunk.chunk_id, attempt)
@@ -637,7 +657,10 @@ def _loop(
             ac.add(future)
             state.max_in_flight = max(state.max_in_flight, len(in_flight))
         if not in_flight:
-            break
+            if not breaker.is_open or stop["reason"] is not None or fatal is not None:
+                break
+            time.sleep(0.2)  # nothing in flight: wait for the database (polled above)
+            continue
         if stop["reason"] is not None and not announced:
             announced = True
             print(
@@ -686,6 +709,16 @@ def _loop(
                     )
                 continue
             exc_type, exc, tb = result
+            if fatal is None and breaker.recognises(exc) and breaker.hold(chunk, attempt, exc):
+                if breaker.newly_open:
+                    print(
+                        f"\nchunk {chunk.chunk_id}: database {breaker.where} unreachable "
+                        f"({breaker.cause}): submitting no more chunks; waiting up to "
+                        f"{breaker.seconds_left():.0f} s for it to come back",
+                        file=out,
+                        flush=True,
+                    )
+                continue
             problem = _on_failure(
                 client,
                 chunk,
@@ -712,6 +745,20 @@ def _loop(
         bar.tick(done_before_items + state.items_done, state.chunks_done, len(in_flight))
         if fatal is None and in_flight:
             gone = watch.seconds_without_workers()
+            if (
+                gone is not None
+                and stop["reason"] is not None
+                and gone >= min(no_worker_timeout_s, STOPPING_NO_WORKER_S)
+            ):
+                # stopping anyway (SIGTERM at walltime ends the worker jobs too): the
+                # chunks in flight cannot finish; the run is interrupted, not failed
+                print(
+                    f"no workers left to finish the {len(in_flight)} chunks in flight "
+                    "(they are not recorded and will rerun on resume)",
+                    file=out,
+                    flush=True,
+                )
+                break
             if gone is not None and gone >= no_worker_timeout_s:
                 state.failed += 1
                 fatal = _no_workers_error(
@@ -883,6 +930,124 @@ class _WorkerWatch:
             elif self.empty_since is None:
                 self.empty_since = now
         return None if self.empty_since is None else now - self.empty_since
+
+
+class _DatabaseBreaker:
+    """The run's circuit breaker on its database (``url``; ``None``: none known).
+
+    Closed: chunks run.  A chunk that fails with a transient database error is checked
+    against the database itself: answering -> an ordinary failure (retried as usual);
+    not answering -> open: the chunk is held and nothing more is submitted while the
+    database is probed every ``every_s``.  It answers again -> closed, the held chunks
+    rerun (no retry used up).  Still down ``outage_s`` after the outage began (counting
+    the time the failing chunk already retried on its worker) -> gone: the run fails.
+    """
+
+    def __init__(self, url: str | None, outage_s: float, *, every_s: float = 1.0, probe=None):
+        self.url = url
+        self.where = mask_url(url) if url else "(unknown)"
+        self.outage_s = float(outage_s)
+        self.every_s = every_s
+        self.probe = probe or probe_database
+        self.down_since: float | None = None
+        self.cause = ""
+        self.held: list[tuple[Chunk, int]] = []
+        self.newly_open = False
+        self.gone = False
+        self.last_probe = float("-inf")
+        self.last_outage_s = 0.0
+
+    @property
+    def is_open(self) -> bool:
+        return self.down_since is not None
+
+    def preflight(self, hint: str) -> None:
+        """Nothing is submitted to a database that does not answer (one line why)."""
+        if self.url is not None and (cause := self.probe(self.url)) is not None:
+            raise DatabaseUnavailable(
+                f"database {self.where} is unreachable ({cause}): nothing was submitted; "
+                f"start it (or fix the URL), then {hint}",
+                self.where,
+                cause,
+            )
+
+    @contextmanager
+    def guard(self, hint: str):
+        """The driver's own ledger calls: a transient database error is one line."""
+        try:
+            yield
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            cause = error_line(exc)
+            raise DatabaseUnavailable(
+                f"database {self.where} became unreachable before any chunk was submitted "
+                f"({cause}): start it, then {hint}",
+                self.where,
+                cause,
+            ) from None
+
+    def recognises(self, exc: BaseException) -> bool:
+        return isinstance(exc, DatabaseUnavailable) or (self.url is not None and is_transient(exc))
+
+    def hold(self, chunk: Chunk, attempt: int, exc: BaseException) -> bool:
+        """Hold ``chunk`` when the database is down (opening the breaker); False when
+        it answers (the failure is then an ordinary one)."""
+        self.newly_open = False
+        if not self.is_open:
+            if self.url is None and isinstance(exc, DatabaseUnavailable):
+                self.where, self.cause = exc.database or self.where, exc.cause
+            if self._check() is None:
+                return False
+            waited = exc.waited_s if isinstance(exc, DatabaseUnavailable) else 0.0
+            self.down_since = time.monotonic() - waited
+            self.newly_open = True
+        self.held.append((chunk, attempt))
+        return True
+
+    def _check(self) -> str | None:
+        self.last_probe = time.monotonic()
+        if self.url is None:  # nothing to probe: a worker's own verdict stands
+            return self.cause or "unreachable"
+        cause = self.probe(self.url)
+        if cause is not None:
+            self.cause = cause
+        return cause
+
+    def poll(self) -> str:
+        """``up`` (closed again), ``down`` (keep waiting) or ``gone`` (fail the run)."""
+        assert self.down_since is not None
+        now = time.monotonic()
+        if now - self.last_probe >= self.every_s and self._check() is None:
+            self.last_outage_s = now - self.down_since
+            return "up"
+        if now - self.down_since >= self.outage_s:
+            self.gone = True
+            return "gone"
+        return "down"
+
+    def release(self) -> list[tuple[Chunk, int]]:
+        held, self.held = self.held, []
+        self.down_since = None
+        return held
+
+    def seconds_left(self) -> float:
+        return max(0.0, (self.down_since or 0.0) + self.outage_s - time.monotonic())
+
+    def took_down(self, url: str) -> bool:
+        """Whether the run failed because ``url`` (e.g. the ledger's database) is gone."""
+        return self.gone and url == self.url
+
+    def error(self, committed: int, n_chunks: int, hint: str) -> DatabaseUnavailable:
+        down = time.monotonic() - (self.down_since or time.monotonic())
+        return DatabaseUnavailable(
+            f"database {self.where} unreachable for {down:.0f} s ({self.cause}): "
+            f"{committed} of {n_chunks} chunks committed, no more submitted; start the "
+            f"database, then {hint}",
+            self.where,
+            self.cause,
+            down,
+        )
 
 
 def _no_workers_error(
