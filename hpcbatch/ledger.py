@@ -25,6 +25,7 @@ from sqlalchemy.engine import Connection, Engine
 from .errors import ConfigError, HpcbatchError
 
 _META = sa.MetaData()
+CONNECT_TIMEOUT_S = 10  # PostgreSQL connect timeout of the ledger's engine
 
 RUNS = sa.Table(
     "hpcbatch_runs",
@@ -129,6 +130,9 @@ class Ledger:
             if self.url.startswith("sqlite"):
                 # many worker processes may write: wait for the lock instead of failing
                 kwargs["connect_args"] = {"timeout": 60}
+            elif self.url.startswith("postgresql"):
+                # a server that vanished (no RST) fails a connect in seconds, not minutes
+                kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
             try:
                 engine = sa.create_engine(self.url, **kwargs)
                 if self.url.startswith("sqlite"):
@@ -139,9 +143,11 @@ class Ledger:
                     f"ledger URL {mask_url(self.url)!r} is not valid: {exc}"
                 ) from None
             except sa.exc.OperationalError as exc:
+                from .retry import error_line
+
                 raise HpcbatchError(
-                    f"cannot open the ledger database {mask_url(self.url)}: {exc.orig}: "
-                    "check the path or server"
+                    f"cannot open the ledger database {mask_url(self.url)} ({error_line(exc)}): "
+                    "check the path, or that the server is running and reachable"
                 ) from None
             self._engine = engine
         return self._engine
