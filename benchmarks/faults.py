@@ -9,9 +9,21 @@ memory or fails them), so the scenarios here are the tests' heavier variants:
 more stocks, every chunk over its memory limit, the database gone for good.
 
     python benchmarks/faults.py [--stocks 48] [--only worker-sigkill,db-gone] > faults.json
+    python benchmarks/faults.py --slurm --only slurm-scancel   # the SLURM rows (or all: --slurm)
 
 Needs root for the disk-full scenario (a small tmpfs) and PostgreSQL binaries for the
 database ones; a scenario that cannot run says why instead of a result.
+
+``--slurm`` adds the SLURM scenarios (``slurm-*``): a throwaway single-node SLURM
+(``tests/services.py``) runs the workers as jobs submitted by ``stocks predict
+--cluster slurm``; the worker job is ``scancel``ed half way (one job of 2 workers, so
+nothing runs until hpcbatch's replacement job is up; and 2 jobs of 1 worker, where the
+survivor keeps going), or one worker process in it is SIGKILLed.  Each row has the time
+to finish after the fault, rows lost / duplicated against the undisturbed run, the
+chunks the ledger recorded (once each), the reason the report gives and how long the
+replacement job took (``replacement_wait_s``: from hpcbatch noticing the job's end to
+its replacement's first worker; ``work_resumed_after_s``: from the fault to the first
+chunk started after it).
 """
 
 from __future__ import annotations
@@ -319,6 +331,122 @@ class Bench:
             subprocess.run(["umount", "-l", str(point)], capture_output=True)
 
 
+class SlurmBench:
+    """The SLURM rows: a throwaway single-node SLURM, workers as jobs of ``--cluster slurm``."""
+
+    def __init__(self, bench: Bench):
+        import services
+
+        self.bench = bench
+        self.cluster = services.SlurmTestCluster(real_memory_mb=8000).start()
+        self.services = services
+
+    def close(self) -> None:
+        self.cluster.stop()
+
+    def _config(self, work: Path, jobs: int) -> Path:
+        work.mkdir(parents=True, exist_ok=True)
+        path = work / "slurm.yaml"
+        path.write_text(
+            "hpcbatch:\n  cluster:\n"
+            f"    queue: {self.cluster.partition}\n"
+            '    walltime: "00:30:00"\n    interface: lo\n'
+            '    dashboard-address: "127.0.0.1:0"\n    start-timeout: 120\n'
+            f"    jobs: {jobs}\n    local-directory: {work / 'dask'}\n"
+        )
+        return path
+
+    def start(self, url: str, work: Path, jobs: int, **faults) -> subprocess.Popen:
+        cpus, mem = ("2", "3") if jobs == 1 else ("1", "1.5")  # 2 workers/job, or 1
+        cmd = [str(Path(sys.executable).with_name("hpcbatch")), "stocks", "predict",
+               "--cluster", "slurm", "--db", url, "--model", str(self.bench.inputs["model"]),
+               "--batch-size", str(self.bench.batch), "--lookback-days", "180",
+               "--predict-days", "5", "--use-gpu", "false", "--mem-gb", mem, "--cpus", cpus,
+               "--report-dir", str(work / "reports"), "--config", str(self._config(work, jobs))]  # fmt: skip
+        env = fx.fault_env(**faults)
+        env["SLURM_CONF"] = str(self.cluster.conf)
+        return subprocess.Popen(
+            cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+
+    def _running_jobs(self) -> list[str]:
+        return self.cluster.run("squeue", "-h", "-t", "RUNNING", "-o", "%i").stdout.split()
+
+    def _ledger(self, url: str) -> dict:
+        ids = [r[0] for r in fx._query(url, "SELECT chunk_id FROM hpcbatch_chunks")]
+        return {
+            "chunks_in_ledger": len(ids),
+            "chunks_expected": self.bench.n_chunks,
+            "chunks_lost": self.bench.n_chunks - len(set(ids)),
+            "chunks_duplicated": len(ids) - len(set(ids)),
+        }
+
+    def run(self, scenario: str, fault: str, jobs: int = 1) -> dict:
+        import psutil
+
+        url, work = self.bench.fresh(scenario)
+        marks = work / "marks"
+        t0 = time.monotonic()
+        proc = self.start(url, work, jobs, mark_dir=marks, delay_s=0.5)
+        row: dict = {}
+        t_fault = None
+        if fault != "none":
+            half = self.bench.n_chunks // 2
+            fx.wait_until(lambda: fx.done_chunks(url) >= half, proc, 900, "half")
+            victims = self._running_jobs()
+            job_id = victims[0]
+            t_fault, t_fault_ns = time.monotonic(), time.time_ns()
+            if fault == "scancel":
+                self.cluster.run("scancel", job_id)
+                row["fault"] = f"scancel worker job {job_id} (1 of {jobs} job(s)) half way"
+            else:
+                pids = self.services.processes_with_env("SLURM_JOB_ID", job_id)
+                procs = [psutil.Process(p) for p in pids if psutil.pid_exists(p)]
+                workers = [p for p in procs if "spawn_main" in " ".join(p.cmdline())]
+                workers[0].send_signal(signal.SIGKILL)
+                row["fault"] = f"SIGKILL one worker process inside job {job_id} half way"
+            row["chunks_done_at_fault"] = fx.done_chunks(url)
+        else:
+            row["fault"] = f"none (undisturbed, {jobs} SLURM job(s))"
+        out, err = proc.communicate(timeout=1800)
+        end = time.monotonic()
+        row.update({"exit_code": proc.returncode, "wall_s": round(end - t0, 1)})
+        if t_fault is not None:
+            row["finished_after_fault_s"] = round(end - t_fault, 1)
+            later = sorted(int(m.name.rsplit("-", 1)[1]) for m in marks.iterdir())
+            later = [ns for ns in later if ns > t_fault_ns]
+            if later:
+                row["work_resumed_after_s"] = round((later[0] - t_fault_ns) / 1e9, 1)
+        reports = list((work / "reports").rglob("report.json"))
+        if reports:
+            report = json.loads(reports[0].read_text())
+            deaths = report.get("worker_deaths", [])
+            row["death_reasons"] = sorted({d["reason"] for d in deaths})
+            row["death_job_ids"] = sorted(
+                {d["slurm_job_id"] for d in deaths if "slurm_job_id" in d}
+            )
+            waits = {d["replacement_wait_s"] for d in deaths if "replacement_wait_s" in d}
+            if waits:
+                row["replacement_wait_s"] = max(waits)
+                row["replacement_job_ids"] = sorted({d["replacement_job_id"] for d in deaths})
+        replaced = [ln.strip() for ln in err.splitlines() if ln.startswith("SLURM worker job")]
+        if replaced:
+            row["message"] = replaced[0][:240]
+        row.update(self._ledger(url))
+        row.update(self.bench.compare(url))
+        row["reproduce"] = f"python benchmarks/faults.py --slurm --only {scenario}"
+        if jobs == 1 and fault != "none":
+            row["test"] = f"pytest tests/faults/test_slurm_faults.py -k 'stocks and {fault}'"
+        return row
+
+
+SLURM_SCENARIOS = {
+    "slurm-none": lambda s: s.run("slurm-none", "none"),
+    "slurm-scancel": lambda s: s.run("slurm-scancel", "scancel"),
+    "slurm-scancel-2jobs": lambda s: s.run("slurm-scancel-2jobs", "scancel", jobs=2),
+    "slurm-sigkill": lambda s: s.run("slurm-sigkill", "SIGKILL"),
+}
+
 SCENARIOS = {
     "worker-sigkill": lambda b: b.worker_sigkill(),
     "driver-sigkill": lambda b: b.driver_stop(signal.SIGKILL),
@@ -335,22 +463,45 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stocks", type=int, default=48)
     parser.add_argument("--only", default=None, help="comma-separated scenario names")
+    parser.add_argument(
+        "--slurm", action="store_true", help="also the SLURM scenarios (a throwaway SLURM; root)"
+    )
     args = parser.parse_args()
-    names = args.only.split(",") if args.only else list(SCENARIOS)
-    unknown = [n for n in names if n not in SCENARIOS]
+    known = {**SCENARIOS, **SLURM_SCENARIOS}
+    if args.only:
+        names = args.only.split(",")
+    else:
+        names = list(SCENARIOS) + (list(SLURM_SCENARIOS) if args.slurm else [])
+    unknown = [n for n in names if n not in known]
     if unknown:
-        parser.error(f"unknown scenario(s) {unknown}: choose from {', '.join(SCENARIOS)}")
+        parser.error(f"unknown scenario(s) {unknown}: choose from {', '.join(known)}")
     results = {}
     with tempfile.TemporaryDirectory(prefix="hpcbatch-faults-") as tmp:
         bench = Bench(Path(tmp), args.stocks, 2)  # tests/faults/drive_stocks.py: 2 per chunk
         results["undisturbed"] = bench.undisturbed()
         print(json.dumps({"undisturbed": results["undisturbed"]}), file=sys.stderr, flush=True)
-        for name in names:
-            try:
-                results[name] = SCENARIOS[name](bench)
-            except Exception as exc:  # noqa: BLE001 (report and go on to the next)
-                results[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-            print(json.dumps({name: results[name]}), file=sys.stderr, flush=True)
+        slurm: SlurmBench | str | None = None
+        try:
+            for name in names:
+                try:
+                    if name in SLURM_SCENARIOS:
+                        if slurm is None:
+                            try:
+                                slurm = SlurmBench(bench)
+                            except Exception as exc:  # noqa: BLE001 (no root, no slurm packages)
+                                slurm = f"SLURM unavailable: {type(exc).__name__}: {exc}"
+                        if isinstance(slurm, str):
+                            results[name] = {"skipped": slurm[:300]}
+                        else:
+                            results[name] = SLURM_SCENARIOS[name](slurm)
+                    else:
+                        results[name] = SCENARIOS[name](bench)
+                except Exception as exc:  # noqa: BLE001 (report and go on to the next)
+                    results[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                print(json.dumps({name: results[name]}), file=sys.stderr, flush=True)
+        finally:
+            if isinstance(slurm, SlurmBench):
+                slurm.close()
     print(
         json.dumps(
             {"stocks": args.stocks, "stocks_per_chunk": 2, "scenarios": results},
