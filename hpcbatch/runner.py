@@ -710,7 +710,7 @@ def _loop(
                 continue
             exc_type, exc, tb = result
             if fatal is None and breaker.recognises(exc) and breaker.hold(chunk, attempt, exc):
-                if breaker.newly_open:
+                if breaker.newly_open and breaker.seconds_left() >= 1:
                     print(
                         f"\nchunk {chunk.chunk_id}: database {breaker.where} unreachable "
                         f"({breaker.cause}): submitting no more chunks; waiting up to "

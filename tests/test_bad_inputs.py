@@ -441,6 +441,13 @@ CASES: list[Case] = [
         needs="postgres",
     ),
     Case(
+        "db-outage-timeout-zero",
+        "config",
+        (*PREDICT, "--config", "c.yaml"),
+        r"database-outage-timeout must be a positive number of seconds, got 0",
+        setup=_then(STOCKS, _write("c.yaml", "hpcbatch:\n  database-outage-timeout: 0\n")),
+    ),
+    Case(
         "generate-over-existing",
         "database",
         ("stocks", "generate", "--db", "sqlite:///market.db", "--stocks", "5", "--days", "100"),

@@ -79,11 +79,20 @@ class PredictTask:
     read_semaphore: Any = None
     run_id: str | None = None
     loaded_model: Any = None  # in-process use only (probe): a LoadedModel instead of model_dir
+    db_outage_s: float = 60.0  # database-outage-timeout: retry this long, then give up
 
     def __call__(self, chunk: Any, ctx: Any = None) -> dict:
         from ..retry import with_backoff  # a database restart mid-run: wait, then redo the chunk
 
-        return with_backoff(lambda: predict_chunk(chunk, ctx, self), what="stocks chunk")
+        # a restart is ridden out; a database down for db_outage_s raises
+        # DatabaseUnavailable, which the runner's circuit breaker turns into one line
+        return with_backoff(
+            lambda: predict_chunk(chunk, ctx, self),
+            attempts=None,
+            max_total_s=self.db_outage_s,
+            database=self.db_url,
+            what=f"stocks chunk {getattr(chunk, 'chunk_id', '?')}",
+        )
 
 
 def _read_slot(task: PredictTask):
@@ -355,6 +364,7 @@ def predict(
 
     settings = dict(settings) if settings is not None else hb_config.load()
     opts = options or PredictOptions.from_settings(settings.get("stocks", {}))
+    outage_s = outage_timeout(settings)
     prep = prepare(
         db_url, model_dir, opts, gpu_memory_fraction=float(settings.get("gpu-memory-fraction", 0.8))
     )
@@ -382,7 +392,9 @@ def predict(
     plan = make_plan(footprint, resources, plan_settings)
     chunks = make_chunks(len(prep.codes), plan.chunk_size, items=prep.codes)
     run_id = run_id or default_run_id(db_url, model_dir, opts, prep.inputs)
-    task = _with(prep.task, run_id=run_id, planned_gpu_batch=plan.gpu_batch_size)
+    task = _with(
+        prep.task, run_id=run_id, planned_gpu_batch=plan.gpu_batch_size, db_outage_s=outage_s
+    )
     ledger = Ledger(str(db_url))
     run_kwargs = dict(
         run_id=run_id,
@@ -396,6 +408,8 @@ def predict(
         progress=progress,
         max_in_flight=settings.get("max-in-flight"),
         retries=int(settings.get("retries", 2)),
+        database=str(db_url),
+        db_outage_s=outage_s,
     )
     if client is not None:
         return run(chunks, _with_semaphore(task, opts, run_id), client, **run_kwargs)
@@ -408,6 +422,21 @@ def predict(
         quiet=quiet,
     ) as cl:
         return run(chunks, _with_semaphore(task, opts, run_id), cl, **run_kwargs)
+
+
+def outage_timeout(settings: Mapping[str, Any]) -> float:
+    """``database-outage-timeout`` in seconds (how long the database may stay down)."""
+    value = settings.get("database-outage-timeout", 60)
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = float("nan")
+    if isinstance(value, bool) or not seconds > 0 or seconds == float("inf"):
+        raise ConfigError(
+            f"database-outage-timeout must be a positive number of seconds, got {value!r}: "
+            "e.g. 60"
+        )
+    return seconds
 
 
 def _with(task: PredictTask, **changes: Any) -> PredictTask:
