@@ -230,15 +230,16 @@ class WorkerJobWatch:
     Every ``every_s`` seconds (in a daemon thread) it maps the scheduler's workers to
     their jobs (worker name = job name + group suffix) and, for a job with fewer
     workers than it should have, asks SLURM (:func:`hpcbatch.slurm.job_info`, else
-    ``sacct``) whether the job still exists.  A job that has ended is explained with
-    :func:`hpcbatch.slurm.explain_job` (``cancelled`` / ``memory`` / ``walltime`` /
-    ``node`` ...) and recorded in :attr:`lost`; if its workers had connected, a job of a
-    new name is submitted in its place (``cluster.scale``): dask-jobqueue on its own
-    keeps the dead job in its spec and never resubmits it, so a run whose only job was
-    cancelled would wait for workers that never come.  A job that ends before any of
-    its workers connected (a broken job script) is replaced at most
-    ``max_failed_starts`` times in a row.  :meth:`job_of` tells the run report which
-    job a dead worker belonged to.
+    ``sacct``) whether the job still exists: at once when the job has just lost
+    workers, at most every ``ask_every_s`` while it waits in the queue.  A job that has
+    ended is explained with :func:`hpcbatch.slurm.explain_job` (``cancelled`` /
+    ``memory`` / ``walltime`` / ``node`` ...) and recorded in :attr:`lost`; if its
+    workers had connected, a job of a new name is submitted in its place
+    (``cluster.scale``): dask-jobqueue on its own keeps the dead job in its spec and
+    never resubmits it, so a run whose only job was cancelled would wait for workers
+    that never come.  A job that ends before any of its workers connected (a broken
+    job script) is replaced at most ``max_failed_starts`` times in a row.
+    :meth:`job_of` tells the run report which job a dead worker belonged to.
     """
 
     def __init__(
@@ -246,11 +247,13 @@ class WorkerJobWatch:
         cluster,
         *,
         every_s: float = 1.0,
+        ask_every_s: float = 10.0,
         max_failed_starts: int = 3,
         out: TextIO | None = None,
     ) -> None:
         self.cluster = cluster
         self.every_s = every_s
+        self.ask_every_s = ask_every_s
         self.max_failed_starts = max_failed_starts
         self.out = out or sys.stderr
         self.lost: list[dict] = []  # one dict per ended job, in the order found
@@ -258,6 +261,8 @@ class WorkerJobWatch:
         self._addresses: dict[str, tuple[str, str | None]] = {}  # address -> (job name, id)
         self._had_workers: set[str] = set()
         self._unknown: dict[str, int] = {}
+        self._present: dict[str, int] = {}  # job name -> its workers at the last look
+        self._asked: dict[str, float] = {}  # job id -> when SLURM was last asked about it
         self._failed_starts = 0
         self._names_used: set[str] = set()
         self._stop = threading.Event()
@@ -321,9 +326,19 @@ class WorkerJobWatch:
             job_id = getattr(job, "job_id", None)
             if name not in spec or not job_id or job_id in self._by_job:
                 continue
-            if present.get(name, 0) >= len(spec[name].get("group", [""])):
+            have, before = present.get(name, 0), self._present.get(name, 0)
+            self._present[name] = have
+            if have >= len(spec[name].get("group", [""])):
                 self._unknown.pop(job_id, None)
                 continue
+            # a job that just lost workers is asked about at once; one waiting in the
+            # queue (or restarting a worker) at most every ask_every_s: spare slurmctld
+            if (
+                have >= before
+                and time.monotonic() - self._asked.get(job_id, -1e9) < self.ask_every_s
+            ):
+                continue
+            self._asked[job_id] = time.monotonic()
             fields = job_info(job_id) or sacct_record(job_id)
             if fields is None:  # forgotten, or slurmctld busy: believe it after three looks
                 self._unknown[job_id] = self._unknown.get(job_id, 0) + 1
