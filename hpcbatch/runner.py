@@ -65,7 +65,7 @@ from .report import (
     scheduler_max_tasks,
     write_report_dir,
 )
-from .retry import DatabaseUnavailable, error_line, is_transient, probe_database
+from .retry import DatabaseUnavailable, error_line, is_transient, probe_database, with_backoff
 from .security import mask_url
 from .units import format_bytes
 
@@ -686,14 +686,25 @@ def _loop(
             key = future.key
             future.release()
             if status == "finished":
-                _on_success(
-                    chunk,
-                    result,
-                    run_id=run_id,
-                    ledger=ledger,
-                    commit_on_worker=commit_on_worker,
-                    state=state,
-                )
+                if breaker.gone:  # the ledger cannot record it: it reruns on resume
+                    continue
+                try:
+                    _on_success(
+                        chunk,
+                        result,
+                        run_id=run_id,
+                        ledger=ledger,
+                        commit_on_worker=commit_on_worker,
+                        state=state,
+                        outage_s=breaker.outage_s,
+                    )
+                except DatabaseUnavailable as exc:  # the driver's own ledger write
+                    state.failed += 1
+                    fatal = breaker.fail(
+                        exc, ledger.url, chunks_before + state.chunks_done, n_chunks, resume_hint
+                    )
+                    failures.append({"chunk_id": None, "error": str(fatal), "traceback": ""})
+                    print(f"\n{fatal}", file=out, flush=True)
                 continue
             if status == "cancelled":  # e.g. the scheduler restarted: run it again
                 if attempt < retries:
@@ -709,7 +720,11 @@ def _loop(
                     )
                 continue
             exc_type, exc, tb = result
-            if fatal is None and breaker.recognises(exc) and breaker.hold(chunk, attempt, exc):
+            verdict = breaker.on_failure(chunk, attempt, exc) if fatal is None else "ordinary"
+            if verdict == "again":  # the outage it met is over already
+                queue.appendleft((chunk, attempt))
+                continue
+            if verdict == "held":
                 if breaker.newly_open and breaker.seconds_left() >= 1:
                     print(
                         f"\nchunk {chunk.chunk_id}: database {breaker.where} unreachable "
@@ -738,6 +753,8 @@ def _loop(
             )
             if problem is not None and fatal is None:
                 fatal = problem
+        if breaker.gone:
+            break  # nothing can be recorded: cancel what is in flight, write the report
         if batch:
             # releases travel through the client's event loop; let them leave before
             # the next submissions so the scheduler never holds more than max_in_flight
@@ -799,11 +816,26 @@ def _futures_of(ac) -> list:
 
 
 def _on_success(
-    chunk: Chunk, meta: dict, *, run_id, ledger, commit_on_worker, state: _State
+    chunk: Chunk,
+    meta: dict,
+    *,
+    run_id,
+    ledger,
+    commit_on_worker,
+    state: _State,
+    outage_s: float = DB_OUTAGE_S,
 ) -> None:
     already = bool(meta.pop(_ALREADY_DONE, False))
     if ledger is not None and not commit_on_worker and not already:
-        ledger.mark_done(run_id, chunk, meta)
+        # a restart of the ledger's database is waited out; a longer outage raises
+        # DatabaseUnavailable (the chunk's output is idempotent: it reruns on resume)
+        with_backoff(
+            lambda: ledger.mark_done(run_id, chunk, meta),
+            attempts=None,
+            max_total_s=outage_s,
+            database=ledger.url,
+            what=f"recording chunk {chunk.chunk_id} in the ledger",
+        )
     state.tasks_done += 1
     state.items_done += chunk.size
     root = chunk.chunk_id.split(".")[0]
@@ -936,7 +968,8 @@ class _DatabaseBreaker:
     """The run's circuit breaker on its database (``url``; ``None``: none known).
 
     Closed: chunks run.  A chunk that fails with a transient database error is checked
-    against the database itself: answering -> an ordinary failure (retried as usual);
+    against the database itself: answering -> the chunk reruns at once without using a
+    retry (for ``outage_s`` per chunk; after that an ordinary failure, retried as usual);
     not answering -> open: the chunk is held and nothing more is submitted while the
     database is probed every ``every_s``.  It answers again -> closed, the held chunks
     rerun (no retry used up).  Still down ``outage_s`` after the outage began (counting
@@ -954,6 +987,8 @@ class _DatabaseBreaker:
         self.held: list[tuple[Chunk, int]] = []
         self.newly_open = False
         self.gone = False
+        self.gone_url: str | None = None
+        self.first_failure: dict[str, float] = {}  # chunk id -> its first database error
         self.last_probe = float("-inf")
         self.last_outage_s = 0.0
 
@@ -990,20 +1025,26 @@ class _DatabaseBreaker:
     def recognises(self, exc: BaseException) -> bool:
         return isinstance(exc, DatabaseUnavailable) or (self.url is not None and is_transient(exc))
 
-    def hold(self, chunk: Chunk, attempt: int, exc: BaseException) -> bool:
-        """Hold ``chunk`` when the database is down (opening the breaker); False when
-        it answers (the failure is then an ordinary one)."""
+    def on_failure(self, chunk: Chunk, attempt: int, exc: BaseException) -> str:
+        """What to do with a failed chunk: ``held`` (the database is down: the breaker
+        is open and the chunk waits), ``again`` (a database error, but the database
+        answers now: rerun it without using a retry, for up to ``outage_s`` per chunk)
+        or ``ordinary`` (not a database outage: the usual retries)."""
         self.newly_open = False
+        if not self.recognises(exc):
+            return "ordinary"
         if not self.is_open:
             if self.url is None and isinstance(exc, DatabaseUnavailable):
                 self.where, self.cause = exc.database or self.where, exc.cause
             if self._check() is None:
-                return False
+                now = time.monotonic()
+                first = self.first_failure.setdefault(chunk.chunk_id, now)
+                return "again" if now - first < self.outage_s else "ordinary"
             waited = exc.waited_s if isinstance(exc, DatabaseUnavailable) else 0.0
             self.down_since = time.monotonic() - waited
             self.newly_open = True
         self.held.append((chunk, attempt))
-        return True
+        return "held"
 
     def _check(self) -> str | None:
         self.last_probe = time.monotonic()
@@ -1022,7 +1063,7 @@ class _DatabaseBreaker:
             self.last_outage_s = now - self.down_since
             return "up"
         if now - self.down_since >= self.outage_s:
-            self.gone = True
+            self.gone, self.gone_url = True, self.url
             return "gone"
         return "down"
 
@@ -1036,7 +1077,16 @@ class _DatabaseBreaker:
 
     def took_down(self, url: str) -> bool:
         """Whether the run failed because ``url`` (e.g. the ledger's database) is gone."""
-        return self.gone and url == self.url
+        return self.gone and url == self.gone_url
+
+    def fail(
+        self, exc: DatabaseUnavailable, url: str, committed: int, n_chunks: int, hint: str
+    ) -> DatabaseUnavailable:
+        """The run's error after the driver itself gave up on the database at ``url``."""
+        self.where, self.cause = exc.database or mask_url(url), exc.cause
+        self.down_since = time.monotonic() - exc.waited_s
+        self.gone, self.gone_url = True, url
+        return self.error(committed, n_chunks, hint)
 
     def error(self, committed: int, n_chunks: int, hint: str) -> DatabaseUnavailable:
         down = time.monotonic() - (self.down_since or time.monotonic())

@@ -12,6 +12,7 @@ of which errors count as transient and of the outage bound.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sys
 import time
@@ -335,3 +336,88 @@ def test_runner_preflight_submits_nothing_to_a_database_that_is_down(
     assert "nothing was submitted" in message and message.endswith("with --resume")
     assert not (tmp_path / "calls").exists()  # no task ran
     assert took < 30
+
+
+def select_one_task(chunk, ctx, url: str, base: str) -> dict:
+    """A chunk task without its own retries: one query, then a mark of the chunk."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+    finally:
+        engine.dispose()
+    time.sleep(0.1)
+    (Path(base) / f"{chunk.chunk_id}-{time.time_ns()}").touch()
+    return {"items": chunk.size}
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("ledger_on", ["sqlite", "postgres"])
+def test_runner_rides_out_a_postgres_restart_without_using_a_retry(
+    own_postgres, tmp_path, ledger_on
+) -> None:
+    # the tasks do not retry and the run allows no retries (retries=0): without the
+    # runner's breaker the first refused connection would fail the run.  Ledger in a
+    # SQLite file: the breaker opens, holds the failed chunks, resubmits them when the
+    # server answers.  Ledger on the same server: the driver's own ledger writes wait
+    # the outage out (with_backoff), and chunks that failed meanwhile rerun at once.
+    import functools
+    import io
+    import threading
+
+    from distributed import Client
+
+    from hpcbatch.ledger import Ledger
+    from hpcbatch.runner import make_chunks, run
+
+    url = own_postgres.url
+    ledger = Ledger(url if ledger_on == "postgres" else f"sqlite:///{tmp_path}/ledger.db")
+    base = tmp_path / "calls"
+    base.mkdir()
+    out = io.StringIO()
+    result = {}
+
+    with Client(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0") as c:
+
+        def driver():
+            try:
+                result["report"] = run(
+                    make_chunks(40, 1),
+                    functools.partial(select_one_task, url=url, base=str(base)),
+                    c,
+                    run_id="blip",
+                    ledger=ledger,
+                    database=url,
+                    retries=0,
+                    db_outage_s=30,
+                    progress=False,
+                    out=out,
+                )
+            except BaseException as exc:  # noqa: BLE001 (reported below)
+                result["error"] = exc
+
+        thread = threading.Thread(target=driver, daemon=True)
+        thread.start()
+        # the server is restarted from this (main) thread: it dies with its parent thread
+        deadline = time.monotonic() + 60
+        while len(list(base.iterdir())) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _stop_for_good(own_postgres)
+        time.sleep(4)
+        assert own_postgres._start_postmaster(), own_postgres.log_tail()
+        thread.join(120)
+    assert "error" not in result, result.get("error")
+    report = result["report"]
+    log = out.getvalue()
+    assert report.status == "finished" and report.chunks_done == 40, log
+    assert report.chunks_retried == 0 and report.chunks_failed == 0
+    if ledger_on == "sqlite":
+        assert "unreachable" in log and "submitting no more chunks" in log
+        assert re.search(r"is back after \d+ s: resubmitting the \d+ chunks held", log), log
+    ran = sorted(p.name.rsplit("-", 1)[0] for p in base.iterdir())
+    assert ran == sorted(c.chunk_id for c in make_chunks(40, 1))  # each exactly once
+    assert ledger.done_ids("blip") == set(ran)
+    assert ledger.run_info("blip")["status"] == "finished"
