@@ -344,25 +344,27 @@ class SlurmBench:
     def close(self) -> None:
         self.cluster.stop()
 
-    def _config(self, work: Path, jobs: int) -> Path:
+    def _config(self, work: Path, jobs: int, walltime: str = "00:30:00") -> Path:
         work.mkdir(parents=True, exist_ok=True)
         path = work / "slurm.yaml"
         path.write_text(
             "hpcbatch:\n  cluster:\n"
             f"    queue: {self.cluster.partition}\n"
-            '    walltime: "00:30:00"\n    interface: lo\n'
+            f'    walltime: "{walltime}"\n    interface: lo\n'
             '    dashboard-address: "127.0.0.1:0"\n    start-timeout: 120\n'
             f"    jobs: {jobs}\n    local-directory: {work / 'dask'}\n"
         )
         return path
 
-    def start(self, url: str, work: Path, jobs: int, **faults) -> subprocess.Popen:
+    def start(
+        self, url: str, work: Path, jobs: int, walltime: str = "00:30:00", **faults
+    ) -> subprocess.Popen:
         cpus, mem = ("2", "3") if jobs == 1 else ("1", "1.5")  # 2 workers/job, or 1
         cmd = [str(Path(sys.executable).with_name("hpcbatch")), "stocks", "predict",
                "--cluster", "slurm", "--db", url, "--model", str(self.bench.inputs["model"]),
                "--batch-size", str(self.bench.batch), "--lookback-days", "180",
                "--predict-days", "5", "--use-gpu", "false", "--mem-gb", mem, "--cpus", cpus,
-               "--report-dir", str(work / "reports"), "--config", str(self._config(work, jobs))]  # fmt: skip
+               "--report-dir", str(work / "reports"), "--config", str(self._config(work, jobs, walltime))]  # fmt: skip
         env = fx.fault_env(**faults)
         env["SLURM_CONF"] = str(self.cluster.conf)
         return subprocess.Popen(
@@ -382,15 +384,22 @@ class SlurmBench:
         }
 
     def run(self, scenario: str, fault: str, jobs: int = 1) -> dict:
+        """``fault``: none, scancel, SIGKILL, or walltime (a 1-minute job walltime: its
+        workers retire at their lifetime, about 45 s, and the job ends mid-run)."""
         import psutil
 
         url, work = self.bench.fresh(scenario)
         marks = work / "marks"
         t0 = time.monotonic()
-        proc = self.start(url, work, jobs, mark_dir=marks, delay_s=0.5)
+        if fault == "walltime":
+            proc = self.start(url, work, jobs, "00:01:00", mark_dir=marks, delay_s=4.0)
+        else:
+            proc = self.start(url, work, jobs, mark_dir=marks, delay_s=0.5)
         row: dict = {}
         t_fault = None
-        if fault != "none":
+        if fault == "walltime":
+            row["fault"] = "worker job walltime 00:01:00 (workers retire at ~45 s) mid-run"
+        elif fault != "none":
             half = self.bench.n_chunks // 2
             fx.wait_until(lambda: fx.done_chunks(url) >= half, proc, 900, "half")
             victims = self._running_jobs()
@@ -435,7 +444,7 @@ class SlurmBench:
         row.update(self._ledger(url))
         row.update(self.bench.compare(url))
         row["reproduce"] = f"python benchmarks/faults.py --slurm --only {scenario}"
-        if jobs == 1 and fault != "none":
+        if jobs == 1 and fault in ("scancel", "SIGKILL"):
             row["test"] = f"pytest tests/faults/test_slurm_faults.py -k 'stocks and {fault}'"
         return row
 
@@ -445,6 +454,7 @@ SLURM_SCENARIOS = {
     "slurm-scancel": lambda s: s.run("slurm-scancel", "scancel"),
     "slurm-scancel-2jobs": lambda s: s.run("slurm-scancel-2jobs", "scancel", jobs=2),
     "slurm-sigkill": lambda s: s.run("slurm-sigkill", "SIGKILL"),
+    "slurm-walltime": lambda s: s.run("slurm-walltime", "walltime"),
 }
 
 SCENARIOS = {

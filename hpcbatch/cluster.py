@@ -388,9 +388,11 @@ class WorkerJobWatch:
                     flush=True,
                 )
                 return
+        why = f"{entry['state']} -> {entry['reason']}: {entry['detail']}"
+        if entry["reason"] == "completed":  # its workers retired: Dask's lifetime option
+            why = f"{entry['state']}: its workers retired at their lifetime, before the walltime"
         print(
-            f"\nSLURM worker job {job_id} ended ({entry['state']} -> {entry['reason']}: "
-            f"{entry['detail']}): submitting a replacement job",
+            f"\nSLURM worker job {job_id} ended ({why}): submitting a replacement job",
             file=self.out,
             flush=True,
         )
