@@ -257,7 +257,8 @@ class WorkerJobWatch:
         self.max_failed_starts = max_failed_starts
         self.out = out or sys.stderr
         self.lost: list[dict] = []  # one dict per ended job, in the order found
-        self._by_job: dict[str, dict] = {}
+        self._by_job: dict[str, dict] = {}  # job id -> its entry in lost (handled)
+        self._explained: dict[str, dict] = {}  # job id -> explain_job's answer
         self._addresses: dict[str, tuple[str, str | None]] = {}  # address -> (job name, id)
         self._had_workers: set[str] = set()
         self._unknown: dict[str, int] = {}
@@ -352,14 +353,20 @@ class WorkerJobWatch:
             self._ended(name, job, str(job_id), state)
 
     def _explain(self, job_id: str, state: str) -> dict:
+        """Why the ended job ``job_id`` ended (asked once, then remembered)."""
         from .errors import HpcbatchError
         from .slurm import explain_job
 
+        known = self._explained.get(job_id)
+        if known is not None:
+            return dict(known)
         try:
             death = explain_job(job_id)
-            return {"state": death.state, "reason": death.reason, "detail": death.detail}
+            known = {"state": death.state, "reason": death.reason, "detail": death.detail}
         except HpcbatchError as exc:
-            return {"state": state, "reason": "other", "detail": str(exc)}
+            known = {"state": state, "reason": "other", "detail": str(exc)}
+        self._explained[job_id] = known
+        return dict(known)
 
     def _ended(self, name: str, job, job_id: str, state: str) -> None:
         entry = {
@@ -435,15 +442,14 @@ class WorkerJobWatch:
             entry = self._by_job.get(str(job_id)) if job_id else None
         if job_id is None:
             return None
-        if entry is None:  # the run ended before the next look: ask now
-            fields = job_info(job_id) or sacct_record(job_id)
-            state = (fields or {}).get("JobState", "UNKNOWN").split()[0] if fields else ""
-            if state not in FINISHED_STATES:
-                return None
+        if entry is None:  # before the next look (the watch replaces it then): ask now
+            if str(job_id) not in self._explained:
+                fields = job_info(job_id) or sacct_record(job_id)
+                state = (fields or {}).get("JobState", "UNKNOWN").split()[0] if fields else ""
+                if state not in FINISHED_STATES:
+                    return None
             entry = {"job_id": str(job_id), "name": name, "time": time.time()}
-            entry.update(self._explain(str(job_id), state))
-            with self._lock:
-                self._by_job.setdefault(str(job_id), entry)
+            entry.update(self._explain(str(job_id), ""))
         return dict(entry)
 
 

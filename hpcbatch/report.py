@@ -337,6 +337,26 @@ def add_slurm_job_reasons(deaths: list[dict], job_of: Any) -> list[dict]:
     return out
 
 
+def slurm_memory_kills(workers: Any, job_of: Any) -> list[dict]:
+    """Memory kills (as the runner counts them) of the ``workers`` whose whole SLURM job
+    was killed for exceeding its ``--mem``: the nanny died with the worker, so neither
+    its ``worker-restart-memory`` event nor an exit code exists; only SLURM knows.
+    ``job_of``: :meth:`hpcbatch.cluster.WorkerJobWatch.job_of`, or None."""
+    if job_of is None:
+        return []
+    found = []
+    for worker in workers:
+        try:
+            job = job_of(worker)
+        except Exception:  # noqa: BLE001 (SLURM unreachable: not known to be memory)
+            job = None
+        if job and job.get("reason") == "memory":
+            found.append(
+                {"worker": worker, "rss": 0, "sigkill": True, "slurm_job_id": job["job_id"]}
+            )
+    return found
+
+
 def _exit_code(exits, address: str, t: float) -> int | None:
     for et, eaddress, code in exits:
         if eaddress == address and t - 30 <= et <= t + 30:
