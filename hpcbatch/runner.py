@@ -63,6 +63,7 @@ from .report import (
     plot_memory,
     remove_scheduler_counter,
     scheduler_max_tasks,
+    slurm_memory_kills,
     write_report_dir,
 )
 from .retry import DatabaseUnavailable, error_line, is_transient, probe_database, with_backoff
@@ -209,6 +210,9 @@ def _memory_kills_of(client, key, since: float) -> list[dict]:
                 for t, ev in _events(client, EXIT_TOPIC)
                 if t >= since - 1 and ev.get("worker") in workers and ev.get("exitcode") == -9
             ]
+        if not found:  # the whole SLURM job killed for its --mem (the nanny died too)
+            watch = getattr(client, "hpcbatch_job_watch", None)
+            found = slurm_memory_kills(workers, getattr(watch, "job_of", None))
         if found or attempt == 5:
             return found
         time.sleep(0.3)
