@@ -627,6 +627,7 @@ def _loop(
     ac = as_completed(with_results=True, raise_errors=False)
     fatal: ChunkFailedError | None = None
     announced = False
+    submitted_before: dict[tuple, int] = {}
     while True:
         if breaker.is_open and fatal is None:
             verdict = breaker.poll()
@@ -649,6 +650,12 @@ def _loop(
         while queue and len(in_flight) < max_in_flight and not stopping:
             chunk, attempt = queue.popleft()
             key = (group, chunk.chunk_id, attempt)
+            # a chunk the database breaker sent again keeps its attempt: a fresh key, so
+            # the scheduler never hands back the failed task of the same name
+            again = submitted_before.get(key, 0)
+            submitted_before[key] = again + 1
+            if again:
+                key = (group, chunk.chunk_id, f"{attempt}.{again}")
             ctx = TaskContext(
                 run_id=run_id,
                 seed=chunk_seed(seed, chunk.chunk_id),
