@@ -51,11 +51,12 @@ PP_CHUNKS = 12  # 48 samples in chunks of 4
 # ------------------------------------------------------------------ helpers ----
 
 
-def slurm_config(directory: Path, slurm: dict) -> Path:
+def slurm_config(directory: Path, slurm: dict, extra: str = "", cluster_extra: str = "") -> Path:
     """A config file sending the workers to the test SLURM: one job of 2 workers."""
     path = directory / "slurm.yaml"
     path.write_text(
         "hpcbatch:\n"
+        f"{extra}"
         "  cluster:\n"
         f"    queue: {slurm['partition']}\n"
         '    walltime: "00:10:00"\n'
@@ -63,6 +64,7 @@ def slurm_config(directory: Path, slurm: dict) -> Path:
         '    dashboard-address: "127.0.0.1:0"\n'
         "    start-timeout: 90\n"
         f"    local-directory: {directory / 'dask'}\n"
+        f"{cluster_extra}"
     )
     return path
 
@@ -188,6 +190,48 @@ def test_stocks_worker_job_broken_half_way_loses_and_duplicates_nothing(
     assert n_marks(marks) > STOCK_CHUNKS  # a chunk in flight was lost and ran again
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_stocks_worker_job_killed_by_slurm_for_memory_is_split_and_finishes(
+    slurm_cluster_env, stock_inputs, stocks_baseline, tmp_path
+) -> None:
+    """The job's --mem (1200M) is below what its workers' limits add up to, and Dask's
+    terminate threshold is off: the chunk holding 000005.SZ allocates 900 MB and SLURM
+    (not the nanny) kills the whole job.  The job is replaced, the chunk counts as a
+    memory failure (split, not merely retried) and its halves fit."""
+    url = fresh_db(stock_inputs, tmp_path)
+    config = slurm_config(
+        tmp_path,
+        slurm_cluster_env,
+        extra="  thresholds:\n    terminate: false\n",
+        cluster_extra='    job-extra-directives: ["--mem=1200M"]\n',
+    )
+    cmd = [HPCBATCH, "stocks", "predict", "--cluster", "slurm", "--db", url,
+           "--model", str(stock_inputs["model"]), "--batch-size", "2", "--lookback-days", "180",
+           "--predict-days", "5", "--use-gpu", "false", "--mem-gb", "3", "--cpus", "2",
+           "--report-dir", str(tmp_path / "reports"), "--config", str(config)]  # fmt: skip
+    proc = start(cmd, tmp_path, slurm_cluster_env, hog_mb=900, hog_above=1, hog_item="000005.SZ")
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err
+    assert "exceeded memory limit" in err and "submitting a replacement job" in err, err
+    assert "split into 1 + 1" in err, err
+
+    report = the_report(tmp_path / "reports")
+    assert report["status"] == "finished" and report["chunks_split"] >= 1
+    killed = [d for d in report["worker_deaths"] if "slurm_job_id" in d]
+    assert killed and {d["reason"] for d in killed} == {"memory"}, report["worker_deaths"]
+    assert all("exceeded memory limit" in d["detail"] for d in killed), killed
+    assert any("c000002" in d["tasks"] for d in killed), killed
+
+    rows = prediction_rows(url)
+    assert len(rows) == len(stocks_baseline["rows"])
+    assert checksum(rows) == stocks_baseline["checksum"]
+    recorded = ledger_chunks(Path(url.split("sqlite:///", 1)[1]))
+    assert len(recorded) == len(set(recorded))
+    expected = {f"c{i:06d}" for i in range(STOCK_CHUNKS)} - {"c000002"}
+    assert set(recorded) == expected | {"c000002.0", "c000002.1"}
+
+
 # --------------------------------------------------------------- predictive ----
 
 
@@ -216,10 +260,11 @@ def arrays(store: Path) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def undisturbed(fitted, tmp_path_factory) -> dict[str, np.ndarray]:
-    """The same sampling on a local cluster, nothing broken."""
+    """The same sampling in one process (``--cluster sync``, no Dask), nothing broken:
+    chunk seeds depend only on the run seed and the chunk id, so any cluster must match."""
     base = tmp_path_factory.mktemp("slurm-predictive-undisturbed")
     r = subprocess.run(
-        sample_cmd(fitted, base / "u.zarr", base / "reports"),
+        sample_cmd(fitted, base / "u.zarr", base / "reports", "--cluster", "sync"),
         env=fault_env(),
         capture_output=True,
         text=True,
