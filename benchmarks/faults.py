@@ -344,7 +344,7 @@ class SlurmBench:
     def close(self) -> None:
         self.cluster.stop()
 
-    def _config(self, work: Path, jobs: int, walltime: str = "00:30:00") -> Path:
+    def _config(self, work: Path, jobs: int, walltime: str = "00:30:00", extra: str = "") -> Path:
         work.mkdir(parents=True, exist_ok=True)
         path = work / "slurm.yaml"
         path.write_text(
@@ -352,19 +352,19 @@ class SlurmBench:
             f"    queue: {self.cluster.partition}\n"
             f'    walltime: "{walltime}"\n    interface: lo\n'
             '    dashboard-address: "127.0.0.1:0"\n    start-timeout: 120\n'
-            f"    jobs: {jobs}\n    local-directory: {work / 'dask'}\n"
+            f"    jobs: {jobs}\n    local-directory: {work / 'dask'}\n" + extra
         )
         return path
 
     def start(
-        self, url: str, work: Path, jobs: int, walltime: str = "00:30:00", **faults
+        self, url: str, work: Path, jobs: int, walltime: str = "00:30:00", extra: str = "", **faults
     ) -> subprocess.Popen:
         cpus, mem = ("2", "3") if jobs == 1 else ("1", "1.5")  # 2 workers/job, or 1
         cmd = [str(Path(sys.executable).with_name("hpcbatch")), "stocks", "predict",
                "--cluster", "slurm", "--db", url, "--model", str(self.bench.inputs["model"]),
                "--batch-size", str(self.bench.batch), "--lookback-days", "180",
                "--predict-days", "5", "--use-gpu", "false", "--mem-gb", mem, "--cpus", cpus,
-               "--report-dir", str(work / "reports"), "--config", str(self._config(work, jobs, walltime))]  # fmt: skip
+               "--report-dir", str(work / "reports"), "--config", str(self._config(work, jobs, walltime, extra))]  # fmt: skip
         env = fx.fault_env(**faults)
         env["SLURM_CONF"] = str(self.cluster.conf)
         return subprocess.Popen(
@@ -376,10 +376,11 @@ class SlurmBench:
 
     def _ledger(self, url: str) -> dict:
         ids = [r[0] for r in fx._query(url, "SELECT chunk_id FROM hpcbatch_chunks")]
+        roots = {i.split(".")[0] for i in ids}  # a split chunk is recorded as its halves
         return {
             "chunks_in_ledger": len(ids),
             "chunks_expected": self.bench.n_chunks,
-            "chunks_lost": self.bench.n_chunks - len(set(ids)),
+            "chunks_lost": len({f"c{i:06d}" for i in range(self.bench.n_chunks)} - roots),
             "chunks_duplicated": len(ids) - len(set(ids)),
         }
 
@@ -393,12 +394,24 @@ class SlurmBench:
         t0 = time.monotonic()
         if fault == "walltime":
             proc = self.start(url, work, jobs, "00:01:00", mark_dir=marks, delay_s=4.0)
+        elif fault == "memory":  # job --mem 1200M < 2 workers' limits; Dask's terminate off
+            codes = sorted({r[0] for r in self.bench.baseline["rows"]})
+            row_item = codes[len(codes) // 2]
+            extra = (
+                '    job-extra-directives: ["--mem=1200M"]\n  thresholds:\n    terminate: false\n'
+            )
+            proc = self.start(url, work, jobs, extra=extra, mark_dir=marks, delay_s=0.5,
+                              hog_mb=900, hog_above=1, hog_item=row_item)  # fmt: skip
         else:
             proc = self.start(url, work, jobs, mark_dir=marks, delay_s=0.5)
         row: dict = {}
         t_fault = None
         if fault == "walltime":
             row["fault"] = "worker job walltime 00:01:00 (workers retire at ~45 s) mid-run"
+        elif fault == "memory":
+            row["fault"] = (
+                f"the chunk of {row_item} takes 900 MB: SLURM kills the whole job (--mem=1200M)"
+            )
         elif fault != "none":
             half = self.bench.n_chunks // 2
             fx.wait_until(lambda: fx.done_chunks(url) >= half, proc, 900, "half")
@@ -441,10 +454,12 @@ class SlurmBench:
         replaced = [ln.strip() for ln in err.splitlines() if ln.startswith("SLURM worker job")]
         if replaced:
             row["message"] = replaced[0][:240]
+        if reports:
+            row["chunks_split"] = report.get("chunks_split")
         row.update(self._ledger(url))
         row.update(self.bench.compare(url))
         row["reproduce"] = f"python benchmarks/faults.py --slurm --only {scenario}"
-        if jobs == 1 and fault in ("scancel", "SIGKILL"):
+        if jobs == 1 and fault in ("scancel", "SIGKILL", "memory"):
             row["test"] = f"pytest tests/faults/test_slurm_faults.py -k 'stocks and {fault}'"
         return row
 
@@ -455,6 +470,7 @@ SLURM_SCENARIOS = {
     "slurm-scancel-2jobs": lambda s: s.run("slurm-scancel-2jobs", "scancel", jobs=2),
     "slurm-sigkill": lambda s: s.run("slurm-sigkill", "SIGKILL"),
     "slurm-walltime": lambda s: s.run("slurm-walltime", "walltime"),
+    "slurm-job-memory": lambda s: s.run("slurm-job-memory", "memory"),
 }
 
 SCENARIOS = {

@@ -10,6 +10,9 @@
 - SIGKILL of one worker process inside a running job (the kernel OOM killer): the job
   lives on, its nanny restarts the worker and the run finishes; the death is not
   blamed on the job.
+- the whole job killed by SLURM for exceeding its ``--mem`` (nanny and all): the job is
+  replaced, the report says ``memory`` with the job id and SLURM's line, and the chunk
+  counts as a memory failure: split and retried until it fits, as with a nanny kill.
 
 Either way the stock predictions equal an undisturbed run's (row count and checksum,
 each row once), the ledger records every chunk exactly once, and the predictive zarr
