@@ -446,19 +446,57 @@ def spot_check(data: Path, store: Path, n_check: int = 3) -> list[dict]:
 # ----------------------------------------------------------- summarising ----
 
 
-def _drift(rss: list[int]) -> dict | None:
-    """Does a worker's RSS creep?  Later over earlier parts of its life (1.0 = flat)."""
+def _drift(t: list[float], rss: list[int], window_s: float = 60.0) -> dict | None:
+    """Does a worker's RSS creep?  The trend of its per-window peaks (1.0 = flat).
+
+    The worker's life is cut into ``window_s`` windows (the first, start-up, dropped);
+    a least-squares line through the windows' peak RSS gives the creep per minute and
+    the change over the run relative to the first window's peak.
+    """
     import numpy as np
 
-    if len(rss) < 50:
+    if not t or t[-1] - t[0] < 4 * window_s:
         return None
-    n = len(rss)
-    first, second = rss[n // 5 : n // 2], rss[n // 2 :]  # the first fifth is start-up
+    tt, rr = np.asarray(t), np.asarray(rss, dtype=float)
+    edges = np.arange(tt[0] + window_s, tt[-1] - window_s / 2, window_s)
+    mids, peaks = [], []
+    for lo in edges:
+        sel = (tt >= lo) & (tt < lo + window_s)
+        if sel.any():
+            mids.append(lo + window_s / 2)
+            peaks.append(rr[sel].max())
+    slope, icpt = np.polyfit(mids, peaks, 1)
+    fitted_first, fitted_last = icpt + slope * mids[0], icpt + slope * mids[-1]
     return {
-        "median_last_fifth_over_second_fifth": round(
-            float(np.median(rss[4 * n // 5 :]) / np.median(rss[n // 5 : 2 * n // 5])), 3
+        "windows": len(peaks),
+        "window_peak_slope_mib_per_min": round(float(slope) * 60 / 2**20, 3),
+        "fitted_last_over_first": round(float(fitted_last / fitted_first), 3),
+        "peak_second_half_over_first_half": round(
+            float(max(peaks[len(peaks) // 2 :]) / max(peaks[: len(peaks) // 2])), 3
         ),
-        "peak_second_half_over_first_half": round(max(second) / max(first), 3),
+    }
+
+
+def _binned(t: list[float], values: list[int], bin_s: float = 2.0) -> dict:
+    """A timeline reduced to the maximum of each ``bin_s`` bin (peaks kept), for the JSON."""
+    out: dict[str, list] = {"t": [], "v": []}
+    for ti, vi in zip(t, values, strict=True):
+        b = round(ti // bin_s * bin_s, 1)
+        if out["t"] and out["t"][-1] == b:
+            out["v"][-1] = max(out["v"][-1], vi)
+        else:
+            out["t"].append(b)
+            out["v"].append(vi)
+    return out
+
+
+def timelines(mon: TreeMonitor) -> dict:
+    """The run's memory timelines (2 s peaks): workers, driver, cgroup RSS and usage."""
+    return {
+        "workers": [{"pid": w["pid"], **_binned(w["t"], w["rss"])} for w in mon.workers()],
+        "driver": [_binned(e["t"], e["rss"]) for e in mon.procs.values() if e["role"] == "driver"],
+        "cgroup_rss": _binned(mon.cg["t"], mon.cg["rss"]),
+        "cgroup_usage": _binned(mon.cg["t"], mon.cg["usage"]),
     }
 
 
@@ -498,7 +536,7 @@ def summarise(run: dict, checks: dict, spot: list[dict], ram: int) -> dict:
         "per_worker_peak_bytes_nanny": report["measured_peak_per_worker"],
         "per_worker_peak_bytes_psutil": [max(w["rss"]) for w in workers],
         "worker_processes_seen": len(workers),
-        "per_worker_rss_drift_late_over_early": [_drift(w["rss"]) for w in workers],
+        "per_worker_rss_creep": [_drift(w["t"], w["rss"]) for w in workers],
         "driver_peak_bytes": max((max(d["rss"]) for d in drivers), default=None),
         "job_tree_peak_bytes": max(mon.tree["rss"], default=None),
         "cgroup": None
@@ -510,6 +548,7 @@ def summarise(run: dict, checks: dict, spot: list[dict], ram: int) -> dict:
             "max_sampled_cache_bytes": max(mon.cg["cache"], default=None),
         },
         "cgroup_unavailable": run["cgroup_unavailable"],
+        "timeline": timelines(mon),
         "nothing_lost": {
             **checks,
             "spot_check": spot,
@@ -518,66 +557,107 @@ def summarise(run: dict, checks: dict, spot: list[dict], ram: int) -> dict:
     }
 
 
-def plot(runs: list[dict], big: dict, path: Path, allocation: int, ram: int) -> None:
+def flatness(runs: list[dict]) -> dict:
+    """Per-worker peak against output size, among runs planned with the same chunk size.
+
+    A worker's memory depends on its chunk (samples x cell block), which the planner may
+    make smaller for a short run (several chunks per worker); at one chunk size, flat
+    means the peak does not follow the number of samples written.
+    """
+    largest = max(runs, key=lambda r: r["y_bytes"])
+    same = [r for r in runs if r["plan"]["chunk_size"] == largest["plan"]["chunk_size"]]
+    smallest = min(same, key=lambda r: r["y_bytes"])
+
+    def peak(r: dict) -> int:
+        return max(r["per_worker_peak_bytes_nanny"].values())
+
+    return {
+        "chunk_size": largest["plan"]["chunk_size"],
+        "runs_compared_samples": [r["samples"] for r in same],
+        "y_largest_over_smallest": round(largest["y_bytes"] / smallest["y_bytes"], 2),
+        "worker_peak_smallest_bytes": peak(smallest),
+        "worker_peak_largest_bytes": peak(largest),
+        "peak_largest_over_smallest": round(peak(largest) / peak(smallest), 3),
+        "measured_over_predicted": {
+            r["samples"]: round(peak(r) / r["plan"]["predicted_peak_bytes"], 3) for r in runs
+        },
+        "max_worker_peak_over_limit": round(
+            max(peak(r) / r["plan"]["memory_limit_bytes"] for r in runs), 3
+        ),
+    }
+
+
+def plot(runs: list[dict], path: Path, allocation: int, ram: int) -> None:
+    """Left: the largest run's memory over time; right: per-worker peak vs output size."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
-    summary = big["summary"]
-    mon: TreeMonitor = big["monitor"]
-    limit = summary["plan"]["memory_limit_bytes"] / GIB
-    predicted = summary["plan"]["predicted_peak_bytes"] / GIB
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(15, 5.6), dpi=110, width_ratios=[1.7, 1])
-    for i, w in enumerate(mon.workers()):
-        ax.plot(w["t"], [r / GIB for r in w["rss"]], lw=0.9, label=f"worker {i} (pid {w['pid']})")
-    for d in (e for e in mon.procs.values() if e["role"] == "driver"):
-        ax.plot(d["t"], [r / GIB for r in d["rss"]], lw=0.9, color="grey",
-                label="driver: client + scheduler + nannies")  # fmt: skip
-    if mon.cg["t"]:
-        ax.plot(mon.cg["t"], [r / GIB for r in mon.cg["rss"]], lw=0.8, ls=":", color="purple",
-                label="cgroup RSS (all job processes)")  # fmt: skip
+    big = max(runs, key=lambda r: r["y_bytes"])
+    tl = big["timeline"]
+    limit = big["plan"]["memory_limit_bytes"] / GIB
+    predicted = big["plan"]["predicted_peak_bytes"] / GIB
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(15, 5.8), dpi=110, width_ratios=[1.7, 1])
+    if tl["cgroup_usage"]["t"]:
+        ax.plot(tl["cgroup_usage"]["t"], [v / GIB for v in tl["cgroup_usage"]["v"]], lw=0.8,
+                color="tab:red", alpha=0.5, label="cgroup usage (RSS + page cache)")  # fmt: skip
+        ax.plot(tl["cgroup_rss"]["t"], [v / GIB for v in tl["cgroup_rss"]["v"]], lw=0.8,
+                color="purple", alpha=0.6, label="cgroup RSS (all job processes, anonymous)")  # fmt: skip
+    for i, w in enumerate(tl["workers"]):
+        ax.plot(w["t"], [v / GIB for v in w["v"]], lw=0.9, label=f"worker {i} RSS")
+    for d in tl["driver"]:
+        ax.plot(d["t"], [v / GIB for v in d["v"]], lw=1.0, color="grey",
+                label="driver RSS (client + scheduler + nannies)")  # fmt: skip
     ax.axhline(limit, color="black", lw=1.4, label=f"worker memory limit (planner) {limit:.2f} GiB")
     ax.axhline(predicted, color="tab:blue", ls="-.", lw=1.2,
-               label=f"predicted peak per worker {predicted:.2f} GiB")  # fmt: skip
-    if summary["cgroup"]:
+               label=f"predicted peak per worker (planner) {predicted:.2f} GiB")  # fmt: skip
+    if big["cgroup"]:
         ax.axhline(allocation / GIB, color="tab:red", ls="--", lw=1.2,
                    label=f"job cgroup limit {allocation / GIB:.1f} GiB")  # fmt: skip
-    ax.set_ylim(0, max(allocation / GIB, limit) * 1.12)
+    top = max(allocation / GIB, limit) * 1.35
+    ax.set_ylim(0, top)
     ax.set_xlabel("time since the command started (s)")
-    ax.set_ylabel("RSS (GiB), sampled every 0.25 s")
+    ax.set_ylabel("GiB (peak of each 2 s, sampled every 0.25 s)")
     ax.set_title(
-        f"S={summary['samples']}: {summary['y_gib']:.1f} GiB of observations written "
-        f"({summary['y_over_allocation']:.1f}x the job's memory, "
-        f"{summary['y_over_ram']:.2f}x RAM)",
+        f"S={big['samples']}: {big['y_gib']:.1f} GiB of observations written in "
+        f"{big['runner_wall_s']:,.0f} s ({big['y_over_allocation']:.1f}x the job's "
+        f"memory, {big['y_over_ram']:.2f}x RAM)",
         fontsize=10,
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7.5, loc="upper left", ncol=2)
-    xs = [r["summary"]["y_bytes"] / GIB for r in runs]
-    for r, x in zip(runs, xs, strict=True):
-        peaks = list(r["summary"]["per_worker_peak_bytes_nanny"].values())
+    xs = [r["y_bytes"] / GIB for r in runs]
+    for k, (r, x) in enumerate(zip(runs, xs, strict=True)):
+        peaks = list(r["per_worker_peak_bytes_nanny"].values())
         bx.scatter([x] * len(peaks), [p / GIB for p in peaks], color="tab:orange", zorder=3,
-                   label="per-worker peak (run report)" if r is runs[0] else None)  # fmt: skip
-        cg = r["summary"]["cgroup"]
-        if cg:
-            bx.scatter([x], [cg["max_usage_bytes"] / GIB], marker="s", color="tab:purple",
-                       label="cgroup max usage (incl. page cache)" if r is runs[0] else None)  # fmt: skip
-    bx.plot(xs, [r["summary"]["plan"]["predicted_peak_bytes"] / GIB for r in runs], "-.",
+                   label="per-worker peak (run report)" if k == 0 else None)  # fmt: skip
+        bx.annotate(f"S={r['samples']}, chunk {r['plan']['chunk_size']}", (x, max(peaks) / GIB),
+                    textcoords="offset points", xytext=(-20, -16), fontsize=7.5)  # fmt: skip
+        if r["cgroup"]:
+            bx.scatter([x], [r["cgroup"]["max_sampled_rss_bytes"] / GIB], marker="s",
+                       color="tab:purple", zorder=3,
+                       label="cgroup RSS, max sampled" if k == 0 else None)  # fmt: skip
+    bx.plot(xs, [r["plan"]["predicted_peak_bytes"] / GIB for r in runs], "-.",
             color="tab:blue", label="predicted peak per worker")  # fmt: skip
-    bx.plot(xs, [r["summary"]["plan"]["memory_limit_bytes"] / GIB for r in runs], "-",
+    bx.plot(xs, [r["plan"]["memory_limit_bytes"] / GIB for r in runs], "-",
             color="black", label="worker memory limit")  # fmt: skip
-    bx.axvline(allocation / GIB, color="tab:red", ls="--", lw=1, label="job allocation")
+    bx.axhline(allocation / GIB, color="tab:red", ls="--", lw=1, label="job cgroup limit")
+    bx.axvline(allocation / GIB, color="tab:red", ls=":", lw=1, label="output = job memory")
     bx.axvline(
-        ram / GIB, color="tab:green", ls="--", lw=1, label=f"machine RAM {ram / GIB:.1f} GiB"
+        ram / GIB, color="tab:green", ls="--", lw=1, label=f"output = RAM {ram / GIB:.1f} GiB"
     )
     bx.set_xscale("log")
-    bx.set_xlabel("observations written, y (GiB, log)")
+    bx.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    bx.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    bx.set_xlim(min(xs) / 1.5, max(max(xs), ram / GIB) * 1.5)
+    bx.set_xlabel("observations written, y (GiB, log scale)")
     bx.set_ylabel("GiB")
-    bx.set_ylim(0, max(allocation / GIB, limit) * 1.12)
+    bx.set_ylim(0, top)
     bx.set_title("peak memory vs output size", fontsize=10)
     bx.grid(alpha=0.3, which="both")
-    bx.legend(fontsize=7.5, loc="upper left")
+    bx.legend(fontsize=7.5, loc="upper left", ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -597,12 +677,15 @@ def choose_big(
     disk_free: int,
     requested: int | None,
 ) -> tuple[int, dict]:
-    """The largest size: just over RAM, or what the time budget and the disk allow."""  # fmt: skip
+    """The largest size: just over RAM, or what the time budget and the disk allow.
+
+    An explicit ``requested`` size is only capped by the disk (15 GB kept free).
+    """
     want = requested or math.ceil(ram * 1.07 / per_sample)
     by_time = int((budget_s - startup_s) * rate_samples_s)
     by_disk = int((disk_free - 15e9) / per_sample)
     floor = math.ceil(5 * allocation / per_sample)
-    samples = max(floor, min(want, by_time, by_disk))
+    samples = min(requested, by_disk) if requested else max(floor, min(want, by_time, by_disk))
     return samples, {
         "wanted": want,
         "fits_time_budget": by_time,
@@ -628,6 +711,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results", help="JSON output path.")
     parser.add_argument("--plot", help="PNG output path.")
+    parser.add_argument("--replot", action="store_true", help="Redraw the PNG from --results.")
     a = parser.parse_args(argv)
     from hpcbatch.units import parse_bytes
 
@@ -644,6 +728,10 @@ def main(argv: list[str] | None = None) -> dict:
     results_path = Path(a.results or (base or ROOT / "benchmarks") / "results-load-predictive.json")
     plot_path = Path(a.plot or (base or ROOT / "docs") / "load-predictive.png")
     allocation = parse_bytes(cfg["allocation"])
+    if a.replot:
+        saved = json.loads(results_path.read_text())
+        plot(saved["runs"], plot_path, saved["allocation_bytes"], saved["machine"]["ram_bytes"])
+        return saved
     ram = psutil.virtual_memory().total
     per_sample = cfg["cells"] * cfg["features"] * 4
     work = Path(a.workdir or tempfile.mkdtemp(prefix="hpcbatch-load-predictive-"))
@@ -670,7 +758,8 @@ def main(argv: list[str] | None = None) -> dict:
             )
             runs.append(run)
             if i == len(cfg["sizes"]) - 1 and (cfg["big"] or a.big_samples):
-                rate = s["samples"] / s["runner_wall_s"]
+                # the fastest small run: other jobs' load on a shared machine comes and goes
+                rate = max(r["summary"]["samples_per_s"] for r in runs)
                 big, extrapolation = choose_big(
                     rate, s["wall_s"] - s["runner_wall_s"], per_sample, allocation, ram,
                     a.budget_s, shutil.disk_usage(work).free, a.big_samples,
@@ -680,11 +769,7 @@ def main(argv: list[str] | None = None) -> dict:
             i += 1
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    biggest = max(runs, key=lambda r: r["samples"])
-    plot(runs, biggest, plot_path, allocation, ram)
-    peaks = [p for r in runs for p in r["summary"]["per_worker_peak_bytes_nanny"].values()]
-    first = max(runs[0]["summary"]["per_worker_peak_bytes_nanny"].values())
-    last = max(biggest["summary"]["per_worker_peak_bytes_nanny"].values())
+    plot([r["summary"] for r in runs], plot_path, allocation, ram)
     result = {
         "benchmark": "load-predictive",
         "mode": "quick" if a.quick else "full",
@@ -702,17 +787,7 @@ def main(argv: list[str] | None = None) -> dict:
         "allocation_bytes": allocation,
         "largest_run_choice": extrapolation,
         "runs": [r["summary"] for r in runs],
-        "flat": {
-            "worker_peak_smallest_bytes": first,
-            "worker_peak_largest_bytes": last,
-            "largest_over_smallest": round(last / first, 3),
-            "y_largest_over_smallest": round(
-                biggest["summary"]["y_bytes"] / runs[0]["summary"]["y_bytes"], 1
-            ),
-            "max_worker_peak_over_limit": round(
-                max(peaks) / biggest["summary"]["plan"]["memory_limit_bytes"], 3
-            ),
-        },
+        "flat": flatness([r["summary"] for r in runs]),
         "nothing_lost": all(r["summary"]["nothing_lost"]["ok"] for r in runs),
         "total_wall_s": round(time.time() - t_start, 1),
         "plot": str(plot_path.relative_to(ROOT))
