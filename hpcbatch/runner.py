@@ -71,6 +71,7 @@ from .security import mask_url
 from .units import format_bytes
 
 _ALREADY_DONE = "__hpcbatch_already_done__"
+_DB_UNAVAILABLE = "__hpcbatch_database_unavailable__"
 NO_WORKER_TIMEOUT_S = 120.0  # no workers at all for this long fails the run (not a hang)
 DB_OUTAGE_S = 60.0  # the database unreachable for this long fails the run (a restart is not)
 STOPPING_NO_WORKER_S = 5.0  # during a SIGTERM stop: no workers this long ends the wait
@@ -154,6 +155,10 @@ def execute_chunk(task_fn: Callable, chunk: Chunk, ctx: TaskContext) -> dict:
         meta = task_fn(chunk, ctx)
     except ChunkAlreadyDone:
         return {_ALREADY_DONE: True}
+    except DatabaseUnavailable as exc:
+        # an outage, not a bug: straight to the runner's breaker (no Dask error log
+        # with a traceback on every worker)
+        return {_DB_UNAVAILABLE: exc}
     if meta is None:
         return {}
     if not isinstance(meta, dict):
@@ -696,6 +701,9 @@ def _loop(
             status = future.status
             key = future.key
             future.release()
+            if status == "finished" and isinstance(result, dict) and _DB_UNAVAILABLE in result:
+                outage = result[_DB_UNAVAILABLE]
+                status, result = "error", (type(outage), outage, outage.__traceback__)
             if status == "finished":
                 if breaker.gone:  # the ledger cannot record it: it reruns on resume
                     continue
