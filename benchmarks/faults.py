@@ -42,7 +42,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "tests" / "faults"), str(REPO / "tests")]
 
-import conftest as fx  # noqa: E402  (tests/faults/conftest.py: the fault helpers)
+import faultkit as fx  # noqa: E402  (tests/faults/faultkit.py: the fault helpers)
 
 
 def _reproduce(test: str) -> str:

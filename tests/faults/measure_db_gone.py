@@ -19,10 +19,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # services.py
-sys.path.insert(0, str(HERE))  # the fault suite's conftest helpers
+sys.path.insert(0, str(HERE))  # the fault suite's helpers (faultkit)
 
 import services  # noqa: E402
-from conftest import (  # noqa: E402
+from faultkit import (  # noqa: E402
     DAYS,
     N_STOCKS,
     checksum,

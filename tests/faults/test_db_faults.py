@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import (
+from faultkit import (
     DAYS,
     N_STOCKS,
     checksum,

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import (
+from faultkit import (
     checksum,
     done_ids,
     fault_env,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import dask_workers, fault_env, kill_tree, wait_until
+from faultkit import dask_workers, fault_env, kill_tree, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 HPCBATCH = str(Path(sys.executable).with_name("hpcbatch"))

@@ -33,7 +33,7 @@ import numpy as np
 import psutil
 import pytest
 import services
-from conftest import (
+from faultkit import (
     N_STOCKS,
     checksum,
     done_chunks,

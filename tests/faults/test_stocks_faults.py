@@ -11,7 +11,7 @@ import json
 import signal
 
 import pytest
-from conftest import (
+from faultkit import (
     checksum,
     dask_workers,
     done_chunks,

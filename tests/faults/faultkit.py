@@ -1,0 +1,136 @@
+"""Helpers of the fault-injection suite: start a real run, wait until it is half way,
+break it, and compare what landed with an undisturbed run.
+
+A module of its own name (not ``conftest``): ``from conftest import ...`` picks whichever
+conftest was imported first when several test directories are collected together."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+HERE = Path(__file__).parent
+PYTHON = sys.executable
+N_STOCKS = 24
+DAYS = 200
+BATCH = 2  # stocks per chunk -> 12 chunks
+
+
+def fault_env(**faults) -> dict:
+    """The environment of a driver whose workers load the fault injector."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HPCBATCH_FAULT", "SLURM_"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["DASK_DISTRIBUTED__WORKER__PRELOAD"] = '["inject"]'
+    env["PYTHONWARNINGS"] = "ignore"
+    env.update({f"HPCBATCH_FAULT_{k.upper()}": str(v) for k, v in faults.items()})
+    return env
+
+
+def fresh_db(stock_inputs: dict, directory: Path) -> str:
+    """A copy of the market database (no predictions yet); its SQLAlchemy URL."""
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / "stocks.db"
+    shutil.copy(stock_inputs["db"], target)
+    return f"sqlite:///{target}"
+
+
+def _sqlite_path(url: str) -> str:
+    return url.split("sqlite:///", 1)[1]
+
+
+def _query(url: str, sql: str) -> list[tuple]:
+    """Rows of a constant query, read-only for SQLite, through SQLAlchemy otherwise."""
+    if url.startswith("sqlite"):
+        con = sqlite3.connect(f"file:{_sqlite_path(url)}?mode=ro", uri=True, timeout=5)
+        try:
+            return [tuple(r) for r in con.execute(sql).fetchall()]
+        finally:
+            con.close()
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(sa.text(sql)).fetchall()]
+    finally:
+        engine.dispose()
+
+
+def prediction_rows(url: str) -> list[tuple]:
+    """Every prediction, sorted; prediction time and run id left out (they differ per run);
+    booleans as 0/1 so SQLite and PostgreSQL compare equal."""
+    rows = _query(
+        url,
+        "SELECT ts_code, trade_date, model_version, predicted_return, predicted_direction, "
+        "confidence, predicted_return_3d FROM stock_predictions "
+        "ORDER BY ts_code, trade_date, model_version",
+    )
+    return [tuple(int(v) if isinstance(v, bool) else v for v in r) for r in rows]
+
+
+def checksum(rows: list[tuple]) -> str:
+    return hashlib.sha256(repr(rows).encode()).hexdigest()[:16]
+
+
+def done_ids(url: str) -> set[str]:
+    """Chunk ids the ledger has recorded as done (empty before the tables exist)."""
+    try:
+        return {r[0] for r in _query(url, "SELECT chunk_id FROM hpcbatch_chunks")}
+    except Exception:  # noqa: BLE001 (no table yet, or the server is down)
+        return set()
+
+
+def done_chunks(url: str) -> int:
+    return len(done_ids(url))
+
+
+def start_stocks(url: str, model: Path, reports: Path, *extra: str, **faults) -> subprocess.Popen:
+    cmd = [PYTHON, str(HERE / "drive_stocks.py"), url, str(model), str(reports), *extra]
+    return subprocess.Popen(
+        cmd, env=fault_env(**faults), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_until(predicate, proc: subprocess.Popen, timeout: float = 120, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"driver ended before {what}: {proc.returncode}\n{out}\n{err}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def dask_workers(driver_pid: int) -> list[psutil.Process]:
+    """The worker processes of a driver's local cluster (spawned by its in-process nannies)."""
+    workers = []
+    for child in psutil.Process(driver_pid).children(recursive=True):
+        try:
+            if "spawn_main" in " ".join(child.cmdline()):
+                workers.append(child)
+        except psutil.Error:
+            continue
+    return workers
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a driver and everything it started (nannies, workers)."""
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        family = []
+    for p in [psutil.Process(proc.pid), *family] if proc.poll() is None else family:
+        with contextlib.suppress(psutil.Error):
+            p.send_signal(signal.SIGKILL)
