@@ -429,6 +429,18 @@ class WorkerJobWatch:
         entry["replacement_ready"] = None
         cluster.scale(jobs=n_jobs)  # submits the job now in the spec but not running
 
+    def waiting_replacements(self) -> str | None:
+        """One phrase on ended jobs whose replacement has no worker yet, else None."""
+        with self._lock:
+            waiting = [e for e in self.lost if e.get("replacement_ready", 0) is None]
+        if not waiting:
+            return None
+        ended = ", ".join(f"{e['job_id']} {e['reason']}" for e in waiting)
+        return (
+            f"SLURM worker job(s) {ended}; the replacement job(s) submitted for them "
+            "have not started"
+        )
+
     # -- for the run report ----------------------------------------------------
 
     def job_of(self, address: str) -> dict | None:

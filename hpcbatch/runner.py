@@ -797,8 +797,15 @@ def _loop(
                 break
             if gone is not None and gone >= no_worker_timeout_s:
                 state.failed += 1
+                watch = getattr(client, "hpcbatch_job_watch", None)
                 fatal = _no_workers_error(
-                    gone, state, failures, chunks_before, n_chunks, resume_hint
+                    gone,
+                    state,
+                    failures,
+                    chunks_before,
+                    n_chunks,
+                    resume_hint,
+                    waiting=watch.waiting_replacements() if watch is not None else None,
                 )
                 failures.append({"chunk_id": None, "error": str(fatal), "traceback": ""})
                 print(f"\n{fatal}", file=out, flush=True)
@@ -1120,8 +1127,22 @@ class _DatabaseBreaker:
 
 
 def _no_workers_error(
-    gone: float, state: _State, failures: list, chunks_before: int, n_chunks: int, hint: str
+    gone: float,
+    state: _State,
+    failures: list,
+    chunks_before: int,
+    n_chunks: int,
+    hint: str,
+    waiting: str | None = None,
 ) -> ChunkFailedError:
+    """``waiting``: the SLURM job watch's account of replacement jobs not started yet."""
+    done = f"{chunks_before + state.chunks_done} of {n_chunks} chunks done"
+    if waiting:  # the workers' jobs ended and their replacements sit in the queue
+        return ChunkFailedError(
+            f"the cluster lost all its workers and none came back for {gone:.0f} s "
+            f"({waiting}): {done}; check the queue (squeue, the partition's limits) or "
+            f"raise no_worker_timeout_s, then {hint}"
+        )
     kills = state.split + sum("out of memory" in str(f.get("error")) for f in failures)
     why = (
         f"after {kills} out-of-memory kills: most likely the worker processes were "
@@ -1131,8 +1152,8 @@ def _no_workers_error(
     )
     return ChunkFailedError(
         f"the cluster lost all its workers and none came back for {gone:.0f} s ({why}): "
-        f"{chunks_before + state.chunks_done} of {n_chunks} chunks done; give each worker "
-        f"more memory (--mem-gb, fewer workers) or use smaller chunks, then {hint}"
+        f"{done}; give each worker more memory (--mem-gb, fewer workers) or use smaller "
+        f"chunks, then {hint}"
     )
 
 

@@ -507,3 +507,25 @@ def test_a_failed_chunk_names_the_runs_own_resume_hint(client):
             progress=False,
             resume_hint="rerun from scratch",
         )
+
+
+def test_no_workers_error_names_slurm_jobs_waiting_in_the_queue() -> None:
+    """Workers gone because their SLURM jobs ended and the replacements are still queued:
+    the line says so (and to check the queue), not 'memory kills'."""
+    from hpcbatch.cluster import WorkerJobWatch
+    from hpcbatch.runner import _no_workers_error, _State
+
+    watch = WorkerJobWatch(cluster=None)
+    assert watch.waiting_replacements() is None
+    watch.lost.append({"job_id": "41", "reason": "cancelled", "replacement_ready": 1.0})
+    assert watch.waiting_replacements() is None  # its replacement is up
+    watch.lost.append({"job_id": "42", "reason": "walltime", "replacement_ready": None})
+    waiting = watch.waiting_replacements()
+    assert "42 walltime" in waiting and "41" not in waiting
+
+    state = _State(chunks_done=3)
+    queued = str(_no_workers_error(120, state, [], 2, 10, "rerun with --resume", waiting))
+    assert "42 walltime" in queued and "squeue" in queued and "memory" not in queued
+    assert "5 of 10 chunks done" in queued and queued.endswith("rerun with --resume")
+    plain = str(_no_workers_error(120, state, [], 2, 10, "rerun with --resume"))
+    assert "memory" in plain and "squeue" not in plain
