@@ -249,7 +249,7 @@ class WorkerSampler:
 
         while not self._stop.is_set():
             now = time.time()
-            for p in self.me.children(recursive=True):
+            for p in self.me.children():  # the nannies' worker processes, not theirs
                 try:
                     if p.pid not in self.samples and "spawn_main" not in " ".join(p.cmdline()):
                         continue  # not a worker process (e.g. the resource tracker)

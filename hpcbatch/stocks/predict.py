@@ -30,7 +30,6 @@ from ..errors import ConfigError
 from ..planner import gpu_batch_size
 from .features import compute_features, min_rows
 from .footprint import stocks_footprint, stocks_max_chunk
-from .heap import release_freed_memory
 from .model import cached_model, gpu_free_bytes, load_model, predict_windows, resolve_device
 from .schema import init_db, make_engine, masked, preflight, require_tables, write_transaction
 from .sink import engine_for, list_codes, read_bars, select_codes, upsert_predictions
@@ -196,8 +195,6 @@ def predict_chunk(chunk: Any, ctx: Any, task: PredictTask) -> dict:
         counts["seconds"] = round(time.perf_counter() - t0, 3)
         if ledger is not None:
             ledger.mark_done(run_id, chunk, counts, connection=conn)
-    del rows, bars
-    release_freed_memory()  # else RSS creeps up chunk after chunk (see heap.py)
     return counts
 
 
