@@ -651,6 +651,7 @@ def plot(runs: list[dict], path: Path, allocation: int, ram: int) -> None:
     bx.set_xscale("log")
     bx.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     bx.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    bx.set_xticks([v for v in (0.01, 0.1, 0.5, 1, 2, 5, 10, 20, 50) if min(xs) / 1.5 <= v])
     bx.set_xlim(min(xs) / 1.5, max(max(xs), ram / GIB) * 1.5)
     bx.set_xlabel("observations written, y (GiB, log scale)")
     bx.set_ylabel("GiB")
