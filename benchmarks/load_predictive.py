@@ -15,12 +15,15 @@ every site exists, and some chunks (first, middle, last) equal an in-process
 reference drawn with the same chunk seed by the same per-chunk task the workers run
 (``sample_chunk_task``, as the calibration probe runs it).
 
-The throughput of the smallest size is used to extrapolate the largest before it is
-launched; the largest is shrunk (never below 5x the allocation) to fit ``--budget-s``
-and the free disk.  Every store is deleted afterwards.
+The fastest small run's throughput is used to extrapolate the largest before it is
+launched: just over RAM, shrunk (never below 5x the allocation) to fit ``--budget-s``
+and the free disk; ``--big-samples`` sets it (capped by the disk only).  Every store
+is deleted afterwards; the JSON keeps each run's memory timelines (2 s peaks).
 
-    nice -n 5 python benchmarks/load_predictive.py            # ~25 min, ~27 GB written
-    python benchmarks/load_predictive.py --quick              # ~1-2 min, small sizes
+    nice -n 5 python benchmarks/load_predictive.py --big-samples 340   # ~35 min, 27 GB of y
+    nice -n 5 python benchmarks/load_predictive.py    # the largest size from the throughput
+    python benchmarks/load_predictive.py --quick      # ~1-2 min, small sizes
+    python benchmarks/load_predictive.py --replot     # redraw the PNG from the JSON
 
 Prints one JSON object; writes ``benchmarks/results-load-predictive.json`` and
 ``docs/load-predictive.png`` (``--quick``: the same names in the temp directory,
@@ -774,8 +777,12 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "load-predictive",
         "mode": "quick" if a.quick else "full",
-        "command": "nice -n 5 python benchmarks/load_predictive.py"
-        + (" --quick" if a.quick else ""),
+        "command": " ".join(
+            [
+                "nice -n 5 python benchmarks/load_predictive.py",
+                *(sys.argv[1:] if argv is None else argv),
+            ]
+        ),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": {"ram_bytes": ram, "cpus": psutil.cpu_count(), "load_avg": os.getloadavg()},
         "data": {
