@@ -48,6 +48,9 @@ class Footprint:
     shared_input_mmap: bool = True
     gpu_per_item_bytes: int = 0
     gpu_fixed_bytes: int = 0
+    #: the driver process (client + in-process scheduler, with the workload's imports):
+    #: the allocation keeps at least this much off the workers (see ``reserve_bytes``)
+    driver_bytes: int = 0
     source: str = "analytic (uncalibrated)"
     details: tuple[tuple[str, int], ...] = ()
     shrink_hints: tuple[str, ...] = ()
@@ -57,7 +60,13 @@ class Footprint:
             raise ConfigError(
                 f"the number of {self.item_name}s must be positive, got {self.n_items}"
             )
-        for name in ("per_item_bytes", "baseline_bytes", "model_bytes", "shared_input_bytes"):
+        for name in (
+            "per_item_bytes",
+            "baseline_bytes",
+            "model_bytes",
+            "shared_input_bytes",
+            "driver_bytes",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"footprint {name} must not be negative")
 
@@ -152,6 +161,8 @@ class Plan:
     resources: Resources
     gpu_batch_size: int | None = None
     thresholds: dict = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
+    #: kept off the allocation for the driver: max(the reserve setting, footprint.driver_bytes)
+    reserve_bytes: int = 256 * 1024**2
 
     @property
     def predicted_node_bytes(self) -> int:
@@ -173,6 +184,7 @@ class Plan:
             "binding": self.binding,
             "gpu_batch_size": self.gpu_batch_size,
             "thresholds": dict(self.thresholds),
+            "reserve_bytes": self.reserve_bytes,
             "reasons": list(self.reasons),
             "footprint": asdict(self.footprint),
             "resources": self.resources.to_dict(),
@@ -214,9 +226,15 @@ def _worker_budget(footprint: Footprint, settings: PlanSettings, limit: int) -> 
     return chunk_capacity(budget, footprint.per_item_bytes, settings.threads_per_worker)
 
 
+def reserve_bytes(footprint: Footprint, settings: PlanSettings) -> int:
+    """Bytes kept off the workers for the driver: the ``reserve`` setting, or the
+    workload's measured driver if that is larger (a torch/Pyro driver is ~350 MiB)."""
+    return max(settings.reserve_bytes, footprint.driver_bytes)
+
+
 def _usable(footprint: Footprint, settings: PlanSettings, memory_bytes: int) -> int:
     """What the workers may share: the allocation less the reserve and node-shared bytes."""
-    return memory_bytes - settings.reserve_bytes - footprint.node_shared_bytes
+    return memory_bytes - reserve_bytes(footprint, settings) - footprint.node_shared_bytes
 
 
 def min_memory_bytes(
@@ -232,7 +250,7 @@ def min_memory_bytes(
         footprint.fixed_bytes + chunk * footprint.per_item_bytes * settings.threads_per_worker
     ) / settings.memory_fraction
     worker = max(1, math.ceil(worker))
-    need = n_workers * worker + settings.reserve_bytes + footprint.node_shared_bytes
+    need = n_workers * worker + reserve_bytes(footprint, settings) + footprint.node_shared_bytes
     # Float rounding in fraction x limit may cost a byte or two: step up until it fits.
     while not _fits(footprint, settings, need, n_workers, chunk):
         need += n_workers
@@ -262,7 +280,7 @@ def _infeasible(
     if settings.chunk_size and settings.chunk_size > settings.min_chunk:
         hints.append(f"lower the chunk size below {settings.chunk_size}")
     hints += list(footprint.shrink_hints)
-    per_worker = (need - settings.reserve_bytes - footprint.node_shared_bytes) // n
+    per_worker = (need - reserve_bytes(footprint, settings) - footprint.node_shared_bytes) // n
     copies = ""
     if footprint.fixed_bytes >= 0.5 * settings.memory_fraction * per_worker:
         copies = f" (each worker holds {format_bytes(footprint.fixed_bytes)} before any work)"
@@ -365,6 +383,7 @@ def make_plan(
         resources=resources,
         gpu_batch_size=gpu_batch[0] if gpu_batch else None,
         thresholds=dict(settings.thresholds),
+        reserve_bytes=reserve_bytes(footprint, settings),
     )
 
 
@@ -452,11 +471,13 @@ def _reasons(
 ) -> list[str]:
     fb = format_bytes
     item = footprint.item_name
+    reserve = reserve_bytes(footprint, settings)
+    kept = f"{fb(reserve)} kept for scheduler and client"
+    if reserve > settings.reserve_bytes:
+        kept += f" (the {footprint.workload} driver's measured size; reserve setting {fb(settings.reserve_bytes)})"
     reasons = [
         f"allocation: {resources.memory_bytes / 1e9:.1f} GB = {fb(resources.memory_bytes)} "
-        f"({resources.memory_source}), "
-        f"{resources.cpus} CPUs ({resources.cpus_source}); {fb(settings.reserve_bytes)} kept for "
-        "scheduler and client",
+        f"({resources.memory_source}), {resources.cpus} CPUs ({resources.cpus_source}); {kept}",
     ]
     if footprint.shared_input_bytes:
         how = (

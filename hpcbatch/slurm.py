@@ -376,8 +376,8 @@ def render_sbatch(
         ("profile", profile),
     ):
         _check_name(what, value)
-    reserve = parse_bytes(settings.get("reserve", "256MiB"), what="reserve")
-    size = job_size(plan, 0 if driver else reserve)
+    # the plan's reserve: the setting, or the workload's measured driver if larger
+    size = job_size(plan, 0 if driver else plan.reserve_bytes)
     # cluster.job-extra-directives describe the worker jobs: the single-node job is one,
     # a driver is not (dask-jobqueue puts them on the worker jobs it submits).
     extra_directives = list(extra)

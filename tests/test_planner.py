@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -45,7 +46,8 @@ def check_plan(plan, footprint: Footprint, res: Resources, st_: PlanSettings) ->
     )
     node = plan.n_workers * plan.memory_limit_bytes + footprint.node_shared_bytes
     assert node == plan.predicted_node_bytes
-    assert node + st_.reserve_bytes <= res.memory_bytes
+    assert plan.reserve_bytes == max(st_.reserve_bytes, footprint.driver_bytes)
+    assert node + plan.reserve_bytes <= res.memory_bytes
     assert 1 <= plan.n_workers * plan.threads_per_worker <= max(res.cpus, 1)
     assert min(st_.min_chunk, footprint.n_items) <= plan.chunk_size <= footprint.n_items
     assert plan.n_chunks == math.ceil(footprint.n_items / plan.chunk_size)
@@ -372,3 +374,20 @@ def test_property_chunk_capacity_fits(budget, per_item, threads):
     assert n >= 0
     if per_item and n:
         assert n * per_item * threads <= budget < (n + 1) * per_item * threads
+
+
+def test_the_allocation_keeps_the_workload_driver_when_it_is_above_the_reserve() -> None:
+    """A torch/Pyro driver (client + scheduler) is ~350 MiB: the workers must not be given
+    memory the driver already uses, or the node total runs over before Dask reacts."""
+    res = alloc(8 * GiB, 2)
+    plain = Footprint("w", "item", 1000, per_item_bytes=MiB, baseline_bytes=200 * MiB)
+    heavy = dataclasses.replace(plain, driver_bytes=400 * MiB)
+    p_plain, p_heavy = make_plan(plain, res), make_plan(heavy, res)
+    assert p_plain.reserve_bytes == PlanSettings().reserve_bytes == 256 * MiB
+    assert p_heavy.reserve_bytes == 400 * MiB
+    assert p_heavy.n_workers * p_heavy.memory_limit_bytes + 400 * MiB <= res.memory_bytes
+    assert p_heavy.memory_limit_bytes < p_plain.memory_limit_bytes
+    assert "driver's measured size" in p_heavy.reasons[0]
+    # a larger reserve setting still wins
+    big = make_plan(heavy, res, PlanSettings(reserve_bytes=1 * GiB))
+    assert big.reserve_bytes == 1 * GiB and "driver" not in big.reasons[0]

@@ -111,9 +111,13 @@ def _plan(mem_gb: float = 12, cpus: int = 4, n_stocks: int = 5000):
 
 def test_job_size_adds_workers_shared_and_reserve_rounded_up_to_mib() -> None:
     plan, _ = _plan()
-    size = slurm.job_size(plan, reserve_bytes=256 * 2**20)
+    # the plan's reserve: the stocks driver's measured size, above the 256 MiB setting
+    assert plan.reserve_bytes == plan.footprint.driver_bytes > 256 * 2**20
+    size = slurm.job_size(plan, reserve_bytes=plan.reserve_bytes)
     expected = (
-        plan.n_workers * plan.memory_limit_bytes + plan.footprint.node_shared_bytes + 256 * 2**20
+        plan.n_workers * plan.memory_limit_bytes
+        + plan.footprint.node_shared_bytes
+        + plan.reserve_bytes
     )
     assert size.mem_bytes == expected
     assert size.cpus == plan.n_workers * plan.threads_per_worker
@@ -335,7 +339,7 @@ def _directive(text: str, name: str) -> str:
 def test_local_script_mem_and_cpus_come_from_the_plan() -> None:
     plan, settings = _plan(12, 4)
     text = _render(CLI_CASES["stocks_local"])
-    size = slurm.job_size(plan, 256 * 2**20)
+    size = slurm.job_size(plan, plan.reserve_bytes)
     assert _directive(text, "mem") == f"{size.mem_mb}M"
     assert _directive(text, "cpus-per-task") == str(plan.n_workers * plan.threads_per_worker)
     assert _directive(text, "time") == "02:00:00"
@@ -884,7 +888,7 @@ def test_rendered_plan_is_the_plan_command_s(render_args, plan_args) -> None:
     size = -(-(plan["n_workers"] * plan["memory_limit_bytes"]
                + plan["footprint"]["shared_input_bytes"] * plan["footprint"]["shared_input_mmap"]
                + plan["footprint"]["model_bytes"] * plan["footprint"]["model_mmap"]
-               + 256 * 2**20) // 2**20)  # fmt: skip
+               + plan["reserve_bytes"]) // 2**20)  # fmt: skip
     assert _directive(text, "mem") == f"{size}M"
 
 

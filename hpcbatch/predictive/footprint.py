@@ -17,6 +17,9 @@ FLOAT = 4
 # Interpreter + torch + Pyro + a Dask worker (the probe measured 272 MiB at size 0;
 # a Dask worker process adds its own structures).
 BASELINE_BYTES = 400 * 1024**2
+# The driver: client + in-process scheduler, with torch and Pyro imported. Measured peak
+# RSS 345-356 MiB (benchmarks/results-load-predictive.json, up to 340 chunks' worth).
+DRIVER_BYTES = 416 * 1024**2
 # Tensors alive per observed value during a vectorised NegativeBinomial draw: logits
 # temporaries, the Gamma rate, the Poisson draw, the numpy/zarr copy.  Measured with
 # the probe at N=5,000, T=4,000: 98 MB per sample for 1,048-cell blocks = 5.8 x
@@ -73,6 +76,7 @@ def technical_footprint(
         baseline_bytes=BASELINE_BYTES + 2 * cells * FLOAT,
         shared_input_bytes=counts,
         shared_input_mmap=shared_input_mmap,
+        driver_bytes=DRIVER_BYTES,
         details=(
             ("latent sites per sample", latent),
             ("observations per sample", per_item - latent),
@@ -114,6 +118,7 @@ def sampling_footprint(
         baseline_bytes=GENERIC_BASELINE_BYTES,
         shared_input_bytes=shared_input_bytes,
         shared_input_mmap=True,
+        driver_bytes=DRIVER_BYTES,
         details=(
             ("returned sites outside the data plate, per sample", latent),
             ("one block of data-plate rows, per sample", rows),

@@ -26,6 +26,9 @@ FEATURE_TEMPORARIES = 80
 # Interpreter + numpy + torch + SQLAlchemy + a Dask worker (nanny excluded), measured
 # (probe at size 0: 310 MiB with the full model in its heap; benchmark workers).
 BASELINE_BYTES = 300 * 1024**2
+# The driver: client + in-process scheduler, with torch imported to check the model.
+# Measured peak RSS 321-325 MiB (benchmarks/results-stocks-*.json, 500-5,000 stocks).
+DRIVER_BYTES = 384 * 1024**2
 # Full size model: ~9.1M float32 parameters.
 FULL_MODEL_PARAMETERS = 9_081_962
 # Prediction rows as dicts before the upsert, per prediction.
@@ -89,6 +92,7 @@ def stocks_footprint(
         model_mmap=model_mmap,
         gpu_per_item_bytes=per_window + 2 * window_bytes,
         gpu_fixed_bytes=model_bytes,
+        driver_bytes=DRIVER_BYTES,
         details=(
             ("raw rows per stock", raw),
             ("feature computation per stock", feature_work),

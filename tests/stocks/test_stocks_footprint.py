@@ -25,7 +25,9 @@ def test_per_worker_peak_does_not_grow_with_the_market():
 def test_a_small_allocation_gets_smaller_chunks_not_an_oom():
     fp = stocks_footprint(5000)
     one_worker_20_stocks = (fp.fixed_bytes + 20 * fp.per_item_bytes) / 0.6
-    tight = _plan(5000, mem_gb=(one_worker_20_stocks + 256 * 1024**2 + fp.node_shared_bytes) / 1e9)
+    # the allocation keeps the stocks driver's measured size (above the 256 MiB reserve)
+    reserve = max(256 * 1024**2, fp.driver_bytes)
+    tight = _plan(5000, mem_gb=(one_worker_20_stocks + reserve + fp.node_shared_bytes) / 1e9)
     assert 1 <= tight.chunk_size < MAX_CHUNK_STOCKS and tight.n_workers == 1
     assert tight.predicted_peak_bytes <= tight.memory_limit_bytes * tight.memory_fraction
 
