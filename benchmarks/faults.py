@@ -256,9 +256,9 @@ class Bench:
         server = self._postgres()
         try:
             url, work = server.url, self.base / "db-gone"
-            t0 = time.monotonic()
             proc = self.start(url, work, delay_s=0.5)
             fx.wait_until(lambda: fx.done_chunks(url) >= self.n_chunks // 3, proc, 900, "a third")
+            t0 = time.monotonic()  # from the database's stop to the driver's exit
             server.proc.send_signal(signal.SIGINT)
             server.proc.wait(timeout=60)
             out, err = proc.communicate(timeout=3600)
@@ -276,7 +276,7 @@ class Bench:
                 "fault": "PostgreSQL stopped for good mid-run; restarted later, then --resume",
                 "exit_code_while_gone": proc.returncode,
                 "message": message,
-                "failed_after_s": failed_after,
+                "failed_after_stop_s": failed_after,
                 "traceback_shown": "Traceback" in err,
                 "ledger_consistent_with_rows": bool(consistent),
                 "exit_code": resume.returncode,
