@@ -47,7 +47,9 @@ from .security import cluster_security
 BACKENDS = ("local", "slurm", "address")
 
 
-def dask_memory_config(plan: Plan, *, allowed_failures: int | None = 1) -> dict[str, Any]:
+def dask_memory_config(
+    plan: Plan, *, allowed_failures: int | None = 1, worker_profile: bool = False
+) -> dict[str, Any]:
     """The ``distributed.*`` settings that enforce the plan's memory thresholds."""
     cfg: dict[str, Any] = {
         f"distributed.worker.memory.{name}": (False if value is False else float(value))
@@ -60,8 +62,9 @@ def dask_memory_config(plan: Plan, *, allowed_failures: int | None = 1) -> dict[
         cfg["distributed.scheduler.worker-saturation"] = 1.0
     # Dask's statistical profiler keeps a call tree per second for 1000 s on every worker:
     # worker RSS then grows through a long run (benchmarks/load_stocks.py: +14 % median
-    # RSS over 200 chunks, flat without it). The dashboard's Profile page stays empty.
-    cfg["distributed.worker.profile.enabled"] = False
+    # RSS over 200 chunks, flat without it). Off unless cluster.worker-profile is true;
+    # off, the dashboard's Profile page stays empty.
+    cfg["distributed.worker.profile.enabled"] = bool(worker_profile)
     return cfg
 
 
@@ -118,7 +121,11 @@ def open_cluster(
     )
     out = out or sys.stderr
     security = cluster_security(settings)  # None = plain TCP; else TLS for every role
-    cfg = dask_memory_config(plan, allowed_failures=allowed_failures)
+    cfg = dask_memory_config(
+        plan,
+        allowed_failures=allowed_failures,
+        worker_profile=bool(cluster_cfg.get("worker-profile", False)),
+    )
     if backend == "address":
         cfg.pop("distributed.scheduler.allowed-failures", None)  # not ours to change
         cfg.pop("distributed.scheduler.worker-saturation", None)

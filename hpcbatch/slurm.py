@@ -517,6 +517,9 @@ def slurm_cluster_kwargs(
         f"{stagger}s",
     ]
     prologue = threshold_exports(plan.thresholds)
+    # as dask_memory_config does for local workers (its memory grows through long runs)
+    profile = "True" if cluster.get("worker-profile") else "False"
+    prologue.append(f"export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED={profile}")
     kwargs: dict[str, Any] = {
         "cores": plan.n_workers * plan.threads_per_worker,
         "processes": plan.n_workers,

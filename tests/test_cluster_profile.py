@@ -42,3 +42,23 @@ def test_local_workers_keep_no_profile_history():
         client.submit(_busy, 2.5, pure=False).result()  # > 2 profile cycles of 1 s
         states = list(client.run(_profile_state).values())
     assert states and all(s == {"enabled": False, "history": 0} for s in states)
+
+
+def test_worker_profile_setting_turns_it_back_on_for_local_and_slurm_workers():
+    settings = hb_config.load()
+    settings["cluster"]["dashboard-address"] = "127.0.0.1:0"
+    settings["cluster"]["worker-profile"] = True
+    with open_cluster(rh.small_plan(4, 1), settings, backend="local", quiet=True) as client:
+        client.submit(_busy, 2.5, pure=False).result()
+        states = list(client.run(_profile_state).values())
+    assert states and all(s["enabled"] is True and s["history"] > 0 for s in states)
+
+    from hpcbatch.slurm import slurm_cluster_kwargs
+
+    for on, text in ((True, "True"), (False, "False")):
+        settings["cluster"]["worker-profile"] = on
+        spec = slurm_cluster_kwargs(rh.small_plan(4, 1), settings)
+        assert (
+            f"export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED={text}"
+            in spec.kwargs["job_script_prologue"]
+        )
