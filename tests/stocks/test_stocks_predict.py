@@ -200,3 +200,60 @@ def test_end_to_end_on_postgresql_lands_every_row_exactly_once(
         backend="local", run_id="second", report_dir=None, progress=False, quiet=True,
     )
     assert _count(postgres_db_url) == (10 * ok, 10 * ok)
+
+
+def _watch_read_leases(dask_scheduler=None) -> None:
+    """On the scheduler: after every granted semaphore lease, record how many leases of
+    that semaphore are held at once."""
+    ext = dask_scheduler.extensions["semaphores"]
+    seen: dict = {}
+    dask_scheduler.hpcbatch_leases_seen = seen
+    original = dask_scheduler.handlers["semaphore_acquire"]
+
+    async def acquire(name=None, timeout=None, lease_id=None):
+        granted = await original(name=name, timeout=timeout, lease_id=lease_id)
+        if granted:
+            seen[name] = max(seen.get(name, 0), len(ext.leases[name]))
+        return granted
+
+    dask_scheduler.handlers["semaphore_acquire"] = acquire
+
+
+def _read_leases(dask_scheduler=None) -> dict:
+    ext = dask_scheduler.extensions["semaphores"]
+    return {
+        name: {
+            "max_leases": ext.max_leases.get(name),
+            "acquired": ext.metrics["acquire_total"][name],
+            "most_at_once": most,
+        }
+        for name, most in dask_scheduler.hpcbatch_leases_seen.items()
+    }
+
+
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_concurrency_caps_parallel_database_reads_across_the_cluster(
+    market_copy, tiny_model, concurrency
+):
+    """--concurrency N: every chunk's read takes a lease of one cluster-wide semaphore of
+    N leases, so at most N chunks read the database at once (on any worker)."""
+    from distributed import Client, LocalCluster
+
+    settings = hb_config.load()
+    resources = detect_resources(memory_bytes=6 * 10**9, cpus=2)
+    with LocalCluster(
+        n_workers=2, threads_per_worker=2, processes=True, dashboard_address=None
+    ) as cluster, Client(cluster) as client:
+        client.run_on_scheduler(_watch_read_leases)
+        report = predict(
+            market_copy, str(tiny_model), settings=settings,
+            options=_opts(concurrency=concurrency, batch_size=1), resources=resources,
+            client=client, progress=False, quiet=True, report_dir=None,
+        )  # fmt: skip
+        leases = client.run_on_scheduler(_read_leases)
+    assert report.status == "finished"
+    (name, seen), *others = leases.items()
+    assert not others and name == f"hpcbatch-db-reads-{report.run_id}"
+    assert seen["max_leases"] == concurrency
+    assert seen["acquired"] >= report.n_chunks  # every chunk read under a lease
+    assert 1 <= seen["most_at_once"] <= concurrency
