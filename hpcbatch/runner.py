@@ -216,8 +216,7 @@ def _memory_kills_of(client, key, since: float) -> list[dict]:
                 if t >= since - 1 and ev.get("worker") in workers and ev.get("exitcode") == -9
             ]
         if not found:  # the whole SLURM job killed for its --mem (the nanny died too)
-            watch = getattr(client, "hpcbatch_job_watch", None)
-            found = slurm_memory_kills(workers, getattr(watch, "job_of", None))
+            found = slurm_memory_kills(workers, getattr(_job_watch(client), "job_of", None))
         if found or attempt == 5:
             return found
         time.sleep(0.3)
@@ -548,12 +547,9 @@ def run(
         try:
             _finish_ledger(ledger, run_id, status, chunks, commit_on_worker, out)
         except Exception as exc:  # noqa: BLE001 (the full disk / lost database that failed the run)
-            from .security import scrub
-
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
             print(
                 f"warning: could not record run {run_id!r} as {status} in the ledger "
-                f"({type(exc).__name__}: {scrub(first)}); the chunks recorded before stay "
+                f"({type(exc).__name__}: {error_line(exc)}); the chunks recorded before stay "
                 "done, --resume will finish the record",
                 file=out,
                 flush=True,
@@ -646,10 +642,12 @@ def _loop(
                     flush=True,
                 )
             elif verdict == "gone":
-                state.failed += 1
-                fatal = breaker.error(chunks_before + state.chunks_done, n_chunks, resume_hint)
-                failures.append({"chunk_id": None, "error": str(fatal), "traceback": ""})
-                print(f"\n{fatal}", file=out, flush=True)
+                fatal = _run_failed(
+                    breaker.error(chunks_before + state.chunks_done, n_chunks, resume_hint),
+                    state,
+                    failures,
+                    out,
+                )
                 break  # nothing can commit: cancel what is in flight, write the report
         stopping = stop["reason"] is not None or fatal is not None or breaker.is_open
         while queue and len(in_flight) < max_in_flight and not stopping:
@@ -718,12 +716,13 @@ def _loop(
                         outage_s=breaker.outage_s,
                     )
                 except DatabaseUnavailable as exc:  # the driver's own ledger write
-                    state.failed += 1
-                    fatal = breaker.fail(
-                        exc, ledger.url, chunks_before + state.chunks_done, n_chunks, resume_hint
+                    committed = chunks_before + state.chunks_done
+                    fatal = _run_failed(
+                        breaker.fail(exc, ledger.url, committed, n_chunks, resume_hint),
+                        state,
+                        failures,
+                        out,
                     )
-                    failures.append({"chunk_id": None, "error": str(fatal), "traceback": ""})
-                    print(f"\n{fatal}", file=out, flush=True)
                 continue
             if status == "cancelled":  # e.g. the scheduler restarted: run it again
                 if attempt < retries:
@@ -796,19 +795,16 @@ def _loop(
                 )
                 break
             if gone is not None and gone >= no_worker_timeout_s:
-                state.failed += 1
-                watch = getattr(client, "hpcbatch_job_watch", None)
-                fatal = _no_workers_error(
-                    gone,
+                job_watch = _job_watch(client)
+                waiting = job_watch.waiting_replacements() if job_watch is not None else None
+                fatal = _run_failed(
+                    _no_workers_error(
+                        gone, state, failures, chunks_before, n_chunks, resume_hint, waiting
+                    ),
                     state,
                     failures,
-                    chunks_before,
-                    n_chunks,
-                    resume_hint,
-                    waiting=watch.waiting_replacements() if watch is not None else None,
+                    out,
                 )
-                failures.append({"chunk_id": None, "error": str(fatal), "traceback": ""})
-                print(f"\n{fatal}", file=out, flush=True)
                 break  # nothing can run: cancel what is in flight, write the report
     bar.tick(done_before_items + state.items_done, state.chunks_done, len(in_flight), force=True)
     if in_flight:
@@ -820,6 +816,21 @@ def _loop(
 async def _settle() -> None:
     await asyncio.sleep(0)
     await asyncio.sleep(0)
+
+
+def _run_failed(
+    fatal: ChunkFailedError, state: _State, failures: list, out: TextIO
+) -> ChunkFailedError:
+    """Record a run-level failure (not one chunk's): counted, in the report, printed."""
+    state.failed += 1
+    failures.append({"chunk_id": None, "error": str(fatal), "traceback": ""})
+    print(f"\n{fatal}", file=out, flush=True)
+    return fatal
+
+
+def _job_watch(client):
+    """The SLURM :class:`~hpcbatch.cluster.WorkerJobWatch` of ``client``'s cluster, or None."""
+    return getattr(client, "hpcbatch_job_watch", None)
 
 
 def _finish_ledger(ledger, run_id: str, status: str, chunks, commit_on_worker: bool, out) -> None:
@@ -1282,9 +1293,7 @@ def _build_report(
         ],
     )
     # a SLURM worker job that ended: the reason SLURM gives (cancelled, memory, ...)
-    deaths = add_slurm_job_reasons(
-        deaths, getattr(getattr(client, "hpcbatch_job_watch", None), "job_of", None)
-    )
+    deaths = add_slurm_job_reasons(deaths, getattr(_job_watch(client), "job_of", None))
     peaks = _peaks(timelines, deaths)
     limit = (
         plan.memory_limit_bytes
