@@ -228,7 +228,11 @@ def _worker_budget(footprint: Footprint, settings: PlanSettings, limit: int) -> 
 
 def reserve_bytes(footprint: Footprint, settings: PlanSettings) -> int:
     """Bytes kept off the workers for the driver: the ``reserve`` setting, or the
-    workload's measured driver if that is larger (a torch/Pyro driver is ~350 MiB)."""
+    workload's measured driver if that is larger (a torch/Pyro driver is ~350 MiB).
+    A reserve of 0 stays 0: the allocation does not hold the driver (e.g. the workers
+    of an existing cluster, whose memory is just the sum of their limits)."""
+    if settings.reserve_bytes == 0:
+        return 0
     return max(settings.reserve_bytes, footprint.driver_bytes)
 
 

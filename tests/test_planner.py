@@ -391,3 +391,14 @@ def test_the_allocation_keeps_the_workload_driver_when_it_is_above_the_reserve()
     # a larger reserve setting still wins
     big = make_plan(heavy, res, PlanSettings(reserve_bytes=1 * GiB))
     assert big.reserve_bytes == 1 * GiB and "driver" not in big.reasons[0]
+
+
+def test_a_zero_reserve_is_kept_when_the_allocation_does_not_hold_the_driver() -> None:
+    """An existing cluster's workers (memory = the sum of their limits): no driver there."""
+    res = alloc(4 * GiB, 2)
+    heavy = Footprint(
+        "w", "item", 1000, per_item_bytes=MiB, baseline_bytes=200 * MiB, driver_bytes=400 * MiB
+    )
+    plan = make_plan(heavy, res, PlanSettings(reserve_bytes=0))
+    assert plan.reserve_bytes == 0
+    assert plan.n_workers * plan.memory_limit_bytes == res.memory_bytes
