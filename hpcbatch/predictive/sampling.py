@@ -388,12 +388,12 @@ def choose_block(layout: core.Layout, cell_block: int | str | None) -> int | Non
 
 def _digest(obj: Any, h) -> None:
     """Feed ``obj`` (tensors, arrays, containers, scalars) into the hash ``h``."""
-    obj = shared.resolve(obj) if isinstance(obj, shared.SharedArray) else obj
+    obj = shared.resolve(obj)
     if torch.is_tensor(obj):
         obj = obj.detach().cpu().numpy()
     if isinstance(obj, np.ndarray):
         h.update(f"a{obj.dtype.str}{obj.shape}".encode())
-        h.update(np.ascontiguousarray(obj).tobytes())
+        h.update(np.ascontiguousarray(obj))  # the buffer itself: no copy of a memmap
     elif isinstance(obj, Mapping):
         h.update(b"{")
         for key in sorted(obj, key=str):
@@ -607,7 +607,7 @@ class _Request:
     footprint: Any
     scratch: Path
     out_path: Path | None
-    compress: bool | None
+    compress: bool
     run_id: str
     report_dir: str | os.PathLike | None
     progress: bool
@@ -644,7 +644,7 @@ def run_sampling(
     settings: Mapping | None = None,
     cluster_backend: str | None = None,
     shared_dir: str | os.PathLike | None = None,
-    compress: bool | None = None,
+    compress: bool = False,
     run_id: str | None = None,
     report_dir: str | os.PathLike | None = None,
     progress: bool = True,
@@ -802,7 +802,7 @@ def _prepare_and_execute(r: _Request):
     )
     store = r.out_path or r.scratch / "samples.zarr"
     # a scratch store is read back at once: never compressed
-    compress = r.compress if r.out_path is not None else False
+    compress = r.compress and r.out_path is not None
     attrs = {
         "hpcbatch": {
             "run_id": r.run_id,

@@ -125,8 +125,6 @@ def _load_array(file: Path, **kwargs) -> np.ndarray:
             f"{file} is not a plain numeric .npy array ({reason}): "
             "rewrite it with numpy.save of a numeric array, or 'hpcbatch predictive simulate'"
         ) from None
-    if array.dtype == object:
-        raise DataError(f"{file} holds Python objects: save a numeric array instead")
     return array
 
 
