@@ -34,6 +34,7 @@ import psutil
 import pytest
 import services
 from faultkit import (
+    BATCH,
     N_STOCKS,
     checksum,
     done_chunks,
@@ -46,7 +47,7 @@ from faultkit import (
 pytestmark = [pytest.mark.timeout(300)]
 
 HPCBATCH = str(Path(sys.executable).with_name("hpcbatch"))
-STOCK_CHUNKS = N_STOCKS // 2  # batch size 2
+STOCK_CHUNKS = N_STOCKS // BATCH
 SITES = ("alpha_y", "mu_ntc", "phi_y", "y")
 PP_CHUNKS = 12  # 48 samples in chunks of 4
 
