@@ -317,10 +317,7 @@ def add_slurm_job_reasons(deaths: list[dict], job_of: Any) -> list[dict]:
         return deaths
     out = []
     for death in deaths:
-        try:
-            job = job_of(death.get("worker", ""))
-        except Exception:  # noqa: BLE001 (SLURM unreachable: keep Dask's reason)
-            job = None
+        job = _ended_job(job_of, death.get("worker", ""))
         if not job:
             out.append(death)
             continue
@@ -346,15 +343,20 @@ def slurm_memory_kills(workers: Any, job_of: Any) -> list[dict]:
         return []
     found = []
     for worker in workers:
-        try:
-            job = job_of(worker)
-        except Exception:  # noqa: BLE001 (SLURM unreachable: not known to be memory)
-            job = None
+        job = _ended_job(job_of, worker)
         if job and job.get("reason") == "memory":
             found.append(
                 {"worker": worker, "rss": 0, "sigkill": True, "slurm_job_id": job["job_id"]}
             )
     return found
+
+
+def _ended_job(job_of: Any, worker: str) -> dict | None:
+    """``job_of(worker)``, or None when SLURM cannot be asked (Dask's reason stands)."""
+    try:
+        return job_of(worker)
+    except Exception:  # noqa: BLE001 (SLURM unreachable)
+        return None
 
 
 def _exit_code(exits, address: str, t: float) -> int | None:
