@@ -824,7 +824,7 @@ SACCT_TIMEOUT = (
 )
 
 
-def test_forgotten_job_is_read_from_sacct(tmp_path) -> None:
+def test_forgotten_job_is_read_from_sacct() -> None:
     run = FakeScheduler({}, sacct={"812": SACCT_OOM, "813": SACCT_TIMEOUT, "814": ""})
     death = slurm.explain_job("812", run=run)
     assert (death.reason, death.state, death.exit_code) == ("memory", "OUT_OF_MEMORY", "0:125")
@@ -836,7 +836,7 @@ def test_forgotten_job_is_read_from_sacct(tmp_path) -> None:
         slurm.explain_job("814", run=run)
 
 
-def test_sacct_memory_kill_seen_only_on_a_step(tmp_path) -> None:
+def test_sacct_memory_kill_seen_only_on_a_step() -> None:
     sacct = "9|FAILED|0:9|UNLIMITED|00:00:02|n1\n9.batch|OUT_OF_MEMORY|0:125||00:00:02|n1\n"
     fields = slurm.sacct_record("9", run=FakeScheduler({}, sacct={"9": sacct}))
     assert fields["JobState"] == "OUT_OF_MEMORY" and fields["ExitCode"] == "0:9"
@@ -863,21 +863,19 @@ def test_worker_directives_go_on_worker_jobs_not_on_the_driver() -> None:
 
 
 @pytest.mark.parametrize(
-    ("render_args", "plan_args"),
+    "workload_args",
     [
-        (["stocks", "--stocks", "5000"], ["stocks", "--stocks", "5000"]),
-        (["stocks", "--stocks", "300", "--batch-size", "7"],
-         ["stocks", "--stocks", "300", "--batch-size", "7"]),
-        (["predictive", "--cells", "21761", "--features", "31467"],
-         ["predictive", "--cells", "21761", "--features", "31467"]),
+        ["stocks", "--stocks", "5000"],
+        ["stocks", "--stocks", "300", "--batch-size", "7"],
+        ["predictive", "--cells", "21761", "--features", "31467"],
     ],
-)  # fmt: skip
-def test_rendered_plan_is_the_plan_command_s(render_args, plan_args) -> None:
+)
+def test_rendered_plan_is_the_plan_command_s(workload_args) -> None:
     """`slurm render` sizes the job from the same plan `hpcbatch plan` shows."""
     alloc = ["--mem-gb", "12", "--cpus", "4"]
-    extra = ["--", "fitted/", "--out", "p.zarr"] if render_args[0] == "predictive" else []
-    text = _render(["render", *render_args, *alloc, *extra])
-    shown = CliRunner().invoke(main, ["plan", *plan_args, *alloc, "--json"])
+    extra = ["--", "fitted/", "--out", "p.zarr"] if workload_args[0] == "predictive" else []
+    text = _render(["render", *workload_args, *alloc, *extra])
+    shown = CliRunner().invoke(main, ["plan", *workload_args, *alloc, "--json"])
     assert shown.exit_code == 0, shown.output
     plan = json.loads(shown.output)
     m = re.search(r"#   (\d+) worker\(s\) x (\d+) thread.*\n.*\n.*\n#   \d+ \w+s in (\d+) chunks of (\d+)",
