@@ -119,36 +119,32 @@ def local_latent_model(x, y=None):
         pyro.sample("y", dist.Normal(z, 0.5), obs=y)
 
 
+def _sample_local_latent(x, **source):
+    """Sample ``local_latent_model`` split over its data plate; ``source`` is the guide or the draws."""
+    return sample(
+        local_latent_model,
+        **source,
+        num_samples=4,
+        model_args=(x,),
+        return_sites=["y"],
+        data_plate="data",
+        split_args=("x",),
+        client="sync",
+    )
+
+
 def test_plate_with_local_latents_is_refused():
     x = torch.randn(30)
     guide = fit_autonormal(local_latent_model, (x, x + 1), steps=3)
     with pytest.raises(ConfigError, match="local latent variable 'z'"):
-        sample(
-            local_latent_model,
-            guide=guide,
-            num_samples=4,
-            model_args=(x,),
-            return_sites=["y"],
-            data_plate="data",
-            split_args=("x",),
-            client="sync",
-        )
+        _sample_local_latent(x, guide=guide)
 
 
 def test_posterior_samples_of_a_local_latent_are_refused():
     x = torch.randn(30)
     posterior = {"w": torch.randn(4), "z": torch.randn(4, 30)}
     with pytest.raises(ConfigError, match="local latent variable 'z' .*posterior_samples"):
-        sample(
-            local_latent_model,
-            posterior_samples=posterior,
-            num_samples=4,
-            model_args=(x,),
-            return_sites=["y"],
-            data_plate="data",
-            split_args=("x",),
-            client="sync",
-        )
+        _sample_local_latent(x, posterior_samples=posterior)
 
 
 def test_unknown_data_plate_names_the_plates():
