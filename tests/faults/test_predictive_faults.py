@@ -142,7 +142,7 @@ def test_driver_sigkilled_half_way_resumes_only_the_missing_chunks(
     _resume_runs_only_the_rest(fitted, store, tmp_path, undisturbed)
 
 
-def test_resume_with_other_parameters_is_refused(fitted, undisturbed, tmp_path) -> None:
+def test_resume_with_other_parameters_is_refused(fitted, tmp_path) -> None:
     store = tmp_path / "s.zarr"
     proc = _sample(fitted, store, tmp_path / "reports", delay_s=0.4)
     wait_until(lambda: len(_done(store)) >= 2, proc, what="2 chunks done")
