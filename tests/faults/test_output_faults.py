@@ -30,7 +30,7 @@ HPCBATCH = str(Path(sys.executable).with_name("hpcbatch"))
 
 @pytest.fixture
 def small_fs(tmp_path):
-    """``mount(size, ro=False) -> Path``: a tmpfs of that size (unmounted after the test)."""
+    """``mount(size, name="fs") -> Path``: a tmpfs of that size (unmounted after the test)."""
     mounted = []
 
     def mount(size: str, name: str = "fs") -> Path:
