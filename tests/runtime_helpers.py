@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
 import numpy as np
 
-from hpcbatch.runner import Chunk, TaskContext
+from hpcbatch.runner import Chunk, TaskContext, make_chunks, run
 
 
 def tiny(chunk: Chunk, ctx: TaskContext) -> dict:
@@ -84,6 +85,43 @@ def small_plan(n_items: int, chunk_size: int, *, memory_limit: int = 400_000_000
     resources = detect_resources(memory_bytes=workers * memory_limit + 300_000_000, cpus=workers)
     plan = make_plan(footprint, resources, PlanSettings(chunk_size=chunk_size, n_workers=workers))
     return dataclasses.replace(plan, memory_limit_bytes=memory_limit)
+
+
+def slow_run_setup(base: Path):
+    """Plan, settings and ledger (in ``base``) for :func:`run_slow`."""
+    from hpcbatch.config import load
+    from hpcbatch.ledger import Ledger
+
+    plan = small_plan(200, 2)
+    settings = load(overrides={"cluster": {"dashboard-address": "127.0.0.1:0"}})
+    ledger = Ledger(f"sqlite:///{base}/l.db")
+    return plan, settings, ledger
+
+
+def run_slow(cluster, ledger, base: Path, run_id: str, **kwargs):
+    """Run 200 items of :func:`slow_logged` in chunks of 2, giving up 3 s after the last worker."""
+    return run(
+        make_chunks(200, 2),
+        functools.partial(slow_logged, base=str(base)),
+        cluster,
+        run_id=run_id,
+        ledger=ledger,
+        progress=False,
+        report_dir=base,
+        no_worker_timeout_s=3,
+        **kwargs,
+    )
+
+
+def wait_done(ledger, run_id: str, n: int, timeout: float = 60) -> float:
+    """Wait until ``n`` chunks of ``run_id`` are done in ``ledger`` or ``timeout`` s passed.
+
+    Returns the deadline (a ``time.monotonic()`` value) for any further waiting.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and len(ledger.done_ids(run_id)) < n:
+        time.sleep(0.05)
+    return deadline
 
 
 def calls(base: Path) -> list[str]:

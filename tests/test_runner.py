@@ -454,33 +454,18 @@ def test_cluster_that_loses_all_its_workers_fails_the_run_instead_of_hanging(tmp
     # the finished chunks kept, instead of waiting forever for results
     import threading
 
-    plan = rh.small_plan(200, 2)
-    settings = load(overrides={"cluster": {"dashboard-address": "127.0.0.1:0"}})
-    ledger = Ledger(f"sqlite:///{tmp_path}/l.db")
-    task = functools.partial(rh.slow_logged, base=str(tmp_path))
+    plan, settings, ledger = rh.slow_run_setup(tmp_path)
     with open_cluster(plan, settings, quiet=True) as c:
 
         def kill_workers():
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and len(ledger.done_ids("lost")) < 3:
-                time.sleep(0.05)
+            rh.wait_done(ledger, "lost", 3)
             c.cluster.scale(0)
 
         killer = threading.Thread(target=kill_workers, daemon=True)
         killer.start()
         t0 = time.monotonic()
         with pytest.raises(ChunkFailedError) as err:
-            run(
-                make_chunks(200, 2),
-                task,
-                c,
-                run_id="lost",
-                ledger=ledger,
-                progress=False,
-                report_dir=tmp_path,
-                no_worker_timeout_s=3,
-                resume_hint="rerun with --resume-please",
-            )
+            rh.run_slow(c, ledger, tmp_path, "lost", resume_hint="rerun with --resume-please")
         waited = time.monotonic() - t0
         killer.join(5)
     message = str(err.value)

@@ -8,7 +8,6 @@ while the driver waited for chunks that could no longer finish.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import signal
@@ -19,28 +18,20 @@ import pytest
 import runtime_helpers as rh
 
 from hpcbatch.cluster import open_cluster
-from hpcbatch.config import load
 from hpcbatch.errors import RunInterrupted
-from hpcbatch.ledger import Ledger
-from hpcbatch.runner import make_chunks, run
 
 pytestmark = pytest.mark.timeout(180)
 
 
 def test_sigterm_with_no_workers_left_is_interrupted_not_failed(tmp_path):
-    plan = rh.small_plan(200, 2)
-    settings = load(overrides={"cluster": {"dashboard-address": "127.0.0.1:0"}})
-    ledger = Ledger(f"sqlite:///{tmp_path}/l.db")
-    task = functools.partial(rh.slow_logged, base=str(tmp_path))
+    plan, settings, ledger = rh.slow_run_setup(tmp_path)
     # a SIGTERM arriving after run() restored its handler must not kill pytest
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
     try:
         with open_cluster(plan, settings, quiet=True) as c:
 
             def walltime():  # the workers' jobs end, then the driver gets SIGTERM
-                deadline = time.monotonic() + 60
-                while time.monotonic() < deadline and len(ledger.done_ids("walltime")) < 3:
-                    time.sleep(0.05)
+                deadline = rh.wait_done(ledger, "walltime", 3)
                 c.cluster.scale(0)
                 while time.monotonic() < deadline and c.scheduler_info(n_workers=1)["workers"]:
                     time.sleep(0.05)
@@ -50,15 +41,11 @@ def test_sigterm_with_no_workers_left_is_interrupted_not_failed(tmp_path):
             killer.start()
             t0 = time.monotonic()
             with pytest.raises(RunInterrupted) as err:
-                run(
-                    make_chunks(200, 2),
-                    task,
+                rh.run_slow(
                     c,
-                    run_id="walltime",
-                    ledger=ledger,
-                    progress=False,
-                    report_dir=tmp_path,
-                    no_worker_timeout_s=3,
+                    ledger,
+                    tmp_path,
+                    "walltime",
                     grace_period_s=60,
                     resume_hint="resume with --resume",
                 )
