@@ -375,7 +375,7 @@ class SlurmBench:
         return self.cluster.run("squeue", "-h", "-t", "RUNNING", "-o", "%i").stdout.split()
 
     def _ledger(self, url: str) -> dict:
-        ids = [r[0] for r in fx._query(url, "SELECT chunk_id FROM hpcbatch_chunks")]
+        ids = [r[0] for r in fx.query(url, "SELECT chunk_id FROM hpcbatch_chunks")]
         roots = {i.split(".")[0] for i in ids}  # a split chunk is recorded as its halves
         return {
             "chunks_in_ledger": len(ids),

@@ -48,7 +48,7 @@ def _sqlite_path(url: str) -> str:
     return url.split("sqlite:///", 1)[1]
 
 
-def _query(url: str, sql: str) -> list[tuple]:
+def query(url: str, sql: str) -> list[tuple]:
     """Rows of a constant query, read-only for SQLite, through SQLAlchemy otherwise."""
     if url.startswith("sqlite"):
         con = sqlite3.connect(f"file:{_sqlite_path(url)}?mode=ro", uri=True, timeout=5)
@@ -69,7 +69,7 @@ def _query(url: str, sql: str) -> list[tuple]:
 def prediction_rows(url: str) -> list[tuple]:
     """Every prediction, sorted; prediction time and run id left out (they differ per run);
     booleans as 0/1 so SQLite and PostgreSQL compare equal."""
-    rows = _query(
+    rows = query(
         url,
         "SELECT ts_code, trade_date, model_version, predicted_return, predicted_direction, "
         "confidence, predicted_return_3d FROM stock_predictions "
@@ -82,10 +82,16 @@ def checksum(rows: list[tuple]) -> str:
     return hashlib.sha256(repr(rows).encode()).hexdigest()[:16]
 
 
+def ledger_chunk_ids(url: str) -> list[str]:
+    """Every chunk id the ledger holds, duplicates kept (for the exactly-once checks);
+    raises if the database or its tables are not there."""
+    return [r[0] for r in query(url, "SELECT chunk_id FROM hpcbatch_chunks")]
+
+
 def done_ids(url: str) -> set[str]:
     """Chunk ids the ledger has recorded as done (empty before the tables exist)."""
     try:
-        return {r[0] for r in _query(url, "SELECT chunk_id FROM hpcbatch_chunks")}
+        return set(ledger_chunk_ids(url))
     except Exception:  # noqa: BLE001 (no table yet, or the server is down)
         return set()
 

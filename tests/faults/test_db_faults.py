@@ -26,6 +26,7 @@ from faultkit import (
     done_chunks,
     done_ids,
     prediction_rows,
+    query,
     start_stocks,
     wait_until,
 )
@@ -269,7 +270,8 @@ def test_postgres_gone_for_good_fails_fast_in_one_line_and_resume_completes(
     assert len(_started(marks)) <= committed + saved["max_in_flight"]
 
     # ledger consistent: exactly the rows of the chunks marked done, as undisturbed
-    meta = {cid: (start, stop) for cid, start, stop in _query_chunks(url)}
+    chunks = query(url, "SELECT chunk_id, start, stop FROM hpcbatch_chunks")
+    meta = {cid: (start, stop) for cid, start, stop in chunks}
     done_codes = {c for start, stop in meta.values() for c in codes[start:stop]}
     rows = prediction_rows(url)
     assert {r[0] for r in rows} == done_codes
@@ -290,19 +292,6 @@ def test_postgres_gone_for_good_fails_fast_in_one_line_and_resume_completes(
     assert len(rows) == len(stocks_baseline["rows"])
     assert checksum(rows) == stocks_baseline["checksum"]
     assert done_chunks(url) == 12
-
-
-def _query_chunks(url: str) -> list[tuple]:
-    import sqlalchemy as sa
-
-    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
-    try:
-        with engine.connect() as conn:
-            return [tuple(r) for r in conn.execute(
-                sa.text('SELECT chunk_id, start, stop FROM hpcbatch_chunks')
-            )]
-    finally:
-        engine.dispose()
 
 
 @pytest.mark.postgres

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import json
 import signal
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from faultkit import dask_workers, fault_env, kill_tree, wait_until
+from faultkit import dask_workers, done_ids, fault_env, kill_tree, wait_until
+
+from hpcbatch.predictive.sampling import ledger_path
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 HPCBATCH = str(Path(sys.executable).with_name("hpcbatch"))
@@ -69,17 +70,7 @@ def undisturbed(fitted, tmp_path_factory) -> dict[str, np.ndarray]:
 
 def _done(store: Path) -> set[str]:
     """Chunk ids the run's ledger (``<store>.ledger.db``) records as done."""
-    ledger = store.with_name(store.name + ".ledger.db")
-    if not ledger.exists():
-        return set()
-    try:
-        con = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True, timeout=5)
-        try:
-            return {r[0] for r in con.execute("SELECT chunk_id FROM hpcbatch_chunks")}
-        finally:
-            con.close()
-    except sqlite3.Error:  # the tables are not created yet
-        return set()
+    return done_ids(f"sqlite:///{ledger_path(store)}")
 
 
 def _assert_same(store: Path, expected: dict[str, np.ndarray]) -> None:

@@ -40,9 +40,12 @@ from faultkit import (
     done_chunks,
     fault_env,
     fresh_db,
+    ledger_chunk_ids,
     prediction_rows,
     wait_until,
 )
+
+from hpcbatch.predictive.sampling import ledger_path
 
 pytestmark = [pytest.mark.timeout(300)]
 
@@ -123,15 +126,6 @@ def the_report(reports: Path) -> dict:
     return json.loads(found[0].read_text())
 
 
-def ledger_chunks(db_path: Path) -> list[str]:
-    """Every chunk id the ledger holds (one run per database here), duplicates kept."""
-    con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)
-    try:
-        return [r[0] for r in con.execute("SELECT chunk_id FROM hpcbatch_chunks")]
-    finally:
-        con.close()
-
-
 def n_marks(directory: Path) -> int:
     return len(list(directory.iterdir())) if directory.exists() else 0
 
@@ -189,7 +183,7 @@ def test_stocks_worker_job_broken_half_way_loses_and_duplicates_nothing(
     assert len(keys) == len(set(keys))  # each prediction once
     assert len(rows) == len(stocks_baseline["rows"])
     assert checksum(rows) == stocks_baseline["checksum"]
-    recorded = ledger_chunks(Path(url.split("sqlite:///", 1)[1]))
+    recorded = ledger_chunk_ids(url)
     assert sorted(recorded) == [f"c{i:06d}" for i in range(STOCK_CHUNKS)]  # each chunk once
     assert n_marks(marks) > STOCK_CHUNKS  # a chunk in flight was lost and ran again
 
@@ -230,7 +224,7 @@ def test_stocks_worker_job_killed_by_slurm_for_memory_is_split_and_finishes(
     rows = prediction_rows(url)
     assert len(rows) == len(stocks_baseline["rows"])
     assert checksum(rows) == stocks_baseline["checksum"]
-    recorded = ledger_chunks(Path(url.split("sqlite:///", 1)[1]))
+    recorded = ledger_chunk_ids(url)
     assert len(recorded) == len(set(recorded))
     expected = {f"c{i:06d}" for i in range(STOCK_CHUNKS)} - {"c000002"}
     assert set(recorded) == expected | {"c000002.0", "c000002.1"}
@@ -279,12 +273,10 @@ def undisturbed(fitted, tmp_path_factory) -> dict[str, np.ndarray]:
 
 
 def pp_done(store: Path) -> list[str]:
-    ledger = store.with_name(store.name + ".ledger.db")
-    if not ledger.exists():
-        return []
+    """Every chunk id the run's ledger holds, duplicates kept (none before it exists)."""
     try:
-        return ledger_chunks(ledger)
-    except sqlite3.Error:  # tables not created yet
+        return ledger_chunk_ids(f"sqlite:///{ledger_path(store)}")
+    except sqlite3.Error:  # no ledger file, or its tables not created yet
         return []
 
 
