@@ -360,7 +360,7 @@ class SlurmBench:
         self, url: str, work: Path, jobs: int, walltime: str = "00:30:00", extra: str = "", **faults
     ) -> subprocess.Popen:
         cpus, mem = ("2", "3") if jobs == 1 else ("1", "1.5")  # 2 workers/job, or 1
-        cmd = [str(Path(sys.executable).with_name("hpcbatch")), "stocks", "predict",
+        cmd = [fx.HPCBATCH, "stocks", "predict",
                "--cluster", "slurm", "--db", url, "--model", str(self.bench.inputs["model"]),
                "--batch-size", str(self.bench.batch), "--lookback-days", "180",
                "--predict-days", "5", "--use-gpu", "false", "--mem-gb", mem, "--cpus", cpus,

@@ -21,6 +21,7 @@ import psutil
 
 HERE = Path(__file__).parent
 PYTHON = sys.executable
+HPCBATCH = str(Path(sys.executable).with_name("hpcbatch"))  # the CLI of this venv
 N_STOCKS = 24
 DAYS = 200
 BATCH = 2  # stocks per chunk -> 12 chunks

@@ -11,11 +11,11 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from faultkit import (
+    HPCBATCH,
     checksum,
     done_ids,
     fault_env,
@@ -25,7 +25,6 @@ from faultkit import (
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
-HPCBATCH = str(Path(sys.executable).with_name("hpcbatch"))
 
 
 @pytest.fixture

@@ -12,17 +12,15 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from faultkit import dask_workers, done_ids, fault_env, kill_tree, wait_until
+from faultkit import HPCBATCH, dask_workers, done_ids, fault_env, kill_tree, wait_until
 
 from hpcbatch.predictive.sampling import ledger_path
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
-HPCBATCH = str(Path(sys.executable).with_name("hpcbatch"))
 SITES = ("alpha_y", "mu_ntc", "phi_y", "y")
 
 

@@ -25,7 +25,6 @@ import json
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -35,6 +34,7 @@ import pytest
 import services
 from faultkit import (
     BATCH,
+    HPCBATCH,
     N_STOCKS,
     checksum,
     done_chunks,
@@ -49,7 +49,6 @@ from hpcbatch.predictive.sampling import ledger_path
 
 pytestmark = [pytest.mark.timeout(300)]
 
-HPCBATCH = str(Path(sys.executable).with_name("hpcbatch"))
 STOCK_CHUNKS = N_STOCKS // BATCH
 SITES = ("alpha_y", "mu_ntc", "phi_y", "y")
 PP_CHUNKS = 12  # 48 samples in chunks of 4
