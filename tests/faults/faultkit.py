@@ -101,6 +101,17 @@ def done_chunks(url: str) -> int:
     return len(done_ids(url))
 
 
+def fitted_data(directory: Path, cells: int, features: int) -> Path:
+    """``directory / "data"``: a simulated predictive data set (2 groups, seed 0) with a
+    20-step fit, ready for ``hpcbatch predictive sample``."""
+    from hpcbatch.predictive.technical import fit, simulate
+
+    data = directory / "data"
+    simulate(cells, features, 2, seed=0, out=data)
+    fit(data, steps=20, seed=0)
+    return data
+
+
 def start_stocks(url: str, model: Path, reports: Path, *extra: str, **faults) -> subprocess.Popen:
     cmd = [PYTHON, str(HERE / "drive_stocks.py"), url, str(model), str(reports), *extra]
     return subprocess.Popen(

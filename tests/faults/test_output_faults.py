@@ -19,6 +19,7 @@ from faultkit import (
     checksum,
     done_ids,
     fault_env,
+    fitted_data,
     prediction_rows,
     start_stocks,
     wait_until,
@@ -108,12 +109,7 @@ def _hpcbatch(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory) -> Path:
-    from hpcbatch.predictive.technical import fit, simulate
-
-    data = tmp_path_factory.mktemp("predictive") / "data"
-    simulate(200, 50, 2, seed=0, out=data)
-    fit(data, steps=20, seed=0)
-    return data
+    return fitted_data(tmp_path_factory.mktemp("predictive"), 200, 50)
 
 
 def test_predictive_disk_full_fails_clearly_and_keeps_the_store_for_resume(

@@ -16,7 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from faultkit import HPCBATCH, dask_workers, done_ids, fault_env, kill_tree, wait_until
+from faultkit import (
+    HPCBATCH,
+    dask_workers,
+    done_ids,
+    fault_env,
+    fitted_data,
+    kill_tree,
+    wait_until,
+)
 
 from hpcbatch.predictive.sampling import ledger_path
 
@@ -26,12 +34,7 @@ SITES = ("alpha_y", "mu_ntc", "phi_y", "y")
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory) -> Path:
-    from hpcbatch.predictive.technical import fit, simulate
-
-    data = tmp_path_factory.mktemp("predictive-faults") / "data"
-    simulate(60, 20, 2, seed=0, out=data)
-    fit(data, steps=20, seed=0)
-    return data
+    return fitted_data(tmp_path_factory.mktemp("predictive-faults"), 60, 20)
 
 
 N_CHUNKS = 12  # 48 samples in chunks of 4

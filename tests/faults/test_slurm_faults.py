@@ -39,6 +39,7 @@ from faultkit import (
     checksum,
     done_chunks,
     fault_env,
+    fitted_data,
     fresh_db,
     ledger_chunk_ids,
     prediction_rows,
@@ -234,12 +235,7 @@ def test_stocks_worker_job_killed_by_slurm_for_memory_is_split_and_finishes(
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory) -> Path:
-    from hpcbatch.predictive.technical import fit, simulate
-
-    data = tmp_path_factory.mktemp("slurm-predictive") / "data"
-    simulate(60, 20, 2, seed=0, out=data)
-    fit(data, steps=20, seed=0)
-    return data
+    return fitted_data(tmp_path_factory.mktemp("slurm-predictive"), 60, 20)
 
 
 def sample_cmd(data: Path, out: Path, reports: Path, *extra: str) -> list[str]:
