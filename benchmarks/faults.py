@@ -61,21 +61,7 @@ class Bench:
     # ------------------------------------------------------------------ inputs --
 
     def _inputs(self) -> dict:
-        import numpy as np
-        import torch
-
-        from hpcbatch.stocks.generate import generate_market
-        from hpcbatch.stocks.model import SIZES, StockModel, save_model
-        from hpcbatch.stocks.schema import make_engine
-
-        engine = make_engine(f"sqlite:///{self.base / 'market.db'}", create=True)
-        generate_market(engine, self.n_stocks, fx.DAYS, seed=1)
-        engine.dispose()
-        torch.manual_seed(0)
-        cfg = SIZES["tiny"]
-        zeros, ones = np.zeros(cfg.n_features, "f4"), np.ones(cfg.n_features, "f4")
-        save_model(StockModel(cfg), self.base / "model", zeros, ones, {})
-        return {"db": self.base / "market.db", "model": self.base / "model"}
+        return fx.make_stock_inputs(self.base, self.n_stocks, fx.DAYS)
 
     def fresh(self, name: str) -> tuple[str, Path]:
         work = self.base / name

@@ -37,6 +37,35 @@ def fault_env(**faults) -> dict:
     return env
 
 
+def make_stock_inputs(base: Path, n_stocks: int, days: int, url: str | None = None) -> dict:
+    """A synthetic market of ``n_stocks`` x ``days`` (seed 1) and a tiny model with fixed
+    weights (torch seed 0) in ``base / "model"``.  The market goes to the SQLite file
+    ``base / "market.db"``, or to the database ``url`` if given; ``{"db", "model"}``
+    (``db`` the SQLite path, or ``url``)."""
+    import numpy as np
+    import torch
+
+    from hpcbatch.stocks.generate import generate_market
+    from hpcbatch.stocks.model import SIZES, StockModel, save_model
+    from hpcbatch.stocks.schema import make_engine
+
+    base.mkdir(parents=True, exist_ok=True)
+    db = base / "market.db" if url is None else url
+    engine = make_engine(f"sqlite:///{db}" if url is None else url, create=True)
+    generate_market(engine, n_stocks, days, seed=1)
+    engine.dispose()
+    torch.manual_seed(0)
+    config = SIZES["tiny"]
+    save_model(
+        StockModel(config),
+        base / "model",
+        np.zeros(config.n_features, np.float32),
+        np.ones(config.n_features, np.float32),
+        {},
+    )
+    return {"db": db, "model": base / "model"}
+
+
 def fresh_db(stock_inputs: dict, directory: Path) -> str:
     """A copy of the market database (no predictions yet); its SQLAlchemy URL."""
     directory.mkdir(parents=True, exist_ok=True)

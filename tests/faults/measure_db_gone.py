@@ -27,6 +27,7 @@ from faultkit import (  # noqa: E402
     N_STOCKS,
     checksum,
     done_chunks,
+    make_stock_inputs,
     prediction_rows,
     start_stocks,
     wait_until,
@@ -34,23 +35,9 @@ from faultkit import (  # noqa: E402
 
 
 def main(base: Path, resume: bool) -> None:
-    import numpy as np
-    import torch
-
-    from hpcbatch.stocks.generate import generate_market
-    from hpcbatch.stocks.model import SIZES, StockModel, save_model
-    from hpcbatch.stocks.schema import make_engine
-
-    base.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    cfg = SIZES["tiny"]
-    zeros, ones = np.zeros(cfg.n_features, np.float32), np.ones(cfg.n_features, np.float32)
-    save_model(StockModel(cfg), base / "model", zeros, ones, {})
     server = services.PostgresServer().start()
     try:
-        engine = make_engine(server.url)
-        generate_market(engine, N_STOCKS, DAYS, seed=1)
-        engine.dispose()
+        make_stock_inputs(base, N_STOCKS, DAYS, url=server.url)
         proc = start_stocks(server.url, base / "model", base / "reports", delay_s=0.7)
         wait_until(lambda: done_chunks(server.url) >= 3, proc, what="3 chunks")
         server.proc.send_signal(signal.SIGINT)
