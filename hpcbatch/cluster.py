@@ -312,7 +312,7 @@ class WorkerJobWatch:
 
     def poll(self) -> None:
         """One look: record which job each worker runs in; find and replace ended jobs."""
-        from .slurm import FINISHED_STATES, job_info, sacct_record
+        from .slurm import FINISHED_STATES
 
         jobs, spec, workers = self._snapshot()
         job_of_worker = {
@@ -351,16 +351,14 @@ class WorkerJobWatch:
             ):
                 continue
             self._asked[job_id] = time.monotonic()
-            fields = job_info(job_id) or sacct_record(job_id)
-            if fields is None:  # forgotten, or slurmctld busy: believe it after three looks
+            state = _job_state(job_id)
+            if state is None:  # forgotten, or slurmctld busy: believe it after three looks
                 self._unknown[job_id] = self._unknown.get(job_id, 0) + 1
                 if self._unknown[job_id] < 3:
                     continue
                 state = "UNKNOWN"
-            else:
-                state = (fields.get("JobState") or "UNKNOWN").split()[0]
-                if state not in FINISHED_STATES:
-                    continue
+            elif state not in FINISHED_STATES:
+                continue
             self._ended(name, job, str(job_id), state)
 
     def _explain(self, job_id: str, state: str) -> dict:
@@ -458,7 +456,7 @@ class WorkerJobWatch:
         """The ended SLURM job a (dead) worker ran in: ``job_id``, ``state``, ``reason``,
         ``detail`` (and the replacement's job id and wait); None if the worker's job is
         unknown or still running."""
-        from .slurm import FINISHED_STATES, job_info, sacct_record
+        from .slurm import FINISHED_STATES
 
         with self._lock:
             name, job_id = self._addresses.get(address, (None, None))
@@ -466,14 +464,22 @@ class WorkerJobWatch:
         if job_id is None:
             return None
         if entry is None:  # before the next look (the watch replaces it then): ask now
-            if str(job_id) not in self._explained:
-                fields = job_info(job_id) or sacct_record(job_id)
-                state = (fields or {}).get("JobState", "UNKNOWN").split()[0] if fields else ""
-                if state not in FINISHED_STATES:
-                    return None
+            if str(job_id) not in self._explained and _job_state(job_id) not in FINISHED_STATES:
+                return None
             entry = {"job_id": str(job_id), "name": name, "time": time.time()}
             entry.update(self._explain(str(job_id), ""))
         return dict(entry)
+
+
+def _job_state(job_id) -> str | None:
+    """SLURM's state of a job (``scontrol``, else ``sacct``), e.g. ``CANCELLED``; None if
+    SLURM does not know it (or cannot be asked)."""
+    from .slurm import job_info, sacct_record
+
+    fields = job_info(job_id) or sacct_record(job_id)
+    if fields is None:
+        return None
+    return (fields.get("JobState") or "UNKNOWN").split()[0]
 
 
 def _address(address: str | None, timeout: float, stack: ExitStack, security=None):
