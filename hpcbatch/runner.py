@@ -696,7 +696,7 @@ def _loop(
         batch = _next_batch(ac, 0.5)
         for future, result in batch:
             chunk, attempt, submitted = in_flight.pop(future.key)
-            status = future.status
+            status = _outcome(result)
             key = future.key
             future.release()
             if status == "finished" and isinstance(result, dict) and _DB_UNAVAILABLE in result:
@@ -816,6 +816,18 @@ def _loop(
 async def _settle() -> None:
     await asyncio.sleep(0)
     await asyncio.sleep(0)
+
+
+def _outcome(result: Any) -> str:
+    """How a task ended, from what ``as_completed(with_results=True, raise_errors=False)``
+    captured: an exception triple (``error``), a ``CancelledError`` (``cancelled``), else
+    its value (``finished``).  Not ``future.status``: that moves on after the result was
+    taken (a finished chunk whose workers just left reads ``lost``)."""
+    if isinstance(result, BaseException):
+        return "cancelled"
+    if isinstance(result, tuple) and len(result) == 3 and isinstance(result[1], BaseException):
+        return "error"
+    return "finished"
 
 
 def _run_failed(

@@ -514,3 +514,20 @@ def test_no_workers_error_names_slurm_jobs_waiting_in_the_queue() -> None:
     assert "5 of 10 chunks done" in queued and queued.endswith("rerun with --resume")
     plain = str(_no_workers_error(120, state, [], 2, 10, "rerun with --resume"))
     assert "memory" in plain and "squeue" not in plain
+
+
+def test_a_task_outcome_comes_from_the_captured_result_not_the_later_status() -> None:
+    """A chunk that finished and whose workers then left: its future reads 'lost' by the
+    time the runner looks, but the result as_completed captured is its metadata dict."""
+    from concurrent.futures import CancelledError
+
+    from hpcbatch.runner import _outcome
+
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError as exc:
+        triple = (type(exc), exc, exc.__traceback__)
+    assert _outcome({"items": 2}) == "finished"  # a one-key dict is not an error triple
+    assert _outcome({}) == "finished"
+    assert _outcome(triple) == "error"
+    assert _outcome(CancelledError("k")) == "cancelled"
