@@ -32,7 +32,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Any, TextIO
@@ -42,18 +42,22 @@ import dask.config
 
 from .errors import ClusterStartError, ConfigError
 from .planner import Plan
+from .resources import Resources
+from .resources import Resources
 from .security import cluster_security
+from .units import format_bytes
 
 BACKENDS = ("local", "slurm", "address")
 
 
 def dask_memory_config(
-    plan: Plan, *, allowed_failures: int | None = 1, worker_profile: bool = False
+    plan: Plan | None, *, allowed_failures: int | None = 1, worker_profile: bool = False
 ) -> dict[str, Any]:
     """The ``distributed.*`` settings that enforce the plan's memory thresholds."""
+    thresholds = plan.thresholds if plan is not None else {}  # None: an existing cluster's own
     cfg: dict[str, Any] = {
         f"distributed.worker.memory.{name}": (False if value is False else float(value))
-        for name, value in plan.thresholds.items()
+        for name, value in thresholds.items()
     }
     if allowed_failures is not None:
         cfg["distributed.scheduler.allowed-failures"] = int(allowed_failures)
@@ -92,7 +96,7 @@ def tunnel_hint(dashboard_link: str, env: dict | None = None) -> str | None:
 
 @contextmanager
 def open_cluster(
-    plan: Plan,
+    plan: Plan | None,
     settings: dict | None = None,
     *,
     backend: str | None = None,
@@ -121,6 +125,8 @@ def open_cluster(
     )
     out = out or sys.stderr
     security = cluster_security(settings)  # None = plain TCP; else TLS for every role
+    if plan is None and backend != "address":
+        raise ConfigError(f"a {backend} cluster is shaped by a plan: pass one")
     cfg = dask_memory_config(
         plan,
         allowed_failures=allowed_failures,
@@ -523,6 +529,104 @@ def _wait(client, n: int, timeout: float, what: str) -> None:
         ) from None
 
 
+def cluster_resources(client, *, detect: Callable[[], Resources] | None = None) -> Resources:
+    """The allocation an existing cluster really gives: its workers, as its scheduler
+    reports them (count, threads, each worker's memory limit, the GPU a worker reports).
+
+    The plan made from these keeps the workers' count, threads and memory limit
+    (:func:`hpcbatch.planner.make_plan` reads ``Resources.workers``).  Where a worker has
+    no memory limit, the memory is ``detect()``'s (this machine's, by default
+    :func:`~hpcbatch.resources.detect_resources` without probing GPUs), and the source
+    says so.  A cluster without workers is a :class:`ConfigError`.
+    """
+    import inspect
+
+    try:
+        all_workers = "n_workers" in inspect.signature(client.scheduler_info).parameters
+    except (TypeError, ValueError):
+        all_workers = False
+    # n_workers=-1: some Dask versions list only the first 5 workers by default
+    info = client.scheduler_info(n_workers=-1) if all_workers else client.scheduler_info()
+    return workers_resources(info, detect=detect)
+
+
+def workers_resources(
+    info: dict, *, detect: Callable[[], Resources] | None = None
+) -> Resources:
+    """:func:`cluster_resources` from a ``scheduler_info()`` dict."""
+    from .planner import plural
+    from .resources import Limit, Worker, detect_resources
+    from .units import format_bytes
+
+    where = f"scheduler {info.get('address') or '?'}"
+    found = info.get("workers") or {}
+    if not found:
+        raise ConfigError(
+            f"the Dask cluster has no workers to plan for ({where}): start workers first "
+            "(dask worker SCHEDULER) or use --cluster local"
+        )
+    workers = tuple(
+        Worker(
+            address=address,
+            name=str(address if w.get("name") is None else w["name"]),
+            memory_limit_bytes=int(w.get("memory_limit") or 0),
+            threads=int(w.get("nthreads") or 1),
+        )
+        for address, w in sorted(found.items())
+    )
+    them = f"the cluster's {plural(len(workers), 'worker')} ({where})"
+    limits = sorted({w.memory_limit_bytes for w in workers})
+    notes: list[str] = []
+    if limits[0] > 0:
+        each = " - ".join(format_bytes(x) for x in (limits[0], limits[-1])[: len(limits)])
+        memory, memory_source = sum(w.memory_limit_bytes for w in workers), (
+            f"memory_limit of {them}: {each} each"
+        )
+    else:
+        mine = (detect or (lambda: detect_resources(probe_gpus=False)))()
+        unlimited = sum(1 for w in workers if not w.memory_limit_bytes)
+        memory = mine.memory_bytes
+        memory_source = f"{mine.memory_source}: {unlimited} of {them} have no memory limit"
+        notes.append(
+            f"{unlimited} of {them} have no memory limit: planned with this machine's "
+            "memory; start workers with --memory-limit to plan for theirs"
+        )
+    gpus, gpus_source = _worker_gpus(found, them)
+    return Resources(
+        memory_bytes=memory,
+        memory_source=memory_source,
+        cpus=sum(w.threads for w in workers),
+        cpus_source=f"threads of {them}",
+        gpus=gpus,
+        gpus_source=gpus_source,
+        memory_candidates=tuple(
+            Limit(w.memory_limit_bytes, f"memory_limit of worker {w.address}") for w in workers
+        ),
+        cpu_candidates=tuple(Limit(w.threads, f"nthreads of worker {w.address}") for w in workers),
+        notes=tuple(notes),
+        workers=workers,
+    )
+
+
+def _worker_gpus(found: dict, them: str) -> tuple[tuple, str]:
+    """The GPU each worker reports (Dask's ``gpu`` startup information, with pynvml)."""
+    from .resources import GPU
+
+    gpus = []
+    for address, w in sorted(found.items()):
+        gpu = w.get("gpu") or {}
+        total = int(gpu.get("memory-total") or 0)
+        if not total:
+            continue
+        used = int(((w.get("metrics") or {}).get("gpu") or {}).get("memory-used") or 0)
+        gpus.append(
+            GPU(len(gpus), str(gpu.get("name") or "GPU"), total - used, total, f"worker {address} (pynvml)")
+        )
+    if not gpus:
+        return (), f"none reported by {them} (a worker reports its GPU when pynvml finds one)"
+    return tuple(gpus), f"reported by {len(gpus)} of {them} (pynvml)"
+
+
 def _announce(client, backend: str, plan: Plan, out: TextIO) -> None:
     link = client.dashboard_link
     workers = client.scheduler_info().get("workers", {})
@@ -551,11 +655,43 @@ def _announce(client, backend: str, plan: Plan, out: TextIO) -> None:
 
 
 def _fmt(n: int) -> str:
-    from .units import format_bytes
-
     return format_bytes(n) if n else "none"
 
 
 def _close_quietly(obj) -> None:
     with suppress(Exception):  # closing must not hide the run's own error
         obj.close()
+
+
+def worker_shape(client) -> tuple[int, int]:
+    """How many workers ``client``'s cluster has now, and the threads of each (the fewest)."""
+    workers = client.scheduler_info().get("workers", {})
+    if not workers:
+        raise ConfigError(
+            "the Dask cluster has no workers to plan for: start workers first "
+            "(dask worker SCHEDULER) or use --cluster local"
+        )
+    return len(workers), min(int(w.get("nthreads") or 1) for w in workers.values())
+
+
+def cluster_resources(client) -> Resources:
+    """The allocation an existing cluster gives: its workers' memory limits and threads.
+
+    The plan for an existing scheduler (or a given client) is made for these, not for the
+    machine the driver runs on.  Workers without a memory limit cannot be planned for.
+    """
+    workers = client.scheduler_info().get("workers", {})
+    n, threads = worker_shape(client)
+    limits = [int(w.get("memory_limit") or 0) for w in workers.values()]
+    where = f"the {n} workers of scheduler {client.scheduler.address}"
+    if min(limits) <= 0:
+        raise ConfigError(
+            f"{where} have no memory limit, so no plan can keep them from running out of "
+            "memory: start them with --memory-limit (e.g. dask worker --memory-limit 4GiB)"
+        )
+    return Resources(
+        memory_bytes=min(limits) * n,
+        memory_source=f"memory_limit {format_bytes(min(limits))} x {n} of {where}",
+        cpus=threads * n,
+        cpus_source=f"{threads} thread(s) x {n} of {where}",
+    )

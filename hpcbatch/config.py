@@ -51,6 +51,23 @@ DEFAULTS: dict = _read_yaml(_DEFAULTS_FILE)
 dask.config.update_defaults(DEFAULTS)
 
 
+def register_section(name: str, defaults: Mapping[str, Any]) -> None:
+    """Make a workload's config section ``hpcbatch.<name>`` known, with its defaults.
+
+    Built-in workloads have theirs in ``hpcbatch.yaml``; a plugin workload declares its
+    ``defaults`` and the pipeline registers them before settings are loaded, so
+    ``DASK_HPCBATCH__<NAME>__...``, profiles and ``--config`` files may set them.
+    """
+    section = _normalise(defaults)
+    known = DEFAULTS["hpcbatch"].get(name)
+    if known == section:
+        return
+    if known is not None and not isinstance(known, dict):
+        raise ConfigError(f"workload name {name!r} is an hpcbatch setting: choose another name")
+    DEFAULTS["hpcbatch"][name] = section
+    dask.config.update_defaults({"hpcbatch": {name: section}})
+
+
 def _check_keys(given: Mapping, known: Mapping, where: str, prefix: str = "") -> None:
     for key, value in given.items():
         canonical = str(key).replace("_", "-")

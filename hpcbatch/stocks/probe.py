@@ -19,7 +19,7 @@ import torch
 from .features import PRICE_FIELDS
 from .generate import BLOCK_STOCKS, _market_returns, simulate_block, stock_codes, trading_calendar
 from .model import LoadedModel, ModelConfig, StockModel, model_config
-from .predict import PredictTask, compute_chunk
+from .task import PredictTask, compute_chunk
 from .sink import bars_from_rows
 
 _MODEL: dict[str, LoadedModel] = {}

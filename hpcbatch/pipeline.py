@@ -1,0 +1,283 @@
+"""The one way a run goes, for every workload.
+
+    Resources + Footprint -> Plan -> cluster -> chunks + task -> runner -> report
+
+:func:`plan_job` and :func:`plan_sizes` make the plan (``hpcbatch plan``, ``slurm render``,
+and the start of every run); :func:`run_job` runs a prepared :class:`~hpcbatch.workload.Job`
+on a local, SLURM or existing cluster, or on a client the caller already has.  Settings
+are typed here, once (:class:`RunSettings`); nothing below restates a default.
+
+For an existing cluster (``--cluster tcp://...``, a scheduler file, or ``client=``) the plan
+is made for the workers that are there (their count, threads and memory limits), not for
+this machine; for a local or SLURM cluster the cluster is started from the plan.
+
+No workload is known here: a workload is a plugin on :mod:`hpcbatch.workload`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any
+
+from . import config as hb_config
+from .calibrate import Calibration, calibrated_footprint, check_probe
+from .cluster import cluster_resources, open_cluster, worker_shape
+from .errors import ConfigError
+from .ledger import Ledger
+from .planner import Footprint, Plan, make_plan
+from .resources import Resources, detect_resources
+from .runner import run as run_chunks
+from .workload import Job, RunContext, RunSettings, Workload
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClusterChoice:
+    """Where a run's workers come from: ``local``, ``slurm`` or an existing ``address``."""
+
+    backend: str = "local"
+    address: str | None = None
+
+    @classmethod
+    def parse(cls, value: str | None, settings: Mapping[str, Any]) -> ClusterChoice:
+        """From ``--cluster`` (local, slurm, tcp://host:port, tls://..., a scheduler file)."""
+        cfg = settings["cluster"]
+        if value is None:
+            return cls(cfg["backend"], cfg["address"])
+        if value in ("local", "slurm"):
+            return cls(value, None)
+        if value.startswith(("tcp://", "tls://")) or value.endswith(".json"):
+            return cls("address", value)
+        raise ConfigError(
+            f"--cluster {value!r}: use local, slurm, a scheduler address tcp://host:8786 "
+            "or a scheduler file ending in .json"
+        )
+
+    @property
+    def existing(self) -> bool:
+        return self.backend == "address"
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A plan and how its footprint was obtained (``calibration`` when measured)."""
+
+    plan: Plan
+    calibration: Calibration | None = None
+
+    def extra(self) -> dict:
+        return {"calibration": self.calibration.to_dict()} if self.calibration else {}
+
+
+# ------------------------------------------------------------- settings ----
+
+
+def load_settings(
+    workload: Workload | None = None,
+    profile: str | None = None,
+    config_file: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> dict:
+    """The effective settings, with ``workload``'s own config section known to the config."""
+    if workload is not None and workload.defaults:
+        hb_config.register_section(workload.name, workload.defaults)
+    return hb_config.load(profile, config_file, overrides)
+
+
+def workload_settings(workload: Workload, settings: Mapping[str, Any]) -> Any:
+    """``workload``'s typed settings from its section of the loaded settings."""
+    return workload.settings(settings.get(workload.name) or {})
+
+
+# ------------------------------------------------------------- planning ----
+
+
+def calibrate_footprint(
+    workload: Workload,
+    footprint: Footprint,
+    probe_kwargs: Mapping[str, Any],
+    probe_sizes: tuple[int, int] | None = None,
+) -> tuple[Footprint, Calibration]:
+    """``footprint`` measured by the workload's probe in fresh processes."""
+    if not workload.probe:
+        raise ConfigError(
+            f"workload {workload.name!r} has no probe to calibrate with: drop --calibrate, "
+            "or give the workload a probe ('module:function')"
+        )
+    check_probe(workload.probe)
+    sizes = probe_sizes or workload.probe_sizes
+    log.info("calibrating %s: running %s at sizes 0, %s, %s", workload.name, workload.probe, *sizes)
+    return calibrated_footprint(
+        footprint, workload.probe, sizes, dict(probe_kwargs), max_size=footprint.n_items
+    )
+
+
+def make_planned(
+    workload: Workload,
+    footprint: Footprint,
+    resources: Resources,
+    settings: Mapping[str, Any],
+    overrides: Mapping[str, Any],
+) -> Plan:
+    """:func:`~hpcbatch.planner.make_plan` with the loaded settings and the job's overrides
+    (the workload's own chunk cap applies when the ``max-chunk`` setting is unset)."""
+    overrides = {"max_chunk": settings["max-chunk"] or workload.max_chunk, **dict(overrides)}
+    return make_plan(footprint, resources, hb_config.plan_settings(settings, **overrides))
+
+
+def plan_sizes(
+    workload: Workload,
+    sizes: Mapping[str, Any],
+    settings: Mapping[str, Any],
+    resources: Resources,
+    *,
+    calibrate: bool | None = None,
+    probe_sizes: tuple[int, int] | None = None,
+) -> Planned:
+    """The plan for ``sizes`` of ``workload`` on ``resources`` (no data needed)."""
+    wsettings = workload_settings(workload, settings)
+    footprint = workload.footprint(sizes, wsettings)
+    calibration = None
+    if settings["calibrate"] if calibrate is None else calibrate:
+        kwargs = workload.probe_kwargs(sizes, wsettings)
+        footprint, calibration = calibrate_footprint(workload, footprint, kwargs, probe_sizes)
+    overrides = workload.plan_overrides(sizes, wsettings)
+    return Planned(make_planned(workload, footprint, resources, settings, overrides), calibration)
+
+
+def existing_cluster_overrides(n_workers: int, threads: int) -> dict:
+    """Plan for the workers an existing cluster has: their count and threads, no reserve."""
+    return {"n_workers": n_workers, "threads_per_worker": threads, "reserve_bytes": 0}
+
+
+def plan_job(
+    job: Job,
+    settings: Mapping[str, Any],
+    resources: Resources,
+    *,
+    calibrate: bool | None = None,
+    probe_sizes: tuple[int, int] | None = None,
+    existing: Mapping[str, Any] | None = None,
+) -> Planned:
+    """The plan of a prepared job: its real footprint (measured when asked) on ``resources``.
+
+    ``existing``: the overrides of an existing cluster's workers
+    (:func:`existing_cluster_overrides`).
+    """
+    footprint, calibration = job.footprint, None
+    if settings["calibrate"] if calibrate is None else calibrate:
+        footprint, calibration = calibrate_footprint(
+            job.workload, footprint, job.probe_kwargs, probe_sizes or job.probe_sizes
+        )
+    overrides = {**job.plan_overrides(), **dict(existing or {})}
+    plan = make_planned(job.workload, footprint, resources, settings, overrides)
+    return Planned(plan, calibration)
+
+
+# ------------------------------------------------------------------ runs ----
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """How to run a prepared job (the CLI's and the Python API's common options)."""
+
+    cluster: ClusterChoice = ClusterChoice()
+    resources: Resources | None = None
+    client: Any = None
+    resume: bool = False
+    run_id: str | None = None
+    report_dir: str | None = None
+    progress: bool = True
+    quiet: bool = False
+    calibrate: bool | None = None
+    probe_sizes: tuple[int, int] | None = None
+
+
+def run_job(job: Job, settings: Mapping[str, Any], request: RunRequest = RunRequest()) -> Any:
+    """Plan, open the cluster, run every chunk, report; returns ``job.finish(report)``."""
+    run_settings = RunSettings.from_config(settings)
+    with _planned_client(job, settings, request) as (planned, client):
+        report = _run_on(job, planned.plan, client, settings, run_settings, request)
+    return job.finish(report)
+
+
+@contextmanager
+def _planned_client(
+    job: Job, settings: Mapping[str, Any], request: RunRequest
+) -> Iterator[tuple[Planned, Any]]:
+    """The plan and a client on the cluster it runs on (planned from the workers there
+    for an existing cluster or a given client; started from the plan otherwise)."""
+    plan_kw = {"calibrate": request.calibrate, "probe_sizes": request.probe_sizes}
+    if request.client is not None:
+        yield _plan_for_client(job, settings, request.client, plan_kw), request.client
+        return
+    if request.cluster.existing:
+        with open_cluster(
+            None, settings, backend="address", address=request.cluster.address, quiet=True
+        ) as client:
+            planned = _plan_for_client(job, settings, client, plan_kw)
+            _announce_plan(planned.plan, request)
+            yield planned, client
+        return
+    resources = request.resources or detect_resources()
+    planned = plan_job(job, settings, resources, **plan_kw)
+    with open_cluster(
+        planned.plan, settings, backend=request.cluster.backend, quiet=request.quiet
+    ) as client:
+        yield planned, client
+
+
+def _plan_for_client(job: Job, settings: Mapping[str, Any], client: Any, plan_kw: dict) -> Planned:
+    resources = cluster_resources(client)
+    # memory-mapped inputs live in the nodes' page cache, outside the workers' limits:
+    # planned on top, so each worker's planned limit is the limit it really has
+    shared = job.footprint.node_shared_bytes
+    resources = replace(resources, memory_bytes=resources.memory_bytes + shared)
+    n_workers, threads = worker_shape(client)
+    existing = existing_cluster_overrides(n_workers, threads)
+    return plan_job(job, settings, resources, existing=existing, **plan_kw)
+
+
+def _announce_plan(plan: Plan, request: RunRequest) -> None:
+    if not request.quiet:
+        log.info(
+            "planned for the existing cluster: %d workers, chunks of %d", plan.n_workers,
+            plan.chunk_size,
+        )
+
+
+def _run_on(
+    job: Job,
+    plan: Plan,
+    client: Any,
+    settings: Mapping[str, Any],
+    run_settings: RunSettings,
+    request: RunRequest,
+) -> Any:
+    run_id = request.run_id or job.identity.run_id
+    sink = job.sink
+    ledger = Ledger(sink.ledger_url) if sink.ledger_url else None
+    report_dir = request.report_dir if request.report_dir is not None else run_settings.report_dir
+    return run_chunks(
+        job.chunks(plan),
+        job.task(plan, RunContext(run_id, client, run_settings)),
+        client,
+        run_id=run_id,
+        ledger=ledger,
+        params=dict(job.identity.params),
+        commit_on_worker=sink.commit_on_worker,
+        seed=run_settings.seed,
+        plan=plan,
+        report_dir=report_dir,
+        resume=request.resume,
+        progress=request.progress,
+        progress_interval=run_settings.progress_interval,
+        max_in_flight=run_settings.max_in_flight,
+        retries=run_settings.retries,
+        database=sink.database or sink.ledger_url,
+        db_outage_s=run_settings.db_outage_s,
+    )

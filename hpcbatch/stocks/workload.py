@@ -1,0 +1,196 @@
+"""Stock batch prediction as a :class:`~hpcbatch.workload.Workload`.
+
+``stocks``: SQL bars -> 105 features -> 60-day windows -> the torch model -> predictions
+upserted back into the same database, each chunk's rows and its ledger row in one
+transaction (exactly once).  Registered through the ``hpcbatch.workloads`` entry point
+like any plugin; its job runs ``hpcbatch stocks predict``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import click
+
+from ..config import require_positive
+from ..errors import ConfigError
+from ..planner import Footprint, Plan
+from ..security import database_url
+from ..workload import Job, RunContext, RunIdentity, Sink, Workload, typed_settings
+from .footprint import MAX_CHUNK_STOCKS, stocks_footprint
+from .task import PredictOptions, PredictTask, Prepared, default_run_id, prepare, run_params
+
+PROBE = "hpcbatch.stocks.probe:probe"
+
+
+@dataclass(frozen=True)
+class StocksSettings:
+    """The ``stocks`` config section, typed."""
+
+    db: str
+    model_dir: str
+    batch_size: int | None
+    concurrency: int
+    lookback_days: int
+    predict_days: int
+    use_gpu: Any
+    limit: int | None
+    offset: int
+    model_version: str
+    upsert_rows: int
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any]) -> StocksSettings:
+        return typed_settings(cls, section)
+
+    def section(self) -> dict:
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+
+class StocksJob(Job):
+    """A checked stocks run: the codes to predict, the model, the database."""
+
+    def __init__(self, workload: Workload, db_url: str, model_dir: str, opts: PredictOptions,
+                 prep: Prepared):  # fmt: skip
+        self.workload = workload
+        self.db_url, self.model_dir, self.opts, self.prep = db_url, model_dir, opts, prep
+        self.footprint = prep.footprint
+        self.items = prep.codes
+        self.sink = Sink(ledger_url=str(db_url), commit_on_worker=True, database=str(db_url),
+                         description="table stock_predictions")  # fmt: skip
+        self.identity = RunIdentity(
+            default_run_id(db_url, model_dir, opts, prep.inputs),
+            run_params(db_url, model_dir, opts, prep.inputs),
+        )
+        self.probe_kwargs = {
+            "lookback_days": opts.lookback_days,
+            "predict_days": opts.predict_days,
+            "model_config": asdict(prep.model_config),
+        }
+        self.probe_sizes = (32, 96)
+
+    def plan_overrides(self) -> dict:
+        return {
+            "chunk_size": self.opts.batch_size,
+            "use_gpu": self.prep.device != "cpu",
+        }
+
+    def task(self, plan: Plan, run: RunContext) -> PredictTask:
+        from distributed import Semaphore  # parallel database reads capped at --concurrency
+
+        sem = Semaphore(max_leases=self.opts.concurrency, name=f"hpcbatch-db-reads-{run.run_id}")
+        return replace(
+            self.prep.task,
+            run_id=run.run_id,
+            planned_gpu_batch=plan.gpu_batch_size,
+            db_outage_s=run.settings.db_outage_s,
+            gpu_memory_fraction=run.settings.gpu_memory_fraction,
+            read_semaphore=sem,
+        )
+
+
+def _size_options() -> list:
+    return [
+        click.Option(["--stocks", "n_stocks"], type=int, default=5000, show_default=True,
+                     help="Stocks to plan for (with --db given to the job: counted there)."),
+        click.Option(["--lookback-days"], type=int, default=None,
+                     help="Days fetched per stock (default 400)."),
+        click.Option(["--predict-days"], type=int, default=None,
+                     help="Trading days predicted per stock (default 10)."),
+        click.Option(["--batch-size"], type=int, default=None, help="Fix the stocks per chunk."),
+        click.Option(["--use-gpu"], is_flag=True, help="Size the GPU inference batch too."),
+    ]  # fmt: skip
+
+
+def _run_options() -> list:
+    return [
+        click.Option(["--db", "db_url"], default=None,
+                     help="Database URL (default from config; or $HPCBATCH_DB_URL)."),
+        click.Option(["--model", "model_dir"], default=None, help="Model directory."),
+        click.Option(["--batch-size"], type=int, default=None,
+                     help="Stocks per chunk (default: planned)."),
+        click.Option(["--concurrency"], type=int, default=None,
+                     help="Parallel database reads (default 4)."),
+        click.Option(["--lookback-days"], type=int, default=None,
+                     help="Rows fetched per stock (400)."),
+        click.Option(["--predict-days"], type=int, default=None,
+                     help="Last trading days predicted (10)."),
+        click.Option(["--use-gpu"], default=None, is_flag=False, flag_value="true",
+                     help="--use-gpu (require a GPU), --use-gpu auto, --use-gpu false."),
+        click.Option(["--limit"], type=int, default=None, help="Predict at most this many stocks."),
+        click.Option(["--offset"], type=int, default=None, help="Skip this many stocks."),
+        click.Option(["--model-version"], default=None, help="Stored with the predictions (v1)."),
+    ]  # fmt: skip
+
+
+class StocksWorkload(Workload):
+    """Stock batch prediction (``hpcbatch stocks predict``)."""
+
+    name = "stocks"
+    help = "Stock batch prediction: SQL bars -> features -> windows -> model -> SQL."
+    item_name = "stock"
+    settings_type = StocksSettings
+    probe = PROBE
+    probe_sizes = (4, 16)
+    max_chunk = MAX_CHUNK_STOCKS
+    command = ("stocks", "predict")
+
+    def size_options(self) -> list:
+        return _size_options()
+
+    def sizes(self, settings: StocksSettings, values: Mapping[str, Any]) -> dict:
+        lookback = values.get("lookback_days") or settings.lookback_days
+        predict = values.get("predict_days") or settings.predict_days
+        n_stocks = values.get("n_stocks") or 5000
+        for flag, value in (("--stocks", values.get("n_stocks", n_stocks)),
+                            ("--lookback-days", values.get("lookback_days", lookback)),
+                            ("--predict-days", values.get("predict_days", predict))):  # fmt: skip
+            if value is not None:
+                require_positive(flag, value)
+        if settings.limit:
+            n_stocks = min(n_stocks, int(settings.limit))
+        batch = values.get("batch_size")
+        batch = settings.batch_size if batch is None else batch
+        if batch is not None:
+            require_positive("--batch-size", batch)
+        return {"n_stocks": n_stocks, "lookback_days": lookback, "predict_days": predict,
+                "batch_size": batch, "use_gpu": bool(values.get("use_gpu"))}  # fmt: skip
+
+    def footprint(self, sizes: Mapping[str, Any], settings: StocksSettings) -> Footprint:
+        return stocks_footprint(sizes["n_stocks"], sizes["lookback_days"], sizes["predict_days"])
+
+    def plan_overrides(self, sizes: Mapping[str, Any], settings: StocksSettings) -> dict:
+        return {"chunk_size": sizes["batch_size"], "use_gpu": sizes["use_gpu"] or None}
+
+    def probe_kwargs(self, sizes: Mapping[str, Any], settings: StocksSettings) -> dict:
+        return {"lookback_days": sizes["lookback_days"], "predict_days": sizes["predict_days"]}
+
+    def run_options(self) -> list:
+        return _run_options()
+
+    def prepare(self, settings: StocksSettings, values: Mapping[str, Any]) -> StocksJob:
+        opts = options_from(settings, values)
+        url = database_url(values.get("db_url"), default=settings.db)
+        model_dir = values.get("model_dir") or settings.model_dir
+        return self.prepare_options(url, model_dir, opts)
+
+    def prepare_options(self, db_url: str, model_dir: str, opts: PredictOptions) -> StocksJob:
+        """The job for explicit options (the Python API, :func:`hpcbatch.stocks.predict.predict`)."""
+        return StocksJob(self, db_url, model_dir, opts, prepare(db_url, model_dir, opts))
+
+
+def options_from(settings: StocksSettings, values: Mapping[str, Any]) -> PredictOptions:
+    """:class:`PredictOptions` from the typed settings and flag values (None keeps a setting)."""
+    names = ("batch_size", "concurrency", "lookback_days", "predict_days", "use_gpu", "limit",
+             "offset", "model_version")  # fmt: skip
+    unknown = set(values) - set(names) - {"db_url", "model_dir"}
+    if unknown:
+        raise ConfigError(f"unknown stocks option(s): {', '.join(sorted(unknown))}")
+    return PredictOptions.from_settings(
+        settings.section(), **{k: values.get(k) for k in names}
+    )
+
+
+WORKLOAD = StocksWorkload()

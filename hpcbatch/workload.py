@@ -1,0 +1,292 @@
+"""The Workload contract: what a batch job tells hpcbatch, and the registry of workloads.
+
+A :class:`Workload` is one small object per kind of job.  It says
+
+- its ``name`` (``hpcbatch plan NAME``, ``hpcbatch run NAME``, ``hpcbatch slurm render NAME``),
+- its config section turned into a typed settings object (:meth:`Workload.settings`),
+- what its work costs: :meth:`Workload.footprint` from the sizes a user gives before any
+  data exists (``hpcbatch plan`` and ``slurm render`` need nothing else), and optionally a
+  ``probe`` (``"module:function"``) that ``--calibrate`` runs in fresh processes,
+- its CLI options: ``size_options`` (what the plan needs) and ``run_options`` (where the
+  data and the results are), plain click parameters,
+- :meth:`Workload.prepare`: check the inputs and return a :class:`Job`.
+
+A :class:`Job` is one prepared run: its real footprint, its chunks for a plan, the task a
+worker runs for a chunk, the sink (where results are committed exactly once together with
+the chunk's ledger row) and the run identity that ``--resume`` finds again.
+
+Everything else -- resources, planning, calibration, the cluster, bounded submission,
+split-and-retry, resume, reports, SLURM scripts -- is :mod:`hpcbatch.pipeline`'s, once, for
+every workload.  Workloads register through the ``hpcbatch.workloads`` entry-point group;
+the built-in ``stocks`` and ``predictive`` register exactly as a third-party package does::
+
+    [project.entry-points."hpcbatch.workloads"]
+    embed = "my_package.workload:EmbedWorkload"
+
+This module imports nothing of hpcbatch above the runtime layer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from importlib import metadata
+from typing import Any, ClassVar
+
+from .errors import ConfigError
+from .planner import Footprint, Plan
+from .runner import Chunk, TaskContext, make_chunks
+
+ENTRY_POINT_GROUP = "hpcbatch.workloads"
+
+log = logging.getLogger(__name__)
+
+TaskFn = Callable[[Chunk, TaskContext], dict]
+
+
+@dataclass(frozen=True)
+class Sink:
+    """Where a run's results and its ledger go.
+
+    ``ledger_url``: the SQLAlchemy URL of the ledger (done chunks). For a SQL sink it is the
+    results' own database, and ``commit_on_worker=True`` says the task writes its rows and
+    the chunk's ledger row in one transaction (:meth:`hpcbatch.ledger.Ledger.transaction`).
+    For file sinks (zarr, Parquet) the ledger is a SQLite file beside the output and the
+    runner records a chunk after its task returned (its writes are idempotent).
+    ``database``: the URL the runner's outage breaker watches (default: the ledger's).
+    ``None`` ledger: results are returned, nothing is recorded, no resume.
+    """
+
+    ledger_url: str | None = None
+    commit_on_worker: bool = False
+    database: str | None = None
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """How ``--resume`` finds a run again: its id, and what defines its output.
+
+    A resumed run must have the same ``params`` (recorded in the ledger); ``run_id`` is
+    derived from them by default, so the same inputs and settings find the earlier run.
+    """
+
+    run_id: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _positive_seconds(key: str, value: Any) -> float:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = float("nan")
+    if isinstance(value, bool) or not 0 < seconds < float("inf"):
+        raise ConfigError(f"{key} must be a positive number of seconds, got {value!r}: e.g. 60")
+    return seconds
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The runner's settings, typed once from the loaded config (no default restated)."""
+
+    seed: int
+    retries: int
+    max_in_flight: int | None
+    report_dir: str | None
+    db_outage_s: float
+    progress_interval: float
+    calibrate: bool
+    gpu_memory_fraction: float
+
+    @classmethod
+    def from_config(cls, settings: Mapping[str, Any]) -> RunSettings:
+        in_flight = settings["max-in-flight"]
+        return cls(
+            seed=int(settings["seed"] or 0),
+            retries=int(settings["retries"]),
+            max_in_flight=None if in_flight is None else int(in_flight),
+            report_dir=settings["report-dir"],
+            db_outage_s=_positive_seconds(
+                "database-outage-timeout", settings["database-outage-timeout"]
+            ),
+            progress_interval=float(settings["progress-interval"]),
+            calibrate=bool(settings["calibrate"]),
+            gpu_memory_fraction=float(settings["gpu-memory-fraction"]),
+        )
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What :meth:`Job.task` gets to build the worker's task: the run id, the client of
+    the cluster it runs on (e.g. for a ``distributed.Semaphore``) and the run settings."""
+
+    run_id: str
+    client: Any
+    settings: RunSettings
+
+
+class Job:
+    """One prepared run of a workload (returned by :meth:`Workload.prepare`).
+
+    Subclass it, or use it directly with the fields filled in.  ``items`` names the items
+    (e.g. stock codes) when there are names; else the run has ``n_items`` numbered items.
+    """
+
+    workload: Workload
+    footprint: Footprint
+    sink: Sink
+    identity: RunIdentity
+    items: Sequence | None = None
+    probe_kwargs: Mapping[str, Any] = {}
+    probe_sizes: tuple[int, int] | None = None  # --calibrate's sizes (default the workload's)
+
+    @property
+    def n_items(self) -> int:
+        return self.footprint.n_items
+
+    def plan_overrides(self) -> dict:
+        """PlanSettings fields this job fixes (``chunk_size``, ``max_chunk``, ``use_gpu``)."""
+        return {}
+
+    def chunks(self, plan: Plan) -> list[Chunk]:
+        """The run's chunks for ``plan`` (by default ``plan.chunk_size`` items each)."""
+        return make_chunks(self.n_items, plan.chunk_size, items=self.items)
+
+    def task(self, plan: Plan, run: RunContext) -> TaskFn:
+        """The picklable ``task(chunk, ctx) -> small dict`` a worker runs for a chunk."""
+        raise NotImplementedError(f"{type(self).__name__} must define task(plan, run)")
+
+    def finish(self, report: Any) -> Any:
+        """What the run returns to its caller (default: the RunReport)."""
+        return report
+
+    def discard(self) -> None:
+        """Remove what a failed first attempt left that ``--resume`` cannot use (default: nothing)."""
+
+
+class Workload:
+    """A kind of batch job; see the module docstring.  Subclass and register by entry point."""
+
+    name: ClassVar[str] = ""
+    help: ClassVar[str] = ""
+    item_name: ClassVar[str] = "item"
+    #: the typed settings of the workload's config section (a dataclass with
+    #: ``from_config(section)``), or None for a workload without settings
+    settings_type: ClassVar[type | None] = None
+    #: defaults of the config section ``hpcbatch.<name>`` (kebab-case keys), for workloads
+    #: whose section is not in hpcbatch's own defaults file
+    defaults: ClassVar[Mapping[str, Any]] = {}
+    #: ``"module:function"`` run by ``--calibrate`` in fresh processes, or None
+    probe: ClassVar[str | None] = None
+    probe_sizes: ClassVar[tuple[int, int]] = (4, 16)
+    #: the planner's cap on items per chunk when the ``max-chunk`` setting is unset
+    max_chunk: ClassVar[int | None] = None
+    #: the command a SLURM job runs for this workload (default ``hpcbatch run NAME``)
+    command: ClassVar[tuple[str, ...]] = ()
+
+    # ------------------------------------------------------------ planning ----
+
+    def settings(self, section: Mapping[str, Any]) -> Any:
+        """The config section (``hpcbatch.<name>``) as the typed settings object."""
+        if self.settings_type is None:
+            return dict(section)
+        return self.settings_type.from_config(section)
+
+    def size_options(self) -> list:
+        """click options describing the work's size, for ``plan`` and ``slurm render``."""
+        return []
+
+    def sizes(self, settings: Any, values: Mapping[str, Any]) -> dict:
+        """The sizes from the size options' values (checked; defaults from ``settings``)."""
+        return dict(values)
+
+    def footprint(self, sizes: Mapping[str, Any], settings: Any) -> Footprint:
+        """What one worker holds and what one item costs, from ``sizes`` alone."""
+        raise NotImplementedError(f"workload {self.name!r} must define footprint(sizes, settings)")
+
+    def plan_overrides(self, sizes: Mapping[str, Any], settings: Any) -> dict:
+        """PlanSettings fields fixed by the sizes/settings (e.g. ``chunk_size``)."""
+        return {}
+
+    def probe_kwargs(self, sizes: Mapping[str, Any], settings: Any) -> dict:
+        """Keyword arguments of ``probe`` for these sizes."""
+        return {}
+
+    # ----------------------------------------------------------------- runs ----
+
+    def run_options(self) -> list:
+        """click options/arguments of ``hpcbatch run NAME`` (inputs, outputs)."""
+        return []
+
+    def prepare(self, settings: Any, values: Mapping[str, Any]) -> Job:
+        """Check the inputs named by ``values`` and return the prepared :class:`Job`.
+
+        Nothing may be written here but what a run needs to exist (e.g. missing tables).
+        """
+        raise NotImplementedError(f"workload {self.name!r} must define prepare(settings, values)")
+
+    def commands(self) -> Any:
+        """An optional click group of the workload's own commands (``hpcbatch stocks ...``)."""
+        return None
+
+    def job_command(self) -> tuple[str, ...]:
+        return self.command or ("run", self.name)
+
+
+# ------------------------------------------------------------- registry ----
+
+
+def typed_settings(cls: type, section: Mapping[str, Any]) -> Any:
+    """Build dataclass ``cls`` from a kebab-case config section; unknown keys are refused."""
+    names = {f.name for f in fields(cls)}
+    values = {}
+    for key, value in section.items():
+        name = str(key).replace("-", "_")
+        if name not in names:
+            raise ConfigError(
+                f"unknown setting {key!r} for {cls.__name__}: known are "
+                + ", ".join(sorted(n.replace("_", "-") for n in names))
+            )
+        values[name] = value
+    return cls(**values)
+
+
+_REGISTRY: dict[str, Workload] = {}
+
+
+def register(workload: Workload | type[Workload]) -> Workload:
+    """Register a workload in this process (entry points do this for installed packages)."""
+    obj = workload() if isinstance(workload, type) else workload
+    if not obj.name or not obj.name.replace("-", "").replace("_", "").isalnum():
+        raise ConfigError(f"workload {obj!r} needs a name of letters, digits, '-' or '_'")
+    _REGISTRY[obj.name] = obj
+    return obj
+
+
+def _load_entry_points() -> None:
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in _REGISTRY:
+            continue
+        try:
+            register(ep.load())
+        except Exception as exc:  # noqa: BLE001 (a broken plugin must not break the others)
+            log.warning("workload plugin %r (%s) did not load: %s", ep.name, ep.value, exc)
+
+
+def workloads() -> dict[str, Workload]:
+    """Every registered workload by name (entry points loaded on first use)."""
+    _load_entry_points()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_workload(name: str) -> Workload:
+    """The registered workload ``name``, or one line naming the ones there are."""
+    found = workloads()
+    if name not in found:
+        known = ", ".join(found) or "none"
+        raise ConfigError(
+            f"no workload named {name!r} (installed: {known}): install its package, whose "
+            f"pyproject.toml registers it under [project.entry-points.\"{ENTRY_POINT_GROUP}\"]"
+        )
+    return found[name]
