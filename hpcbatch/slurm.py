@@ -19,6 +19,7 @@ Database URLs are never written into a script: a URL with a password becomes
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -47,6 +48,9 @@ MiB = 1024**2
 TEMPLATE_DIR = Path(
     os.environ.get("HPCBATCH_SLURM_TEMPLATES", Path(__file__).resolve().parent / "sbatch")
 )
+
+#: Where a SLURM-mode scheduler's dashboard listens unless cluster.dashboard-address says.
+DEFAULT_DASHBOARD_ADDRESS = "127.0.0.1:8787"
 
 #: The commands each workload runs inside a job.
 WORKLOAD_COMMANDS = {"stocks": ("stocks", "predict"), "predictive": ("predictive", "sample")}
@@ -341,6 +345,7 @@ def render_sbatch(
     template_dir: Path | None = None,
     command_options: Collection[str] | None = None,
     check_command: bool = True,
+    plan_note: str = "",
 ) -> str:
     """A ready sbatch script for ``workload`` whose ``--mem``/``--cpus-per-task`` come from ``plan``.
 
@@ -356,7 +361,8 @@ def render_sbatch(
     The workload's own command line decides the flags: ``--resume`` only if it has one,
     the driver's allocation as ``--mem-gb`` or ``--mem`` (``command_options`` overrides
     what is read from the CLI); with ``check_command`` the final command line is parsed
-    by that CLI now, so a missing argument fails here and not in the queue.
+    by that CLI now, so a missing argument fails here and not in the queue. ``plan_note``
+    goes into the plan's comment (e.g. that the item count was assumed).
     """
     if workload not in WORKLOAD_COMMANDS:
         raise ConfigError(
@@ -410,6 +416,7 @@ def render_sbatch(
         "item": plan.footprint.item_name,
         "n_items": str(plan.footprint.n_items),
         "n_chunks": str(plan.n_chunks),
+        "plan_note": "".join(f"#   {line}\n" for line in plan_note.splitlines() if line.strip()),
         "peak": fb(plan.predicted_peak_bytes),
         "plan_source": f"{fb(plan.resources.memory_bytes)}, {plan.resources.cpus} CPUs",
         "resume_text": resume_text,
@@ -538,14 +545,48 @@ def slurm_cluster_kwargs(
     }
     if log_directory:
         kwargs["log_directory"] = log_directory
-    dash = cluster.get("dashboard-address")
-    if dash:
-        # as configured: the default 127.0.0.1:PORT keeps it off the node's network (reach it
-        # with the SSH tunnel line); ":PORT" in a profile opens it on every interface
-        kwargs["scheduler_options"] = {"dashboard_address": str(dash)}
+    # The scheduler listens where the worker jobs on other nodes reach it (cluster.interface,
+    # else every interface); its dashboard (no authentication) on this node's loopback only,
+    # reached with the SSH tunnel line, unless cluster.dashboard-address says otherwise
+    # (":PORT" opens it on every interface). dask-jobqueue alone would use ":8787".
+    dash = str(cluster.get("dashboard-address") or DEFAULT_DASHBOARD_ADDRESS)
+    kwargs["scheduler_options"] = {"dashboard_address": dash}
     return SlurmClusterSpec(
         kwargs=kwargs, derived_memory_limit=derived, memory_limit=limit, notes=tuple(notes)
     )
+
+
+def dashboard_host(address: str | int | None) -> str | None:
+    """The host a dashboard address (``127.0.0.1:8787``, ``[::1]:0``, ``:8787``) binds to;
+    None when it binds every interface or the scheduler's own host (a bare port)."""
+    text = str(address or "").strip()
+    m = re.fullmatch(r"(?:\[(?P<v6>[^\]]*)\]|(?P<host>[^:]*)):\d+", text)
+    host = (m.group("v6") or m.group("host")) if m else None
+    return None if host in (None, "", "0.0.0.0", "::") else host
+
+
+@functools.cache
+def _cluster_class() -> type:
+    """``SLURMCluster`` whose dashboard link names where the dashboard listens.
+
+    dask-jobqueue's link takes the scheduler's host (the node's network address) even
+    when the dashboard listens on 127.0.0.1 only, so the printed link would not open.
+    """
+    from dask_jobqueue import SLURMCluster
+    from distributed.utils import format_dashboard_link
+
+    class HpcbatchSLURMCluster(SLURMCluster):
+        @property
+        def dashboard_link(self) -> str:
+            spec = getattr(self, "hpcbatch_spec", None)
+            options = spec.kwargs.get("scheduler_options", {}) if spec else {}
+            host = dashboard_host(options.get("dashboard_address"))
+            port = self.scheduler_info.get("services", {}).get("dashboard")
+            if host is None or port is None:
+                return super().dashboard_link
+            return format_dashboard_link(f"[{host}]" if ":" in host else host, port)
+
+    return HpcbatchSLURMCluster
 
 
 def check_interface(interface: str | None) -> None:
@@ -570,7 +611,7 @@ def slurm_cluster(plan: Plan, settings: Mapping[str, Any], *, security: Any = No
     which the jobs must see (a shared filesystem).
     """
     try:
-        from dask_jobqueue import SLURMCluster
+        cluster_class = _cluster_class()
     except ImportError:  # pragma: no cover - a declared dependency
         raise ClusterStartError(
             "dask-jobqueue is not installed: pip install dask-jobqueue"
@@ -578,7 +619,7 @@ def slurm_cluster(plan: Plan, settings: Mapping[str, Any], *, security: Any = No
     spec = slurm_cluster_kwargs(plan, settings, **kw)
     check_interface(spec.kwargs.get("interface"))
     tls = {"security": security, "shared_temp_directory": os.getcwd()} if security else {}
-    cluster = SLURMCluster(**spec.kwargs, **tls)
+    cluster = cluster_class(**spec.kwargs, **tls)
     cluster.hpcbatch_spec = spec
     for note in spec.notes:
         logger.info("%s", note)

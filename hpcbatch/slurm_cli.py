@@ -92,7 +92,9 @@ def _resources(mem_gb: float | None, cpus: int | None):
     return resources_from_options(mem_gb, cpus, None, plan_ahead=True)
 
 
-def _emit(workload: str, plan: Plan, settings: dict, opts: dict, args: tuple[str, ...]) -> None:
+def _emit(
+    workload: str, plan: Plan, settings: dict, opts: dict, args: tuple[str, ...], note: str = ""
+) -> None:
     script = hb_slurm.render_sbatch(
         workload,
         plan,
@@ -108,6 +110,7 @@ def _emit(workload: str, plan: Plan, settings: dict, opts: dict, args: tuple[str
         driver=opts["driver"],
         python=opts["python"],
         jobs=opts["jobs"],
+        plan_note=note,
     )
     if opts["output"]:
         try:
@@ -136,9 +139,66 @@ def render() -> None:
     """
 
 
+#: Stocks planned for when neither --stocks nor a readable --db after -- says how many.
+ASSUMED_STOCKS = 5000
+
+
+def _arg_value(args: tuple[str, ...], flag: str) -> str | None:
+    """The value of ``flag`` (``--db URL`` or ``--db=URL``) among the workload arguments."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def _stock_count(n_stocks: int | None, args: tuple[str, ...], default_db: str | None):
+    """(stocks to plan for, a note for the script's comment): ``--stocks``; else the stocks
+    in the ``--db`` given after ``--``, chosen by its --offset/--limit as `stocks predict`
+    does; else :data:`ASSUMED_STOCKS`, said to be assumed."""
+    if n_stocks is not None:
+        return n_stocks, ""
+    url = _arg_value(args, "--db")
+    if url is None:
+        return ASSUMED_STOCKS, (
+            f"{ASSUMED_STOCKS} stocks assumed (no --db after -- to count them): "
+            "give --stocks N for your count"
+        )
+    from .security import database_url
+    from .stocks.schema import make_engine
+    from .stocks.sink import list_codes, select_codes
+
+    try:
+        engine = make_engine(database_url(url, default=default_db))
+        try:
+            codes = list_codes(engine)
+        finally:
+            engine.dispose()
+        offset, limit = _arg_value(args, "--offset"), _arg_value(args, "--limit")
+        count = len(select_codes(codes, int(offset or 0), None if limit is None else int(limit)))
+    except Exception as exc:  # noqa: BLE001 (any reason the database cannot be counted)
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+        click.echo(
+            f"warning: could not count the stocks in --db ({reason}): planning for "
+            f"{ASSUMED_STOCKS}; give --stocks N",
+            err=True,
+        )
+        return ASSUMED_STOCKS, (
+            f"{ASSUMED_STOCKS} stocks assumed: the --db database could not be read when "
+            "rendered; give --stocks N for your count"
+        )
+    return count, "the stock count was read from the --db database when rendered"
+
+
 @render.command("stocks", context_settings={"ignore_unknown_options": False})
 @click.option(
-    "--stocks", "n_stocks", type=int, default=5000, show_default=True, help="Stocks to plan for."
+    "--stocks",
+    "n_stocks",
+    type=int,
+    default=None,
+    help=f"Stocks to plan for (default: counted in --db after --, else {ASSUMED_STOCKS}).",
 )
 @click.option("--lookback-days", type=int, default=None)
 @click.option("--predict-days", type=int, default=None)
@@ -153,6 +213,7 @@ def render_stocks(n_stocks, lookback_days, predict_days, batch_size, args, **opt
         opts["profile"], opts["config_file"], {"memory-fraction": opts["memory_fraction"]}
     )
     cfg = settings["stocks"]
+    n_stocks, count_note = _stock_count(n_stocks, args, cfg.get("db"))
     lookback = cfg["lookback-days"] if lookback_days is None else lookback_days
     predict = cfg["predict-days"] if predict_days is None else predict_days
     batch_size = cfg["batch-size"] if batch_size is None else batch_size
@@ -172,7 +233,7 @@ def render_stocks(n_stocks, lookback_days, predict_days, batch_size, args, **opt
             settings, chunk_size=batch_size, max_chunk=stocks_max_chunk(settings)
         ),
     )
-    _emit("stocks", plan, settings, opts, args)
+    _emit("stocks", plan, settings, opts, args, count_note)
 
 
 @render.command("predictive")

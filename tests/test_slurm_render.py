@@ -236,7 +236,7 @@ CLI_CASES = {
 def _render(argv: list[str]) -> str:
     result = CliRunner().invoke(main, ["slurm", *argv[:2], "--python", PY, *argv[2:]])
     assert result.exit_code == 0, result.output
-    return result.output
+    return result.stdout  # the script; warnings go to stderr
 
 
 def _fixed_plan(workload: str, n_workers: int, threads: int, limit: int, shared: int) -> Plan:
@@ -919,3 +919,132 @@ def test_templates_ship_inside_the_package() -> None:
     # the repository's slurm/ shows the very same files
     for path in shipped:
         assert (package.parent / "slurm" / path.name).read_text() == path.read_text()
+
+
+# ------------------------------------------------- the driver's worker-job size ----
+
+
+def _predict_in_a_2g_job(monkeypatch, tmp_path, *extra: str) -> str:
+    """`stocks predict --mem-gb 3.5 --cpus 1` inside a job of 2 GB (SLURM_MEM_PER_NODE),
+    against a database that does not exist: what it says first."""
+    monkeypatch.setenv("SLURM_JOB_ID", "1")
+    monkeypatch.setenv("SLURM_MEM_PER_NODE", "2048")
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    result = CliRunner().invoke(
+        main,
+        ["stocks", "predict", "--db", f"sqlite:///{tmp_path / 'none.db'}", "--model",
+         str(tmp_path / "model"), "--mem-gb", "3.5", "--cpus", "1", *extra],
+    )  # fmt: skip
+    assert result.exit_code != 0
+    return result.output
+
+
+def test_worker_job_size_is_not_checked_against_the_driver_allocation(
+    monkeypatch, tmp_path
+) -> None:
+    # locally the workers share this 2 GB allocation: 3.5 GB is refused, as before
+    local = _predict_in_a_2g_job(monkeypatch, tmp_path)
+    assert "--mem-gb 3.5 GB is more than the 2.1 GB this allocation has" in local
+    # with --cluster slurm it is each worker job's size: planned ahead, so the command gets
+    # past the allocation check (and stops at the missing database)
+    driver = _predict_in_a_2g_job(monkeypatch, tmp_path, "--cluster", "slurm")
+    assert "this allocation has" not in driver
+    assert "none.db does not exist" in driver
+
+
+# ----------------------------------------------------------- the stock count ----
+
+
+@pytest.fixture(scope="module")
+def seven_stock_db(tmp_path_factory) -> str:
+    from hpcbatch.stocks.generate import generate_market
+    from hpcbatch.stocks.schema import make_engine
+
+    url = f"sqlite:///{tmp_path_factory.mktemp('db') / 's.db'}"
+    engine = make_engine(url, create=True)
+    generate_market(engine, 7, 30, seed=1)
+    engine.dispose()
+    return url
+
+
+def _rendered_count(*argv: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(
+        main, ["slurm", "render", "stocks", "--mem-gb", "12", "--cpus", "4", *argv]
+    )
+    assert result.exit_code == 0, result.output
+    n = int(re.search(r"^#   (\d+) stocks in \d+ chunks", result.stdout, re.M).group(1))
+    return n, result.stdout, result.stderr
+
+
+def test_render_plans_for_the_stocks_in_the_db(seven_stock_db: str) -> None:
+    n, script, _ = _rendered_count("--", "--db", seven_stock_db)
+    assert n == 7
+    assert "the stock count was read from the --db database" in script
+    assert "assumed" not in script
+    # --offset/--limit choose the stocks as `stocks predict` does; --db=URL is read too
+    assert _rendered_count("--", f"--db={seven_stock_db}", "--offset", "2")[0] == 5
+    assert _rendered_count("--", "--db", seven_stock_db, "--limit", "3")[0] == 3
+    # --stocks wins
+    n, script, _ = _rendered_count("--stocks", "40", "--", "--db", seven_stock_db)
+    assert n == 40 and "read from the --db" not in script
+
+
+def test_render_says_the_stock_count_is_assumed(tmp_path) -> None:
+    n, script, _ = _rendered_count()
+    assert n == 5000
+    assert "#   5000 stocks assumed (no --db after -- to count them)" in script
+    n, script, err = _rendered_count("--", "--db", f"sqlite:///{tmp_path / 'missing.db'}")
+    assert n == 5000
+    assert "#   5000 stocks assumed: the --db database could not be read" in script
+    assert "could not count the stocks in --db" in err and "missing.db does not exist" in err
+
+
+# ------------------------------------------------------------------ dashboard ----
+
+
+@pytest.mark.parametrize(
+    ("address", "host"),
+    [
+        ("127.0.0.1:8787", "127.0.0.1"),
+        ("127.0.0.1:0", "127.0.0.1"),
+        ("[::1]:8787", "::1"),
+        ("node7:9000", "node7"),
+        (":8787", None),
+        ("0.0.0.0:8787", None),
+        ("8787", None),
+        (None, None),
+    ],
+)
+def test_dashboard_host(address, host) -> None:
+    assert slurm.dashboard_host(address) == host
+
+
+@pytest.mark.parametrize("configured", [None, "", "127.0.0.1:8787"])
+def test_slurm_dashboard_listens_on_loopback_unless_configured(configured) -> None:
+    plan, settings = _plan()
+    settings = {**settings, "cluster": {**settings["cluster"], "dashboard-address": configured}}
+    kw = slurm.slurm_cluster_kwargs(plan, settings).kwargs
+    assert kw["scheduler_options"] == {"dashboard_address": "127.0.0.1:8787"}
+    settings["cluster"]["dashboard-address"] = ":9999"  # asked for every interface
+    kw = slurm.slurm_cluster_kwargs(plan, settings).kwargs
+    assert kw["scheduler_options"] == {"dashboard_address": ":9999"}
+
+
+def test_slurm_dashboard_link_names_the_loopback_it_listens_on() -> None:
+    import psutil
+
+    pytest.importorskip("dask_jobqueue")
+    plan, settings = _plan()
+    settings = {**settings, "cluster": {**settings["cluster"], "dashboard-address": "127.0.0.1:0"}}
+    cluster = slurm.slurm_cluster(plan, settings)  # no interface: the scheduler on every one
+    try:
+        port = cluster.scheduler_info["services"]["dashboard"]
+        listening = {
+            c.laddr.port: c.laddr.ip
+            for c in psutil.Process().net_connections("tcp")
+            if c.status == psutil.CONN_LISTEN
+        }
+        assert listening[port] == "127.0.0.1"
+        assert cluster.dashboard_link == f"http://127.0.0.1:{port}/status"
+    finally:
+        cluster.close()

@@ -93,8 +93,14 @@ def fit(data_dir, steps, max_lr, seed) -> None:
 @click.option("--calibrate/--no-calibrate", default=None, help="Measure the footprint first.")
 @click.option("--probe-sizes", default=None, help="The two probe sizes, e.g. 2,8.")
 @click.option("--memory-fraction", type=float, default=None)
-@click.option("--mem", default=None, help="Plan for this much memory (e.g. 12GB).")
-@click.option("--cpus", type=int, default=None, help="Plan for this many CPUs.")
+@click.option(
+    "--mem",
+    default=None,
+    help="Plan for this much memory (e.g. 12GB); with --cluster slurm: each worker job's.",
+)
+@click.option(
+    "--cpus", type=int, default=None, help="Plan for this many CPUs (--cluster slurm: per job)."
+)
 @click.option("--seed", type=int, default=None, help="Run seed (chunk seeds derive from it).")
 @click.option("--out", "out_path", required=True, help="The zarr store to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
@@ -211,7 +217,10 @@ def sample_data_dir(
     if mem is not None or cpus is not None:
         from ..cli import resources_from_options
 
-        resources = resources_from_options(None, cpus, None, mem=mem, plan_ahead=False)
+        # With SLURM workers, --mem/--cpus size each worker job, a new allocation: planned
+        # ahead, not checked against this process's (a small driver job's) own allocation.
+        worker_jobs = settings.get("cluster", {}).get("backend") == "slurm"
+        resources = resources_from_options(None, cpus, None, mem=mem, plan_ahead=worker_jobs)
 
     def footprint_for(layout, block):
         base = technical_footprint(

@@ -160,8 +160,14 @@ def _cluster_choice(value: str | None) -> tuple[str | None, str | None]:
 @click.option("--run-id", default=None, help="Name of the run in the ledger (default: derived).")
 @click.option("--report-dir", default=None, help="Where run reports go (hpcbatch-reports).")
 @click.option("--calibrate/--no-calibrate", default=None, help="Measure the footprint first.")
-@click.option("--mem-gb", type=float, default=None, help="Use at most this much memory (GB).")
-@click.option("--cpus", type=int, default=None, help="Use at most this many CPUs.")
+@click.option(
+    "--mem-gb", type=float, default=None,
+    help="Use at most this much memory (GB); with --cluster slurm: each worker job's.",
+)
+@click.option(
+    "--cpus", type=int, default=None,
+    help="Use at most this many CPUs; with --cluster slurm: each worker job's.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON.")
 @click.option("--tls/--no-tls", default=None, help="TLS between client, scheduler and workers.")
 @profile_options
@@ -187,10 +193,14 @@ def predict(
     )
     if mem_gb is not None and mem_gb <= 0:
         raise ConfigError(f"--mem-gb must be positive, got {mem_gb}")
-    resources = detect_resources(
-        memory_bytes=None if mem_gb is None else int(mem_gb * 1e9), cpus=cpus, plan_ahead=False
-    )
     backend, address = _cluster_choice(cluster)
+    # With SLURM workers, --mem-gb/--cpus size each worker job, a new allocation: planned
+    # ahead, not checked against this process's (a small driver job's) own allocation.
+    worker_jobs = (backend or settings["cluster"].get("backend")) == "slurm"
+    resources = detect_resources(
+        memory_bytes=None if mem_gb is None else int(mem_gb * 1e9), cpus=cpus,
+        plan_ahead=worker_jobs,
+    )
     url = database_url(db_url, default=stock_cfg["db"])
     report = run_predict(
         url, model_dir or stock_cfg["model-dir"], settings=settings, options=opts,
