@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -257,8 +258,11 @@ def _calendar(dates: np.ndarray) -> list[np.ndarray]:
     ]
 
 
-def _feature_table(b: Bars) -> list[tuple[str, Callable[[], np.ndarray]]]:
-    """(name, thunk) pairs; thunks share cached intermediates and run one at a time."""
+_Row = tuple[str, Callable[[], np.ndarray]]
+
+
+def _kit(b: Bars) -> SimpleNamespace:
+    """The bars' series and the cached intermediates the feature thunks share."""
     c, o, h, lo, pc, v, amt = b.close, b.open, b.high, b.low, b.pre_close, b.vol, b.amount
     cache: dict[str, np.ndarray] = {}
 
@@ -311,8 +315,15 @@ def _feature_table(b: Bars) -> list[tuple[str, Callable[[], np.ndarray]]]:
         return div(rolling_sum(mfv, n), rolling_sum(v, n))
 
     limit = np.where(np.char.startswith(np.asarray(b.codes, dtype=str), "300"), 19.8, 9.8)[:, None]
-    cal = _calendar(b.dates)
-    table: list[tuple[str, Callable[[], np.ndarray]]] = [
+    dates = b.dates
+    return SimpleNamespace(**{n: x for n, x in locals().items() if n not in ("b", "get", "cache")})
+
+
+def _price_rows(k: SimpleNamespace) -> list[_Row]:
+    c, o, h, lo, pc, pct, rng, rel = k.c, k.o, k.h, k.lo, k.pc, k.pct, k.rng, k.rel
+    cal = _calendar(k.dates)
+    table: list[_Row] = []
+    table += [
         (n, (lambda a=a: a))
         for n, a in zip(("dow_sin", "dow_cos", "month_sin", "month_cos", "day"), cal, strict=True)
     ]
@@ -326,6 +337,14 @@ def _feature_table(b: Bars) -> list[tuple[str, Callable[[], np.ndarray]]]:
     ]
     table += [(f"sma{n}_ratio", lambda n=n: rel(sma(c, n))) for n in (5, 10, 20, 30, 60)]
     table += [(f"ema{n}_ratio", lambda n=n: rel(ema_span(c, n))) for n in (5, 10, 12, 20, 26, 60)]
+    return table
+
+
+def _trend_rows(k: SimpleNamespace) -> list[_Row]:
+    c, h, lo, pc, macd_parts, kdj_parts, boll = (
+        k.c, k.h, k.lo, k.pc, k.macd_parts, k.kdj_parts, k.boll
+    )
+    table: list[_Row] = []
     table += [
         ("sma5_sma20", lambda: np.tanh(10 * div(sma(c, 5) - sma(c, 20), sma(c, 20)))),
         ("sma10_sma60", lambda: np.tanh(10 * div(sma(c, 10) - sma(c, 60), sma(c, 60)))),
@@ -353,6 +372,12 @@ def _feature_table(b: Bars) -> list[tuple[str, Callable[[], np.ndarray]]]:
         ("atr14", lambda: np.tanh(10 * div(atr(h, lo, pc, 14), c))),
         ("atr5_atr20", lambda: np.tanh(np.log(div(atr(h, lo, pc, 5), atr(h, lo, pc, 20), fill=1.0) + EPS))),
     ]
+    return table
+
+
+def _volume_rows(k: SimpleNamespace) -> list[_Row]:
+    c, v, amt, lv, vol_ma, obv, log_ratio = k.c, k.v, k.amt, k.lv, k.vol_ma, k.obv, k.log_ratio
+    table: list[_Row] = []
     table += [(f"vol_ma{n}", lambda n=n: np.tanh(log_ratio(v, vol_ma(n)))) for n in (5, 10, 20)]
     table += [
         ("vol_change", lambda: np.tanh(lv() - shift(lv(), 1))),
@@ -363,6 +388,14 @@ def _feature_table(b: Bars) -> list[tuple[str, Callable[[], np.ndarray]]]:
     ]
     table += [(f"mom{n}", lambda n=n: np.tanh(5 * div(c - shift(c, n), shift(c, n)))) for n in (5, 10, 20, 60)]
     table += [(f"roc{n}", lambda n=n: np.tanh(10 * div(c - shift(c, n), shift(c, n)))) for n in (3, 12, 40)]
+    return table
+
+
+def _lag_rows(k: SimpleNamespace) -> list[_Row]:
+    c, o, h, lo, pc, v, pct, lv, ret_std, rng, adx_parts, williams, position, cci, mfi, cmf, limit = (
+        k.c, k.o, k.h, k.lo, k.pc, k.v, k.pct, k.lv, k.ret_std, k.rng, k.adx_parts, k.williams, k.position, k.cci, k.mfi, k.cmf, k.limit
+    )
+    table: list[_Row] = []
     table += [
         ("candle_body", lambda: div(c - o, rng())),
         ("upper_shadow", lambda: div(h - np.maximum(o, c), rng())),
@@ -394,9 +427,15 @@ def _feature_table(b: Bars) -> list[tuple[str, Callable[[], np.ndarray]]]:
     table += [(f"volatility{n}", lambda n=n: np.tanh(ret_std(n))) for n in (5, 20, 60)]
     table += [(f"position{n}", lambda n=n: position(n)) for n in (20, 60)]
     table += [("zscore60", lambda: np.tanh(div(c - sma(c, 60), rolling_std(c, 60)) / 2))]
-    zeros = lambda: np.zeros(b.shape)  # noqa: E731
-    table += [(f"reserved{i}", zeros) for i in range(N_FEATURES - len(table))]
     return table
+
+
+def _feature_table(b: Bars) -> list[_Row]:
+    """(name, thunk) pairs; thunks share cached intermediates and run one at a time."""
+    k = _kit(b)
+    table = _price_rows(k) + _trend_rows(k) + _volume_rows(k) + _lag_rows(k)
+    zeros = lambda: np.zeros(b.shape)  # noqa: E731
+    return table + [(f"reserved{i}", zeros) for i in range(N_FEATURES - len(table))]
 
 
 def _names() -> list[str]:
