@@ -43,7 +43,6 @@ import dask.config
 from .errors import ClusterStartError, ConfigError
 from .planner import Plan
 from .resources import Resources
-from .resources import Resources
 from .security import cluster_security
 from .units import format_bytes
 
@@ -550,13 +549,10 @@ def cluster_resources(client, *, detect: Callable[[], Resources] | None = None) 
     return workers_resources(info, detect=detect)
 
 
-def workers_resources(
-    info: dict, *, detect: Callable[[], Resources] | None = None
-) -> Resources:
+def workers_resources(info: dict, *, detect: Callable[[], Resources] | None = None) -> Resources:
     """:func:`cluster_resources` from a ``scheduler_info()`` dict."""
     from .planner import plural
     from .resources import Limit, Worker, detect_resources
-    from .units import format_bytes
 
     where = f"scheduler {info.get('address') or '?'}"
     found = info.get("workers") or {}
@@ -578,10 +574,9 @@ def workers_resources(
     limits = sorted({w.memory_limit_bytes for w in workers})
     notes: list[str] = []
     if limits[0] > 0:
-        each = " - ".join(format_bytes(x) for x in (limits[0], limits[-1])[: len(limits)])
-        memory, memory_source = sum(w.memory_limit_bytes for w in workers), (
-            f"memory_limit of {them}: {each} each"
-        )
+        each = " to ".join(format_bytes(x) for x in {limits[0]: 0, limits[-1]: 0})
+        memory = sum(w.memory_limit_bytes for w in workers)
+        memory_source = f"memory_limit of {them}: {each} each"
     else:
         mine = (detect or (lambda: detect_resources(probe_gpus=False)))()
         unlimited = sum(1 for w in workers if not w.memory_limit_bytes)
@@ -619,9 +614,8 @@ def _worker_gpus(found: dict, them: str) -> tuple[tuple, str]:
         if not total:
             continue
         used = int(((w.get("metrics") or {}).get("gpu") or {}).get("memory-used") or 0)
-        gpus.append(
-            GPU(len(gpus), str(gpu.get("name") or "GPU"), total - used, total, f"worker {address} (pynvml)")
-        )
+        name = str(gpu.get("name") or "GPU")
+        gpus.append(GPU(len(gpus), name, total - used, total, f"worker {address} (pynvml)"))
     if not gpus:
         return (), f"none reported by {them} (a worker reports its GPU when pynvml finds one)"
     return tuple(gpus), f"reported by {len(gpus)} of {them} (pynvml)"
@@ -672,26 +666,3 @@ def worker_shape(client) -> tuple[int, int]:
             "(dask worker SCHEDULER) or use --cluster local"
         )
     return len(workers), min(int(w.get("nthreads") or 1) for w in workers.values())
-
-
-def cluster_resources(client) -> Resources:
-    """The allocation an existing cluster gives: its workers' memory limits and threads.
-
-    The plan for an existing scheduler (or a given client) is made for these, not for the
-    machine the driver runs on.  Workers without a memory limit cannot be planned for.
-    """
-    workers = client.scheduler_info().get("workers", {})
-    n, threads = worker_shape(client)
-    limits = [int(w.get("memory_limit") or 0) for w in workers.values()]
-    where = f"the {n} workers of scheduler {client.scheduler.address}"
-    if min(limits) <= 0:
-        raise ConfigError(
-            f"{where} have no memory limit, so no plan can keep them from running out of "
-            "memory: start them with --memory-limit (e.g. dask worker --memory-limit 4GiB)"
-        )
-    return Resources(
-        memory_bytes=min(limits) * n,
-        memory_source=f"memory_limit {format_bytes(min(limits))} x {n} of {where}",
-        cpus=threads * n,
-        cpus_source=f"{threads} thread(s) x {n} of {where}",
-    )

@@ -95,6 +95,9 @@ class PlanSettings:
     chunk_size: int | None = None
     max_workers: int | None = None
     n_workers: int | None = None
+    #: each worker's memory limit, fixed (an existing cluster's workers); None: the planner
+    #: shares the allocation out
+    memory_limit_bytes: int | None = None
     threads_per_worker: int = 1
     max_threads_per_worker: int = 1
     reserve_bytes: int = 256 * 1024**2
@@ -123,7 +126,7 @@ class PlanSettings:
                 raise ConfigError(
                     f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
                 )
-        for name in ("max_chunk", "chunk_size", "max_workers", "n_workers"):
+        for name in ("max_chunk", "chunk_size", "max_workers", "n_workers", "memory_limit_bytes"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be at least 1, got {value}")
@@ -241,14 +244,40 @@ def _usable(footprint: Footprint, settings: PlanSettings, memory_bytes: int) -> 
     return memory_bytes - reserve_bytes(footprint, settings) - footprint.node_shared_bytes
 
 
+def _limit(footprint: Footprint, settings: PlanSettings, memory_bytes: int, n: int) -> int:
+    """Each of ``n`` workers' memory limit: the fixed one, else an equal share."""
+    if settings.memory_limit_bytes is not None:
+        return settings.memory_limit_bytes
+    return _usable(footprint, settings, memory_bytes) // n
+
+
+def _for_workers(resources: Resources, settings: PlanSettings) -> PlanSettings:
+    """An existing cluster's workers (``resources.workers``) fix the count, the threads and,
+    when they have one, each worker's memory limit (the smallest); its scheduler and client
+    are not in the workers' memory, so nothing is reserved for them."""
+    if not resources.workers:
+        return settings
+    threads = min(w.threads for w in resources.workers)
+    smallest = min(w.memory_limit_bytes for w in resources.workers)
+    return replace(
+        settings,
+        n_workers=len(resources.workers),
+        threads_per_worker=threads,
+        max_threads_per_worker=threads,
+        reserve_bytes=0,
+        memory_limit_bytes=smallest if smallest > 0 else settings.memory_limit_bytes,
+    )
+
+
 def min_memory_bytes(
     footprint: Footprint, settings: PlanSettings, chunk: int | None = None, n_workers: int = 1
 ) -> int:
     """The smallest allocation on which ``n_workers`` workers each run a chunk of ``chunk`` items.
 
     Checked against the planner's own arithmetic, so planning with exactly this much
-    memory succeeds.
+    memory succeeds.  A fixed per-worker limit in ``settings`` is ignored here.
     """
+    settings = replace(settings, memory_limit_bytes=None)
     chunk = chunk or _smallest_chunk(footprint, settings)
     worker = (
         footprint.fixed_bytes + chunk * footprint.per_item_bytes * settings.threads_per_worker
@@ -264,36 +293,89 @@ def min_memory_bytes(
 def _fits(footprint: Footprint, settings: PlanSettings, memory: int, n: int, chunk: int) -> bool:
     """Whether ``n`` workers each running ``chunk`` items fit in ``memory`` bytes."""
     usable = _usable(footprint, settings, memory)
-    return usable >= n and _worker_budget(footprint, settings, usable // n) >= chunk
+    limit = _limit(footprint, settings, memory, n)
+    return usable >= n and _worker_budget(footprint, settings, limit) >= chunk
 
 
 def _gb_up(n: int) -> str:
     """Decimal GB rounded *up* to 0.1, so 'at least' is never an understatement."""
-    return f"{math.ceil(n / 1e8) / 10:.1f} GB"
+    return f"{-(-n // 10**8) / 10:.1f} GB"
+
+
+def _gib_up(n: int) -> str:
+    """GiB rounded *up* to 0.01."""
+    return f"{-(-n * 100 // 1024**3) / 100:.2f} GiB"
+
+
+def _gb_down(n: int) -> str:
+    """Decimal GB rounded *down* to 0.1, so 'has' is never an overstatement."""
+    return f"{n // 10**8 / 10:.1f} GB"
+
+
+def slurm_mem(need_bytes: int) -> str:
+    """SLURM's ``--mem`` value for at least ``need_bytes``: whole ``G`` (SLURM's G is GiB,
+    1024**3 bytes), rounded up; at least ``1G``."""
+    return f"{max(1, -(-need_bytes // 1024**3))}G"
+
+
+def min_worker_limit(footprint: Footprint, settings: PlanSettings, chunk: int) -> int:
+    """The smallest memory limit of a worker whose threads each run ``chunk`` items."""
+    work = footprint.fixed_bytes + chunk * footprint.per_item_bytes * settings.threads_per_worker
+    limit = max(1, math.ceil(work / settings.memory_fraction))
+    while _worker_budget(footprint, settings, limit) < chunk:  # float rounding: a byte or two
+        limit += 1
+    return limit
+
+
+def _holds(footprint: Footprint, settings: PlanSettings, per_worker: int) -> str:
+    """'; each worker holds X before any work' when those fixed bytes weigh in; else ''."""
+    if footprint.fixed_bytes >= 0.5 * settings.memory_fraction * per_worker:
+        return f"; each worker holds {format_bytes(footprint.fixed_bytes)} before any work"
+    return ""
 
 
 def _infeasible(
     footprint: Footprint, resources: Resources, settings: PlanSettings
 ) -> PlanInfeasibleError:
+    if settings.memory_limit_bytes is not None:
+        return _infeasible_on_workers(footprint, resources, settings)
     n = settings.n_workers or 1
     need = min_memory_bytes(footprint, settings, settings.chunk_size, n)
-    request_g = max(1, math.ceil(need / 1024**3))
-    hints = [f"request --mem={request_g}G"]
+    hints = [f"request --mem={slurm_mem(need)} (SLURM's G is GiB)"]
     if settings.n_workers and settings.n_workers > 1:
         hints.append("use fewer workers")
     if settings.chunk_size and settings.chunk_size > settings.min_chunk:
         hints.append(f"lower the chunk size below {settings.chunk_size}")
     hints += list(footprint.shrink_hints)
     per_worker = (need - reserve_bytes(footprint, settings) - footprint.node_shared_bytes) // n
-    copies = ""
-    if footprint.fixed_bytes >= 0.5 * settings.memory_fraction * per_worker:
-        copies = f" (each worker holds {format_bytes(footprint.fixed_bytes)} before any work)"
+    copies = _holds(footprint, settings, per_worker)
     workers = f" for {n} workers" if n > 1 else ""
     return PlanInfeasibleError(
-        f"{footprint.workload} needs at least {_gb_up(need)}{workers}{copies} but the allocation "
-        f"has {resources.memory_bytes / 1e9:.1f} GB ({resources.memory_source}): "
+        f"{footprint.workload} needs at least {_gb_up(need)}{workers} ({_gib_up(need)}{copies}) "
+        f"but the allocation has {_gb_down(resources.memory_bytes)} ({resources.memory_source}): "
         + ", or ".join(hints),
         min_memory_bytes=need,
+    )
+
+
+def _infeasible_on_workers(
+    footprint: Footprint, resources: Resources, settings: PlanSettings
+) -> PlanInfeasibleError:
+    """Workers of a fixed memory limit (an existing cluster's) too small for one chunk."""
+    chunk = _smallest_chunk(footprint, settings)
+    need = min_worker_limit(footprint, settings, chunk)
+    need_mib = -(-need // 1024**2)
+    hints = [f"start the workers with --memory-limit {need_mib}MiB or more"]
+    if chunk > settings.min_chunk:
+        hints.append(f"lower the chunk size below {chunk}")
+    hints += list(footprint.shrink_hints)
+    limit = settings.memory_limit_bytes or 0
+    return PlanInfeasibleError(
+        f"{footprint.workload} needs workers with a memory limit of at least {need_mib} MiB for "
+        f"chunks of {plural(chunk, footprint.item_name)} ({format_bytes(need)}"
+        f"{_holds(footprint, settings, need)}) but the workers have {format_bytes(limit)} ({resources.memory_source}): "
+        + ", or ".join(hints),
+        min_memory_bytes=need * (settings.n_workers or 1),
     )
 
 
@@ -301,6 +383,8 @@ def _worker_options(
     footprint: Footprint, resources: Resources, settings: PlanSettings
 ) -> tuple[int, str]:
     """The most workers worth trying and the constraint that caps them."""
+    if resources.workers:
+        return len(resources.workers), "existing workers"
     if settings.n_workers is not None:
         return settings.n_workers, "n_workers set"
     by_cpu = max(1, resources.cpus // settings.threads_per_worker)
@@ -332,7 +416,7 @@ def make_plan(
     Invariants: ``predicted_peak_bytes <= memory_fraction x memory_limit_bytes`` and
     ``n_workers x memory_limit_bytes + node-shared bytes + reserve <= memory``.
     """
-    settings = settings or PlanSettings()
+    settings = _for_workers(resources, settings or PlanSettings())
     notes = []
     if settings.threads_per_worker > resources.cpus:
         notes.append(
@@ -349,8 +433,7 @@ def make_plan(
     )
     threads = settings.threads_per_worker
     fraction = settings.memory_fraction
-    usable = _usable(footprint, settings, resources.memory_bytes)
-    limit = usable // n
+    limit = _limit(footprint, settings, resources.memory_bytes, n)
     capacity = _worker_budget(footprint, settings, limit)
 
     chunk, chunk_reason = _choose_chunk(footprint, settings, n, capacity)
@@ -479,6 +562,8 @@ def _reasons(
     kept = f"{fb(reserve)} kept for scheduler and client"
     if reserve > settings.reserve_bytes:
         kept += f" (the {footprint.workload} driver's measured size; reserve setting {fb(settings.reserve_bytes)})"
+    if resources.workers:
+        kept = "the scheduler and client are not in the workers' limits"
     reasons = [
         f"allocation: {resources.memory_bytes / 1e9:.1f} GB = {fb(resources.memory_bytes)} "
         f"({resources.memory_source}), {resources.cpus} CPUs ({resources.cpus_source}); {kept}",
@@ -502,6 +587,8 @@ def _reasons(
         "max_workers": f"max-workers caps at {settings.max_workers}",
         "items": f"only {plural(footprint.n_items, item)} to share out",
         "n_workers set": f"{settings.n_workers} workers as requested",
+        "existing workers": f"planned for the existing cluster's {plural(n, 'worker')} of {fb(limit)} each"
+        + ("" if settings.memory_limit_bytes else " (no memory limit on them: an equal share)"),
     }[cap_reason]
     if n == top:
         reasons.append(f"workers: {n}, {cap_text}")

@@ -44,8 +44,22 @@ class GPU:
 
 
 @dataclass(frozen=True)
+class Worker:
+    """One worker of an existing Dask cluster, as its scheduler reports it."""
+
+    address: str
+    name: str
+    memory_limit_bytes: int  # 0: the worker has no memory limit
+    threads: int
+
+
+@dataclass(frozen=True)
 class Resources:
-    """The allocation: the tightest memory and CPU limits, and the GPUs."""
+    """The allocation: the tightest memory and CPU limits, and the GPUs.
+
+    ``workers``: the workers of an existing cluster (:func:`hpcbatch.cluster.cluster_resources`);
+    the planner then keeps their count, threads and memory limit instead of choosing them.
+    """
 
     memory_bytes: int
     memory_source: str
@@ -59,6 +73,7 @@ class Resources:
     memory_candidates: tuple[Limit, ...] = ()
     cpu_candidates: tuple[Limit, ...] = ()
     notes: tuple[str, ...] = field(default=())
+    workers: tuple[Worker, ...] = ()
 
     def summary_rows(self) -> list[tuple[str, str, str]]:
         rows = [
@@ -99,6 +114,7 @@ class Resources:
             "memory_candidates": [c.__dict__ for c in self.memory_candidates],
             "cpu_candidates": [c.__dict__ for c in self.cpu_candidates],
             "notes": list(self.notes),
+            "workers": [worker.__dict__ for worker in self.workers],
         }
 
 

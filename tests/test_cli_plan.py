@@ -83,6 +83,20 @@ def test_infeasible_plan_says_what_to_request():
     assert "override (--mem)" in result.stderr
 
 
+def test_infeasible_stocks_plan_suggests_a_mem_that_covers_the_need():
+    """Issue 14: 'needs at least 2.1 GB ... request --mem=2G' read as too little. The need
+    is also given in GiB, the units of SLURM's --mem=NG, and N GiB covers it."""
+    result = invoke("plan", "stocks", "--mem-gb", "2.0", "--batch-size", "400")
+    assert result.exit_code == 2
+    message = result.stderr
+    need_gb = float(message.split("needs at least ")[1].split(" GB")[0])
+    need_gib = float(message.split(" GB (")[1].split(" GiB")[0])
+    requested_gib = int(message.split("request --mem=")[1].split("G")[0])
+    assert need_gb > 2.0 and abs(need_gib * 1024**3 - need_gb * 1e9) < 0.1e9
+    assert requested_gib >= need_gib and requested_gib * 1024**3 >= need_gb * 1e9 - 0.1e9
+    assert "SLURM's G is GiB" in message
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

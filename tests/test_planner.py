@@ -17,9 +17,10 @@ from hpcbatch.planner import (
     gpu_batch_size,
     make_plan,
     min_memory_bytes,
+    slurm_mem,
 )
 from hpcbatch.predictive.footprint import technical_footprint
-from hpcbatch.resources import GPU, Resources
+from hpcbatch.resources import GPU, Resources, Worker
 from hpcbatch.stocks.footprint import stocks_footprint
 
 GB = 10**9
@@ -402,3 +403,126 @@ def test_a_zero_reserve_is_kept_when_the_allocation_does_not_hold_the_driver() -
     plan = make_plan(heavy, res, PlanSettings(reserve_bytes=0))
     assert plan.reserve_bytes == 0
     assert plan.n_workers * plan.memory_limit_bytes == res.memory_bytes
+
+
+# ------------------------------------------------ what to request (units) ----
+
+
+@pytest.mark.parametrize(
+    ("need", "expected"),
+    [
+        (1, "1G"),
+        (GiB - 1, "1G"),
+        (GiB, "1G"),
+        (GiB + 1, "2G"),
+        (2 * GB, "2G"),  # 1.86 GiB
+        (int(2.1 * GB), "2G"),  # 1.96 GiB: 2G = 2.15 GB covers "2.1 GB"
+        (2 * GiB, "2G"),
+        (2 * GiB + 1, "3G"),
+        (int(2.2 * GB), "3G"),  # 2.05 GiB
+        (16 * GiB + MiB, "17G"),
+    ],
+)
+def test_slurm_mem_is_the_smallest_whole_gib_that_covers_the_need(need, expected) -> None:
+    """SLURM's --mem=NG is N GiB: the suggestion is never below the need."""
+    got = slurm_mem(need)
+    assert got == expected
+    n = int(got.removesuffix("G"))
+    assert n * GiB >= need and (n == 1 or (n - 1) * GiB < need)
+
+
+@pytest.mark.parametrize(
+    "target", [2 * GB - 10, 2 * GB + 10, int(2.1 * GB), 2 * GiB - 10, 2 * GiB, 2 * GiB + 10]
+)
+def test_the_infeasible_message_states_the_need_in_the_units_it_suggests(target) -> None:
+    """'needs at least 2.1 GB ... request --mem=2G' read as too little: the need is given in
+    GiB too (rounded up), and the suggested --mem (whole GiB, rounded up) covers both."""
+    fp = Footprint("w", "item", 10, per_item_bytes=1, baseline_bytes=int(target * 0.6) - 1)
+    st_ = PlanSettings(reserve_bytes=0, n_workers=1)
+    need = min_memory_bytes(fp, st_)
+    assert abs(need - target) < 10
+    with pytest.raises(PlanInfeasibleError) as err:
+        make_plan(fp, alloc(need - 1, 1), st_)
+    message = str(err.value)
+    shown_gb = float(message.split("needs at least ")[1].split(" GB")[0])
+    shown_gib = float(message.split(" GB (")[1].split(" GiB")[0])
+    has_gb = float(message.split("the allocation has ")[1].split(" GB")[0])
+    requested = int(message.split("request --mem=")[1].split("G")[0])
+    assert shown_gb * GB >= need and shown_gib * GiB >= need
+    assert has_gb < shown_gb  # never "needs 2.1 GB but has 2.1 GB"
+    assert requested >= shown_gib and requested * GiB >= need
+    assert "SLURM's G is GiB" in message
+    check_infeasible(err.value, fp, alloc(need - 1, 1), st_)
+
+
+# ------------------------------------------------ an existing cluster's workers ----
+
+
+def workers_alloc(*limits: int, threads: int = 1) -> Resources:
+    """What hpcbatch.cluster.cluster_resources gives for workers of these memory limits."""
+    workers = tuple(
+        Worker(f"tcp://127.0.0.1:{4000 + i}", f"tcp://127.0.0.1:{4000 + i}", limit, threads)
+        for i, limit in enumerate(limits)
+    )
+    return Resources(
+        memory_bytes=sum(limits),
+        memory_source="memory_limit of the cluster's workers (test)",
+        cpus=threads * len(limits),
+        cpus_source="threads of the cluster's workers (test)",
+        workers=workers,
+    )
+
+
+def test_a_plan_for_existing_workers_keeps_their_count_threads_and_limit() -> None:
+    """Even when the settings would choose otherwise (8 workers, a reserve, threads)."""
+    res = workers_alloc(450 * MiB, 450 * MiB)
+    fp = Footprint(
+        "w", "item", 3000, per_item_bytes=100_000, baseline_bytes=150 * MiB,
+        shared_input_bytes=50 * MiB, shared_input_mmap=True, driver_bytes=400 * MiB,
+    )  # fmt: skip
+    st_ = PlanSettings(n_workers=8, threads_per_worker=2, max_threads_per_worker=4)
+    plan = make_plan(fp, res, st_)
+    assert plan.n_workers == 2 and plan.threads_per_worker == 1
+    assert plan.memory_limit_bytes == 450 * MiB  # not (900 MiB - 50 MiB node-shared) / 2
+    assert plan.reserve_bytes == 0
+    assert plan.predicted_peak_bytes <= plan.memory_fraction * 450 * MiB
+    assert "workers: 2, planned for the existing cluster's 2 workers of 450.00 MiB each" in (
+        plan.reasons
+    )
+    assert plan.to_dict()["resources"]["workers"][0]["memory_limit_bytes"] == 450 * MiB
+
+
+def test_workers_of_unequal_limits_are_planned_for_the_smallest() -> None:
+    plan = make_plan(
+        Footprint("w", "item", 100, per_item_bytes=MiB, baseline_bytes=100 * MiB),
+        workers_alloc(1 * GiB, 450 * MiB, 2 * GiB, threads=2),
+    )
+    assert (plan.n_workers, plan.threads_per_worker) == (3, 2)
+    assert plan.memory_limit_bytes == 450 * MiB
+    assert 2 * plan.chunk_size * MiB + 100 * MiB <= 0.6 * 450 * MiB
+
+
+def test_a_chunk_too_large_for_the_workers_says_what_limit_to_start_them_with() -> None:
+    fp = Footprint("w", "item", 3000, per_item_bytes=MiB, baseline_bytes=150 * MiB)
+    res = workers_alloc(450 * MiB, 450 * MiB)
+    with pytest.raises(PlanInfeasibleError) as err:
+        make_plan(fp, res, PlanSettings(chunk_size=400))
+    message = str(err.value)
+    assert "\n" not in message and "request --mem" not in message
+    assert "lower the chunk size below 400" in message
+    need_mib = int(message.split("--memory-limit ")[1].split("MiB")[0])
+    assert need_mib * MiB > 450 * MiB
+    # workers of exactly that limit take the chunk; 1 MiB less does not
+    plan = make_plan(
+        fp, workers_alloc(need_mib * MiB, need_mib * MiB), PlanSettings(chunk_size=400)
+    )
+    assert plan.chunk_size == 400 and plan.memory_limit_bytes == need_mib * MiB
+    with pytest.raises(PlanInfeasibleError):
+        make_plan(fp, workers_alloc((need_mib - 1) * MiB), PlanSettings(chunk_size=400))
+
+
+def test_workers_without_a_memory_limit_share_the_given_memory() -> None:
+    res = dataclasses.replace(workers_alloc(0, 0), memory_bytes=8 * GiB)
+    plan = make_plan(Footprint("w", "item", 100, per_item_bytes=MiB, baseline_bytes=MiB), res)
+    assert plan.n_workers == 2 and plan.memory_limit_bytes == 4 * GiB and plan.reserve_bytes == 0
+    assert any("no memory limit on them" in r for r in plan.reasons)
