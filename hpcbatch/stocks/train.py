@@ -96,53 +96,13 @@ def train(
             raise ConfigError(f"{name} must be at least 1, got {value}")
     t0 = time.perf_counter()
     config = model_config(size) if isinstance(size, str) else size
-    require_tables(engine, "stock_daily")
-    codes = list_codes(engine)
-    if not codes:
-        raise DataError("stock_daily holds no stocks: run 'hpcbatch stocks generate' first")
-    step = max(1, len(codes) // max_stocks)
-    codes = codes[::step][:max_stocks]
-    features, index = _gather(engine, codes, lookback_days)
-    mean, std = _norm_stats(features)
-    features = (features - mean) / std
-    views = all_windows(features, config.window + 1)  # window plus its next day: a view
-
     rng = np.random.default_rng(seed)
-    index = index[rng.permutation(len(index))[:max_windows]]
-    n_val = max(1, len(index) // 10)
-    val_idx, train_idx = index[:n_val], index[n_val:]
-    if len(train_idx) == 0:
-        raise DataError("too few training windows: generate more stocks or days")
-
+    data = _training_data(engine, config, max_stocks, lookback_days, max_windows, rng)
+    codes, views, mean, std, train_idx, val_idx = data
     torch.manual_seed(seed)
     model = StockModel(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    bce = nn.BCELoss()
-
-    def loss_of(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        w = torch.from_numpy(np.ascontiguousarray(views[idx[:, 0], idx[:, 1]], dtype=np.float32))
-        x, y = w[:, :-1], w[:, 1:]
-        out, conf = model(x)
-        last_pred, last_true = out[:, -1, CLOSE_PCT], y[:, -1, CLOSE_PCT]
-        mse = ((out - y) ** 2).mean() + 4 * ((last_pred - last_true) ** 2).mean()
-        correct = ((last_pred > 0) == (last_true > 0)).float()
-        return mse + 0.1 * bce(conf, correct), correct.mean()
-
-    train_loss = float("nan")
-    for epoch in range(epochs):
-        model.train()
-        order = rng.permutation(len(train_idx))
-        total, count = 0.0, 0
-        for start in range(0, len(order), batch):
-            loss, _ = loss_of(train_idx[order[start : start + batch]])
-            opt.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            total += float(loss.detach()) * min(batch, len(order) - start)
-            count += min(batch, len(order) - start)
-        train_loss = total / count
-        log(f"epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f}")
+    loss_of = _loss_function(model, views)
+    train_loss = _fit(model, loss_of, train_idx, epochs, batch, lr, rng, log)
     model.eval()
     with torch.no_grad():
         val_loss, val_acc = loss_of(val_idx)
@@ -167,3 +127,60 @@ def train(
         seconds=round(time.perf_counter() - t0, 2),
         parameters=sum(p.numel() for p in model.parameters()),
     )
+
+
+def _training_data(engine, config, max_stocks, lookback_days, max_windows, rng) -> tuple:
+    """Codes, the normalised windows (a view) and the train/validation window indices."""
+    require_tables(engine, "stock_daily")
+    codes = list_codes(engine)
+    if not codes:
+        raise DataError("stock_daily holds no stocks: run 'hpcbatch stocks generate' first")
+    step = max(1, len(codes) // max_stocks)
+    codes = codes[::step][:max_stocks]
+    features, index = _gather(engine, codes, lookback_days)
+    mean, std = _norm_stats(features)
+    features = (features - mean) / std
+    views = all_windows(features, config.window + 1)  # window plus its next day: a view
+    index = index[rng.permutation(len(index))[:max_windows]]
+    n_val = max(1, len(index) // 10)
+    val_idx, train_idx = index[:n_val], index[n_val:]
+    if len(train_idx) == 0:
+        raise DataError("too few training windows: generate more stocks or days")
+    return codes, views, mean, std, train_idx, val_idx
+
+
+def _loss_function(model, views):
+    """``loss_of(idx) -> (loss, direction accuracy)`` over the windows ``idx``."""
+    bce = nn.BCELoss()
+
+    def loss_of(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        w = torch.from_numpy(np.ascontiguousarray(views[idx[:, 0], idx[:, 1]], dtype=np.float32))
+        x, y = w[:, :-1], w[:, 1:]
+        out, conf = model(x)
+        last_pred, last_true = out[:, -1, CLOSE_PCT], y[:, -1, CLOSE_PCT]
+        mse = ((out - y) ** 2).mean() + 4 * ((last_pred - last_true) ** 2).mean()
+        correct = ((last_pred > 0) == (last_true > 0)).float()
+        return mse + 0.1 * bce(conf, correct), correct.mean()
+
+    return loss_of
+
+
+def _fit(model, loss_of, train_idx, epochs, batch, lr, rng, log) -> float:
+    """AdamW over shuffled mini-batches; the last epoch's mean training loss."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    train_loss = float("nan")
+    for epoch in range(epochs):
+        model.train()
+        order = rng.permutation(len(train_idx))
+        total, count = 0.0, 0
+        for start in range(0, len(order), batch):
+            loss, _ = loss_of(train_idx[order[start : start + batch]])
+            opt.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            total += float(loss.detach()) * min(batch, len(order) - start)
+            count += min(batch, len(order) - start)
+        train_loss = total / count
+        log(f"epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f}")
+    return train_loss
