@@ -656,13 +656,3 @@ def _close_quietly(obj) -> None:
     with suppress(Exception):  # closing must not hide the run's own error
         obj.close()
 
-
-def worker_shape(client) -> tuple[int, int]:
-    """How many workers ``client``'s cluster has now, and the threads of each (the fewest)."""
-    workers = client.scheduler_info().get("workers", {})
-    if not workers:
-        raise ConfigError(
-            "the Dask cluster has no workers to plan for: start workers first "
-            "(dask worker SCHEDULER) or use --cluster local"
-        )
-    return len(workers), min(int(w.get("nthreads") or 1) for w in workers.values())

@@ -19,12 +19,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from . import config as hb_config
 from .calibrate import Calibration, calibrated_footprint, check_probe
-from .cluster import cluster_resources, open_cluster, worker_shape
+from .cluster import cluster_resources, open_cluster
 from .errors import ConfigError
 from .ledger import Ledger
 from .planner import Footprint, Plan, make_plan
@@ -149,11 +149,6 @@ def plan_sizes(
     return Planned(make_planned(workload, footprint, resources, settings, overrides), calibration)
 
 
-def existing_cluster_overrides(n_workers: int, threads: int) -> dict:
-    """Plan for the workers an existing cluster has: their count and threads, no reserve."""
-    return {"n_workers": n_workers, "threads_per_worker": threads, "reserve_bytes": 0}
-
-
 def plan_job(
     job: Job,
     settings: Mapping[str, Any],
@@ -161,19 +156,14 @@ def plan_job(
     *,
     calibrate: bool | None = None,
     probe_sizes: tuple[int, int] | None = None,
-    existing: Mapping[str, Any] | None = None,
 ) -> Planned:
-    """The plan of a prepared job: its real footprint (measured when asked) on ``resources``.
-
-    ``existing``: the overrides of an existing cluster's workers
-    (:func:`existing_cluster_overrides`).
-    """
+    """The plan of a prepared job: its real footprint (measured when asked) on ``resources``."""
     footprint, calibration = job.footprint, None
     if settings["calibrate"] if calibrate is None else calibrate:
         footprint, calibration = calibrate_footprint(
             job.workload, footprint, job.probe_kwargs, probe_sizes or job.probe_sizes
         )
-    overrides = {**job.plan_overrides(), **dict(existing or {})}
+    overrides = job.plan_overrides()
     plan = make_planned(job.workload, footprint, resources, settings, overrides)
     return Planned(plan, calibration)
 
@@ -232,14 +222,9 @@ def _planned_client(
 
 
 def _plan_for_client(job: Job, settings: Mapping[str, Any], client: Any, plan_kw: dict) -> Planned:
-    resources = cluster_resources(client)
-    # memory-mapped inputs live in the nodes' page cache, outside the workers' limits:
-    # planned on top, so each worker's planned limit is the limit it really has
-    shared = job.footprint.node_shared_bytes
-    resources = replace(resources, memory_bytes=resources.memory_bytes + shared)
-    n_workers, threads = worker_shape(client)
-    existing = existing_cluster_overrides(n_workers, threads)
-    return plan_job(job, settings, resources, existing=existing, **plan_kw)
+    """Planned for the workers that are there (the planner keeps their count, threads and
+    memory limit: :attr:`Resources.workers`)."""
+    return plan_job(job, settings, cluster_resources(client), **plan_kw)
 
 
 def _announce_plan(plan: Plan, request: RunRequest) -> None:
