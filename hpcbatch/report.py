@@ -97,7 +97,7 @@ class MemorySampler(NannyPlugin):
             "rss": [],
             "addresses": [],  # (time, worker address) as the worker restarts
             "memory_limit": getattr(getattr(nanny, "memory_manager", None), "memory_limit", None),
-            "name": str(nanny.name),
+            "name": worker_key(nanny.name, nanny.worker_address or nanny.address),
             "proc": None,
         }
         nanny._hpcbatch_memory = state
@@ -375,6 +375,219 @@ def _chunk_of(key: Any) -> str:
 
 # ------------------------------------------------------------ the plot ----
 
+_MIB = 1024**2
+#: one colour per worker: Matplotlib's tab10 without red (kills) and purple (the predicted
+#: peak), then tab20's lighter shades; reference lines are black/grey
+_WORKER_COLORS = (
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#7f7f7f",
+    "#aec7e8", "#ffbb78", "#98df8a", "#c49c94", "#f7b6d2", "#dbdb8d", "#9edae5", "#c7c7c7",
+)  # fmt: skip
+_KILL_COLOR = "#d62728"
+_PREDICTED_COLOR = "#9467bd"
+_THRESHOLD_STYLES = {"target": ":", "spill": (0, (6, 3)), "pause": "--", "terminate": "-."}
+#: a reference line above this multiple of the data's peak is named, not drawn
+_NEAR = 1.5
+_MAX_WORKER_LABELS = 16
+_MAX_KILL_LABELS = 10
+
+
+@dataclass(frozen=True)
+class PlotSeries:
+    key: str  # the worker's key in measured_peak_per_worker
+    label: str  # its legend entry
+    color: str
+    xs: tuple[float, ...]
+    ys: tuple[float, ...]  # MiB
+
+
+@dataclass(frozen=True)
+class PlotLine:
+    label: str
+    y: float  # MiB
+    color: str
+    style: Any
+    width: float
+
+
+@dataclass(frozen=True)
+class PlotKill:
+    number: int
+    x: float
+    y: float  # MiB
+    label: str  # "kill 1 at 12 s: w0 127.0.0.1:40123, c000003"
+
+
+@dataclass(frozen=True)
+class MemoryPlotData:
+    """What :func:`plot_memory` draws, computed without Matplotlib (and testable)."""
+
+    series: tuple[PlotSeries, ...]
+    lines: tuple[PlotLine, ...]  # reference lines inside the y range
+    off_scale: tuple[str, ...]  # reference lines above it: named in the legend only
+    kills: tuple[PlotKill, ...]
+    y_max: float  # MiB; the y axis starts at 0
+    data_max: float  # the highest RSS sampled or seen at a kill (MiB)
+
+    @property
+    def worker_labels(self) -> tuple[str, ...]:
+        return tuple(s.label for s in self.series if s.label)
+
+    @property
+    def legend_labels(self) -> tuple[str, ...]:
+        labels = list(self.worker_labels)
+        if len(self.series) > len(labels):
+            labels.append(f"... {len(self.series) - len(labels)} more workers (not labelled)")
+        labels += [line.label for line in self.lines]
+        labels += [f"{text}: above the plot" for text in self.off_scale]
+        labels += _kill_legend(self.kills)
+        return tuple(labels)
+
+
+def worker_key(name: Any, address: str | None) -> str:
+    """A worker's key in the report: its name, or its address when it has none (the
+    workers of an existing cluster started by ``dask worker`` without ``--name``)."""
+    if name is None or str(name) in ("", "None"):
+        return str(address or "?")
+    return str(name)
+
+
+def _short_labels(keys: list[str]) -> list[str]:
+    """``w0 127.0.0.1:40123`` for an address key, ``worker 3`` for a name."""
+    out = []
+    for i, key in enumerate(keys):
+        if "://" in key:
+            out.append(f"w{i} {key.split('://', 1)[1]}")
+        else:
+            out.append(f"worker {key}")
+    return out
+
+
+def _unique_keys(timelines: list[dict]) -> list[str]:
+    """Each timeline's key; a missing or repeated name becomes the worker's first address."""
+    keys = []
+    for tl in timelines:
+        first = next((a for _t, a in tl.get("addresses", ()) if a), None)
+        key = worker_key(tl.get("name"), first)
+        if key in keys:
+            key = f"{key} ({first})" if first and first != key else f"{key} #{len(keys)}"
+        keys.append(key)
+    return keys
+
+
+def _finite(values) -> list[float]:
+    return [v for v in values if v == v and v is not None]
+
+
+def memory_plot_data(
+    timelines: list[dict],
+    *,
+    t0: float,
+    memory_limit_bytes: int | None,
+    thresholds: dict | None,
+    predicted_peak_bytes: int | None = None,
+    deaths: list[dict] | None = None,
+) -> MemoryPlotData:
+    """The series, reference lines, kills and y range of the memory plot.
+
+    One series (colour, legend entry) per worker timeline.  The y axis fits what was
+    used: a reference line (limit, thresholds, predicted peak) more than
+    :data:`_NEAR` times above the highest RSS is not drawn but named in the legend.
+    """
+    kept = sorted((tl for tl in timelines if tl.get("t")), key=lambda tl: str(tl.get("name")))
+    keys = _unique_keys(kept)
+    order = sorted(range(len(kept)), key=lambda i: keys[i])
+    labels = _short_labels([keys[i] for i in order])
+    series = []
+    for rank, i in enumerate(order):
+        tl = kept[i]
+        series.append(
+            PlotSeries(
+                key=keys[i],
+                label=labels[rank]
+                if rank < _MAX_WORKER_LABELS - 1 or len(kept) <= _MAX_WORKER_LABELS
+                else "",
+                color=_worker_color(rank, len(kept)),
+                xs=tuple(t - t0 for t in tl["t"]),
+                ys=tuple(r / _MIB for r in tl["rss"]),
+            )
+        )
+    kills = _plot_kills(kept, keys, labels, order, deaths or (), t0)
+    peaks = [max(_finite(s.ys), default=0.0) for s in series] + [k.y for k in kills]
+    data_max = max(peaks, default=0.0)
+    candidates = _reference_lines(memory_limit_bytes, thresholds, predicted_peak_bytes)
+    top = data_max if data_max > 0 else max((c.y for c in candidates), default=1.0)
+    lines = tuple(c for c in candidates if c.y <= _NEAR * top)
+    off = tuple(c.label for c in candidates if c.y > _NEAR * top)
+    # headroom for the kills' numbers (staggered up to three rows above their markers)
+    y_max = max([top] + [c.y for c in lines]) * (1.2 if kills else 1.08)
+    return MemoryPlotData(tuple(series), lines, off, kills, y_max, data_max)
+
+
+def _worker_color(rank: int, n: int) -> str:
+    if rank < len(_WORKER_COLORS):
+        return _WORKER_COLORS[rank]
+    import colorsys
+
+    # beyond 16 workers: evenly spaced hues, away from the kills' red (hue 0)
+    hue = 0.08 + 0.84 * (rank - len(_WORKER_COLORS)) / max(1, n - len(_WORKER_COLORS))
+    r, g, b = colorsys.hsv_to_rgb(hue, 0.55, 0.8)
+    return f"#{int(r * 255):02x}{int(g * 255):02x}{int(b * 255):02x}"
+
+
+def _reference_lines(
+    limit_bytes: int | None, thresholds: dict | None, predicted_bytes: int | None
+) -> list[PlotLine]:
+    lines = []
+    if limit_bytes:
+        limit = limit_bytes / _MIB
+        lines.append(PlotLine(f"memory limit {limit:,.0f} MiB", limit, "black", "-", 1.6))
+        for name, style in _THRESHOLD_STYLES.items():
+            frac = (thresholds or {}).get(name)
+            if frac is None or frac is False:
+                continue
+            y = limit * float(frac)
+            lines.append(
+                PlotLine(f"{name} {float(frac):.0%} ({y:,.0f} MiB)", y, "#555555", style, 1.0)
+            )
+    if predicted_bytes:
+        y = predicted_bytes / _MIB
+        lines.append(PlotLine(f"predicted peak {y:,.0f} MiB", y, _PREDICTED_COLOR, "-.", 1.4))
+    return lines
+
+
+def _plot_kills(kept, keys, labels, order, deaths, t0: float) -> tuple[PlotKill, ...]:
+    """Memory kills with an RSS, numbered in time order, each naming its worker and chunk."""
+    label_of = {keys[i]: labels[rank] for rank, i in enumerate(order)}
+    owner = {}
+    for tl, key in zip(kept, keys, strict=True):
+        for _t, address in tl.get("addresses", ()):
+            owner[address] = key
+    found = sorted(
+        (d for d in deaths if d.get("reason") == "memory" and d.get("rss_bytes")),
+        key=lambda d: d["time"],
+    )
+    kills = []
+    for number, d in enumerate(found, start=1):
+        who = label_of.get(owner.get(d.get("worker"), ""), str(d.get("worker", "?")))
+        chunks = ", ".join(d.get("tasks") or ()) or "no chunk"
+        x = d["time"] - t0
+        kills.append(
+            PlotKill(
+                number, x, d["rss_bytes"] / _MIB, f"kill {number} at {x:,.0f} s: {who}, {chunks}"
+            )
+        )
+    return tuple(kills)
+
+
+def _kill_legend(kills: tuple[PlotKill, ...]) -> list[str]:
+    if not kills:
+        return []
+    if len(kills) > _MAX_KILL_LABELS:
+        return [
+            f"{len(kills)} workers killed for memory (x); their chunks: report.json worker_deaths"
+        ]
+    return [k.label for k in kills]
+
 
 def plot_memory(
     timelines: list[dict],
@@ -387,84 +600,72 @@ def plot_memory(
     deaths: list[dict] | None = None,
     title: str = "",
 ) -> Path:
-    """Per-worker RSS over time with the limit, Dask's thresholds and the prediction."""
+    """Per-worker RSS over time with the limit, Dask's thresholds, the prediction and the
+    memory kills (numbered markers, listed in the legend); see :func:`memory_plot_data`."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    mib = 1024**2
+    data = memory_plot_data(
+        timelines,
+        t0=t0,
+        memory_limit_bytes=memory_limit_bytes,
+        thresholds=thresholds,
+        predicted_peak_bytes=predicted_peak_bytes,
+        deaths=deaths,
+    )
     fig, ax = plt.subplots(figsize=(11, 5.5), dpi=110)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    shown = 0
-    for i, tl in enumerate(sorted(timelines, key=lambda x: x["name"])):
-        if not tl["t"]:
-            continue
-        xs = [t - t0 for t in tl["t"]]
-        ys = [r / mib for r in tl["rss"]]
-        label = f"worker {tl['name']}" if shown < 12 else None
-        ax.plot(xs, ys, lw=1.2, color=colors[i % len(colors)], label=label)
-        shown += 1
-    line_styles = {
-        "target": ("tab:green", ":"),
-        "spill": ("tab:olive", "--"),
-        "pause": ("tab:orange", "--"),
-        "terminate": ("tab:red", "--"),
-    }
-    if memory_limit_bytes:
-        limit = memory_limit_bytes / mib
-        ax.axhline(limit, color="black", lw=1.5, label=f"memory limit {limit:,.0f} MiB")
-        for name, frac in (thresholds or {}).items():
-            if frac is False or frac is None or name not in line_styles:
-                continue
-            color, style = line_styles[name]
-            ax.axhline(
-                limit * float(frac),
-                color=color,
-                ls=style,
-                lw=1.1,
-                label=f"{name} {float(frac):.0%} ({limit * float(frac):,.0f} MiB)",
-            )
-    if predicted_peak_bytes:
-        ax.axhline(
-            predicted_peak_bytes / mib,
-            color="tab:blue",
-            ls="-.",
-            lw=1.1,
-            label=f"predicted peak {predicted_peak_bytes / mib:,.0f} MiB",
+    handles = []
+    for s in data.series:
+        (line,) = ax.plot(s.xs, s.ys, lw=1.2, color=s.color, label=s.label or None)
+        if s.label:
+            handles.append(line)
+    if len(data.series) > len(data.worker_labels):
+        handles.append(Line2D([], [], ls="none", label=data.legend_labels[len(handles)]))
+    for ref in data.lines:
+        handles.append(
+            ax.axhline(ref.y, color=ref.color, ls=ref.style, lw=ref.width, label=ref.label)
         )
-    kills = [d for d in deaths or () if d.get("reason") == "memory" and d.get("rss_bytes")]
-    if kills:
-        ax.scatter(
-            [d["time"] - t0 for d in kills],
-            [d["rss_bytes"] / mib for d in kills],
-            marker="X",
-            s=70,
-            color="red",
-            zorder=5,
-            label="worker killed for memory",
-        )
-        for d in kills:
-            if d.get("tasks"):
-                ax.annotate(
-                    ", ".join(d["tasks"][:2]),
-                    (d["time"] - t0, d["rss_bytes"] / mib),
-                    textcoords="offset points",
-                    xytext=(6, 4),
-                    fontsize=8,
-                    color="red",
-                )
+    for text in data.off_scale:
+        handles.append(Line2D([], [], ls="none", label=f"{text}: above the plot"))
+    handles += _draw_kills(ax, data.kills, Line2D)
     ax.set_xlabel("time since the run started (s)")
     ax.set_ylabel("worker memory, RSS (MiB)")
     ax.set_title(title or "Per-worker memory (RSS sampled every 0.1 s)")
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(0, data.y_max)
     ax.grid(alpha=0.3)
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+    ax.legend(
+        handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False
+    )
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _draw_kills(ax, kills: tuple[PlotKill, ...], line2d) -> list:
+    """Red crosses at the RSS each kill saw; up to :data:`_MAX_KILL_LABELS` numbered, the
+    numbers staggered in height so that kills close in time do not overlap."""
+    if not kills:
+        return []
+    marker = {"marker": "X", "color": _KILL_COLOR, "markersize": 8, "ls": "none"}
+    ax.plot([k.x for k in kills], [k.y for k in kills], zorder=5, **marker)
+    if len(kills) > _MAX_KILL_LABELS:
+        return [line2d([], [], label=_kill_legend(kills)[0], **marker)]
+    for i, k in enumerate(kills):
+        ax.annotate(
+            str(k.number),
+            (k.x, k.y),
+            textcoords="offset points",
+            xytext=(4, 5 + 9 * (i % 3)),
+            fontsize=8,
+            color=_KILL_COLOR,
+            fontweight="bold",
+        )
+    return [line2d([], [], label=k.label, **marker) for k in kills]
 
 
 # ------------------------------------------------------- the directory ----

@@ -12,7 +12,15 @@ from click.testing import CliRunner
 
 from hpcbatch.cli import main
 from hpcbatch.errors import ConfigError
-from hpcbatch.report import RunReport, classify_deaths, load_report, plot_memory, write_report_dir
+from hpcbatch.report import (
+    RunReport,
+    classify_deaths,
+    load_report,
+    memory_plot_data,
+    plot_memory,
+    worker_key,
+    write_report_dir,
+)
 
 T0 = 1_000.0
 
@@ -161,3 +169,100 @@ def test_a_sigkilled_worker_process_is_a_memory_death():
     deaths = {d["worker"]: d for d in classify_deaths(removed, [], since=T0, exits=exits)}
     assert deaths["tcp://a:1"]["reason"] == "memory" and "SIGKILL" in deaths["tcp://a:1"]["detail"]
     assert deaths["tcp://b:1"]["reason"] == "other" and "signal 11" in deaths["tcp://b:1"]["detail"]
+
+
+# ------------------------------------------------------- the kill picture ----
+
+MiB = 2**20
+THRESHOLDS = {"target": 0.6, "spill": 0.7, "pause": 0.8, "terminate": 0.95}
+
+
+def _unnamed_worker(port: int, peak_mib: float, restarts: int = 0) -> dict:
+    """The timeline of an existing cluster's worker: no name (``dask worker`` without
+    --name: the sampler used to key it "None"); a new address after each restart."""
+    addresses = [(T0 + k * 10, f"tcp://127.0.0.1:{port + k}") for k in range(restarts + 1)]
+    return {
+        "name": worker_key(None, addresses[0][1]),
+        "t": [T0 + i * 0.1 for i in range(300)],
+        "rss": [(100 + (peak_mib - 100) * (i % 100) / 99) * MiB for i in range(300)],
+        "addresses": addresses,
+        "memory_limit": 450 * MiB,
+    }
+
+
+def test_a_worker_without_a_name_is_keyed_by_its_address():
+    assert worker_key(None, "tcp://127.0.0.1:40123") == "tcp://127.0.0.1:40123"
+    assert worker_key("None", "tcp://127.0.0.1:40123") == "tcp://127.0.0.1:40123"
+    assert worker_key(0, "tcp://127.0.0.1:40123") == "0"
+    assert worker_key("SLURMCluster-0-1", None) == "SLURMCluster-0-1"
+
+
+def test_the_plot_has_one_legend_entry_and_colour_per_worker_and_names_each_kill():
+    timelines = [_unnamed_worker(40100, 443, restarts=2), _unnamed_worker(40200, 420)]
+    deaths = [
+        {"reason": "memory", "time": T0 + 9.9, "rss_bytes": 443 * MiB,
+         "worker": "tcp://127.0.0.1:40100", "tasks": ["c000000"]},
+        {"reason": "memory", "time": T0 + 19.9, "rss_bytes": 440 * MiB,
+         "worker": "tcp://127.0.0.1:40101", "tasks": ["c000002.1"]},
+        {"reason": "connection", "time": T0 + 25, "worker": "tcp://127.0.0.1:40200"},
+    ]  # fmt: skip
+    data = memory_plot_data(
+        timelines,
+        t0=T0,
+        memory_limit_bytes=450 * MiB,
+        thresholds=THRESHOLDS,
+        predicted_peak_bytes=300 * MiB,
+        deaths=deaths,
+    )
+    assert data.worker_labels == ("w0 127.0.0.1:40100", "w1 127.0.0.1:40200")
+    assert sum(label.startswith("w0 ") for label in data.legend_labels) == 1
+    assert not any("None" in label for label in data.legend_labels)
+    colours = [s.color for s in data.series]
+    assert len(set(colours)) == 2
+    assert not {line.color for line in data.lines} & set(colours)  # predicted peak included
+    # the limit is in range: drawn, with every threshold
+    assert {line.label.split()[0] for line in data.lines} == {
+        "memory", "target", "spill", "pause", "terminate", "predicted",
+    }  # fmt: skip
+    assert 450 < data.y_max < 2 * 450
+    # one entry per memory kill, in time order, naming its worker and its one chunk
+    assert [k.label for k in data.kills] == [
+        "kill 1 at 10 s: w0 127.0.0.1:40100, c000000",
+        "kill 2 at 20 s: w0 127.0.0.1:40100, c000002.1",
+    ]
+
+
+def test_the_y_axis_fits_the_data_when_the_limit_is_far_above():
+    """Issue 14: a limit line at ~11,860 MiB squashed a run that used < 450 MiB."""
+    timelines = [_unnamed_worker(40100, 443), _unnamed_worker(40200, 420)]
+    data = memory_plot_data(
+        timelines,
+        t0=T0,
+        memory_limit_bytes=11_860 * MiB,
+        thresholds=THRESHOLDS,
+        predicted_peak_bytes=200 * MiB,
+    )
+    assert data.data_max == pytest.approx(443)
+    assert data.data_max <= data.y_max < 1.5 * data.data_max  # not 10x above it
+    assert [line.label for line in data.lines] == ["predicted peak 200 MiB"]
+    assert "memory limit 11,860 MiB: above the plot" in data.legend_labels
+    assert "terminate 95% (11,267 MiB): above the plot" in data.legend_labels
+    assert len(data.worker_labels) == 2
+
+
+def test_many_kills_are_one_legend_entry_and_many_workers_distinct_colours(tmp_path):
+    timelines = [_unnamed_worker(41000 + 10 * i, 300 + i) for i in range(20)]
+    deaths = [
+        {"reason": "memory", "time": T0 + i, "rss_bytes": 400 * MiB,
+         "worker": f"tcp://127.0.0.1:{41000 + 10 * (i % 20)}", "tasks": [f"c{i:06d}"]}
+        for i in range(25)
+    ]  # fmt: skip
+    kwargs = dict(t0=T0, memory_limit_bytes=450 * MiB, thresholds=THRESHOLDS, deaths=deaths)
+    data = memory_plot_data(timelines, **kwargs)
+    assert len({s.color for s in data.series}) == 20
+    assert len(data.worker_labels) == 15 and "... 5 more workers (not labelled)" in (
+        data.legend_labels
+    )
+    kills = [label for label in data.legend_labels if "killed for memory" in label]
+    assert kills == ["25 workers killed for memory (x); their chunks: report.json worker_deaths"]
+    assert plot_memory(timelines, tmp_path / "memory.png", **kwargs).stat().st_size > 10_000
