@@ -428,6 +428,16 @@ class MemoryPlotData:
     y_max: float  # MiB; the y axis starts at 0
     data_max: float  # the highest RSS sampled or seen at a kill (MiB)
 
+    def summary(self) -> dict:
+        """The y range (MiB), the legend and each worker's key, label and colour."""
+        return {
+            "y_max_mib": round(self.y_max, 1),
+            "data_max_mib": round(self.data_max, 1),
+            "legend": list(self.legend_labels),
+            "workers": [{"key": s.key, "label": s.label, "color": s.color} for s in self.series],
+            "kills": len(self.kills),
+        }
+
     @property
     def worker_labels(self) -> tuple[str, ...]:
         return tuple(s.label for s in self.series if s.label)
@@ -641,7 +651,8 @@ def plot_memory(
     )
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path)
+    # what is drawn, for a reader (or a test) of the PNG: its "Description" text chunk
+    fig.savefig(path, metadata={"Description": json.dumps(data.summary())})
     plt.close(fig)
     return path
 

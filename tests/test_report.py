@@ -265,4 +265,10 @@ def test_many_kills_are_one_legend_entry_and_many_workers_distinct_colours(tmp_p
     )
     kills = [label for label in data.legend_labels if "killed for memory" in label]
     assert kills == ["25 workers killed for memory (x); their chunks: report.json worker_deaths"]
-    assert plot_memory(timelines, tmp_path / "memory.png", **kwargs).stat().st_size > 10_000
+    path = plot_memory(timelines, tmp_path / "memory.png", **kwargs)
+    assert path.stat().st_size > 10_000
+    from PIL import Image
+
+    drawn = json.loads(Image.open(path).text["Description"])  # what the PNG shows, for readers
+    assert drawn["legend"] == list(data.legend_labels) and drawn["kills"] == 25
+    assert len(drawn["workers"]) == 20 and drawn["y_max_mib"] == round(data.y_max, 1)
