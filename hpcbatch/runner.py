@@ -1,7 +1,9 @@
-"""The chunk runner: bounded submission, progress, OOM split-and-retry, resume.
+"""The chunk runner: the Dask shell around :class:`~hpcbatch.chunkstate.ChunkStates`.
 
-Owns :class:`Chunk` (a small description of a slice of the run's items),
-:func:`make_chunks`, :func:`chunk_seed`, :class:`TaskContext` and :func:`run`.
+Owns :func:`run`, :class:`RunOptions`, :func:`chunk_seed`, :class:`TaskContext` and the
+Dask side of a run; :class:`Chunk` and :func:`make_chunks` come from
+:mod:`hpcbatch.chunkstate`, which also owns what happens to each chunk (done, split,
+retried, held, failed): this module only submits, gathers and watches.
 
 :func:`run` keeps at most ``max_in_flight`` chunk tasks on the scheduler (so the
 graph stays small for any number of chunks), reacts to each finished task as it
@@ -12,7 +14,9 @@ completes, and:
 - splits a chunk in half and retries it when it ran out of memory (``MemoryError``,
   torch / CUDA out-of-memory, or ``KilledWorker`` after the nanny killed its workers
   for memory), down to ``min_chunk`` items, then raises :class:`ChunkFailedError`
-  with the memory the chunk needed;
+  with the memory the chunk needed.  Only a chunk that was *executing* when its worker
+  was killed is split: one queued behind it on the same worker (Dask's
+  ``worker-saturation`` above 1) reruns unchanged;
 - retries other failures ``retries`` times, then raises :class:`ChunkFailedError`
   with the chunk id and the worker's traceback (finished chunks stay recorded);
 - on SIGTERM stops submitting, lets chunks in flight finish within a grace period,
@@ -33,21 +37,34 @@ It knows nothing about stocks or Pyro: a workload hands it chunks and a task fun
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
+import logging
 import math
 import signal
 import sys
 import threading
 import time
-import traceback
 import uuid
-from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from .chunkstate import (
+    DEFAULT_RESUME_HINT,
+    Attempt,
+    Chunk,
+    ChunkStates,
+    Counters,
+    Policy,
+    make_chunks,
+    rechunk,
+    undone_pieces,
+)
 from .errors import ChunkFailedError, ConfigError, HpcbatchError, RunInterrupted
 from .ledger import ChunkAlreadyDone, DoneIndex, Ledger
 from .report import (
@@ -70,66 +87,29 @@ from .retry import DatabaseUnavailable, error_line, is_transient, probe_database
 from .security import mask_url
 from .units import format_bytes
 
+__all__ = [
+    "Chunk",
+    "RunOptions",
+    "TaskContext",
+    "chunk_seed",
+    "execute_chunk",
+    "is_memory_error",
+    "make_chunks",
+    "run",
+]
+
+log = logging.getLogger(__name__)
+
 _ALREADY_DONE = "__hpcbatch_already_done__"
 _DB_UNAVAILABLE = "__hpcbatch_database_unavailable__"
 NO_WORKER_TIMEOUT_S = 120.0  # no workers at all for this long fails the run (not a hang)
 DB_OUTAGE_S = 60.0  # the database unreachable for this long fails the run (a restart is not)
 STOPPING_NO_WORKER_S = 5.0  # during a SIGTERM stop: no workers this long ends the wait
+WITNESS_NAME = "hpcbatch-queue-witness"
+EXECUTING_TOPIC = "hpcbatch-executing"  # which tasks ran while another waited behind
 
 
-# ---------------------------------------------------------------- chunks ----
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """Items ``start`` to ``stop`` (exclusive) of a run; ``items`` optionally names them."""
-
-    chunk_id: str
-    start: int
-    stop: int
-    items: tuple = ()
-
-    def __post_init__(self) -> None:
-        if self.stop <= self.start:
-            raise ConfigError(f"chunk {self.chunk_id} is empty ({self.start}..{self.stop})")
-        if self.items and len(self.items) != self.stop - self.start:
-            raise ConfigError(
-                f"chunk {self.chunk_id} has {len(self.items)} items for range "
-                f"{self.start}..{self.stop}: give one item per index"
-            )
-
-    @property
-    def size(self) -> int:
-        return self.stop - self.start
-
-    def split(self) -> tuple[Chunk, Chunk]:
-        """The two halves, ``<id>.0`` and ``<id>.1`` (the first has the smaller half)."""
-        if self.size < 2:
-            raise ValueError(f"chunk {self.chunk_id} has one item and cannot be split")
-        mid = self.start + self.size // 2
-        k = mid - self.start
-        return (
-            Chunk(f"{self.chunk_id}.0", self.start, mid, tuple(self.items[:k])),
-            Chunk(f"{self.chunk_id}.1", mid, self.stop, tuple(self.items[k:])),
-        )
-
-
-def make_chunks(n_items: int, chunk_size: int, items: Sequence | None = None) -> list[Chunk]:
-    """Cut ``n_items`` (optionally named by ``items``) into chunks of ``chunk_size``."""
-    if n_items < 1:
-        raise ConfigError(f"nothing to run: {n_items} items")
-    if chunk_size < 1:
-        raise ConfigError(f"chunk size must be at least 1, got {chunk_size}")
-    if items is not None and len(items) != n_items:
-        raise ConfigError(f"{len(items)} items given for n_items={n_items}: they must match")
-    n_chunks = math.ceil(n_items / chunk_size)
-    width = max(6, len(str(n_chunks - 1)))
-    chunks = []
-    for k in range(n_chunks):
-        start, stop = k * chunk_size, min(n_items, (k + 1) * chunk_size)
-        named = tuple(items[start:stop]) if items is not None else ()
-        chunks.append(Chunk(f"c{k:0{width}d}", start, stop, named))
-    return chunks
+# ------------------------------------------------------------ on a worker ----
 
 
 def chunk_seed(run_seed: int, chunk_id: str) -> int:
@@ -169,7 +149,30 @@ def execute_chunk(task_fn: Callable, chunk: Chunk, ctx: TaskContext) -> dict:
     return meta
 
 
-# -------------------------------------------------------------- failures ----
+class QueueWitness(WorkerPlugin):
+    """On each worker: when a task arrives while every thread is busy (it waits behind
+    them), log which tasks are executing (event :data:`EXECUTING_TOPIC`).  When the
+    worker is then killed for memory, only those can have caused it: the scheduler's
+    ``remove-worker`` event lists the waiting tasks too.  Silent when nothing waits."""
+
+    name = WITNESS_NAME
+
+    def setup(self, worker) -> None:
+        self.worker = worker
+
+    def transition(self, key, start, finish, **kwargs) -> None:
+        if finish != "ready":
+            return
+        state = self.worker.state
+        if len(state.executing) < state.nthreads:
+            return
+        self.worker.log_event(
+            EXECUTING_TOPIC,
+            {"worker": self.worker.address, "executing": [ts.key for ts in state.executing]},
+        )
+
+
+# ------------------------------------------------------------- failures ----
 
 
 def is_memory_error(exc: BaseException) -> bool:
@@ -187,46 +190,98 @@ def _is_killed_worker(exc: BaseException) -> bool:
     return type(exc).__name__ == "KilledWorker"
 
 
-def _memory_kills_of(client, key, since: float) -> list[dict]:
-    """Memory kills of the workers that died while running ``key``.
+def _norm(key):
+    """A task key as the scheduler's events return it (lists and tuples alike)."""
+    return tuple(_norm(k) for k in key) if isinstance(key, (list, tuple)) else key
+
+
+def executing_when_removed(event: tuple, witnessed: Sequence) -> list:
+    """The tasks of a ``remove-worker`` event (time, msg) that were executing on it.
+
+    ``witnessed``: the :data:`EXECUTING_TOPIC` events.  The last one the worker logged
+    before it was removed names its executing tasks; without one (nothing ever waited
+    there) every task it was processing is a suspect, as Dask itself assumes.
+    """
+    t, ev = event
+    processing = [_norm(k) for k in ev.get("processing-tasks", ())]
+    last = None
+    for wt, msg in witnessed:
+        if wt <= t + 1 and isinstance(msg, dict) and msg.get("worker") == ev.get("worker"):
+            last = msg
+    if last is None:
+        return processing
+    executing = {_norm(k) for k in last.get("executing", ())}
+    return [k for k in processing if k in executing] or processing
+
+
+def _blame(client, key, since: float) -> tuple[list[dict], bool]:
+    """Memory kills of the workers that died while holding ``key``, and whether ``key``
+    was executing on one of them (False: it only waited behind the chunk that was).
 
     A nanny memory kill (``worker-restart-memory`` event, with the RSS it saw), or a
     worker process that ended by SIGKILL: the kernel OOM killer or the batch system's
     memory enforcement (the nanny survives those and the sampler saw the exit code).
     """
+    key = _norm(key)
     for attempt in range(6):  # the nanny's event can trail the worker's removal
-        try:
-            removed = client.get_events("all")
-            kills = client.get_events("worker-restart-memory")
-        except Exception:  # noqa: BLE001 (an old or foreign scheduler: no events)
-            return []
-        workers = {
-            ev.get("worker")
-            for t, ev in removed
+        removed = [
+            (t, ev)
+            for t, ev in _events(client, "all")
             if t >= since - 1
             and isinstance(ev, dict)
             and ev.get("action") == "remove-worker"
-            and key in ev.get("processing-tasks", ())
-        }
-        found = [m for t, m in kills if t >= since - 1 and m.get("worker") in workers]
-        if not found:
-            found = [
-                {"worker": ev.get("worker"), "rss": 0, "sigkill": True}
-                for t, ev in _events(client, EXIT_TOPIC)
-                if t >= since - 1 and ev.get("worker") in workers and ev.get("exitcode") == -9
-            ]
-        if not found:  # the whole SLURM job killed for its --mem (the nanny died too)
-            found = slurm_memory_kills(workers, getattr(_job_watch(client), "job_of", None))
+            and key in {_norm(k) for k in ev.get("processing-tasks", ())}
+        ]
+        found = _kills_of(client, {ev.get("worker") for _t, ev in removed}, since)
         if found or attempt == 5:
-            return found
+            witnessed = _events(client, EXECUTING_TOPIC)
+            killed = {k.get("worker") for k in found}
+            guilty = any(
+                key in executing_when_removed(e, witnessed)
+                for e in removed
+                if e[1].get("worker") in killed
+            )
+            return found, guilty or not found
         time.sleep(0.3)
-    return []
+    return [], True
+
+
+def _kills_of(client, workers: set, since: float) -> list[dict]:
+    found = [
+        m
+        for t, m in _events(client, "worker-restart-memory")
+        if t >= since - 1 and m.get("worker") in workers
+    ]
+    if not found:
+        found = [
+            {"worker": ev.get("worker"), "rss": 0, "sigkill": True}
+            for t, ev in _events(client, EXIT_TOPIC)
+            if t >= since - 1 and ev.get("worker") in workers and ev.get("exitcode") == -9
+        ]
+    if not found:  # the whole SLURM job killed for its --mem (the nanny died too)
+        found = slurm_memory_kills(workers, getattr(_job_watch(client), "job_of", None))
+    return found
+
+
+def _kill_how(kills: list[dict], exc_type, exc) -> tuple[str, int]:
+    """How a chunk ran out of memory (for its message) and the bytes seen (0: unknown)."""
+    needed = max((k.get("rss") or 0 for k in kills), default=0)
+    if kills and not needed:
+        how = (
+            "its worker process was killed by SIGKILL (kernel OOM killer or batch-system "
+            "memory limit)"
+        )
+    elif kills:
+        how = f"its worker was killed for memory at {format_bytes(needed)}"
+    else:
+        how = f"{exc_type.__name__}: {str(exc)[:200]}"
+    return how, needed
 
 
 def _events(client, topic: str) -> list:
     try:
         return list(client.get_events(topic))
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 (an old or foreign scheduler: no events)
         return []
 
 
@@ -333,484 +388,516 @@ def _next_batch(ac, timeout: float) -> list:
 # ------------------------------------------------------------------- run ----
 
 
-@dataclass
-class _State:
-    chunks_done: int = 0  # chunks of the run finished (all their pieces)
-    tasks_done: int = 0  # tasks finished: chunks and halves of split chunks
-    items_done: int = 0
-    retried: int = 0
-    split: int = 0
-    failed: int = 0
-    max_in_flight: int = 0
-    items_left: dict = field(default_factory=dict)  # root chunk id -> items not yet done
-    meta: dict = field(default_factory=dict)  # summed numeric metadata from the tasks
-
-
-def run(
-    chunks: Sequence[Chunk],
-    task_fn: Callable[[Chunk, TaskContext], dict],
-    client,
-    *,
-    run_id: str,
-    ledger: Ledger | None = None,
-    max_in_flight: int | None = None,
-    retries: int = 2,
-    min_chunk: int = 1,
-    seed: int = 0,
-    plan=None,
-    report_dir: str | Path | None = None,
-    commit_on_worker: bool = False,
-    progress: bool = True,
-    resume: bool = False,
-    params: dict | None = None,
-    progress_interval: float = 5.0,
-    grace_period_s: float = 60.0,
-    resume_hint: str = "rerun the same command with --resume",
-    out: TextIO | None = None,
-    no_worker_timeout_s: float | None = None,
-    database: str | None = None,
-    db_outage_s: float = DB_OUTAGE_S,
-) -> RunReport:
-    """Run ``task_fn(chunk, ctx)`` for every chunk on ``client``'s cluster; see the module doc.
+@dataclass(frozen=True)
+class RunOptions:
+    """Everything :func:`run` takes besides the chunks, the task and the client.
 
     ``report_dir`` is the base directory: the run's report goes to ``report_dir/run_id``.
     ``params`` (a small JSON-able dict) is recorded with the run; a resumed run must
-    have the same.  Returns a :class:`RunReport`; raises :class:`ChunkFailedError` or
-    :class:`RunInterrupted` after writing the report.
-
-    ``no_worker_timeout_s``: when the cluster has had no workers at all for this long
-    the run fails (report written, finished chunks kept) instead of waiting forever.
-    ``None`` uses the cluster's start timeout when the client came from
-    :func:`hpcbatch.cluster.open_cluster` (``cluster.start-timeout``: a SLURM job may
-    wait in the queue), else :data:`NO_WORKER_TIMEOUT_S`.
-
-    ``database``: the URL of the database the chunks read and write (default: the
-    ledger's); it is probed before anything is submitted, and when a chunk fails with a
-    transient database error the run holds all submission until it answers again.  It
-    may stay unreachable for ``db_outage_s`` seconds in all (a restart is ridden out);
-    after that the run fails with :class:`~hpcbatch.retry.DatabaseUnavailable`.
+    have the same.  ``no_worker_timeout_s``: when the cluster has had no workers at all
+    for this long the run fails; ``None`` uses the cluster's start timeout when the
+    client came from :func:`hpcbatch.cluster.open_cluster`, else
+    :data:`NO_WORKER_TIMEOUT_S`.  ``database``: the URL the chunks read and write
+    (default: the ledger's), probed before anything is submitted and while a chunk's
+    database error holds the run, for up to ``db_outage_s`` seconds in all.
     """
-    out = out or sys.stderr
+
+    run_id: str
+    ledger: Ledger | None = None
+    max_in_flight: int | None = None
+    retries: int = 2
+    min_chunk: int = 1
+    seed: int = 0
+    plan: Any = None
+    report_dir: str | Path | None = None
+    commit_on_worker: bool = False
+    progress: bool = True
+    resume: bool = False
+    params: dict | None = None
+    progress_interval: float = 5.0
+    grace_period_s: float = 60.0
+    resume_hint: str = DEFAULT_RESUME_HINT
+    out: TextIO | None = None
+    no_worker_timeout_s: float | None = None
+    database: str | None = None
+    db_outage_s: float = DB_OUTAGE_S
+
+    def checked(self) -> RunOptions:
+        """These options with ``out`` and ``database`` filled in; ConfigError if wrong."""
+        if self.commit_on_worker and self.ledger is None:
+            raise ConfigError(
+                "commit_on_worker=True needs a ledger for the task's sink to write to"
+            )
+        Policy(self.retries, self.min_chunk)  # raises for a bad retries / min-chunk
+        if not self.db_outage_s > 0:
+            raise ConfigError(
+                "database-outage-timeout must be a positive number of seconds, got "
+                f"{self.db_outage_s}"
+            )
+        database = self.database
+        if database is None and self.ledger is not None:
+            database = self.ledger.url
+        return dataclasses.replace(self, out=self.out or sys.stderr, database=database)
+
+    def for_cluster(self, client) -> RunOptions:
+        """The in-flight window and the no-worker timeout, from the cluster if not given."""
+        window = self.max_in_flight
+        if window is None:
+            window = _default_in_flight(client, self.plan)
+        if window < 1:
+            raise ConfigError(f"max-in-flight must be at least 1, got {window}")
+        timeout = self.no_worker_timeout_s
+        if timeout is None:
+            timeout = float(
+                getattr(client, "hpcbatch_start_timeout_s", None) or NO_WORKER_TIMEOUT_S
+            )
+        if timeout <= 0:
+            raise ConfigError(f"no-worker timeout must be positive, got {timeout}")
+        return dataclasses.replace(self, max_in_flight=window, no_worker_timeout_s=timeout)
+
+    @property
+    def policy(self) -> Policy:
+        return Policy(self.retries, self.min_chunk, self.resume_hint)
+
+    @property
+    def run_dir(self) -> Path | None:
+        return Path(self.report_dir) / self.run_id if self.report_dir is not None else None
+
+    def say(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+
+def run(
+    chunks: Sequence[Chunk], task_fn: Callable[[Chunk, TaskContext], dict], client, **options
+) -> RunReport:
+    """Run ``task_fn(chunk, ctx)`` for every chunk on ``client``'s cluster; see the module
+    doc, and :class:`RunOptions` for the keyword arguments (``run_id`` is required).
+
+    Returns a :class:`RunReport`; raises :class:`ChunkFailedError` or
+    :class:`RunInterrupted` after writing the report, and
+    :class:`~hpcbatch.retry.DatabaseUnavailable` when the run's database is gone.
+    """
+    return run_with(chunks, task_fn, client, RunOptions(**options))
+
+
+def run_with(chunks: Sequence[Chunk], task_fn: Callable, client, opts: RunOptions) -> RunReport:
+    """:func:`run` with its options gathered in ``opts``."""
     chunks = list(chunks)
     if not chunks:
         raise ConfigError("nothing to run: no chunks")
-    if commit_on_worker and ledger is None:
-        raise ConfigError("commit_on_worker=True needs a ledger for the task's sink to write to")
-    if retries < 0 or min_chunk < 1:
-        raise ConfigError("retries must be >= 0 and min-chunk >= 1")
-    if not db_outage_s > 0:
-        raise ConfigError(
-            f"database-outage-timeout must be a positive number of seconds, got {db_outage_s}"
-        )
-    if database is None and ledger is not None:
-        database = ledger.url
-    breaker = _DatabaseBreaker(database, db_outage_s)
-    breaker.preflight(resume_hint)
+    opts = opts.checked()
+    breaker = _DatabaseBreaker(opts.database, opts.db_outage_s)
+    breaker.preflight(opts.resume_hint)
     t_start = time.time()
-    n_items = sum(c.size for c in chunks)
+    start = _start(chunks, opts, breaker)
+    if isinstance(start, RunReport):
+        return start
+    opts = opts.for_cluster(client)
+    if opts.run_dir is not None:
+        opts.run_dir.mkdir(parents=True, exist_ok=True)
+    shell = _Shell(client, task_fn, opts, start, breaker)
+    shell.run()
+    return _finish(shell, t_start)
+
+
+@dataclass(frozen=True)
+class _Start:
+    """What a run starts from: its chunks, the pieces to run, what resume skipped."""
+
+    chunks: list[Chunk]
+    pending: list[Chunk]
+    skipped: int = 0  # chunks recorded done before this run
+    done_before_items: int = 0
+
+    @property
+    def n_items(self) -> int:
+        return sum(c.size for c in self.chunks)
+
+
+def _start(chunks: list[Chunk], opts: RunOptions, breaker) -> _Start | RunReport:
+    """The ledger's record of the run: a new run, a resumed one, or one already finished."""
+    ledger, run_id = opts.ledger, opts.run_id
+    if ledger is None:
+        return _Start(chunks, list(chunks))
     chunk_size = max(c.size for c in chunks)
-    n_chunks = len(chunks)
-
-    pending: list[Chunk] = list(chunks)
-    skipped = 0
-    done_before_items = 0
-    if ledger is not None:
-        with breaker.guard(resume_hint):
-            info = ledger.start_run(
-                run_id,
-                n_items=n_items,
-                chunk_size=chunk_size,
-                seed=seed,
-                params=params,
-                resume=resume,
-            )
-        if info["finished"]:
-            msg = (
-                f"run {run_id!r} already finished ({info['n_done']} chunks recorded): nothing to do"
-            )
-            print(msg, file=out, flush=True)
-            report = RunReport(
-                run_id=run_id,
-                status="already-finished",
-                n_chunks=n_chunks,
-                chunks_skipped=n_chunks,
-                message=msg,
-                plan=plan.to_dict() if plan is not None else None,
-            )
-            return report
-        if int(info["chunk_size"]) != chunk_size:
-            chunks = _rechunk(chunks, int(info["chunk_size"]), run_id)
-            n_chunks = len(chunks)
-        with breaker.guard(resume_hint):
-            index = DoneIndex(ledger.done_ids(run_id))
-        pending = []
-        for chunk in chunks:
-            if index.is_done(chunk.chunk_id):
-                skipped += 1
-                done_before_items += chunk.size
-            else:
-                pieces = _undone_pieces(chunk, index)
-                done_before_items += chunk.size - sum(p.size for p in pieces)
-                pending.extend(pieces)
-        if info["resumed"]:
-            print(
-                f"resuming run {run_id!r}: {skipped} of {n_chunks} chunks already done, "
-                f"{len(pending)} to run",
-                file=out,
-                flush=True,
-            )
-
-    if max_in_flight is None:
-        max_in_flight = _default_in_flight(client, plan)
-    if max_in_flight < 1:
-        raise ConfigError(f"max-in-flight must be at least 1, got {max_in_flight}")
-    if no_worker_timeout_s is None:
-        no_worker_timeout_s = float(
-            getattr(client, "hpcbatch_start_timeout_s", None) or NO_WORKER_TIMEOUT_S
+    with breaker.guard(opts.resume_hint):
+        info = ledger.start_run(
+            run_id,
+            n_items=sum(c.size for c in chunks),
+            chunk_size=chunk_size,
+            seed=opts.seed,
+            params=opts.params,
+            resume=opts.resume,
         )
-    if no_worker_timeout_s <= 0:
-        raise ConfigError(f"no-worker timeout must be positive, got {no_worker_timeout_s}")
+    if info["finished"]:
+        msg = f"run {run_id!r} already finished ({info['n_done']} chunks recorded): nothing to do"
+        opts.say(msg)
+        plan = opts.plan.to_dict() if opts.plan is not None else None
+        n = len(chunks)
+        return RunReport(
+            run_id=run_id, status="already-finished", n_chunks=n, chunks_skipped=n,
+            message=msg, plan=plan,
+        )  # fmt: skip
+    if int(info["chunk_size"]) != chunk_size:
+        chunks = rechunk(chunks, int(info["chunk_size"]), run_id)
+    with breaker.guard(opts.resume_hint):
+        index = DoneIndex(ledger.done_ids(run_id))
+    start = _resume_pieces(chunks, index)
+    if info["resumed"]:
+        opts.say(
+            f"resuming run {run_id!r}: {start.skipped} of {len(chunks)} chunks already done, "
+            f"{len(start.pending)} to run"
+        )
+    return start
 
-    run_dir = Path(report_dir) / run_id if report_dir is not None else None
-    if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
 
-    sampler_on = _install(client, MemorySampler(), nanny=True)
-    counter_on = _install_scheduler_plugin(client)
-    state = _State()
-    for piece in pending:
-        root = piece.chunk_id.split(".")[0]
-        state.items_left[root] = state.items_left.get(root, 0) + piece.size
-    failures: list[dict] = []
-    stop: dict[str, Any] = {"reason": None, "at": None}
-    loop_t0 = time.time()
+def _resume_pieces(chunks: list[Chunk], index: DoneIndex) -> _Start:
+    pending: list[Chunk] = []
+    skipped = done_items = 0
+    for chunk in chunks:
+        if index.is_done(chunk.chunk_id):
+            skipped += 1
+            done_items += chunk.size
+        else:
+            pieces = undone_pieces(chunk, index)
+            done_items += chunk.size - sum(p.size for p in pieces)
+            pending.extend(pieces)
+    return _Start(chunks, pending, skipped, done_items)
 
-    def on_signal(signum, _frame):
-        if stop["reason"] is None:
-            stop["reason"] = signal.Signals(signum).name
-            stop["at"] = time.monotonic()
 
-    old_handler = None
+@dataclass
+class _Stop:
+    """Why the run stops submitting (a signal's name) and since when (monotonic)."""
+
+    reason: str | None = None
+    at: float | None = None
+    announced: bool = False
+
+    def on_signal(self, signum, _frame) -> None:
+        if self.reason is None:
+            self.reason = signal.Signals(signum).name
+            self.at = time.monotonic()
+
+
+@contextmanager
+def _sigterm_to(stop: _Stop):
+    old = None
     if threading.current_thread() is threading.main_thread():
-        old_handler = signal.signal(signal.SIGTERM, on_signal)
-
-    bar = _Progress(
-        client, n_items, done_before_items, enabled=progress, interval_s=progress_interval, out=out
-    )
-    fatal: ChunkFailedError | None = None
+        old = signal.signal(signal.SIGTERM, stop.on_signal)
     try:
-        with ExitStack() as stack:
-            if run_dir is not None:
-                stack.enter_context(_performance_report(client, run_dir / "dask-report.html"))
-            fatal = _loop(
-                client,
-                pending,
-                task_fn,
-                run_id=run_id,
-                ledger=ledger,
-                seed=seed,
-                commit_on_worker=commit_on_worker,
-                max_in_flight=max_in_flight,
-                retries=retries,
-                min_chunk=min_chunk,
-                state=state,
-                failures=failures,
-                stop=stop,
-                grace_period_s=grace_period_s,
-                bar=bar,
-                done_before_items=done_before_items,
-                out=out,
-                resume_hint=resume_hint,
-                no_worker_timeout_s=no_worker_timeout_s,
-                chunks_before=skipped,
-                n_chunks=n_chunks,
-                breaker=breaker,
-            )
-    except BaseException:
-        # lost scheduler, Ctrl-C, a ledger error: the done chunks are recorded; mark the run
-        if ledger is not None:
-            with suppress(Exception):
-                ledger.finish_run(run_id, "interrupted")
-        raise
+        yield
     finally:
-        bar.close()
-        if old_handler is not None:
-            signal.signal(signal.SIGTERM, old_handler)
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
 
-    t_end = time.time()
-    status = "finished"
-    if fatal is not None:
-        status = "failed"
-    elif stop["reason"] is not None:
-        status = "interrupted"
-    if ledger is not None and not breaker.took_down(ledger.url):
+
+class _Shell:
+    """One run on Dask: submits what the :class:`ChunkStates` hands out, feeds it each
+    task's outcome, and watches the SIGTERM grace, the database breaker and the workers."""
+
+    def __init__(self, client, task_fn, opts: RunOptions, start: _Start, breaker):
+        self.client, self.task_fn, self.opts = client, task_fn, opts
+        self.start, self.breaker = start, breaker
+        self.states = ChunkStates(start.pending, opts.policy)
+        self.stop = _Stop()
+        self.in_flight: dict[Any, tuple[Attempt, float]] = {}  # key -> attempt, submitted
+        self.group = f"hpcbatch-{getattr(task_fn, '__name__', 'task')}-{uuid.uuid4().hex[:8]}"
+        self.bar = _Progress(
+            client,
+            start.n_items,
+            start.done_before_items,
+            enabled=opts.progress,
+            interval_s=opts.progress_interval,
+            out=opts.out,
+        )
+        self.watch = _WorkerWatch(client, opts.no_worker_timeout_s)
+        self.sampler_on = self.counter_on = False
+        self.t0 = self.t_end = 0.0
+
+    @property
+    def counters(self) -> Counters:
+        return self.states.counters
+
+    @property
+    def fatal(self) -> ChunkFailedError | None:
+        return self.states.fatal
+
+    def run(self) -> None:
+        """The whole run on the cluster (plugins in, loop, plugins out)."""
+        from distributed import as_completed
+
+        self.sampler_on = _install(self.client, MemorySampler(), SAMPLER_NAME)
+        self.counter_on = _install_scheduler_plugin(self.client)
+        _install(self.client, QueueWitness(), WITNESS_NAME, quiet=True)
+        self.ac = as_completed(with_results=True, raise_errors=False)
+        self.t0 = time.time()
         try:
-            _finish_ledger(ledger, run_id, status, chunks, commit_on_worker, out)
-        except Exception as exc:  # noqa: BLE001 (the full disk / lost database that failed the run)
-            print(
-                f"warning: could not record run {run_id!r} as {status} in the ledger "
-                f"({type(exc).__name__}: {error_line(exc)}); the chunks recorded before stay "
-                "done, --resume will finish the record",
-                file=out,
-                flush=True,
+            with ExitStack() as stack:
+                stack.enter_context(_sigterm_to(self.stop))
+                if self.opts.run_dir is not None:
+                    path = self.opts.run_dir / "dask-report.html"
+                    stack.enter_context(_performance_report(self.client, path))
+                self._loop()
+        except BaseException:
+            # lost scheduler, Ctrl-C, a ledger error: the done chunks are recorded
+            if self.opts.ledger is not None:
+                with suppress(Exception):
+                    self.opts.ledger.finish_run(self.opts.run_id, "interrupted")
+            raise
+        finally:
+            self.bar.close()
+            with suppress(Exception):
+                self.client.unregister_worker_plugin(WITNESS_NAME)
+        self.t_end = time.time()
+
+    def _loop(self) -> None:
+        while self._breaker_allows():
+            self._submit()
+            if not self.in_flight:
+                if not self.breaker.is_open or self.stop.reason or self.fatal is not None:
+                    break
+                time.sleep(0.2)  # nothing in flight: wait for the database (polled above)
+                continue
+            if self._grace_over():
+                break
+            batch = _next_batch(self.ac, 0.5)
+            for future, result in batch:
+                self._gather(future, result)
+            if self.breaker.gone:
+                break  # nothing can be recorded: cancel what is in flight, write the report
+            if batch:
+                # releases travel through the client's event loop; let them leave before
+                # the next submissions so the scheduler never holds more than max_in_flight
+                self.client.sync(_settle)
+            self._tick()
+            if self.fatal is None and self.in_flight and self._workers_gone():
+                break
+        self._tick(force=True)
+        if self.in_flight:
+            self.client.cancel(list(_futures_of(self.ac)), force=True)
+        self.ac.clear()
+
+    def _tick(self, force: bool = False) -> None:
+        c = self.counters
+        done = self.start.done_before_items + c.items_done
+        self.bar.tick(done, c.chunks_done, len(self.in_flight), force=force)
+
+    def _submit(self) -> None:
+        if self.stop.reason is not None or self.fatal is not None or self.breaker.is_open:
+            return
+        attempts = self.states.take(self.opts.max_in_flight - len(self.in_flight))
+        if not attempts:
+            return
+        keys = [(self.group, a.chunk.chunk_id, a.label) for a in attempts]
+        chunks = [a.chunk for a in attempts]
+        contexts = [self._context(a) for a in attempts]
+        if len(attempts) == 1:
+            futures = [
+                self.client.submit(
+                    execute_chunk, self.task_fn, chunks[0], contexts[0], key=keys[0], pure=False
+                )
+            ]
+        else:
+            fns = [self.task_fn] * len(attempts)
+            futures = self.client.map(execute_chunk, fns, chunks, contexts, key=keys, pure=False)
+        now = time.time()
+        for key, attempt in zip(keys, attempts, strict=True):
+            self.in_flight[key] = (attempt, now)
+        self.ac.update(futures)
+
+    def _context(self, attempt: Attempt) -> TaskContext:
+        opts, chunk_id = self.opts, attempt.chunk.chunk_id
+        return TaskContext(
+            run_id=opts.run_id,
+            seed=chunk_seed(opts.seed, chunk_id),
+            attempt=attempt.number,
+            ledger=opts.ledger if opts.commit_on_worker else None,
+            chunk_id=chunk_id,
+        )
+
+    def _gather(self, future, result) -> None:
+        """One finished task: its outcome goes to the state machine."""
+        attempt, submitted = self.in_flight.pop(future.key)
+        status = _outcome(result)
+        key = future.key
+        future.release()
+        if status == "finished" and isinstance(result, dict) and _DB_UNAVAILABLE in result:
+            outage = result[_DB_UNAVAILABLE]
+            status, result = "error", (type(outage), outage, outage.__traceback__)
+        if status == "finished":
+            self._succeeded(attempt, result)
+        elif status == "cancelled":  # e.g. the scheduler restarted: run it again
+            self.states.cancelled(attempt)
+        else:
+            self._failed(attempt, key, submitted, result)
+
+    def _succeeded(self, attempt: Attempt, meta: dict) -> None:
+        opts = self.opts
+        if self.breaker.gone:  # the ledger cannot record it: it reruns on resume
+            self.states.hold(attempt)
+            return
+        already = bool(meta.pop(_ALREADY_DONE, False))
+        if opts.ledger is not None and not opts.commit_on_worker and not already:
+            # a restart of the ledger's database is waited out; a longer outage raises
+            # DatabaseUnavailable (the chunk's output is idempotent: it reruns on resume)
+            try:
+                with_backoff(
+                    lambda: opts.ledger.mark_done(opts.run_id, attempt.chunk, meta),
+                    attempts=None,
+                    max_total_s=self.breaker.outage_s,
+                    database=opts.ledger.url,
+                    what=f"recording chunk {attempt.chunk.chunk_id} in the ledger",
+                )
+            except DatabaseUnavailable as exc:  # the driver's own ledger write
+                self.states.hold(attempt)
+                committed = self.start.skipped + self.counters.chunks_done
+                self._run_failed(
+                    self.breaker.fail(
+                        exc, opts.ledger.url, committed, self.n_chunks, opts.resume_hint
+                    )
+                )
+                return
+        self.states.succeeded(attempt, meta)
+
+    @property
+    def n_chunks(self) -> int:
+        return len(self.start.chunks)
+
+    def _failed(self, attempt: Attempt, key, submitted: float, triple) -> None:
+        exc_type, exc, tb = triple
+        verdict = "ordinary"
+        if self.fatal is None:
+            verdict = self.breaker.on_failure(attempt.chunk, exc)
+        if verdict == "again":  # the outage it met is over already
+            self.states.requeue(attempt)
+            return
+        if verdict == "held":
+            self.states.hold(attempt)
+            self._say_held(attempt.chunk)
+            return
+        kills: list[dict] = []
+        memory = is_memory_error(exc)
+        if not memory and _is_killed_worker(exc):
+            kills, guilty = _blame(self.client, key, submitted)
+            if kills and not guilty:  # it only waited behind the chunk that was killed
+                log.info("chunk %s waited on a worker killed for memory: rerun as it is",
+                         attempt.chunk.chunk_id)  # fmt: skip
+                self.states.requeue(attempt)
+                return
+            memory = bool(kills)
+        if memory:
+            verdict = self.states.memory_failure(attempt, *_kill_how(kills, exc_type, exc))
+        else:
+            verdict = self.states.error(attempt, exc_type, exc, tb)
+        if verdict.message:
+            self.opts.say(verdict.message)
+
+    def _say_held(self, chunk: Chunk) -> None:
+        b = self.breaker
+        if b.newly_open and b.seconds_left() >= 1:
+            self.opts.say(
+                f"\nchunk {chunk.chunk_id}: database {b.where} unreachable ({b.cause}): "
+                f"submitting no more chunks; waiting up to {b.seconds_left():.0f} s for it "
+                "to come back"
             )
 
-    report = _build_report(
-        client,
-        run_id=run_id,
-        status=status,
-        n_chunks=n_chunks,
-        skipped=skipped,
-        state=state,
-        wall=t_end - t_start,
-        plan=plan,
-        run_dir=run_dir,
-        failures=failures,
-        since=loop_t0,
-        until=t_end,
-        sampler_on=sampler_on,
-        counter_on=counter_on,
-        max_in_flight=max_in_flight,
-        message=str(fatal or ""),
-    )
-    if progress or status != "finished":
-        print(
-            f"run {run_id!r} {status}: {state.chunks_done} chunks ({state.items_done} items, "
-            f"{state.tasks_done} tasks) "
-            f"in {report.wall_time_s:.1f} s, {skipped} skipped, {state.retried} retried, "
-            f"{state.split} split" + (f"; report in {run_dir}" if run_dir else ""),
-            file=out,
-            flush=True,
+    def _breaker_allows(self) -> bool:
+        """Poll an open breaker: held chunks go again when the database is back; False
+        when it stayed down too long (the run failed)."""
+        b = self.breaker
+        if not b.is_open or self.fatal is not None:
+            return True
+        verdict = b.poll()
+        if verdict == "up":
+            b.release()
+            held = self.states.release()
+            self.opts.say(
+                f"\ndatabase {b.where} is back after {b.last_outage_s:.0f} s: "
+                f"resubmitting the {held} chunks held"
+            )
+        elif verdict == "gone":
+            committed = self.start.skipped + self.counters.chunks_done
+            self._run_failed(b.error(committed, self.n_chunks, self.opts.resume_hint))
+            return False  # nothing can commit: cancel what is in flight, write the report
+        return True
+
+    def _run_failed(self, error: ChunkFailedError) -> None:
+        """A run-level failure (not one chunk's): counted, in the report, printed."""
+        self.states.fail_run(error)
+        self.opts.say(f"\n{error}")
+
+    def _grace_over(self) -> bool:
+        stop, grace = self.stop, self.opts.grace_period_s
+        if stop.reason is not None and not stop.announced:
+            stop.announced = True
+            self.opts.say(
+                f"\n{stop.reason} received: submitting no more chunks; waiting up to "
+                f"{grace:.0f} s for the {len(self.in_flight)} in flight"
+            )
+        if self.fatal is not None and stop.at is None:
+            stop.at = time.monotonic()  # a failed chunk: the others get the same grace
+        if stop.at is not None and time.monotonic() - stop.at > grace:
+            self.opts.say(
+                f"grace period over: cancelling {len(self.in_flight)} chunks in flight "
+                "(they are not recorded and will rerun on resume)"
+            )
+            return True
+        return False
+
+    def _workers_gone(self) -> bool:
+        """No workers: during a stop, soon ends the wait; else, after the timeout, fails."""
+        gone = self.watch.seconds_without_workers()
+        timeout = self.opts.no_worker_timeout_s
+        if gone is None:
+            return False
+        if self.stop.reason is not None and gone >= min(timeout, STOPPING_NO_WORKER_S):
+            # stopping anyway (SIGTERM at walltime ends the worker jobs too): the chunks
+            # in flight cannot finish; the run is interrupted, not failed
+            self.opts.say(
+                f"no workers left to finish the {len(self.in_flight)} chunks in flight "
+                "(they are not recorded and will rerun on resume)"
+            )
+            return True
+        if gone < timeout:
+            return False
+        job_watch = _job_watch(self.client)
+        waiting = job_watch.waiting_replacements() if job_watch is not None else None
+        done = self.start.skipped + self.counters.chunks_done
+        error = _no_workers_error(
+            gone, self.states, done, self.n_chunks, self.opts.resume_hint, waiting
         )
-    if fatal is not None:
-        raise fatal
+        self._run_failed(error)
+        return True  # nothing can run: cancel what is in flight, write the report
+
+
+def _finish(shell: _Shell, t_start: float) -> RunReport:
+    """The ledger's record, the report, the closing line; raises for a run that did not
+    finish."""
+    opts, c, start = shell.opts, shell.counters, shell.start
+    status = "finished"
+    if shell.fatal is not None:
+        status = "failed"
+    elif shell.stop.reason is not None:
+        status = "interrupted"
+    if opts.ledger is not None and not shell.breaker.took_down(opts.ledger.url):
+        _finish_ledger(opts, status, start.chunks)
+    report = _build_report(shell, status, shell.t_end - t_start)
+    run_dir = opts.run_dir
+    if opts.progress or status != "finished":
+        opts.say(
+            f"run {opts.run_id!r} {status}: {c.chunks_done} chunks ({c.items_done} items, "
+            f"{c.tasks_done} tasks) in {report.wall_time_s:.1f} s, {start.skipped} skipped, "
+            f"{c.retried} retried, {c.split} split" + (f"; report in {run_dir}" if run_dir else "")
+        )
+    if shell.fatal is not None:
+        raise shell.fatal
     if status == "interrupted":
         raise RunInterrupted(
-            f"run {run_id!r} stopped by {stop['reason']} with {done_before_items + state.items_done}"
-            f" of {n_items} items done: {resume_hint}"
+            f"run {opts.run_id!r} stopped by {shell.stop.reason} with "
+            f"{start.done_before_items + c.items_done} of {start.n_items} items done: "
+            f"{opts.resume_hint}"
         )
     return report
-
-
-def _loop(
-    client,
-    pending: list[Chunk],
-    task_fn,
-    *,
-    run_id,
-    ledger,
-    seed,
-    commit_on_worker,
-    max_in_flight,
-    retries,
-    min_chunk,
-    state: _State,
-    failures: list,
-    stop: dict,
-    grace_period_s: float,
-    bar: _Progress,
-    done_before_items: int,
-    out: TextIO,
-    resume_hint: str = "rerun the same command with --resume",
-    no_worker_timeout_s: float = 120.0,
-    chunks_before: int = 0,
-    n_chunks: int = 0,
-    breaker: _DatabaseBreaker | None = None,
-) -> ChunkFailedError | None:
-    from distributed import as_completed
-
-    watch = _WorkerWatch(client, no_worker_timeout_s)
-    breaker = breaker or _DatabaseBreaker(None, DB_OUTAGE_S)
-
-    queue: deque[tuple[Chunk, int]] = deque((c, 0) for c in pending)
-    in_flight: dict[Any, tuple[Chunk, int, float]] = {}
-    group = f"hpcbatch-{getattr(task_fn, '__name__', 'task')}-{uuid.uuid4().hex[:8]}"
-    ac = as_completed(with_results=True, raise_errors=False)
-    fatal: ChunkFailedError | None = None
-    announced = False
-    submitted_before: dict[tuple, int] = {}
-    while True:
-        if breaker.is_open and fatal is None:
-            verdict = breaker.poll()
-            if verdict == "up":
-                held = breaker.release()
-                queue.extendleft(reversed(held))
-                print(
-                    f"\ndatabase {breaker.where} is back after {breaker.last_outage_s:.0f} s: "
-                    f"resubmitting the {len(held)} chunks held",
-                    file=out,
-                    flush=True,
-                )
-            elif verdict == "gone":
-                fatal = _run_failed(
-                    breaker.error(chunks_before + state.chunks_done, n_chunks, resume_hint),
-                    state,
-                    failures,
-                    out,
-                )
-                break  # nothing can commit: cancel what is in flight, write the report
-        stopping = stop["reason"] is not None or fatal is not None or breaker.is_open
-        while queue and len(in_flight) < max_in_flight and not stopping:
-            chunk, attempt = queue.popleft()
-            key = (group, chunk.chunk_id, attempt)
-            # a chunk the database breaker sent again keeps its attempt: a fresh key, so
-            # the scheduler never hands back the failed task of the same name
-            again = submitted_before.get(key, 0)
-            submitted_before[key] = again + 1
-            if again:
-                key = (group, chunk.chunk_id, f"{attempt}.{again}")
-            ctx = TaskContext(
-                run_id=run_id,
-                seed=chunk_seed(seed, chunk.chunk_id),
-                attempt=attempt,
-                ledger=ledger if commit_on_worker else None,
-                chunk_id=chunk.chunk_id,
-            )
-            future = client.submit(execute_chunk, task_fn, chunk, ctx, key=key, pure=False)
-            in_flight[key] = (chunk, attempt, time.time())
-            ac.add(future)
-            state.max_in_flight = max(state.max_in_flight, len(in_flight))
-        if not in_flight:
-            if not breaker.is_open or stop["reason"] is not None or fatal is not None:
-                break
-            time.sleep(0.2)  # nothing in flight: wait for the database (polled above)
-            continue
-        if stop["reason"] is not None and not announced:
-            announced = True
-            print(
-                f"\n{stop['reason']} received: submitting no more chunks; waiting up to "
-                f"{grace_period_s:.0f} s for the {len(in_flight)} in flight",
-                file=out,
-                flush=True,
-            )
-        if fatal is not None and stop["at"] is None:
-            stop["at"] = time.monotonic()  # a failed chunk: the others get the same grace
-        if stop["at"] is not None and time.monotonic() - stop["at"] > grace_period_s:
-            print(
-                f"grace period over: cancelling {len(in_flight)} chunks in flight "
-                "(they are not recorded and will rerun on resume)",
-                file=out,
-                flush=True,
-            )
-            break
-        batch = _next_batch(ac, 0.5)
-        for future, result in batch:
-            chunk, attempt, submitted = in_flight.pop(future.key)
-            status = _outcome(result)
-            key = future.key
-            future.release()
-            if status == "finished" and isinstance(result, dict) and _DB_UNAVAILABLE in result:
-                outage = result[_DB_UNAVAILABLE]
-                status, result = "error", (type(outage), outage, outage.__traceback__)
-            if status == "finished":
-                if breaker.gone:  # the ledger cannot record it: it reruns on resume
-                    continue
-                try:
-                    _on_success(
-                        chunk,
-                        result,
-                        run_id=run_id,
-                        ledger=ledger,
-                        commit_on_worker=commit_on_worker,
-                        state=state,
-                        outage_s=breaker.outage_s,
-                    )
-                except DatabaseUnavailable as exc:  # the driver's own ledger write
-                    committed = chunks_before + state.chunks_done
-                    fatal = _run_failed(
-                        breaker.fail(exc, ledger.url, committed, n_chunks, resume_hint),
-                        state,
-                        failures,
-                        out,
-                    )
-                continue
-            if status == "cancelled":  # e.g. the scheduler restarted: run it again
-                if attempt < retries:
-                    state.retried += 1
-                    queue.appendleft((chunk, attempt + 1))
-                elif fatal is None:
-                    state.failed += 1
-                    fatal = ChunkFailedError(
-                        f"chunk {chunk.chunk_id} was cancelled {attempt + 1} times (scheduler "
-                        f"restarted or someone cancelled it): check the cluster, then "
-                        f"{resume_hint}",
-                        chunk_id=chunk.chunk_id,
-                    )
-                continue
-            exc_type, exc, tb = result
-            verdict = breaker.on_failure(chunk, attempt, exc) if fatal is None else "ordinary"
-            if verdict == "again":  # the outage it met is over already
-                queue.appendleft((chunk, attempt))
-                continue
-            if verdict == "held":
-                if breaker.newly_open and breaker.seconds_left() >= 1:
-                    print(
-                        f"\nchunk {chunk.chunk_id}: database {breaker.where} unreachable "
-                        f"({breaker.cause}): submitting no more chunks; waiting up to "
-                        f"{breaker.seconds_left():.0f} s for it to come back",
-                        file=out,
-                        flush=True,
-                    )
-                continue
-            problem = _on_failure(
-                client,
-                chunk,
-                attempt,
-                key,
-                submitted,
-                exc_type,
-                exc,
-                tb,
-                queue=queue,
-                retries=retries,
-                min_chunk=min_chunk,
-                state=state,
-                failures=failures,
-                out=out,
-                resume_hint=resume_hint,
-            )
-            if problem is not None and fatal is None:
-                fatal = problem
-        if breaker.gone:
-            break  # nothing can be recorded: cancel what is in flight, write the report
-        if batch:
-            # releases travel through the client's event loop; let them leave before
-            # the next submissions so the scheduler never holds more than max_in_flight
-            client.sync(_settle)
-        bar.tick(done_before_items + state.items_done, state.chunks_done, len(in_flight))
-        if fatal is None and in_flight:
-            gone = watch.seconds_without_workers()
-            if (
-                gone is not None
-                and stop["reason"] is not None
-                and gone >= min(no_worker_timeout_s, STOPPING_NO_WORKER_S)
-            ):
-                # stopping anyway (SIGTERM at walltime ends the worker jobs too): the
-                # chunks in flight cannot finish; the run is interrupted, not failed
-                print(
-                    f"no workers left to finish the {len(in_flight)} chunks in flight "
-                    "(they are not recorded and will rerun on resume)",
-                    file=out,
-                    flush=True,
-                )
-                break
-            if gone is not None and gone >= no_worker_timeout_s:
-                job_watch = _job_watch(client)
-                waiting = job_watch.waiting_replacements() if job_watch is not None else None
-                fatal = _run_failed(
-                    _no_workers_error(
-                        gone, state, failures, chunks_before, n_chunks, resume_hint, waiting
-                    ),
-                    state,
-                    failures,
-                    out,
-                )
-                break  # nothing can run: cancel what is in flight, write the report
-    bar.tick(done_before_items + state.items_done, state.chunks_done, len(in_flight), force=True)
-    if in_flight:
-        client.cancel(list(_futures_of(ac)), force=True)
-    ac.clear() if hasattr(ac, "clear") else None
-    return fatal
 
 
 async def _settle() -> None:
@@ -830,163 +917,36 @@ def _outcome(result: Any) -> str:
     return "finished"
 
 
-def _run_failed(
-    fatal: ChunkFailedError, state: _State, failures: list, out: TextIO
-) -> ChunkFailedError:
-    """Record a run-level failure (not one chunk's): counted, in the report, printed."""
-    state.failed += 1
-    failures.append({"chunk_id": None, "error": str(fatal), "traceback": ""})
-    print(f"\n{fatal}", file=out, flush=True)
-    return fatal
-
-
 def _job_watch(client):
     """The SLURM :class:`~hpcbatch.cluster.WorkerJobWatch` of ``client``'s cluster, or None."""
     return getattr(client, "hpcbatch_job_watch", None)
 
 
-def _finish_ledger(ledger, run_id: str, status: str, chunks, commit_on_worker: bool, out) -> None:
-    ledger.finish_run(run_id, status)
-    if status == "finished" and commit_on_worker:
-        index = DoneIndex(ledger.done_ids(run_id))
-        missing = [c.chunk_id for c in chunks if not index.is_done(c.chunk_id)]
-        if missing:
-            print(
-                f"warning: {len(missing)} chunks (e.g. {missing[0]}) finished but their "
-                "sink did not record them in the ledger: they will rerun on --resume",
-                file=out,
-                flush=True,
-            )
+def _finish_ledger(opts: RunOptions, status: str, chunks) -> None:
+    ledger, run_id, out = opts.ledger, opts.run_id, opts.out
+    try:
+        ledger.finish_run(run_id, status)
+        if status == "finished" and opts.commit_on_worker:
+            index = DoneIndex(ledger.done_ids(run_id))
+            missing = [c.chunk_id for c in chunks if not index.is_done(c.chunk_id)]
+            if missing:
+                opts.say(
+                    f"warning: {len(missing)} chunks (e.g. {missing[0]}) finished but their "
+                    "sink did not record them in the ledger: they will rerun on --resume"
+                )
+    except Exception as exc:  # noqa: BLE001 (the full disk / lost database that failed the run)
+        print(
+            f"warning: could not record run {run_id!r} as {status} in the ledger "
+            f"({type(exc).__name__}: {error_line(exc)}); the chunks recorded before stay "
+            "done, --resume will finish the record",
+            file=out,
+            flush=True,
+        )
 
 
 def _futures_of(ac) -> list:
     with ac.lock:
         return list(ac.futures)
-
-
-def _on_success(
-    chunk: Chunk,
-    meta: dict,
-    *,
-    run_id,
-    ledger,
-    commit_on_worker,
-    state: _State,
-    outage_s: float = DB_OUTAGE_S,
-) -> None:
-    already = bool(meta.pop(_ALREADY_DONE, False))
-    if ledger is not None and not commit_on_worker and not already:
-        # a restart of the ledger's database is waited out; a longer outage raises
-        # DatabaseUnavailable (the chunk's output is idempotent: it reruns on resume)
-        with_backoff(
-            lambda: ledger.mark_done(run_id, chunk, meta),
-            attempts=None,
-            max_total_s=outage_s,
-            database=ledger.url,
-            what=f"recording chunk {chunk.chunk_id} in the ledger",
-        )
-    state.tasks_done += 1
-    state.items_done += chunk.size
-    root = chunk.chunk_id.split(".")[0]
-    left = state.items_left.get(root, chunk.size) - chunk.size
-    state.items_left[root] = left
-    if left <= 0:
-        state.chunks_done += 1
-    _add_meta(state, meta)
-
-
-def _add_meta(state: _State, meta: dict) -> None:
-    for k, v in meta.items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            state.meta[k] = state.meta.get(k, 0) + v
-
-
-def _on_failure(
-    client,
-    chunk: Chunk,
-    attempt: int,
-    key,
-    submitted: float,
-    exc_type,
-    exc,
-    tb,
-    *,
-    queue: deque,
-    retries: int,
-    min_chunk: int,
-    state: _State,
-    failures: list,
-    out: TextIO,
-    resume_hint: str = "rerun the same command with --resume",
-) -> ChunkFailedError | None:
-    kills: list[dict] = []
-    memory = is_memory_error(exc)
-    if not memory and _is_killed_worker(exc):
-        kills = _memory_kills_of(client, key, submitted)
-        memory = bool(kills)
-    where = f"chunk {chunk.chunk_id} ({chunk.size} items {chunk.start}..{chunk.stop - 1})"
-    if memory:
-        needed = max((k.get("rss") or 0 for k in kills), default=0)
-        how = (
-            "its worker process was killed by SIGKILL (kernel OOM killer or batch-system "
-            "memory limit)"
-            if kills and not needed
-            else None
-        ) or (
-            f"its worker was killed for memory at {format_bytes(needed)}"
-            if kills
-            else f"{exc_type.__name__}: {str(exc)[:200]}"
-        )
-        halves_fit = chunk.size // 2 >= min_chunk
-        if halves_fit:
-            first, second = chunk.split()
-            queue.appendleft((second, 0))
-            queue.appendleft((first, 0))
-            state.split += 1
-            print(
-                f"\n{where} ran out of memory ({how}): split into {first.size} + "
-                f"{second.size} items and retried",
-                file=out,
-                flush=True,
-            )
-            return None
-        state.failed += 1
-        need_txt = f"more than {format_bytes(needed)}" if needed else "more than its worker's limit"
-        message = (
-            f"{where} ran out of memory at the minimum chunk size ({min_chunk}): it needed "
-            f"{need_txt} ({how}): give each worker more memory (--mem-gb, fewer workers) "
-            "or lower min-chunk"
-        )
-        failures.append({"chunk_id": chunk.chunk_id, "error": message, "traceback": ""})
-        return ChunkFailedError(message, chunk_id=chunk.chunk_id)
-    if attempt < retries:
-        state.retried += 1
-        queue.append((chunk, attempt + 1))
-        print(
-            f"\n{where} failed ({exc_type.__name__}: {str(exc)[:200]}): retry "
-            f"{attempt + 1} of {retries}",
-            file=out,
-            flush=True,
-        )
-        return None
-    state.failed += 1
-    text = "".join(traceback.format_exception(exc_type, exc, tb))
-    failures.append(
-        {"chunk_id": chunk.chunk_id, "error": f"{exc_type.__name__}: {exc}", "traceback": text}
-    )
-    print(
-        f"\n{where} failed {attempt + 1} times; the worker's traceback:\n{text}",
-        file=out,
-        flush=True,
-    )
-    error = ChunkFailedError(
-        f"{where} failed after {attempt + 1} attempts: {exc_type.__name__}: "
-        f"{_one_line(str(exc))}: fix the cause (traceback above and in the report), then "
-        f"{resume_hint} (finished chunks are kept)",
-        chunk_id=chunk.chunk_id,
-    )
-    error.traceback = text  # type: ignore[attr-defined]
-    return error
 
 
 class _WorkerWatch:
@@ -1019,7 +979,7 @@ class _DatabaseBreaker:
     Closed: chunks run.  A chunk that fails with a transient database error is checked
     against the database itself: answering -> the chunk reruns at once without using a
     retry (for ``outage_s`` per chunk; after that an ordinary failure, retried as usual);
-    not answering -> open: the chunk is held and nothing more is submitted while the
+    not answering -> open: the chunk is held (by the state machine) and nothing more is submitted while the
     database is probed every ``every_s``.  It answers again -> closed, the held chunks
     rerun (no retry used up).  Still down ``outage_s`` after the outage began (counting
     the time the failing chunk already retried on its worker) -> gone: the run fails.
@@ -1033,7 +993,6 @@ class _DatabaseBreaker:
         self.probe = probe or probe_database
         self.down_since: float | None = None
         self.cause = ""
-        self.held: list[tuple[Chunk, int]] = []
         self.newly_open = False
         self.gone = False
         self.gone_url: str | None = None
@@ -1074,7 +1033,7 @@ class _DatabaseBreaker:
     def recognises(self, exc: BaseException) -> bool:
         return isinstance(exc, DatabaseUnavailable) or (self.url is not None and is_transient(exc))
 
-    def on_failure(self, chunk: Chunk, attempt: int, exc: BaseException) -> str:
+    def on_failure(self, chunk: Chunk, exc: BaseException) -> str:
         """What to do with a failed chunk: ``held`` (the database is down: the breaker
         is open and the chunk waits), ``again`` (a database error, but the database
         answers now: rerun it without using a retry, for up to ``outage_s`` per chunk)
@@ -1092,7 +1051,6 @@ class _DatabaseBreaker:
             waited = exc.waited_s if isinstance(exc, DatabaseUnavailable) else 0.0
             self.down_since = time.monotonic() - waited
             self.newly_open = True
-        self.held.append((chunk, attempt))
         return "held"
 
     def _check(self) -> str | None:
@@ -1116,10 +1074,8 @@ class _DatabaseBreaker:
             return "gone"
         return "down"
 
-    def release(self) -> list[tuple[Chunk, int]]:
-        held, self.held = self.held, []
+    def release(self) -> None:
         self.down_since = None
-        return held
 
     def seconds_left(self) -> float:
         return max(0.0, (self.down_since or 0.0) + self.outage_s - time.monotonic())
@@ -1151,22 +1107,23 @@ class _DatabaseBreaker:
 
 def _no_workers_error(
     gone: float,
-    state: _State,
-    failures: list,
-    chunks_before: int,
+    states: ChunkStates,
+    done: int,
     n_chunks: int,
     hint: str,
     waiting: str | None = None,
 ) -> ChunkFailedError:
     """``waiting``: the SLURM job watch's account of replacement jobs not started yet."""
-    done = f"{chunks_before + state.chunks_done} of {n_chunks} chunks done"
+    done_txt = f"{done} of {n_chunks} chunks done"
     if waiting:  # the workers' jobs ended and their replacements sit in the queue
         return ChunkFailedError(
             f"the cluster lost all its workers and none came back for {gone:.0f} s "
-            f"({waiting}): {done}; check the queue (squeue, the partition's limits) or "
+            f"({waiting}): {done_txt}; check the queue (squeue, the partition's limits) or "
             f"raise no_worker_timeout_s, then {hint}"
         )
-    kills = state.split + sum("out of memory" in str(f.get("error")) for f in failures)
+    kills = states.counters.split + sum(
+        "out of memory" in str(f.get("error")) for f in states.failures
+    )
     why = (
         f"after {kills} out-of-memory kills: most likely the worker processes were "
         "killed for memory faster than they restarted"
@@ -1175,37 +1132,9 @@ def _no_workers_error(
     )
     return ChunkFailedError(
         f"the cluster lost all its workers and none came back for {gone:.0f} s ({why}): "
-        f"{done}; give each worker more memory (--mem-gb, fewer workers) or use smaller "
+        f"{done_txt}; give each worker more memory (--mem-gb, fewer workers) or use smaller "
         f"chunks, then {hint}"
     )
-
-
-def _one_line(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) < 300 else text[:297] + "..."
-
-
-def _undone_pieces(chunk: Chunk, index: DoneIndex) -> list[Chunk]:
-    if index.is_done(chunk.chunk_id):
-        return []
-    if not index.partly_done(chunk.chunk_id) or chunk.size < 2:
-        return [chunk]
-    first, second = chunk.split()
-    return _undone_pieces(first, index) + _undone_pieces(second, index)
-
-
-def _rechunk(chunks: list[Chunk], recorded: int, run_id: str) -> list[Chunk]:
-    n_items = sum(c.size for c in chunks)
-    standard = make_chunks(n_items, max(c.size for c in chunks))
-    if [(c.chunk_id, c.start, c.stop) for c in chunks] != [
-        (c.chunk_id, c.start, c.stop) for c in standard
-    ]:
-        raise ConfigError(
-            f"run {run_id!r} was recorded with {recorded} items per chunk but these chunks "
-            f"have {max(c.size for c in chunks)}: resume with --batch-size {recorded}"
-        )
-    items = [item for c in chunks for item in c.items] if chunks[0].items else None
-    return make_chunks(n_items, recorded, items)
 
 
 def _default_in_flight(client, plan) -> int:
@@ -1219,15 +1148,16 @@ def _default_in_flight(client, plan) -> int:
     return max(2, 2 * threads)
 
 
-def _install(client, plugin, *, nanny: bool) -> bool:
+def _install(client, plugin, name: str, *, quiet: bool = False) -> bool:
     try:
-        client.register_plugin(plugin, name=SAMPLER_NAME)
+        client.register_plugin(plugin, name=name)
         return True
     except Exception as exc:  # noqa: BLE001 (no nannies, e.g. dask worker --no-nanny)
-        print(
-            f"note: per-worker memory sampling is off ({type(exc).__name__}: {exc})",
-            file=sys.stderr,
-        )
+        if not quiet:
+            print(
+                f"note: per-worker memory sampling is off ({type(exc).__name__}: {exc})",
+                file=sys.stderr,
+            )
         return False
 
 
@@ -1250,51 +1180,47 @@ def _performance_report(client, path: Path):
     return stack
 
 
-def _build_report(
-    client,
-    *,
-    run_id,
-    status,
-    n_chunks,
-    skipped,
-    state: _State,
-    wall,
-    plan,
-    run_dir,
-    failures,
-    since,
-    until,
-    sampler_on,
-    counter_on,
-    max_in_flight,
-    message,
-) -> RunReport:
+# ---------------------------------------------------------------- report ----
+
+
+def _timelines(client, sampler_on: bool) -> list[dict]:
+    if not sampler_on:
+        return []
     timelines: list[dict] = []
-    if sampler_on:
-        try:
-            got = client.run(nanny_memory_timeline, nanny=True)
-            timelines = [tl for tl in got.values() if tl]
-        except Exception as exc:  # noqa: BLE001
-            print(f"note: could not fetch worker memory timelines: {exc}", file=sys.stderr)
-        with suppress(Exception):
-            client.unregister_worker_plugin(SAMPLER_NAME, nanny=True)
-    max_tasks = None
-    if counter_on:
-        try:
-            max_tasks = client.run_on_scheduler(scheduler_max_tasks)
-            client.run_on_scheduler(remove_scheduler_counter)
-        except Exception:  # noqa: BLE001
-            max_tasks = None
-    thresholds = dict(plan.thresholds) if plan is not None else None
     try:
-        removed = client.get_events("all")
-        kills = client.get_events("worker-restart-memory")
+        got = client.run(nanny_memory_timeline, nanny=True)
+        timelines = [tl for tl in got.values() if tl]
+    except Exception as exc:  # noqa: BLE001
+        print(f"note: could not fetch worker memory timelines: {exc}", file=sys.stderr)
+    with suppress(Exception):
+        client.unregister_worker_plugin(SAMPLER_NAME, nanny=True)
+    return timelines
+
+
+def _max_tasks(client, counter_on: bool) -> int | None:
+    if not counter_on:
+        return None
+    try:
+        max_tasks = client.run_on_scheduler(scheduler_max_tasks)
+        client.run_on_scheduler(remove_scheduler_counter)
+        return max_tasks
     except Exception:  # noqa: BLE001
-        removed, kills = (), ()
-    terminate = thresholds.get("terminate") if thresholds else None
+        return None
+
+
+def _deaths(client, since: float, until: float, terminate: float | None) -> list[dict]:
+    """Why each worker that left during the run left, each naming only the chunks that
+    were executing there (not those that waited behind them)."""
+    witnessed = _events(client, EXECUTING_TOPIC)
+    removed = [
+        (t, {**ev, "processing-tasks": executing_when_removed((t, ev), witnessed)})
+        if isinstance(ev, dict) and ev.get("action") == "remove-worker"
+        else (t, ev)
+        for t, ev in _events(client, "all")
+    ]
     deaths = classify_deaths(
-        list(removed),
-        list(kills),
+        removed,
+        _events(client, "worker-restart-memory"),
         since=since,
         until=until,
         terminate_fraction=terminate or None,
@@ -1305,7 +1231,16 @@ def _build_report(
         ],
     )
     # a SLURM worker job that ended: the reason SLURM gives (cancelled, memory, ...)
-    deaths = add_slurm_job_reasons(deaths, getattr(_job_watch(client), "job_of", None))
+    return add_slurm_job_reasons(deaths, getattr(_job_watch(client), "job_of", None))
+
+
+def _build_report(shell: _Shell, status: str, wall: float) -> RunReport:
+    client, opts, c, plan = shell.client, shell.opts, shell.counters, shell.opts.plan
+    timelines = _timelines(client, shell.sampler_on)
+    max_tasks = _max_tasks(client, shell.counter_on)
+    thresholds = dict(plan.thresholds) if plan is not None else None
+    terminate = thresholds.get("terminate") if thresholds else None
+    deaths = _deaths(client, shell.t0, shell.t_end, terminate)
     peaks = _peaks(timelines, deaths)
     limit = (
         plan.memory_limit_bytes
@@ -1313,16 +1248,16 @@ def _build_report(
         else next((tl["memory_limit"] for tl in timelines if tl.get("memory_limit")), None)
     )
     report = RunReport(
-        run_id=run_id,
+        run_id=opts.run_id,
         status=status,
-        n_chunks=n_chunks,
-        chunks_done=state.chunks_done,
-        tasks_done=state.tasks_done,
-        chunks_skipped=skipped,
-        chunks_retried=state.retried,
-        chunks_split=state.split,
-        chunks_failed=state.failed,
-        items_done=state.items_done,
+        n_chunks=shell.n_chunks,
+        chunks_done=c.chunks_done,
+        tasks_done=c.tasks_done,
+        chunks_skipped=shell.start.skipped,
+        chunks_retried=c.retried,
+        chunks_split=c.split,
+        chunks_failed=c.failed,
+        items_done=c.items_done,
         wall_time_s=round(wall, 3),
         plan=plan.to_dict() if plan is not None else None,
         predicted_peak_bytes=plan.predicted_peak_bytes if plan is not None else None,
@@ -1330,32 +1265,37 @@ def _build_report(
         measured_peak_per_worker=peaks,
         memory_limit_bytes=limit,
         worker_deaths=deaths,
-        results_meta=dict(state.meta),
-        report_dir=str(run_dir) if run_dir is not None else None,
-        max_in_flight=state.max_in_flight,
+        results_meta=dict(c.meta),
+        report_dir=str(opts.run_dir) if opts.run_dir is not None else None,
+        max_in_flight=c.max_in_flight,
         max_tasks_on_scheduler=max_tasks,
-        failures=failures,
-        message=message,
+        failures=shell.states.failures,
+        message=str(shell.fatal or ""),
     )
-    if run_dir is not None:
-        try:
-            write_report_dir(report, run_dir)
-            if timelines:
-                plot_memory(
-                    timelines,
-                    run_dir / "memory.png",
-                    t0=since,
-                    memory_limit_bytes=limit,
-                    thresholds=thresholds or _thresholds_of(client),
-                    predicted_peak_bytes=report.predicted_peak_bytes,
-                    deaths=deaths,
-                    title=f"Per-worker memory of run {run_id} (RSS sampled every 0.1 s)",
-                )
-        except OSError as exc:
-            raise HpcbatchError(
-                f"cannot write the report to {run_dir}: {exc}: check the report-dir"
-            ) from None
+    if opts.run_dir is not None:
+        _write_report(client, report, timelines, thresholds, shell.t0)
     return report
+
+
+def _write_report(client, report: RunReport, timelines, thresholds, t0: float) -> None:
+    run_dir = Path(report.report_dir)
+    try:
+        write_report_dir(report, run_dir)
+        if timelines:
+            plot_memory(
+                timelines,
+                run_dir / "memory.png",
+                t0=t0,
+                memory_limit_bytes=report.memory_limit_bytes,
+                thresholds=thresholds or _thresholds_of(client),
+                predicted_peak_bytes=report.predicted_peak_bytes,
+                deaths=report.worker_deaths,
+                title=f"Per-worker memory of run {report.run_id} (RSS sampled every 0.1 s)",
+            )
+    except OSError as exc:
+        raise HpcbatchError(
+            f"cannot write the report to {run_dir}: {exc}: check the report-dir"
+        ) from None
 
 
 def _thresholds_of(client) -> dict | None:

@@ -136,6 +136,57 @@ def test_chunk_that_exceeds_its_worker_memory_is_split_and_completes(client, tmp
     }
 
 
+def test_a_worker_memory_kill_is_blamed_on_the_executing_chunk_only(tmp_path):
+    """Issue 14: on a cluster whose 1-thread workers also hold a queued task (Dask's
+    default worker-saturation 1.1, as on an existing cluster), a memory kill splits only
+    the chunk that was executing; the one queued behind it reruns unchanged."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    # two 4 x 90 MB chunks (over the 380 MB terminate threshold of a 400 MB worker),
+    # each followed by small chunks that land in the queue behind it
+    items = ([90] * 4 + [1] * 4 * 3) * 2
+    cfg = {
+        "distributed.scheduler.worker-saturation": 1.1,
+        # every task on a killed worker gets KilledWorker at once: a queued one too
+        "distributed.scheduler.allowed-failures": 0,
+        "distributed.worker.memory.pause": False,
+        "distributed.worker.memory.spill": False,
+        "distributed.worker.memory.target": False,
+    }
+    ledger = Ledger(f"sqlite:///{tmp_path}/l.db")
+    with (
+        dask.config.set(cfg),
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, memory_limit="400MB", dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as c,
+    ):
+        report = run(
+            make_chunks(len(items), 4, items=items),
+            rh.hog,
+            c,
+            run_id="blame",
+            ledger=ledger,
+            max_in_flight=4,
+            progress=False,
+            report_dir=tmp_path,
+        )
+        removed = [ev for _t, ev in c.get_events("all") if ev.get("action") == "remove-worker"]
+    # a killed worker held a queued chunk too (else this test proves nothing)
+    assert any(len(ev["processing-tasks"]) >= 2 for ev in removed)
+    assert report.status == "finished"
+    assert report.chunks_split == 2  # the two chunks that ran out of memory, once each
+    memory_deaths = [d for d in report.worker_deaths if d["reason"] == "memory"]
+    assert len(memory_deaths) == report.chunks_split
+    assert sorted(t for d in memory_deaths for t in d["tasks"]) == ["c000000", "c000004"]
+    assert all(", " not in d["detail"] for d in memory_deaths)  # "while running <one>"
+    assert report.items_done == len(items) and report.results_meta["mb"] == sum(items)
+    expected = {f"c{k:06d}" for k in range(8) if k not in (0, 4)}
+    expected |= {"c000000.0", "c000000.1", "c000004.0", "c000004.1"}
+    assert ledger.done_ids("blame") == expected
+
+
 def test_worker_sigkilled_like_the_oom_killer_counts_as_memory_and_splits(client, tmp_path):
     report = run(
         make_chunks(4, 4),
@@ -497,8 +548,9 @@ def test_a_failed_chunk_names_the_runs_own_resume_hint(client):
 def test_no_workers_error_names_slurm_jobs_waiting_in_the_queue() -> None:
     """Workers gone because their SLURM jobs ended and the replacements are still queued:
     the line says so (and to check the queue), not 'memory kills'."""
+    from hpcbatch.chunkstate import ChunkStates
     from hpcbatch.cluster import WorkerJobWatch
-    from hpcbatch.runner import _no_workers_error, _State
+    from hpcbatch.runner import _no_workers_error
 
     watch = WorkerJobWatch(cluster=None)
     assert watch.waiting_replacements() is None
@@ -508,11 +560,11 @@ def test_no_workers_error_names_slurm_jobs_waiting_in_the_queue() -> None:
     waiting = watch.waiting_replacements()
     assert "42 walltime" in waiting and "41" not in waiting
 
-    state = _State(chunks_done=3)
-    queued = str(_no_workers_error(120, state, [], 2, 10, "rerun with --resume", waiting))
+    states = ChunkStates(make_chunks(10, 1))
+    queued = str(_no_workers_error(120, states, 5, 10, "rerun with --resume", waiting))
     assert "42 walltime" in queued and "squeue" in queued and "memory" not in queued
     assert "5 of 10 chunks done" in queued and queued.endswith("rerun with --resume")
-    plain = str(_no_workers_error(120, state, [], 2, 10, "rerun with --resume"))
+    plain = str(_no_workers_error(120, states, 5, 10, "rerun with --resume"))
     assert "memory" in plain and "squeue" not in plain
 
 

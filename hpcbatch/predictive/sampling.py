@@ -895,35 +895,34 @@ def _run_in_process(job, chunks, store, run_id, seed, plan):
     import time
 
     from .. import runner
+    from ..chunkstate import ChunkStates, Policy
     from ..report import RunReport
 
     key = f"sync-{uuid.uuid4().hex}"
     _JOBS[key] = job
-    total = {"samples": 0, "bytes_written": 0}
     t0 = time.time()
-    queue = list(chunks)
-    splits = 0
+    # the runner's own state machine: out of memory -> halved and retried, else fails
+    states = ChunkStates(chunks, Policy(retries=0, min_chunk=1))
     try:
-        while queue:
-            chunk = queue.pop(0)
+        while attempts := states.take(1):
+            chunk = attempts[0].chunk
             ctx = runner.TaskContext(run_id, runner.chunk_seed(seed, chunk.chunk_id), 0)
             try:
                 meta = sample_chunk_task(chunk, ctx, job_path=key, out=str(store))
             except HpcbatchError:
                 raise
             except Exception as exc:
-                # As the runner does: a chunk out of memory is halved and retried.
-                if runner.is_memory_error(exc) and chunk.size > 1:
-                    queue[:0] = chunk.split()
-                    splits += 1
-                    continue
+                if runner.is_memory_error(exc):
+                    verdict = states.memory_failure(attempts[0], type(exc).__name__)
+                    if verdict.action == "split":
+                        continue
                 raise _chunk_error(chunk, exc) from exc
-            for name, value in meta.items():
-                total[name] += value
+            states.succeeded(attempts[0], meta)
     finally:
         _JOBS.pop(key, None)
         for cache_key in [k for k in _ARRAYS if k[0] == str(store)]:
             _ARRAYS.pop(cache_key, None)
+    total = {"samples": 0, "bytes_written": 0, **states.counters.meta}
     from ..calibrate import _vm_hwm
 
     # VmHWM, not ru_maxrss: the latter carries the parent's peak across exec.
@@ -933,7 +932,7 @@ def _run_in_process(job, chunks, store, run_id, seed, plan):
         status="finished",
         n_chunks=len(chunks),
         chunks_done=len(chunks),
-        chunks_split=splits,
+        chunks_split=states.counters.split,
         items_done=total["samples"],
         wall_time_s=time.time() - t0,
         plan=plan.to_dict(),
