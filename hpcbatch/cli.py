@@ -3,31 +3,51 @@
 Reads config once (``--profile`` / ``--config`` / flags) and passes values down.
 Every :class:`~hpcbatch.errors.HpcbatchError`, and every click usage error, becomes
 one line ``error: ...`` on stderr and a non-zero exit (2 for bad input); no
-traceback.  Workload commands live beside their workloads
-(``hpcbatch/stocks/cli.py``, ``hpcbatch/predictive/cli.py``) and are added here.
+traceback.
+
+Nothing here knows a particular workload: ``hpcbatch plan W``, ``hpcbatch run W`` and
+``hpcbatch slurm render W`` are built for every workload registered under the
+``hpcbatch.workloads`` entry point from its own options, and a workload's own command
+group (``hpcbatch stocks ...``) is added from the reference it declares (``cli_group``).
 """
 
 from __future__ import annotations
 
-import functools
+import importlib
 import json
 import sys
-from collections.abc import Callable
 
 import click
 
 from . import config as hb_config
-from .errors import ConfigError, HpcbatchError
-from .planner import Footprint, Plan, make_plan, plural
-from .resources import Resources, detect_resources
-from .units import format_bytes, parse_bytes
+from .calibrate import check_probe
+from .errors import HpcbatchError
+from .options import (
+    allocation_options,
+    calibration_options,
+    config_options,
+    json_option,
+    params_of,
+    probe_sizes,
+    resources_from_options,
+    run_options,
+    run_resources,
+)
+from .pipeline import (
+    ClusterChoice,
+    RunRequest,
+    load_settings,
+    plan_sizes,
+    run_job,
+    workload_settings,
+)
+from .planner import Plan, plural
+from .slurm_cli import add_render_command, slurm
+from .units import format_bytes
+from .workload import Workload, get_workload, workloads
 
 # click >= 8.2 raises this for a group called without a command (older click prints help).
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
-
-STOCKS_PROBE = "hpcbatch.stocks.probe:probe"
-PREDICTIVE_PROBE = "hpcbatch.predictive.probe:probe"
-
 
 class HpcbatchGroup(click.Group):
     """Turns HpcbatchError and click's usage errors into one clean line and an exit code."""
@@ -63,68 +83,6 @@ class HpcbatchGroup(click.Group):
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
         sys.exit(result if isinstance(result, int) else 0)
-
-
-def config_options(func: Callable) -> Callable:
-    """``--profile NAME`` and ``--config FILE``."""
-
-    @click.option(
-        "--profile",
-        default=None,
-        help="A packaged profile: stocks-12gb, stocks-19gb, stocks-debug, predictive.",
-    )
-    @click.option("--config", "config_file", default=None, help="A YAML file of hpcbatch settings.")
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        return func(*args, **kwargs)
-
-    return wrapper
-
-
-def allocation_options(func: Callable) -> Callable:
-    """``--mem``/``--mem-gb``, ``--cpus``, ``--gpus``: describe an allocation instead of detecting it."""
-
-    @click.option("--mem-gb", type=float, default=None, help="Memory of the allocation in GB.")
-    @click.option("--mem", "mem", default=None, help="Memory as a size: 12GB, 500GiB, 64G.")
-    @click.option("--cpus", type=int, default=None, help="CPUs of the allocation.")
-    @click.option("--gpus", type=int, default=None, help="GPUs of the allocation.")
-    @click.option(
-        "--gpu-mem-gb", type=float, default=None, help="Memory of each planned GPU in GB."
-    )
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        return func(*args, **kwargs)
-
-    return wrapper
-
-
-def memory_option_bytes(mem_gb: float | None, mem: str | None = None) -> int | None:
-    """Bytes from ``--mem-gb`` (decimal GB) or ``--mem`` (a size string); one at most."""
-    if mem_gb is not None and mem is not None:
-        raise ConfigError("give --mem or --mem-gb, not both")
-    if mem is not None:
-        return parse_bytes(mem, what="--mem")
-    if mem_gb is None:
-        return None
-    if not mem_gb > 0:
-        raise ConfigError(f"--mem-gb must be positive, got {mem_gb:g}: e.g. --mem-gb 12")
-    return int(mem_gb * 1e9)
-
-
-def resources_from_options(
-    mem_gb, cpus, gpus, gpu_mem_gb=None, *, plan_ahead: bool, mem: str | None = None
-) -> Resources:
-    """The allocation, from detection narrowed (or, planning ahead, replaced) by the flags."""
-    if gpu_mem_gb is not None and not gpu_mem_gb > 0:
-        raise ConfigError(f"--gpu-mem-gb must be positive, got {gpu_mem_gb:g}")
-    return detect_resources(
-        memory_bytes=memory_option_bytes(mem_gb, mem),
-        cpus=cpus,
-        gpus=gpus,
-        gpu_memory_bytes=None if gpu_mem_gb is None else int(gpu_mem_gb * 1e9),
-        plan_ahead=plan_ahead,
-        memory_flag="--mem" if mem is not None else "--mem-gb",
-    )
 
 
 def echo_plan(plan: Plan, as_json: bool, extra: dict | None = None) -> None:
@@ -210,198 +168,6 @@ def plan() -> None:
     """
 
 
-def calibration_options(func: Callable) -> Callable:
-    @click.option(
-        "--calibrate/--no-calibrate",
-        default=None,
-        help="Measure the footprint with the workload's probe in fresh processes "
-        "instead of the analytic estimate.",
-    )
-    @click.option("--probe-sizes", default=None, help="The two probe sizes, e.g. 4,16.")
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        return func(*args, **kwargs)
-
-    return wrapper
-
-
-def _probe_sizes(text: str | None, default: tuple[int, int]) -> tuple[int, int]:
-    if text is None:
-        return default
-    try:
-        a, b = (int(x) for x in text.split(","))
-    except ValueError:
-        raise ConfigError(f"--probe-sizes {text!r} must be two whole numbers, e.g. 4,16") from None
-    if a < 1 or b < 1 or a == b:
-        raise ConfigError(f"--probe-sizes must be two different positive numbers, got {text}")
-    return a, b
-
-
-def _maybe_calibrate(
-    footprint: Footprint,
-    wanted: bool | None,
-    settings: dict,
-    probe: str,
-    sizes: tuple[int, int],
-    probe_kwargs: dict,
-) -> tuple[Footprint, dict]:
-    """The measured footprint when asked for (flag, else config ``calibrate``)."""
-    if not (settings.get("calibrate") if wanted is None else wanted):
-        return footprint, {}
-    from .calibrate import calibrated_footprint, check_probe
-
-    check_probe(probe)
-    click.echo(f"calibrating: running {probe} at sizes 0, {sizes[0]}, {sizes[1]} ...", err=True)
-    measured, result = calibrated_footprint(
-        footprint, probe, sizes, probe_kwargs, max_size=footprint.n_items
-    )
-    return measured, {"calibration": result.to_dict()}
-
-
-@plan.command("stocks")
-@click.option("--stocks", "n_stocks", type=int, default=5000, show_default=True)
-@click.option(
-    "--lookback-days", type=int, default=None, help="Days fetched per stock (default 400)."
-)
-@click.option(
-    "--predict-days", type=int, default=None, help="Trading days predicted per stock (default 10)."
-)
-@click.option("--batch-size", type=int, default=None, help="Fix the stocks per chunk.")
-@click.option("--use-gpu", is_flag=True, help="Size the GPU inference batch too.")
-@click.option("--memory-fraction", type=float, default=None)
-@calibration_options
-@allocation_options
-@config_options
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def plan_stocks(
-    n_stocks,
-    lookback_days,
-    predict_days,
-    batch_size,
-    use_gpu,
-    memory_fraction,
-    calibrate,
-    probe_sizes,
-    mem_gb,
-    mem,
-    cpus,
-    gpus,
-    gpu_mem_gb,
-    profile,
-    config_file,
-    as_json,
-) -> None:
-    """Plan stock batch prediction."""
-    from .stocks.footprint import stocks_footprint, stocks_max_chunk
-
-    settings = hb_config.load(profile, config_file, {"memory-fraction": memory_fraction})
-    stock_cfg = settings["stocks"]
-    lookback = hb_config.require_positive(
-        "--lookback-days", stock_cfg["lookback-days"] if lookback_days is None else lookback_days
-    )
-    predict = hb_config.require_positive(
-        "--predict-days", stock_cfg["predict-days"] if predict_days is None else predict_days
-    )
-    hb_config.require_positive("--stocks", n_stocks)
-    if stock_cfg.get("limit"):
-        n_stocks = min(n_stocks, int(stock_cfg["limit"]))
-    chunk = batch_size if batch_size is not None else stock_cfg["batch-size"]
-    if chunk is not None:
-        hb_config.require_positive("--batch-size", chunk)
-    res = resources_from_options(mem_gb, cpus, gpus, gpu_mem_gb, mem=mem, plan_ahead=True)
-    footprint = stocks_footprint(n_stocks, lookback, predict)
-    footprint, extra = _maybe_calibrate(
-        footprint,
-        calibrate,
-        settings,
-        STOCKS_PROBE,
-        _probe_sizes(probe_sizes, (4, 16)),
-        {"lookback_days": lookback, "predict_days": predict},
-    )
-    plan_obj = make_plan(
-        footprint,
-        res,
-        hb_config.plan_settings(
-            settings, chunk_size=chunk, use_gpu=use_gpu, max_chunk=stocks_max_chunk(settings)
-        ),
-    )
-    echo_plan(plan_obj, as_json, extra)
-
-
-@plan.command("predictive")
-@click.option("--cells", type=int, required=True, help="N, cells (rows of the counts matrix).")
-@click.option("--features", type=int, required=True, help="T, features (columns).")
-@click.option("--groups", type=int, default=2, show_default=True, help="C, technical groups.")
-@click.option("--samples", type=int, default=None, help="S, posterior samples (default 1000).")
-@click.option("--with-observations", is_flag=True, help="Also draw the observed counts.")
-@click.option(
-    "--copy-input",
-    is_flag=True,
-    help="Plan for the input copied into each worker instead of memory-mapped.",
-)
-@click.option("--memory-fraction", type=float, default=None)
-@calibration_options
-@allocation_options
-@config_options
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def plan_predictive(
-    cells,
-    features,
-    groups,
-    samples,
-    with_observations,
-    copy_input,
-    memory_fraction,
-    calibrate,
-    probe_sizes,
-    mem_gb,
-    mem,
-    cpus,
-    gpus,
-    gpu_mem_gb,
-    profile,
-    config_file,
-    as_json,
-) -> None:
-    """Plan posterior predictive sampling of the built-in technical model."""
-    from .predictive.footprint import technical_footprint
-
-    settings = hb_config.load(profile, config_file, {"memory-fraction": memory_fraction})
-    pred_cfg = settings["predictive"]
-    samples = samples if samples is not None else pred_cfg["samples"]
-    with_observations = with_observations or bool(pred_cfg["with-observations"])
-    for name, value in (
-        ("--cells", cells),
-        ("--features", features),
-        ("--groups", groups),
-        ("--samples", samples),
-    ):
-        hb_config.require_positive(name, value)
-    res = resources_from_options(mem_gb, cpus, gpus, gpu_mem_gb, mem=mem, plan_ahead=True)
-    footprint = technical_footprint(
-        cells,
-        features,
-        groups,
-        samples,
-        with_observations=with_observations,
-        shared_input_mmap=not copy_input,
-    )
-    footprint, extra = _maybe_calibrate(
-        footprint,
-        calibrate,
-        settings,
-        PREDICTIVE_PROBE,
-        _probe_sizes(probe_sizes, (2, 8)),
-        {
-            "cells": cells,
-            "features": features,
-            "groups": groups,
-            "with_observations": with_observations,
-        },
-    )
-    echo_plan(make_plan(footprint, res, hb_config.plan_settings(settings)), as_json, extra)
-
-
 @main.command("report")
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print report.json as it is.")
@@ -413,16 +179,124 @@ def report_cmd(directory, as_json) -> None:
     click.echo(json.dumps(data, indent=2) if as_json else summary_text(data))
 
 
-def _add_command_groups() -> None:
-    from .predictive.cli import predictive
-    from .slurm_cli import slurm
-    from .stocks.cli import stocks
+@main.command("workloads")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def list_workloads(as_json) -> None:
+    """List the workloads installed (the hpcbatch.workloads entry points)."""
+    found = workloads()
+    if as_json:
+        click.echo(json.dumps({n: {"help": w.help, "item": w.item_name} for n, w in found.items()}))
+        return
+    for name, w in found.items():
+        click.echo(f"{name:<12}  {w.help}")
 
-    for group in (stocks, predictive, slurm):
-        main.add_command(group)
+
+@main.group()
+def run() -> None:
+    """Run a workload's batch job: plan, cluster, chunks, resume and report.
+
+    Every installed workload has a command here (see 'hpcbatch workloads').
+    """
 
 
-_add_command_groups()
+def _values(workload_params: list[click.Parameter], kwargs: dict) -> dict:
+    """The values of the workload's own parameters, taken out of ``kwargs``."""
+    return {p.name: kwargs.pop(p.name) for p in workload_params if p.name in kwargs}
+
+
+def _plan_command(w: Workload) -> click.Command:
+    own = w.size_options()
+
+    def callback(**kw) -> None:
+        values = _values(own, kw)
+        settings = load_settings(
+            w, kw["profile"], kw["config_file"], {"memory-fraction": kw["memory_fraction"]}
+        )
+        sizes = w.sizes(workload_settings(w, settings), values)
+        res = resources_from_options(
+            kw["mem_gb"], kw["cpus"], kw["gpus"], kw["gpu_mem_gb"], mem=kw["mem"], plan_ahead=True
+        )
+        pair = probe_sizes(kw["probe_sizes"])
+        if settings["calibrate"] if kw["calibrate"] is None else kw["calibrate"]:
+            if w.probe:
+                check_probe(w.probe)
+            click.echo(f"calibrating: running {w.probe} in fresh processes ...", err=True)
+        planned = plan_sizes(w, sizes, settings, res, calibrate=kw["calibrate"], probe_sizes=pair)
+        echo_plan(planned.plan, kw["as_json"], planned.extra())
+
+    common = params_of(
+        click.option("--memory-fraction", type=float, default=None),
+        calibration_options, allocation_options, config_options, json_option,
+    )  # fmt: skip
+    return click.Command(
+        w.name, params=[*own, *common], callback=callback, help=f"Plan {w.help or w.name}"
+    )
+
+
+def _run_command(w: Workload) -> click.Command:
+    own = w.run_options()
+
+    def callback(**kw) -> None:
+        values = _values(own, kw)
+        settings = load_settings(w, kw["profile"], kw["config_file"])
+        if kw["tls"] is not None:
+            settings["cluster"]["tls"] = kw["tls"]
+        choice = ClusterChoice.parse(kw["cluster"], settings)
+        job = w.prepare(workload_settings(w, settings), values)
+        request = RunRequest(
+            cluster=choice, resources=run_resources(kw["mem_gb"], kw["cpus"], choice.backend),
+            resume=kw["resume"], run_id=kw["run_id"], report_dir=kw["report_dir"],
+            calibrate=kw["calibrate"], probe_sizes=probe_sizes(kw["probe_sizes"]),
+        )  # fmt: skip
+        report = run_job(job, settings, request)
+        echo_report(report, kw["as_json"])
+
+    common = params_of(run_options, calibration_options, config_options)
+    return click.Command(
+        w.name, params=[*own, *common], callback=callback, help=f"Run {w.help or w.name}"
+    )
+
+
+def echo_report(report, as_json: bool) -> None:
+    """A finished run's report: JSON, or its one-paragraph summary."""
+    data = report.to_dict() if hasattr(report, "to_dict") else report
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+    elif hasattr(report, "summary"):
+        click.echo(report.summary())
+    else:
+        click.echo(str(report))
+
+
+def job_cli(name: str) -> tuple[tuple[str, ...], click.Command | None]:
+    """The command a SLURM job of workload ``name`` runs, and its click command."""
+    command = get_workload(name).job_command()
+    cmd = main
+    for part in command:
+        cmd = getattr(cmd, "commands", {}).get(part)
+    return command, cmd
+
+
+def _workload_group(w: Workload) -> click.Command | None:
+    """The workload's own command group, from its ``cli_group`` reference."""
+    if not w.cli_group:
+        return None
+    module, _, attr = w.cli_group.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _add_workload_commands() -> None:
+    for w in workloads().values():
+        plan.add_command(_plan_command(w))
+        run.add_command(_run_command(w))
+        add_render_command(w)
+        group = _workload_group(w)
+        if group is not None and group.name not in main.commands:
+            main.add_command(group)
+    main.add_command(slurm)
+
+
+_add_workload_commands()
 
 if __name__ == "__main__":  # pragma: no cover
     main()

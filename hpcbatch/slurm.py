@@ -53,7 +53,6 @@ TEMPLATE_DIR = Path(
 DEFAULT_DASHBOARD_ADDRESS = "127.0.0.1:8787"
 
 #: The commands each workload runs inside a job.
-WORKLOAD_COMMANDS = {"stocks": ("stocks", "predict"), "predictive": ("predictive", "sample")}
 
 
 # ------------------------------------------------------------------ walltime ----
@@ -252,57 +251,45 @@ def _check_name(what: str, value: str | None) -> None:
         )
 
 
-def workload_cli(workload: str) -> Any:
-    """The click command a workload's job runs (``hpcbatch stocks predict`` ...)."""
-    from .cli import main
-
-    group, verb = WORKLOAD_COMMANDS[workload]
-    grp = main.commands.get(group)
-    cmd = getattr(grp, "commands", {}).get(verb)
-    if cmd is None:
-        raise ConfigError(f"this hpcbatch has no '{group} {verb}' command to put in the script")
-    return cmd
-
-
-def workload_options(workload: str) -> set[str]:
-    """The option names (``--resume``, ``--mem-gb`` ...) the workload's command accepts."""
-    cmd = workload_cli(workload)
+def workload_options(command_cli: Any) -> set[str]:
+    """The option names (``--resume``, ``--mem-gb`` ...) a workload's job command accepts."""
     return {
-        o for p in cmd.params for o in [*getattr(p, "opts", []), *getattr(p, "secondary_opts", [])]
+        o
+        for p in getattr(command_cli, "params", ())
+        for o in [*getattr(p, "opts", []), *getattr(p, "secondary_opts", [])]
     }
 
 
-def check_workload_args(workload: str, argv: Sequence[str]) -> None:
-    """Parse the job's workload arguments with the workload's CLI, without running it."""
+def check_workload_args(command_cli: Any, command: Sequence[str], argv: Sequence[str]) -> None:
+    """Parse the job's arguments with its click command, without running it."""
     import click
 
-    cmd = workload_cli(workload)
-    group, verb = WORKLOAD_COMMANDS[workload]
+    path = "hpcbatch " + " ".join(command)
     try:
-        with cmd.make_context(f"hpcbatch {group} {verb}", list(argv)):
+        with command_cli.make_context(path, list(argv)):
             pass
     except click.exceptions.Exit:
         pass
     except click.UsageError as exc:
         raise ConfigError(
-            f"the job would fail at once: 'hpcbatch {group} {verb}' says: {exc.format_message().rstrip('.')}: "
+            f"the job would fail at once: '{path}' says: {exc.format_message().rstrip('.')}: "
             "fix the workload arguments after --"
         ) from None
 
 
 def _workload_command(
-    workload: str,
+    job: Sequence[str],
     plan: Plan,
     cmd_args: Sequence[str],
     profile: str | None,
     config_file: str | None,
     driver: bool,
-    options: Collection[str] | None,
+    options: Collection[str],
 ) -> tuple[list[str], str]:
-    """The ``hpcbatch <group> <verb> ...`` argv for the job, and what resubmitting does."""
-    group, verb = WORKLOAD_COMMANDS[workload]
-    options = set(workload_options(workload) if options is None else options)
-    command = [group, verb]
+    """The ``hpcbatch <command> ...`` argv for the job, and what resubmitting does."""
+    options = set(options)
+    name = " ".join(job)
+    command = list(job)
     if profile:
         command += ["--profile", profile]
     if config_file:
@@ -310,7 +297,7 @@ def _workload_command(
     if driver:
         if "--cluster" not in options:
             raise ConfigError(
-                f"'hpcbatch {group} {verb}' has no --cluster option, so it cannot drive worker "
+                f"'hpcbatch {name}' has no --cluster option, so it cannot drive worker "
                 "jobs: render without --driver"
             )
         # The driver plans for the worker jobs' allocation (not its own small one): the
@@ -322,7 +309,21 @@ def _workload_command(
     if "--resume" in options:
         command.append("--resume")
         return command, "Submit this script again to resume."
-    return command, f"'hpcbatch {group} {verb}' has no --resume: resubmitting starts again."
+    return command, f"'hpcbatch {name}' has no --resume: resubmitting starts again."
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What the script runs and how: resolved by :func:`render_sbatch`, used by its parts."""
+
+    workload: str
+    plan: Plan
+    driver: bool
+    walltime_s: int
+    partition: str | None
+    account: str | None
+    job_name: str
+    jobs: int
 
 
 def render_sbatch(
@@ -343,13 +344,15 @@ def render_sbatch(
     driver_mem: str = "2G",
     jobs: int = 1,
     template_dir: Path | None = None,
+    command: Sequence[str] = (),
+    command_cli: Any = None,
     command_options: Collection[str] | None = None,
     check_command: bool = True,
     plan_note: str = "",
 ) -> str:
     """A ready sbatch script for ``workload`` whose ``--mem``/``--cpus-per-task`` come from ``plan``.
 
-    ``driver=False``: one node, ``hpcbatch <workload> ... --resume`` on a local cluster
+    ``driver=False``: one node, ``hpcbatch <command> ... --resume`` on a local cluster
     of the plan's workers. ``driver=True``: a one-CPU driver job that runs the same
     command with ``--cluster slurm``; dask-jobqueue submits the workers as jobs of the
     plan's size (``--mem-gb``/``--cpus`` given to the command), adaptively up to ``jobs``
@@ -358,55 +361,91 @@ def render_sbatch(
     more ``#SBATCH`` options; ``args`` go onto the workload command (a database URL
     with a password there becomes ``$HPCBATCH_DB_URL``).
 
-    The workload's own command line decides the flags: ``--resume`` only if it has one,
-    the driver's allocation as ``--mem-gb`` or ``--mem`` (``command_options`` overrides
-    what is read from the CLI); with ``check_command`` the final command line is parsed
-    by that CLI now, so a missing argument fails here and not in the queue. ``plan_note``
-    goes into the plan's comment (e.g. that the item count was assumed).
+    ``command``: the job's command under ``hpcbatch`` (default ``run WORKLOAD``), and
+    ``command_cli`` its click command: its options decide the flags (``--resume`` only if
+    it has one, the allocation as ``--mem-gb`` or ``--mem``; ``command_options``
+    overrides them) and, with ``check_command``, it parses the final command line now, so
+    a missing argument fails here and not in the queue. ``plan_note`` goes into the
+    plan's comment (e.g. that the item count was assumed).
     """
-    if workload not in WORKLOAD_COMMANDS:
+    job = _job(workload, plan, settings, driver, walltime, partition, account, job_name, jobs)
+    for what, value in (("profile", profile),):
+        _check_name(what, value)
+    command = tuple(command) or ("run", workload)
+    options = workload_options(command_cli) if command_options is None else command_options
+    cmd_args, secret = scrub_args(args)
+    argv, resume_text = _workload_command(
+        command, plan, cmd_args, profile, config_file, driver, options
+    )
+    if check_command and command_cli is not None:
+        check_workload_args(command_cli, command, argv[len(command) :])
+    # cluster.job-extra-directives describe the worker jobs: the single-node job is one,
+    # a driver is not (dask-jobqueue puts them on the worker jobs it submits).
+    directives = list(extra)
+    if not driver:
+        directives += list(settings.get("cluster", {}).get("job-extra-directives") or [])
+    values = _template_values(job, directives, plan_note)
+    values.update(
+        resume_text=resume_text,
+        secret_note=_SECRET_NOTE if secret else "",
+        python=_check_python(python or sys.executable),
+        command=" ".join(_quote(a) for a in argv),
+        driver_mem=driver_mem,
+    )
+    template = load_template("driver.sbatch" if driver else "local.sbatch", template_dir)
+    try:
+        return template.substitute(values)
+    except (KeyError, ValueError) as exc:
         raise ConfigError(
-            f"unknown workload {workload!r}: use one of {', '.join(WORKLOAD_COMMANDS)}"
-        )
+            f"sbatch template is broken ({exc}): fix the $placeholders in it"
+        ) from None
+
+
+_SECRET_NOTE = (
+    f"# The database URL is read from ${DB_URL_ENV} at run time (export it before sbatch;\n"
+    "# sbatch passes your environment to the job). It is never written into this file.\n"
+)
+
+
+def _job(workload, plan, settings, driver, walltime, partition, account, job_name, jobs) -> _Job:
+    """The job's settings, defaults from the ``cluster`` section, names checked."""
     cluster = settings.get("cluster", {})
-    walltime_s = parse_walltime(walltime or cluster.get("walltime") or "01:00:00")
-    partition = partition or cluster.get("queue")
-    account = account or cluster.get("account")
-    job_name = job_name or f"hpcbatch-{workload}"
+    job = _Job(
+        workload=workload,
+        plan=plan,
+        driver=driver,
+        walltime_s=parse_walltime(walltime or cluster.get("walltime") or "01:00:00"),
+        partition=partition or cluster.get("queue"),
+        account=account or cluster.get("account"),
+        job_name=job_name or f"hpcbatch-{workload}",
+        jobs=jobs,
+    )
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
     for what, value in (
-        ("partition", partition),
-        ("account", account),
-        ("job name", job_name),
-        ("profile", profile),
+        ("partition", job.partition),
+        ("account", job.account),
+        ("job name", job.job_name),
     ):
         _check_name(what, value)
+    return job
+
+
+def _template_values(job: _Job, directives: list[str], plan_note: str) -> dict[str, str]:
+    """The template's $placeholders for the job's size, its plan and its walltime."""
+    plan, fb = job.plan, format_bytes
     # the plan's reserve: the setting, or the workload's measured driver if larger
-    size = job_size(plan, 0 if driver else plan.reserve_bytes)
-    # cluster.job-extra-directives describe the worker jobs: the single-node job is one,
-    # a driver is not (dask-jobqueue puts them on the worker jobs it submits).
-    extra_directives = list(extra)
-    if not driver:
-        extra_directives += list(cluster.get("job-extra-directives") or [])
-
-    cmd_args, secret = scrub_args(args)
-    command, resume_text = _workload_command(
-        workload, plan, cmd_args, profile, config_file, driver, command_options
-    )
-    if check_command:
-        check_workload_args(workload, command[2:])
-
-    fb = format_bytes
-    values = {
-        "workload": workload,
-        "job_name": job_name,
+    size = job_size(plan, 0 if job.driver else plan.reserve_bytes)
+    exports = _driver_exports(job.partition, job.account, job.walltime_s, job.jobs)
+    return {
+        "workload": job.workload,
+        "job_name": job.job_name,
         "cpus": str(size.cpus),
         "mem": size.sbatch_mem,
         "mem_exact": fb(size.mem_bytes),
-        "walltime": format_walltime(walltime_s),
-        "signal_seconds": str(min(WALLTIME_WARNING_S, max(10, walltime_s // 10))),
-        "directives": _directive_lines(partition, account, extra_directives),
+        "walltime": format_walltime(job.walltime_s),
+        "signal_seconds": str(min(WALLTIME_WARNING_S, max(10, job.walltime_s // 10))),
+        "directives": _directive_lines(job.partition, job.account, directives),
         "n_workers": str(plan.n_workers),
         "threads": str(plan.threads_per_worker),
         "memory_limit": fb(plan.memory_limit_bytes),
@@ -419,27 +458,10 @@ def render_sbatch(
         "plan_note": "".join(f"#   {line}\n" for line in plan_note.splitlines() if line.strip()),
         "peak": fb(plan.predicted_peak_bytes),
         "plan_source": f"{fb(plan.resources.memory_bytes)}, {plan.resources.cpus} CPUs",
-        "resume_text": resume_text,
-        "secret_note": (
-            f"# The database URL is read from ${DB_URL_ENV} at run time (export it before sbatch;\n"
-            "# sbatch passes your environment to the job). It is never written into this file.\n"
-            if secret
-            else ""
-        ),
-        "python": _check_python(python or sys.executable),
-        "command": " ".join(_quote(a) for a in command),
-        "driver_mem": driver_mem,
-        "worker_walltime": format_walltime(walltime_s),
-        "jobs": str(jobs),
-        "exports": _driver_exports(partition, account, walltime_s, jobs) if driver else "",
+        "worker_walltime": format_walltime(job.walltime_s),
+        "jobs": str(job.jobs),
+        "exports": exports if job.driver else "",
     }
-    template = load_template("driver.sbatch" if driver else "local.sbatch", template_dir)
-    try:
-        return template.substitute(values)
-    except (KeyError, ValueError) as exc:
-        raise ConfigError(
-            f"sbatch template is broken ({exc}): fix the $placeholders in it"
-        ) from None
 
 
 def _gb(n_bytes: int) -> str:

@@ -1,7 +1,8 @@
 """`hpcbatch slurm ...`: render sbatch scripts from a plan, explain why a job ended.
 
-A thin click layer over :mod:`hpcbatch.slurm`; planning reuses the same footprints
-and settings as ``hpcbatch plan``.
+A thin click layer over :mod:`hpcbatch.slurm`; ``render W`` exists for every
+registered workload (built by :func:`add_render_command`) and plans exactly as
+``hpcbatch plan W`` does (:func:`hpcbatch.pipeline.plan_sizes`).
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ import os
 
 import click
 
-from . import config as hb_config
 from . import slurm as hb_slurm
 from .errors import ConfigError
-from .planner import Plan, make_plan
+from .options import params_of, resources_from_options
+from .pipeline import load_settings, plan_sizes, workload_settings
+from .planner import Plan
+from .workload import Workload
 
 
 def _render_options(func):
@@ -78,8 +81,6 @@ def _render_options(func):
 
 
 def _resources(mem_gb: float | None, cpus: int | None):
-    from .cli import resources_from_options
-
     if (mem_gb is None or cpus is None) and not os.environ.get("SLURM_JOB_ID"):
         missing = " and ".join(f for f, v in (("--mem-gb", mem_gb), ("--cpus", cpus)) if v is None)
         raise ConfigError(
@@ -92,13 +93,24 @@ def _resources(mem_gb: float | None, cpus: int | None):
     return resources_from_options(mem_gb, cpus, None, plan_ahead=True)
 
 
+def _job_cli(w: Workload) -> click.Command | None:
+    """The click command the job runs (looked up from the running ``hpcbatch`` command)."""
+    ctx = click.get_current_context(silent=True)
+    cmd = ctx.find_root().command if ctx is not None else None
+    for name in w.job_command():
+        cmd = getattr(cmd, "commands", {}).get(name)
+    return cmd
+
+
 def _emit(
-    workload: str, plan: Plan, settings: dict, opts: dict, args: tuple[str, ...], note: str = ""
+    w: Workload, plan: Plan, settings: dict, opts: dict, args: tuple[str, ...], note: str = ""
 ) -> None:
     script = hb_slurm.render_sbatch(
-        workload,
+        w.name,
         plan,
         settings,
+        command=w.job_command(),
+        command_cli=_job_cli(w),
         walltime=opts["walltime"],
         partition=opts["partition"],
         account=opts["account"],
@@ -139,141 +151,29 @@ def render() -> None:
     """
 
 
-#: Stocks planned for when neither --stocks nor a readable --db after -- says how many.
-ASSUMED_STOCKS = 5000
+def add_render_command(w: Workload) -> None:
+    """``hpcbatch slurm render W`` for workload ``w``, from its size options."""
+    own = w.size_options()
 
-
-def _arg_value(args: tuple[str, ...], flag: str) -> str | None:
-    """The value of ``flag`` (``--db URL`` or ``--db=URL``) among the workload arguments."""
-    value = None
-    for i, arg in enumerate(args):
-        if arg == flag and i + 1 < len(args):
-            value = args[i + 1]
-        elif arg.startswith(flag + "="):
-            value = arg.split("=", 1)[1]
-    return value
-
-
-def _stock_count(n_stocks: int | None, args: tuple[str, ...], default_db: str | None):
-    """(stocks to plan for, a note for the script's comment): ``--stocks``; else the stocks
-    in the ``--db`` given after ``--``, chosen by its --offset/--limit as `stocks predict`
-    does; else :data:`ASSUMED_STOCKS`, said to be assumed."""
-    if n_stocks is not None:
-        return n_stocks, ""
-    url = _arg_value(args, "--db")
-    if url is None:
-        return ASSUMED_STOCKS, (
-            f"{ASSUMED_STOCKS} stocks assumed (no --db after -- to count them): "
-            "give --stocks N for your count"
+    def callback(args: tuple[str, ...], **opts) -> None:
+        values = {p.name: opts.pop(p.name) for p in own}
+        settings = load_settings(
+            w, opts["profile"], opts["config_file"], {"memory-fraction": opts["memory_fraction"]}
         )
-    from .security import database_url
-    from .stocks.schema import make_engine
-    from .stocks.sink import list_codes, select_codes
+        found = w.job_sizes(workload_settings(w, settings), values, args)
+        if found.warning:
+            click.echo(f"warning: {found.warning}", err=True)
+        resources = _resources(opts["mem_gb"], opts["cpus"])
+        plan = plan_sizes(w, found.sizes, settings, resources, calibrate=False).plan
+        _emit(w, plan, settings, opts, args, found.note)
 
-    try:
-        engine = make_engine(database_url(url, default=default_db))
-        try:
-            codes = list_codes(engine)
-        finally:
-            engine.dispose()
-        offset, limit = _arg_value(args, "--offset"), _arg_value(args, "--limit")
-        count = len(select_codes(codes, int(offset or 0), None if limit is None else int(limit)))
-    except Exception as exc:  # noqa: BLE001 (any reason the database cannot be counted)
-        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
-        click.echo(
-            f"warning: could not count the stocks in --db ({reason}): planning for "
-            f"{ASSUMED_STOCKS}; give --stocks N",
-            err=True,
-        )
-        return ASSUMED_STOCKS, (
-            f"{ASSUMED_STOCKS} stocks assumed: the --db database could not be read when "
-            "rendered; give --stocks N for your count"
-        )
-    return count, "the stock count was read from the --db database when rendered"
-
-
-@render.command("stocks", context_settings={"ignore_unknown_options": False})
-@click.option(
-    "--stocks",
-    "n_stocks",
-    type=int,
-    default=None,
-    help=f"Stocks to plan for (default: counted in --db after --, else {ASSUMED_STOCKS}).",
-)
-@click.option("--lookback-days", type=int, default=None)
-@click.option("--predict-days", type=int, default=None)
-@click.option("--batch-size", type=int, default=None, help="Fix the stocks per chunk.")
-@_render_options
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def render_stocks(n_stocks, lookback_days, predict_days, batch_size, args, **opts) -> None:
-    """sbatch script for `hpcbatch stocks predict`."""
-    from .stocks.footprint import stocks_footprint, stocks_max_chunk
-
-    settings = hb_config.load(
-        opts["profile"], opts["config_file"], {"memory-fraction": opts["memory_fraction"]}
+    params = [*own, *params_of(_render_options), click.Argument(["args"], nargs=-1,
+              type=click.UNPROCESSED)]  # fmt: skip
+    job = " ".join(w.job_command())
+    render.add_command(
+        click.Command(w.name, params=params, callback=callback,
+                      help=f"sbatch script for `hpcbatch {job}`.")  # fmt: skip
     )
-    cfg = settings["stocks"]
-    n_stocks, count_note = _stock_count(n_stocks, args, cfg.get("db"))
-    lookback = cfg["lookback-days"] if lookback_days is None else lookback_days
-    predict = cfg["predict-days"] if predict_days is None else predict_days
-    batch_size = cfg["batch-size"] if batch_size is None else batch_size
-    for flag, value in (
-        ("--stocks", n_stocks),
-        ("--lookback-days", lookback),
-        ("--predict-days", predict),
-        ("--batch-size", batch_size if batch_size is not None else 1),
-    ):
-        hb_config.require_positive(flag, value)
-    footprint = stocks_footprint(n_stocks, lookback, predict)
-    plan = make_plan(
-        footprint,
-        _resources(opts["mem_gb"], opts["cpus"]),
-        # the same chunk cap as `hpcbatch plan stocks` and `stocks predict`
-        hb_config.plan_settings(
-            settings, chunk_size=batch_size, max_chunk=stocks_max_chunk(settings)
-        ),
-    )
-    _emit("stocks", plan, settings, opts, args, count_note)
-
-
-@render.command("predictive")
-@click.option("--cells", type=int, required=True, help="N, cells.")
-@click.option("--features", type=int, required=True, help="T, features.")
-@click.option("--groups", type=int, default=2, show_default=True, help="C, technical groups.")
-@click.option("--samples", type=int, default=None, help="S, posterior samples (default config).")
-@click.option("--with-observations", is_flag=True)
-@click.option("--copy-input", is_flag=True, help="Plan for the input copied into each worker.")
-@_render_options
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def render_predictive(
-    cells, features, groups, samples, with_observations, copy_input, args, **opts
-) -> None:
-    """sbatch script for `hpcbatch predictive sample`."""
-    from .predictive.footprint import technical_footprint
-
-    settings = hb_config.load(
-        opts["profile"], opts["config_file"], {"memory-fraction": opts["memory_fraction"]}
-    )
-    samples = int(settings["predictive"]["samples"]) if samples is None else samples
-    for flag, value in (
-        ("--cells", cells),
-        ("--features", features),
-        ("--groups", groups),
-        ("--samples", samples),
-    ):
-        hb_config.require_positive(flag, value)
-    footprint = technical_footprint(
-        cells,
-        features,
-        groups,
-        samples,
-        with_observations=with_observations,
-        shared_input_mmap=not copy_input,
-    )
-    plan = make_plan(
-        footprint, _resources(opts["mem_gb"], opts["cpus"]), hb_config.plan_settings(settings)
-    )
-    _emit("predictive", plan, settings, opts, args)
 
 
 @slurm.command("why")

@@ -165,6 +165,15 @@ class Job:
         """Remove what a failed first attempt left that ``--resume`` cannot use (default: nothing)."""
 
 
+@dataclass(frozen=True)
+class JobSizes:
+    """Sizes for a SLURM script, a note for its comment and a warning for the user."""
+
+    sizes: dict
+    note: str = ""
+    warning: str = ""
+
+
 class Workload:
     """A kind of batch job; see the module docstring.  Subclass and register by entry point."""
 
@@ -184,6 +193,9 @@ class Workload:
     max_chunk: ClassVar[int | None] = None
     #: the command a SLURM job runs for this workload (default ``hpcbatch run NAME``)
     command: ClassVar[tuple[str, ...]] = ()
+    #: ``"module:attribute"`` of the workload's own click group (``hpcbatch stocks ...``),
+    #: added to the ``hpcbatch`` command; a reference, so the workload never imports its CLI
+    cli_group: ClassVar[str | None] = None
 
     # ------------------------------------------------------------ planning ----
 
@@ -200,6 +212,14 @@ class Workload:
     def sizes(self, settings: Any, values: Mapping[str, Any]) -> dict:
         """The sizes from the size options' values (checked; defaults from ``settings``)."""
         return dict(values)
+
+    def job_sizes(
+        self, settings: Any, values: Mapping[str, Any], job_args: Sequence[str]
+    ) -> JobSizes:
+        """The sizes for a SLURM script whose job gets ``job_args`` (``slurm render W ... --
+        ARGS``): a workload may read its real size from the job's inputs (e.g. count the
+        stocks in ``--db``), or say in the note what it assumed."""
+        return JobSizes(self.sizes(settings, values))
 
     def footprint(self, sizes: Mapping[str, Any], settings: Any) -> Footprint:
         """What one worker holds and what one item costs, from ``sizes`` alone."""
@@ -225,10 +245,6 @@ class Workload:
         Nothing may be written here but what a run needs to exist (e.g. missing tables).
         """
         raise NotImplementedError(f"workload {self.name!r} must define prepare(settings, values)")
-
-    def commands(self) -> Any:
-        """An optional click group of the workload's own commands (``hpcbatch stocks ...``)."""
-        return None
 
     def job_command(self) -> tuple[str, ...]:
         return self.command or ("run", self.name)

@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from hpcbatch import cli
+from hpcbatch.workload import get_workload
 from hpcbatch.resources import host_cpus
 
 PLAN_KEYS = {
@@ -175,7 +176,7 @@ def test_config_command_prints_effective_settings():
 
 
 def test_calibrate_without_a_probe_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(cli, "STOCKS_PROBE", "hpcbatch_no_such_probe:probe")
+    monkeypatch.setattr(type(get_workload("stocks")), "probe", "hpcbatch_no_such_probe:probe")
     result = invoke("plan", "stocks", "--mem-gb", "12", "--cpus", "2", "--calibrate")
     assert result.exit_code == 2
     assert "calibration probe hpcbatch_no_such_probe:probe is not available" in result.stderr
@@ -195,7 +196,7 @@ def test_calibrate_flag_measures_the_footprint(tmp_path, monkeypatch):
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    monkeypatch.setattr(cli, "STOCKS_PROBE", "hb_cli_probe:probe")
+    monkeypatch.setattr(type(get_workload("stocks")), "probe", "hb_cli_probe:probe")
     result = invoke(
         "plan",
         "stocks",

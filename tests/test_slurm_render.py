@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from hpcbatch import config as hb_config
 from hpcbatch import slurm
-from hpcbatch.cli import main
+from hpcbatch.cli import job_cli, main
 from hpcbatch.errors import ClusterStartError, ConfigError, HpcbatchError
 from hpcbatch.planner import Footprint, Plan, make_plan
 from hpcbatch.resources import Resources, detect_resources
@@ -298,6 +298,7 @@ GOLDEN_RENDERS = {
 
 # The workload CLIs' options as the golden files assume them: stocks has --resume and
 # --mem-gb; predictive has --resume and takes --mem 12GB.
+GOLDEN_COMMANDS = {"stocks": ("stocks", "predict"), "predictive": ("predictive", "sample")}
 GOLDEN_OPTIONS = {
     "stocks": {"--profile", "--config", "--cluster", "--mem-gb", "--cpus", "--resume"},
     "predictive": {"--profile", "--config", "--cluster", "--mem", "--cpus", "--resume"},
@@ -309,6 +310,7 @@ def test_rendered_scripts_match_golden_files(case: str) -> None:
     plan_args, kwargs = GOLDEN_RENDERS[case]
     text = slurm.render_sbatch(
         plan_args[0], _fixed_plan(*plan_args), GOLDEN_SETTINGS, python=PY,
+        command=GOLDEN_COMMANDS[plan_args[0]],
         command_options=GOLDEN_OPTIONS[plan_args[0]], check_command=False, **kwargs,
     )  # fmt: skip
     path = GOLDEN / f"{case}.sbatch"
@@ -729,9 +731,11 @@ def test_every_cli_case_renders_a_command_the_workload_cli_accepts(case: str) ->
     import shlex
 
     argv = shlex.split(line.split("-m hpcbatch.cli ", 1)[1])
-    workload = argv[0]
-    slurm.check_workload_args(workload, argv[2:])  # raises if the job would fail at once
-    if "--resume" in slurm.workload_options(workload):
+    command, command_cli = job_cli(argv[0])
+    assert tuple(argv[: len(command)]) == command
+    # raises if the job would fail at once
+    slurm.check_workload_args(command_cli, command, argv[len(command) :])
+    if "--resume" in slurm.workload_options(command_cli):
         assert argv[-1] == "--resume"
     else:
         assert "has no --resume: resubmitting starts again" in text
@@ -739,7 +743,7 @@ def test_every_cli_case_renders_a_command_the_workload_cli_accepts(case: str) ->
 
 def test_predictive_driver_passes_the_allocation_the_way_its_cli_takes_it() -> None:
     text = _render(CLI_CASES["predictive_driver"])
-    options = slurm.workload_options("predictive")
+    options = slurm.workload_options(job_cli("predictive")[1])
     if "--mem-gb" in options:
         assert "--cluster slurm --mem-gb 8 --cpus 2" in text
     else:
@@ -853,9 +857,13 @@ def test_worker_directives_go_on_worker_jobs_not_on_the_driver() -> None:
         **settings,
         "cluster": {**settings["cluster"], "job-extra-directives": ["--gres=gpu:1"]},
     }
-    local = slurm.render_sbatch("stocks", plan, settings, extra=["--qos=long"])
+    command, command_cli = job_cli("stocks")
+    kw = {"command": command, "command_cli": command_cli}
+    local = slurm.render_sbatch("stocks", plan, settings, extra=["--qos=long"], **kw)
     assert "#SBATCH --gres=gpu:1" in local and "#SBATCH --qos=long" in local
-    driver = slurm.render_sbatch("stocks", plan, settings, extra=["--qos=long"], driver=True)
+    driver = slurm.render_sbatch(
+        "stocks", plan, settings, extra=["--qos=long"], driver=True, **kw
+    )
     assert "#SBATCH --gres=gpu:1" not in driver and "#SBATCH --qos=long" in driver
     assert slurm.slurm_cluster_kwargs(plan, settings).kwargs["job_extra_directives"] == [
         "--gres=gpu:1"

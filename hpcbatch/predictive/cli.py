@@ -215,7 +215,7 @@ def sample_data_dir(
         sites.append(technical.OBSERVED_SITE)
     resources = None
     if mem is not None or cpus is not None:
-        from ..cli import resources_from_options
+        from ..options import resources_from_options
 
         # With SLURM workers, --mem/--cpus size each worker job, a new allocation: planned
         # ahead, not checked against this process's (a small driver job's) own allocation.
@@ -235,7 +235,8 @@ def sample_data_dir(
         if not wanted:
             return base
         from ..calibrate import calibrated_footprint, check_probe
-        from ..cli import PREDICTIVE_PROBE, _probe_sizes
+        from ..options import probe_sizes as _probe_sizes
+        from .workload import PROBE as PREDICTIVE_PROBE
 
         check_probe(PREDICTIVE_PROBE)
         sizes = _probe_sizes(probe_sizes, (2, 8))

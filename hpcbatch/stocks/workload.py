@@ -8,7 +8,7 @@ like any plugin; its job runs ``hpcbatch stocks predict``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -18,11 +18,15 @@ from ..config import require_positive
 from ..errors import ConfigError
 from ..planner import Footprint, Plan
 from ..security import database_url
-from ..workload import Job, RunContext, RunIdentity, Sink, Workload, typed_settings
+from ..workload import Job, JobSizes, RunContext, RunIdentity, Sink, Workload, typed_settings
 from .footprint import MAX_CHUNK_STOCKS, stocks_footprint
+from .schema import make_engine
+from .sink import list_codes, select_codes
 from .task import PredictOptions, PredictTask, Prepared, default_run_id, prepare, run_params
 
 PROBE = "hpcbatch.stocks.probe:probe"
+#: Stocks planned for when neither --stocks nor a readable --db after -- says how many.
+ASSUMED_STOCKS = 5000
 
 
 @dataclass(frozen=True)
@@ -93,8 +97,9 @@ class StocksJob(Job):
 
 def _size_options() -> list:
     return [
-        click.Option(["--stocks", "n_stocks"], type=int, default=5000, show_default=True,
-                     help="Stocks to plan for (with --db given to the job: counted there)."),
+        click.Option(["--stocks", "n_stocks"], type=int, default=None,
+                     help=f"Stocks to plan for (default: counted in the job's --db when "
+                     f"rendering a script, else {ASSUMED_STOCKS})."),
         click.Option(["--lookback-days"], type=int, default=None,
                      help="Days fetched per stock (default 400)."),
         click.Option(["--predict-days"], type=int, default=None,
@@ -136,6 +141,7 @@ class StocksWorkload(Workload):
     probe_sizes = (4, 16)
     max_chunk = MAX_CHUNK_STOCKS
     command = ("stocks", "predict")
+    cli_group = "hpcbatch.stocks.cli:stocks"
 
     def size_options(self) -> list:
         return _size_options()
@@ -143,7 +149,7 @@ class StocksWorkload(Workload):
     def sizes(self, settings: StocksSettings, values: Mapping[str, Any]) -> dict:
         lookback = values.get("lookback_days") or settings.lookback_days
         predict = values.get("predict_days") or settings.predict_days
-        n_stocks = values.get("n_stocks") or 5000
+        n_stocks = values.get("n_stocks") or ASSUMED_STOCKS
         for flag, value in (("--stocks", values.get("n_stocks", n_stocks)),
                             ("--lookback-days", values.get("lookback_days", lookback)),
                             ("--predict-days", values.get("predict_days", predict))):  # fmt: skip
@@ -157,6 +163,15 @@ class StocksWorkload(Workload):
             require_positive("--batch-size", batch)
         return {"n_stocks": n_stocks, "lookback_days": lookback, "predict_days": predict,
                 "batch_size": batch, "use_gpu": bool(values.get("use_gpu"))}  # fmt: skip
+
+    def job_sizes(self, settings: StocksSettings, values: Mapping[str, Any],
+                  job_args: Sequence[str]) -> JobSizes:  # fmt: skip
+        """``--stocks``; else the stocks in the job's ``--db`` (after ``--``), chosen by its
+        --offset/--limit as ``stocks predict`` does; else :data:`ASSUMED_STOCKS`, said."""
+        if values.get("n_stocks") is not None:
+            return JobSizes(self.sizes(settings, values))
+        count, note, warning = _count_stocks(job_args, settings.db)
+        return JobSizes(self.sizes(settings, {**values, "n_stocks": count}), note, warning)
 
     def footprint(self, sizes: Mapping[str, Any], settings: StocksSettings) -> Footprint:
         return stocks_footprint(sizes["n_stocks"], sizes["lookback_days"], sizes["predict_days"])
@@ -191,6 +206,40 @@ def options_from(settings: StocksSettings, values: Mapping[str, Any]) -> Predict
     return PredictOptions.from_settings(
         settings.section(), **{k: values.get(k) for k in names}
     )
+
+
+def _arg_value(args: Sequence[str], flag: str) -> str | None:
+    """The value of ``flag`` (``--db URL`` or ``--db=URL``) among the job's arguments."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def _count_stocks(args: Sequence[str], default_db: str) -> tuple[int, str, str]:
+    """(stocks, the script's note, a warning) for the job's ``--db``/--offset/--limit."""
+    url = _arg_value(args, "--db")
+    if url is None:
+        note = f"{ASSUMED_STOCKS} stocks assumed (no --db after -- to count them): give --stocks N for your count"
+        return ASSUMED_STOCKS, note, ""
+    try:
+        engine = make_engine(database_url(url, default=default_db))
+        try:
+            codes = list_codes(engine)
+        finally:
+            engine.dispose()
+        offset, limit = _arg_value(args, "--offset"), _arg_value(args, "--limit")
+        count = len(select_codes(codes, int(offset or 0), None if limit is None else int(limit)))
+    except Exception as exc:  # noqa: BLE001 (any reason the database cannot be counted)
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+        return ASSUMED_STOCKS, (
+            f"{ASSUMED_STOCKS} stocks assumed: the --db database could not be read when "
+            "rendered; give --stocks N for your count"
+        ), f"could not count the stocks in --db ({reason}): planning for {ASSUMED_STOCKS}; give --stocks N"
+    return count, "the stock count was read from the --db database when rendered", ""
 
 
 WORKLOAD = StocksWorkload()
