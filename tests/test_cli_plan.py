@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from hpcbatch import cli
-from hpcbatch.workload import get_workload
 from hpcbatch.resources import host_cpus
+from hpcbatch.workload import get_workload
 
 PLAN_KEYS = {
     "n_workers",
