@@ -20,34 +20,16 @@ import sys
 import click
 
 from . import config as hb_config
-from .calibrate import check_probe
+from .commands import plan_command, run_command
 from .errors import HpcbatchError
-from .options import (
-    allocation_options,
-    calibration_options,
-    config_options,
-    json_option,
-    params_of,
-    probe_sizes,
-    resources_from_options,
-    run_options,
-    run_resources,
-)
-from .pipeline import (
-    ClusterChoice,
-    RunRequest,
-    load_settings,
-    plan_sizes,
-    run_job,
-    workload_settings,
-)
-from .planner import Plan, plural
+from .options import allocation_options, config_options, resources_from_options
 from .slurm_cli import add_render_command, slurm
 from .units import format_bytes
 from .workload import Workload, get_workload, workloads
 
 # click >= 8.2 raises this for a group called without a command (older click prints help).
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
 
 class HpcbatchGroup(click.Group):
     """Turns HpcbatchError and click's usage errors into one clean line and an exit code."""
@@ -83,37 +65,6 @@ class HpcbatchGroup(click.Group):
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
         sys.exit(result if isinstance(result, int) else 0)
-
-
-def echo_plan(plan: Plan, as_json: bool, extra: dict | None = None) -> None:
-    if as_json:
-        data = plan.to_dict()
-        data.update(extra or {})
-        click.echo(json.dumps(data, indent=2, default=str))
-        return
-    item = plan.footprint.item_name
-    rows = [
-        ("workers", str(plan.n_workers)),
-        ("threads per worker", str(plan.threads_per_worker)),
-        ("memory limit per worker", format_bytes(plan.memory_limit_bytes)),
-        ("chunk size", f"{plural(plan.chunk_size, item)} ({plural(plan.n_chunks, 'chunk')})"),
-        ("predicted peak per worker", format_bytes(plan.predicted_peak_bytes)),
-        ("memory fraction", f"{plan.memory_fraction:.0%}"),
-        ("footprint", plan.footprint.source),
-        ("binding constraint", plan.binding),
-    ]
-    if plan.gpu_batch_size is not None:
-        rows.append(("GPU batch", str(plan.gpu_batch_size)))
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        click.echo(f"{key:<{width}}  {value}")
-    click.echo("\nwhy:")
-    for reason in plan.reasons:
-        click.echo(f"  - {reason}")
-    for note in (extra or {}).get("calibration", {}).get("notes", []):
-        click.echo(f"note: {note}")
-    for note in plan.resources.notes:
-        click.echo(f"note: {note}")
 
 
 @click.group(
@@ -199,75 +150,6 @@ def run() -> None:
     """
 
 
-def _values(workload_params: list[click.Parameter], kwargs: dict) -> dict:
-    """The values of the workload's own parameters, taken out of ``kwargs``."""
-    return {p.name: kwargs.pop(p.name) for p in workload_params if p.name in kwargs}
-
-
-def _plan_command(w: Workload) -> click.Command:
-    own = w.size_options()
-
-    def callback(**kw) -> None:
-        values = _values(own, kw)
-        settings = load_settings(
-            w, kw["profile"], kw["config_file"], {"memory-fraction": kw["memory_fraction"]}
-        )
-        sizes = w.sizes(workload_settings(w, settings), values)
-        res = resources_from_options(
-            kw["mem_gb"], kw["cpus"], kw["gpus"], kw["gpu_mem_gb"], mem=kw["mem"], plan_ahead=True
-        )
-        pair = probe_sizes(kw["probe_sizes"])
-        if settings["calibrate"] if kw["calibrate"] is None else kw["calibrate"]:
-            if w.probe:
-                check_probe(w.probe)
-            click.echo(f"calibrating: running {w.probe} in fresh processes ...", err=True)
-        planned = plan_sizes(w, sizes, settings, res, calibrate=kw["calibrate"], probe_sizes=pair)
-        echo_plan(planned.plan, kw["as_json"], planned.extra())
-
-    common = params_of(
-        click.option("--memory-fraction", type=float, default=None),
-        calibration_options, allocation_options, config_options, json_option,
-    )  # fmt: skip
-    return click.Command(
-        w.name, params=[*own, *common], callback=callback, help=f"Plan {w.help or w.name}"
-    )
-
-
-def _run_command(w: Workload) -> click.Command:
-    own = w.run_options()
-
-    def callback(**kw) -> None:
-        values = _values(own, kw)
-        settings = load_settings(w, kw["profile"], kw["config_file"])
-        if kw["tls"] is not None:
-            settings["cluster"]["tls"] = kw["tls"]
-        choice = ClusterChoice.parse(kw["cluster"], settings)
-        job = w.prepare(workload_settings(w, settings), values)
-        request = RunRequest(
-            cluster=choice, resources=run_resources(kw["mem_gb"], kw["cpus"], choice.backend),
-            resume=kw["resume"], run_id=kw["run_id"], report_dir=kw["report_dir"],
-            calibrate=kw["calibrate"], probe_sizes=probe_sizes(kw["probe_sizes"]),
-        )  # fmt: skip
-        report = run_job(job, settings, request)
-        echo_report(report, kw["as_json"])
-
-    common = params_of(run_options, calibration_options, config_options)
-    return click.Command(
-        w.name, params=[*own, *common], callback=callback, help=f"Run {w.help or w.name}"
-    )
-
-
-def echo_report(report, as_json: bool) -> None:
-    """A finished run's report: JSON, or its one-paragraph summary."""
-    data = report.to_dict() if hasattr(report, "to_dict") else report
-    if as_json:
-        click.echo(json.dumps(data, indent=2, default=str))
-    elif hasattr(report, "summary"):
-        click.echo(report.summary())
-    else:
-        click.echo(str(report))
-
-
 def job_cli(name: str) -> tuple[tuple[str, ...], click.Command | None]:
     """The command a SLURM job of workload ``name`` runs, and its click command."""
     command = get_workload(name).job_command()
@@ -287,8 +169,8 @@ def _workload_group(w: Workload) -> click.Command | None:
 
 def _add_workload_commands() -> None:
     for w in workloads().values():
-        plan.add_command(_plan_command(w))
-        run.add_command(_run_command(w))
+        plan.add_command(plan_command(w))
+        run.add_command(run_command(w))
         add_render_command(w)
         group = _workload_group(w)
         if group is not None and group.name not in main.commands:

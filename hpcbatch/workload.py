@@ -157,6 +157,10 @@ class Job:
         """The picklable ``task(chunk, ctx) -> small dict`` a worker runs for a chunk."""
         raise NotImplementedError(f"{type(self).__name__} must define task(plan, run)")
 
+    def summary(self, report: Any) -> str:
+        """What ``hpcbatch run`` prints when the run finished (default: the report's summary)."""
+        return report.summary()
+
     def finish(self, report: Any) -> Any:
         """What the run returns to its caller (default: the RunReport)."""
         return report

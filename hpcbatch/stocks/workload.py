@@ -20,7 +20,7 @@ from ..planner import Footprint, Plan
 from ..security import database_url
 from ..workload import Job, JobSizes, RunContext, RunIdentity, Sink, Workload, typed_settings
 from .footprint import MAX_CHUNK_STOCKS, stocks_footprint
-from .schema import make_engine
+from .schema import make_engine, masked
 from .sink import list_codes, select_codes
 from .task import PredictOptions, PredictTask, Prepared, default_run_id, prepare, run_params
 
@@ -81,6 +81,23 @@ class StocksJob(Job):
             "use_gpu": self.prep.device != "cpu",
         }
 
+    def summary(self, report: Any) -> str:
+        """How many predictions landed where (what ``stocks predict`` prints)."""
+        meta = report.results_meta or {}
+        if report.status == "already-finished":
+            return (
+                f"nothing new to predict: run {report.run_id} finished earlier with the same "
+                f"bars, model and settings; its predictions are in stock_predictions of "
+                f"{masked(self.db_url)} (give --run-id NAME to run again anyway)"
+            )
+        text = (
+            f"predictions: {meta.get('predictions', 0)} rows upserted into stock_predictions of "
+            f"{masked(self.db_url)} ({meta.get('stocks_predicted', 0)} stocks predicted, "
+            f"{meta.get('stocks_skipped_short', 0)} skipped with too few rows, "
+            f"{meta.get('stocks_missing', 0)} without rows)"
+        )
+        return text + (f"\nreport: {report.report_dir}" if report.report_dir else "")
+
     def task(self, plan: Plan, run: RunContext) -> PredictTask:
         from distributed import Semaphore  # parallel database reads capped at --concurrency
 
@@ -112,7 +129,9 @@ def _size_options() -> list:
 def _run_options() -> list:
     return [
         click.Option(["--db", "db_url"], default=None,
-                     help="Database URL (default from config; or $HPCBATCH_DB_URL)."),
+                     help="SQLAlchemy URL: sqlite:///FILE or postgresql+psycopg://user@host/db "
+                     "(default: $HPCBATCH_DB_URL, else config; password from "
+                     "$HPCBATCH_DB_PASSWORD_FILE, mode 600)."),
         click.Option(["--model", "model_dir"], default=None, help="Model directory."),
         click.Option(["--batch-size"], type=int, default=None,
                      help="Stocks per chunk (default: planned)."),

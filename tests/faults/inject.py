@@ -2,8 +2,8 @@
 
 Set ``DASK_DISTRIBUTED__WORKER__PRELOAD='["inject"]'`` (with this directory on
 ``PYTHONPATH``) and every worker of the run imports this module before its first
-task; it wraps the workloads' chunk functions (``hpcbatch.stocks.predict.predict_chunk``,
-``hpcbatch.predictive.sampling.sample_chunk_task``), leaving hpcbatch's code untouched.
+task; it wraps the workloads' chunk functions (``hpcbatch.stocks.task.predict_chunk``,
+``hpcbatch.predictive.task.sample_chunk_task``), leaving hpcbatch's code untouched.
 Faults, from environment variables (inherited by the workers):
 
 - ``HPCBATCH_FAULT_DELAY_S``: sleep this long before each chunk (to stop a run half
@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 TARGETS = (
-    ("hpcbatch.stocks.predict", "predict_chunk"),
+    ("hpcbatch.stocks.task", "predict_chunk"),  # PredictTask calls it from its own module
+    ("hpcbatch.predictive.task", "sample_chunk_task"),
     ("hpcbatch.predictive.sampling", "sample_chunk_task"),
     ("hpcbatch.predictive.sample", "sample_chunk_task"),  # its name before the rename
 )
