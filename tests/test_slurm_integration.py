@@ -236,22 +236,40 @@ def test_rendered_stocks_job_predicts_and_a_resubmission_resumes(
     assert slurm.explain_job(second).reason == "completed"
 
 
+def _rows_of_run(db_path: Path, run_id: str) -> tuple[int, int, int]:
+    """(rows, distinct (stock, day, model) keys, distinct stocks) the run wrote."""
+    import sqlite3
+
+    with sqlite3.connect(db_path) as conn:
+        return conn.execute(
+            "select count(*), count(distinct ts_code || trade_date || model_version), "
+            "count(distinct ts_code) from stock_predictions where run_id = ?",
+            (run_id,),
+        ).fetchone()
+
+
 def test_rendered_driver_job_runs_workers_as_separate_jobs(
     slurm_env: dict, tiny_market: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Worker jobs of 3.5 GB from a 2 GB driver job: the driver plans for them, not for
+    its own allocation (which refused every worker size above 2 GB before)."""
     # sbatch passes the submitter's environment to the driver job
     monkeypatch.setenv("DASK_HPCBATCH__CLUSTER__INTERFACE", "lo")
-    monkeypatch.setenv("DASK_HPCBATCH__CLUSTER__DASHBOARD_ADDRESS", ":0")
-    argv = ["slurm", "render", "stocks", "--driver", "--mem-gb", "2", "--cpus", "1",
-            "--stocks", "12", "--lookback-days", "150", "--walltime", "00:10:00",
+    run_id = f"driver-{tmp_path.name}"
+    argv = ["slurm", "render", "stocks", "--driver", "--mem-gb", "3.5", "--cpus", "1",
+            "--lookback-days", "150", "--walltime", "00:10:00",
             "--partition", slurm_env["partition"], "--python", sys.executable,
             "-o", str(tmp_path / "driver.sbatch"), "--", "--db", tiny_market["db"],
             "--model", tiny_market["model"], "--lookback-days", "150",
-            "--report-dir", str(tmp_path / "reports"), "--run-id", f"driver-{tmp_path.name}"]  # fmt: skip
+            "--report-dir", str(tmp_path / "reports"), "--run-id", run_id]  # fmt: skip
     result = CliRunner().invoke(main, argv)
     assert result.exit_code == 0, result.output
     text = (tmp_path / "driver.sbatch").read_text()
-    worker_mem = re.search(r"--cpus-per-task=1 --mem=(\d+M)", text).group(1)
+    assert "#   12 stocks in" in text  # counted in --db, no --stocks given
+    assert "--cluster slurm --mem-gb 3.5 --cpus 1" in text
+    worker_mem = re.search(r"--cpus-per-task=1 --mem=(\d+)M", text).group(1)
+    assert int(worker_mem) > 2048  # each worker job is bigger than the driver job
+    assert 2048 + int(worker_mem) <= slurm_env["real_memory_mb"]
 
     job_id = slurm.submit(tmp_path / "driver.sbatch", sbatch_args=["--chdir", str(tmp_path)])
     info = slurm.wait_for_job(job_id, timeout=200)
@@ -259,14 +277,65 @@ def test_rendered_driver_job_runs_workers_as_separate_jobs(
     assert info["JobState"] == "COMPLETED", out
     assert info["TRES"].startswith("cpu=1,mem=2G")
     assert "dask slurm cluster: 1 workers, 1 threads" in out, out
-    assert re.search(r"run 'driver-\S+' finished: \d+ chunks \(12 items", out), out
+    # the dashboard listens on the driver node's loopback (the default), and says so
+    assert re.search(r"^dashboard: http://127\.0\.0\.1:\d+/status$", out, re.M), out
+    assert re.search(rf"run '{run_id}' finished: \d+ chunks \(12 items", out), out
+    # every row once: each (stock, day, model) of every stock predicted written exactly once
+    said = re.search(
+        r"predictions: (\d+) rows upserted .* \((\d+) stocks predicted, (\d+) skipped", out
+    )
+    upserted, predicted, skipped = (int(x) for x in said.groups())
+    assert predicted + skipped == 12 and predicted > 0, out
+    rows, keys, stocks = _rows_of_run(tiny_market["path"], run_id)
+    assert (rows, keys, stocks) == (upserted, upserted, predicted), out
     # the worker ran in its own job, of the size the rendered script announced
     worker_logs = [p for p in tmp_path.glob("slurm-*.out") if "dask_worker" in p.read_text()
                    or "distributed.worker" in p.read_text()]  # fmt: skip
     assert len(worker_logs) == 1
     worker_job = re.search(r"slurm-(\d+)\.out", worker_logs[0].name).group(1)
     winfo = slurm.job_info(worker_job) or {}
-    assert winfo.get("TRES", "").startswith(f"cpu=1,mem={worker_mem}")
+    assert winfo.get("TRES", "").startswith(f"cpu=1,mem={worker_mem}M")
+
+
+def test_slurm_dashboard_listens_on_loopback_while_workers_reach_the_scheduler(
+    slurm_env: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    import psutil
+
+    from hpcbatch.cluster import open_cluster
+
+    monkeypatch.chdir(tmp_path)
+    settings = hb_config.load()
+    settings["cluster"].update(
+        {
+            "backend": "slurm",
+            "queue": slurm_env["partition"],
+            "walltime": "00:10:00",
+            "interface": None,  # the scheduler on the node's addresses, as on a real cluster
+            "dashboard-address": None,  # unset: hpcbatch's default
+            "jobs": 1,
+            "start-timeout": 90,
+            "local-directory": str(tmp_path / "dask"),
+        }
+    )
+    out = io.StringIO()
+    with open_cluster(_tiny_plan(settings), settings, backend="slurm", out=out) as client:
+        # a worker job reached the scheduler and runs tasks
+        assert client.submit(lambda x: x + 1, 1).result(timeout=60) == 2
+        info = client.scheduler_info()
+        port = info["services"]["dashboard"]
+        listening = {
+            c.laddr.port: c.laddr.ip
+            for c in psutil.Process().net_connections("tcp")
+            if c.status == psutil.CONN_LISTEN
+        }
+        scheduler_port = int(info["address"].rsplit(":", 1)[1])
+        assert listening[port] == "127.0.0.1"
+        assert listening[scheduler_port] not in ("127.0.0.1", "::1")
+        assert client.dashboard_link == f"http://127.0.0.1:{port}/status"
+    assert f"dashboard: http://127.0.0.1:{port}/status" in out.getvalue()
 
 
 def test_sigterm_mid_run_stops_cleanly_and_resubmission_runs_only_the_rest(
@@ -308,13 +377,23 @@ def test_sigterm_mid_run_stops_cleanly_and_resubmission_runs_only_the_rest(
     assert re.search(rf"finished: {12 - done} chunks \({12 - done} items.*{done} skipped", out2)
 
 
-def test_rendered_predictive_job_samples_into_zarr(slurm_env: dict, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def fitted_predictive(tmp_path_factory) -> Path:
+    """A simulated and fitted predictive data directory (200 cells x 40 features)."""
+    d = tmp_path_factory.mktemp("predictive")
     hb = [sys.executable, "-m", "hpcbatch.cli", "predictive"]
-    data = tmp_path / "data"
+    data = d / "data"
     for cmd in (["simulate", "--cells", "200", "--features", "40", "--out", str(data)],
                 ["fit", str(data), "--steps", "50"]):  # fmt: skip
-        r = subprocess.run(hb + cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        r = subprocess.run(hb + cmd, capture_output=True, text=True, timeout=300, cwd=d)
         assert r.returncode == 0, r.stderr
+    return data
+
+
+def test_rendered_predictive_job_samples_into_zarr(
+    slurm_env: dict, fitted_predictive: Path, tmp_path: Path
+) -> None:
+    data = fitted_predictive
     argv = ["slurm", "render", "predictive", "--cells", "200", "--features", "40",
             "--samples", "20", "--mem-gb", "2", "--cpus", "2", "--walltime", "00:10:00",
             "--partition", slurm_env["partition"], "--python", sys.executable,
@@ -329,5 +408,32 @@ def test_rendered_predictive_job_samples_into_zarr(slurm_env: dict, tmp_path: Pa
     assert "samples=20" in out, out
     import zarr
 
+    store = zarr.open_group(str(tmp_path / "post.zarr"), mode="r")
+    assert store["alpha_y"].shape == (20, 2, 40) and store["phi_y"].shape[0] == 20
+
+
+def test_rendered_predictive_driver_job_plans_for_worker_jobs_bigger_than_itself(
+    slurm_env: dict, fitted_predictive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`predictive sample --cluster slurm --mem 3.5GB` inside the 2 GB driver job."""
+    import zarr
+
+    monkeypatch.setenv("DASK_HPCBATCH__CLUSTER__INTERFACE", "lo")
+    argv = ["slurm", "render", "predictive", "--driver", "--cells", "200", "--features", "40",
+            "--samples", "20", "--mem-gb", "3.5", "--cpus", "1", "--walltime", "00:10:00",
+            "--partition", slurm_env["partition"], "--python", sys.executable,
+            "-o", str(tmp_path / "ppd.sbatch"), "--", str(fitted_predictive), "--samples", "20",
+            "--out", str(tmp_path / "post.zarr"), "--report-dir", str(tmp_path / "reports")]  # fmt: skip
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "ppd.sbatch").read_text()
+    assert "--cluster slurm --mem 3.5GB --cpus 1" in text
+    assert int(re.search(r"--cpus-per-task=1 --mem=(\d+)M", text).group(1)) > 2048
+    job_id = slurm.submit(tmp_path / "ppd.sbatch", sbatch_args=["--chdir", str(tmp_path)])
+    info = slurm.wait_for_job(job_id, timeout=200)
+    out = _job_output(tmp_path, job_id)
+    assert info["JobState"] == "COMPLETED", out
+    assert info["TRES"].startswith("cpu=1,mem=2G")
+    assert "dask slurm cluster: 1 workers, 1 threads" in out, out
     store = zarr.open_group(str(tmp_path / "post.zarr"), mode="r")
     assert store["alpha_y"].shape == (20, 2, 40) and store["phi_y"].shape[0] == 20
