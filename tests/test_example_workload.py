@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -164,3 +165,20 @@ def _done_chunks(ledger: Path) -> int:
 def _kill_group(pgid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGKILL)
+
+
+@pytest.mark.slurm
+def test_rendered_embed_job_runs_on_real_slurm(slurm_env, inputs, reference, tmp_path):
+    from hpcbatch import slurm
+
+    out, script = tmp_path / "embeddings.zarr", tmp_path / "embed.sbatch"
+    hb("slurm", "render", "embed", "--arrays", str(N_ARRAYS), "--mem-gb", "3", "--cpus", "2",
+       "--walltime", "00:10:00", "--partition", slurm_env["partition"], "--python",
+       sys.executable, "-o", str(script), "--", "--input", str(inputs), "--output", str(out),
+       "--report-dir", str(tmp_path / "reports"), cwd=tmp_path)  # fmt: skip
+    job = slurm.submit(script, sbatch_args=["--chdir", str(tmp_path)])
+    info = slurm.wait_for_job(job, timeout=300)
+    log = "".join(p.read_text() for p in tmp_path.glob(f"*{job}*.out"))
+    assert info["JobState"] == "COMPLETED", log[-4000:]
+    assert re.search(rf"run 'embed-\w+' finished: \d+ chunks \({N_ARRAYS} items", log), log
+    np.testing.assert_array_equal(read(out), reference)
