@@ -932,32 +932,21 @@ def test_templates_ship_inside_the_package() -> None:
 # ------------------------------------------------- the driver's worker-job size ----
 
 
-def _predict_in_a_2g_job(monkeypatch, tmp_path, *extra: str) -> str:
-    """`stocks predict --mem-gb 3.5 --cpus 1` inside a job of 2 GB (SLURM_MEM_PER_NODE),
-    against a database that does not exist: what it says first."""
+def test_worker_job_size_is_not_checked_against_the_driver_allocation(monkeypatch) -> None:
+    """What `stocks predict` / `run W` plan for inside a 2 GB job (SLURM_MEM_PER_NODE)."""
+    from hpcbatch.errors import ResourceError
+    from hpcbatch.options import run_resources
+
     monkeypatch.setenv("SLURM_JOB_ID", "1")
     monkeypatch.setenv("SLURM_MEM_PER_NODE", "2048")
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
-    result = CliRunner().invoke(
-        main,
-        ["stocks", "predict", "--db", f"sqlite:///{tmp_path / 'none.db'}", "--model",
-         str(tmp_path / "model"), "--mem-gb", "3.5", "--cpus", "1", *extra],
-    )  # fmt: skip
-    assert result.exit_code != 0
-    return result.output
-
-
-def test_worker_job_size_is_not_checked_against_the_driver_allocation(
-    monkeypatch, tmp_path
-) -> None:
     # locally the workers share this 2 GB allocation: 3.5 GB is refused, as before
-    local = _predict_in_a_2g_job(monkeypatch, tmp_path)
-    assert "--mem-gb 3.5 GB is more than the 2.1 GB this allocation has" in local
-    # with --cluster slurm it is each worker job's size: planned ahead, so the command gets
-    # past the allocation check (and stops at the missing database)
-    driver = _predict_in_a_2g_job(monkeypatch, tmp_path, "--cluster", "slurm")
-    assert "this allocation has" not in driver
-    assert "none.db does not exist" in driver
+    with pytest.raises(ResourceError, match="--mem-gb 3.5 GB is more than the 2.1 GB this"):
+        run_resources(3.5, 1, "local")
+    # with SLURM workers it is each worker job's size, a new allocation: planned ahead
+    res = run_resources(3.5, 2, "slurm")
+    assert (res.memory_bytes, res.cpus, res.planned_ahead) == (3_500_000_000, 2, True)
+    assert run_resources(None, None, "slurm", mem="3.5GB").memory_bytes == 3_500_000_000
 
 
 # ----------------------------------------------------------- the stock count ----
