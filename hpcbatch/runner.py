@@ -36,7 +36,6 @@ It knows nothing about stocks or Pyro: a workload hands it chunks and a task fun
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import hashlib
 import logging
@@ -105,6 +104,12 @@ _DB_UNAVAILABLE = "__hpcbatch_database_unavailable__"
 NO_WORKER_TIMEOUT_S = 120.0  # no workers at all for this long fails the run (not a hang)
 DB_OUTAGE_S = 60.0  # the database unreachable for this long fails the run (a restart is not)
 STOPPING_NO_WORKER_S = 5.0  # during a SIGTERM stop: no workers this long ends the wait
+# A chunk shorter than the driver's round trip through the scheduler (a few ms) leaves
+# the workers idle with 2 x threads in flight: the default window doubles, up to
+# FAST_WINDOW, while every chunk finishes within FAST_CHUNK_S of its submission
+# (benchmarks/runner_overhead.py: 10,000 no-op chunks).  Longer chunks keep 2 x threads.
+FAST_WINDOW = 64
+FAST_CHUNK_S = 0.25
 WITNESS_NAME = "hpcbatch-queue-witness"
 EXECUTING_TOPIC = "hpcbatch-executing"  # which tasks ran while another waited behind
 
@@ -373,10 +378,11 @@ def _fmt_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-def _next_batch(ac, timeout: float) -> list:
-    """Finished (future, result) pairs, waiting at most ``timeout`` seconds for one."""
+def _next_batch(ac, timeout: float, wake: Callable[[], bool] = lambda: False) -> list:
+    """Finished (future, result) pairs, waiting at most ``timeout`` seconds for one (or
+    until ``wake()``, checked whenever ``ac.thread_condition`` is notified)."""
     deadline = time.monotonic() + timeout
-    while not ac.has_ready() and not ac.is_empty():
+    while not ac.has_ready() and not ac.is_empty() and not wake():
         left = deadline - time.monotonic()
         if left <= 0:
             break
@@ -495,7 +501,7 @@ def run_with(chunks: Sequence[Chunk], task_fn: Callable, client, opts: RunOption
     opts = opts.for_cluster(client)
     if opts.run_dir is not None:
         opts.run_dir.mkdir(parents=True, exist_ok=True)
-    shell = _Shell(client, task_fn, opts, start, breaker)
+    shell = _Shell(client, task_fn, opts, start, breaker, grow=opts.max_in_flight is None)
     shell.run()
     return _finish(shell, t_start)
 
@@ -595,8 +601,14 @@ class _Shell:
     """One run on Dask: submits what the :class:`ChunkStates` hands out, feeds it each
     task's outcome, and watches the SIGTERM grace, the database breaker and the workers."""
 
-    def __init__(self, client, task_fn, opts: RunOptions, start: _Start, breaker):
+    def __init__(self, client, task_fn, opts: RunOptions, start: _Start, breaker, grow: bool):
         self.client, self.task_fn, self.opts = client, task_fn, opts
+        self.window = opts.max_in_flight
+        # the default window widens for chunks shorter than the round trip to the
+        # scheduler (else the workers wait on the driver; see _widen)
+        self.widest = max(self.window, FAST_WINDOW) if grow else self.window
+        self.unflushed = 0  # released futures whose release has not left the client yet
+        self.slow = False  # a chunk of this batch took FAST_CHUNK_S or more
         self.start, self.breaker = start, breaker
         self.states = ChunkStates(start.pending, opts.policy)
         self.stop = _Stop()
@@ -654,21 +666,21 @@ class _Shell:
         while self._breaker_allows():
             self._submit()
             if not self.in_flight:
+                if self.unflushed and self.states.pending and not self._stopping():
+                    self._await_releases()
+                    continue
                 if not self.breaker.is_open or self.stop.reason or self.fatal is not None:
                     break
                 time.sleep(0.2)  # nothing in flight: wait for the database (polled above)
                 continue
             if self._grace_over():
                 break
-            batch = _next_batch(self.ac, 0.5)
+            batch = _next_batch(self.ac, 0.5, self._can_submit)
             for future, result in batch:
                 self._gather(future, result)
+            self._release([future for future, _result in batch])
             if self.breaker.gone:
                 break  # nothing can be recorded: cancel what is in flight, write the report
-            if batch:
-                # releases travel through the client's event loop; let them leave before
-                # the next submissions so the scheduler never holds more than max_in_flight
-                self.client.sync(_settle)
             self._tick()
             if self.fatal is None and self.in_flight and self._workers_gone():
                 break
@@ -682,10 +694,49 @@ class _Shell:
         done = self.start.done_before_items + c.items_done
         self.bar.tick(done, c.chunks_done, len(self.in_flight), force=force)
 
-    def _submit(self) -> None:
-        if self.stop.reason is not None or self.fatal is not None or self.breaker.is_open:
+    def _stopping(self) -> bool:
+        return self.stop.reason is not None or self.fatal is not None or self.breaker.is_open
+
+    def _room(self) -> int:
+        return self.window - len(self.in_flight) - self.unflushed
+
+    def _can_submit(self) -> bool:
+        return self._room() > 0 and self.states.pending > 0 and not self._stopping()
+
+    def _release(self, futures: list) -> None:
+        """Release finished tasks without waiting: their room in the window counts once
+        the releases have left the client, so the scheduler never holds more than the
+        window (a release takes two hops through the client's event loop, a submission
+        one: a marker two hops behind the releases says when they are out)."""
+        if not futures:
             return
-        attempts = self.states.take(self.opts.max_in_flight - len(self.in_flight))
+        self._widen()
+        for future in futures:
+            future.release()
+        self.unflushed += len(futures)
+        loop, n = self.client.loop, len(futures)
+
+        def flushed() -> None:
+            with self.ac.thread_condition:
+                self.unflushed -= n
+                self.ac.thread_condition.notify_all()
+
+        loop.add_callback(loop.add_callback, flushed)
+
+    def _await_releases(self) -> None:
+        with self.ac.thread_condition:
+            self.ac.thread_condition.wait_for(lambda: not self.unflushed, timeout=0.5)
+
+    def _widen(self) -> None:
+        """Double the (default) window while chunks finish faster than FAST_CHUNK_S."""
+        slow, self.slow = self.slow, False
+        if self.window < self.widest and not slow:
+            self.window = min(self.widest, 2 * self.window)
+
+    def _submit(self) -> None:
+        if self._stopping():
+            return
+        attempts = self.states.take(self._room())
         if not attempts:
             return
         keys = [(self.group, a.chunk.chunk_id, a.label) for a in attempts]
@@ -718,9 +769,9 @@ class _Shell:
     def _gather(self, future, result) -> None:
         """One finished task: its outcome goes to the state machine."""
         attempt, submitted = self.in_flight.pop(future.key)
+        self.slow = self.slow or time.time() - submitted >= FAST_CHUNK_S
         status = _outcome(result)
         key = future.key
-        future.release()
         if status == "finished" and isinstance(result, dict) and _DB_UNAVAILABLE in result:
             outage = result[_DB_UNAVAILABLE]
             status, result = "error", (type(outage), outage, outage.__traceback__)
@@ -898,11 +949,6 @@ def _finish(shell: _Shell, t_start: float) -> RunReport:
             f"{opts.resume_hint}"
         )
     return report
-
-
-async def _settle() -> None:
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
 
 
 def _outcome(result: Any) -> str:
