@@ -467,30 +467,7 @@ def detect_resources(
             "other processes share this machine; pass --mem-gb to plan for less"
         )
 
-    if gpus is not None and gpus < 0:
-        raise ResourceError(f"--gpus must be zero or more, got {gpus}")
-    if gpus is not None and plan_ahead:
-        per_gpu = gpu_memory_bytes or 16 * 1024**3
-        if gpu_memory_bytes is None and gpus:
-            notes.append(
-                "planning ahead for GPUs of assumed 16 GiB each: pass --gpu-mem-gb to change"
-            )
-        gpu_list = tuple(
-            GPU(i, "planned", per_gpu, per_gpu, "override (--gpus)") for i in range(gpus)
-        )
-        gpus_source = "override (--gpus)"
-    elif probe_gpus or gpus is not None:
-        gpu_list, gpus_source = detect_gpus(root)
-        if gpus is not None:
-            if gpus > len(gpu_list):
-                raise ResourceError(
-                    f"--gpus {gpus} is more than the {len(gpu_list)} GPUs here ({gpus_source}): "
-                    "lower --gpus, or use 'hpcbatch plan' to plan for a GPU node"
-                )
-            gpu_list, gpus_source = gpu_list[:gpus], f"{gpus_source}, first {gpus} (--gpus)"
-    else:
-        gpu_list, gpus_source = (), "not probed"
-
+    gpu_list, gpus_source = _gpus(gpus, gpu_memory_bytes, root, probe_gpus, plan_ahead, notes)
     return Resources(
         memory_bytes=memory.value,
         memory_source=memory.source,
@@ -505,3 +482,40 @@ def detect_resources(
         cpu_candidates=tuple(cpu_candidates),
         notes=tuple(notes),
     )
+
+
+def _gpus(
+    gpus: int | None,
+    gpu_memory_bytes: int | None,
+    root: Path,
+    probe: bool,
+    plan_ahead: bool,
+    notes: list[str],
+) -> tuple[tuple[GPU, ...], str]:
+    """The GPUs to plan for and their source: planned ahead, detected (narrowed by
+    ``--gpus``), or not probed."""
+    if gpus is not None and gpus < 0:
+        raise ResourceError(f"--gpus must be zero or more, got {gpus}")
+    if gpus is not None and plan_ahead:
+        per_gpu = gpu_memory_bytes or 16 * 1024**3
+        if gpu_memory_bytes is None and gpus:
+            notes.append(
+                "planning ahead for GPUs of assumed 16 GiB each: pass --gpu-mem-gb to change"
+            )
+        gpu_list = tuple(
+            GPU(i, "planned", per_gpu, per_gpu, "override (--gpus)") for i in range(gpus)
+        )
+        gpus_source = "override (--gpus)"
+    elif probe or gpus is not None:
+        gpu_list, gpus_source = detect_gpus(root)
+        if gpus is not None:
+            if gpus > len(gpu_list):
+                raise ResourceError(
+                    f"--gpus {gpus} is more than the {len(gpu_list)} GPUs here ({gpus_source}): "
+                    "lower --gpus, or use 'hpcbatch plan' to plan for a GPU node"
+                )
+            gpu_list, gpus_source = gpu_list[:gpus], f"{gpus_source}, first {gpus} (--gpus)"
+    else:
+        gpu_list, gpus_source = (), "not probed"
+
+    return gpu_list, gpus_source
