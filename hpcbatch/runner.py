@@ -498,10 +498,11 @@ def run_with(chunks: Sequence[Chunk], task_fn: Callable, client, opts: RunOption
     start = _start(chunks, opts, breaker)
     if isinstance(start, RunReport):
         return start
+    grow = opts.max_in_flight is None  # the default window may widen (see FAST_WINDOW)
     opts = opts.for_cluster(client)
     if opts.run_dir is not None:
         opts.run_dir.mkdir(parents=True, exist_ok=True)
-    shell = _Shell(client, task_fn, opts, start, breaker, grow=opts.max_in_flight is None)
+    shell = _Shell(client, task_fn, opts, start, breaker, grow=grow)
     shell.run()
     return _finish(shell, t_start)
 
@@ -701,7 +702,10 @@ class _Shell:
         return self.window - len(self.in_flight) - self.unflushed
 
     def _can_submit(self) -> bool:
-        return self._room() > 0 and self.states.pending > 0 and not self._stopping()
+        """Room for a batch worth a submission: a quarter of the window (or all that is
+        left), so a wide window is refilled in batches, not one task at a time."""
+        want = min(max(1, self.window // 4), self.states.pending)
+        return want > 0 and self._room() >= want and not self._stopping()
 
     def _release(self, futures: list) -> None:
         """Release finished tasks without waiting: their room in the window counts once
