@@ -200,84 +200,35 @@ def sample_data_dir(
     cpus: int | None = None,
     progress: bool = True,
 ):
-    """Sample the built-in model of a fitted data directory; planned with its footprint."""
-    from . import technical
-    from .footprint import technical_footprint
-    from .sampling import run_sampling
+    """Sample the built-in model of a fitted data directory; planned with its footprint
+    (measured by its probe with ``calibrate``, else as the ``calibrate`` setting says)."""
+    from ..options import probe_sizes as probe_pair
+    from ..workload import RunSettings
+    from .sampling import Calibrate, Execution, SampleOptions, sample_technical
 
     hb_config.require_positive("--samples", samples)
-    data, guide, mu_mean, mu_sd = technical.load_fit(data_dir)
-    # The counts are only needed to draw nothing but latents: pass them memory-mapped
-    # as the model's observed data would be; y is drawn, so they stay None.
-    args, kwargs = technical.model_inputs(data, mu_mean, mu_sd, with_counts=False)
-    sites = list(technical.LATENT_SITES)
-    if with_observations:
-        sites.append(technical.OBSERVED_SITE)
     resources = None
     if mem is not None or cpus is not None:
         from ..options import resources_from_options
 
         # With SLURM workers, --mem/--cpus size each worker job, a new allocation: planned
         # ahead, not checked against this process's (a small driver job's) own allocation.
-        worker_jobs = settings.get("cluster", {}).get("backend") == "slurm"
+        worker_jobs = settings["cluster"]["backend"] == "slurm"
         resources = resources_from_options(None, cpus, None, mem=mem, plan_ahead=worker_jobs)
-
-    def footprint_for(layout, block):
-        base = technical_footprint(
-            data.n_cells,
-            data.n_features,
-            data.n_groups,
-            samples,
-            with_observations=with_observations,
-            cell_block=block,
-        )
-        wanted = settings.get("calibrate") if calibrate is None else calibrate
-        if not wanted:
-            return base
-        from ..calibrate import calibrated_footprint, check_probe
-        from ..options import probe_sizes as _probe_sizes
-        from .workload import PROBE as PREDICTIVE_PROBE
-
-        check_probe(PREDICTIVE_PROBE)
-        sizes = _probe_sizes(probe_sizes, (2, 8))
-        click.echo(f"calibrating: probe at sizes 0, {sizes[0]}, {sizes[1]} ...", err=True)
-        measured, _ = calibrated_footprint(
-            base,
-            PREDICTIVE_PROBE,
-            sizes,
-            {
-                "cells": data.n_cells,
-                "features": data.n_features,
-                "groups": data.n_groups,
-                "with_observations": with_observations,
-                "cell_block": block,
-            },
-        )
-        return measured
-
-    return run_sampling(
-        technical.technical_model,
-        guide=guide,
-        num_samples=samples,
-        model_args=args,
-        model_kwargs=kwargs,
-        return_sites=sites,
-        data_plate=technical.DATA_PLATE,
-        split_args=technical.SPLIT_ARGS,
-        chunk_size=chunk_size,
-        cell_block=cell_block,
-        client="sync" if sync else None,
-        out=out,
-        overwrite=overwrite,
-        resume=resume,
-        seed=int(settings.get("seed", 0)),
-        settings=settings,
-        footprint=footprint_for,
-        resources=resources,
-        report_dir=settings.get("report-dir"),
-        progress=progress,
-    )
-
+    if settings["calibrate"] if calibrate is None else calibrate:
+        click.echo("calibrating: running the probe in fresh processes ...", err=True)
+    options = SampleOptions(
+        chunk_size=chunk_size, cell_block=cell_block, out=out, overwrite=overwrite,
+        resume=resume, seed=RunSettings.from_config(settings).seed,
+    )  # fmt: skip
+    execution = Execution(
+        client="sync" if sync else None, resources=resources, settings=settings,
+        report_dir=settings["report-dir"], progress=progress,
+    )  # fmt: skip
+    return sample_technical(
+        data_dir, samples=samples, with_observations=with_observations, options=options,
+        execution=execution, calibrate=Calibrate(calibrate, probe_pair(probe_sizes)),
+    )  # fmt: skip
 
 def _echo_run(run, out_path, as_json: bool) -> None:
     report = run.report

@@ -3,7 +3,7 @@
 ``probe(size, cells=, features=, groups=, with_observations=)`` builds the technical
 model's inputs and a guide initialised from data-like moments (no fit: the cost of a
 draw does not depend on the fitted values), then runs exactly what a worker runs for
-a chunk of ``size`` samples (:func:`hpcbatch.predictive.sampling.sample_chunk_task`),
+a chunk of ``size`` samples (:func:`hpcbatch.predictive.task.sample_chunk_task`),
 writing to a throwaway zarr store.  ``size=0`` loads everything but draws nothing.
 :mod:`hpcbatch.calibrate` runs it in fresh processes and fits fixed + per-sample bytes.
 
@@ -58,7 +58,7 @@ def probe(
     """Run one chunk of ``size`` samples of the built-in model; return what was done."""
     from ..runner import Chunk, TaskContext, chunk_seed
     from . import core, technical
-    from .sampling import _ARRAYS, _JOBS, SamplingJob, _create_store, sample_chunk_task
+    from .task import _ARRAYS, _JOBS, SamplingJob, _create_store, sample_chunk_task
 
     args, kwargs, guide = technical_inputs(cells, features, groups, seed)
     if size <= 0:

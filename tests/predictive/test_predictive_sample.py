@@ -334,7 +334,7 @@ def test_large_arguments_are_shared_by_memory_map(tmp_path):
 def test_split_halves_share_zarr_chunks_safely(tmp_path):
     """After an OOM split, halves write parts of one zarr chunk, under a lock."""
     from hpcbatch.predictive import core
-    from hpcbatch.predictive.sampling import (
+    from hpcbatch.predictive.task import (
         _create_store,
         _partial_chunks,
         _write,
