@@ -105,25 +105,12 @@ def _job_cli(w: Workload) -> click.Command | None:
 def _emit(
     w: Workload, plan: Plan, settings: dict, opts: dict, args: tuple[str, ...], note: str = ""
 ) -> None:
+    passed = ("walltime", "partition", "account", "job_name", "profile", "config_file",
+              "driver", "python", "jobs")  # fmt: skip
     script = hb_slurm.render_sbatch(
-        w.name,
-        plan,
-        settings,
-        command=w.job_command(),
-        command_cli=_job_cli(w),
-        walltime=opts["walltime"],
-        partition=opts["partition"],
-        account=opts["account"],
-        job_name=opts["job_name"],
-        extra=opts["directives"],
-        args=args,
-        profile=opts["profile"],
-        config_file=opts["config_file"],
-        driver=opts["driver"],
-        python=opts["python"],
-        jobs=opts["jobs"],
-        plan_note=note,
-    )
+        w.name, plan, settings, command=w.job_command(), command_cli=_job_cli(w),
+        extra=opts["directives"], args=args, plan_note=note, **{k: opts[k] for k in passed},
+    )  # fmt: skip
     if opts["output"]:
         try:
             with open(opts["output"], "w") as f:
