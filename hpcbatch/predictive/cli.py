@@ -12,8 +12,8 @@ from pathlib import Path
 import click
 
 from .. import config as hb_config
-from ..errors import ConfigError
 from ..units import format_bytes
+from .workload import WORKLOAD, auto_or_int
 
 
 def _config_options(func):
@@ -148,15 +148,13 @@ def sample_cmd(
         settings["cluster"]["address"] = address
     if tls is not None:
         settings["cluster"]["tls"] = tls
-    cfg = settings["predictive"]
+    cfg = WORKLOAD.settings(settings["predictive"])
     run = sample_data_dir(
         data_dir,
-        samples=samples if samples is not None else int(cfg["samples"]),
-        with_observations=bool(cfg["with-observations"])
-        if with_observations is None
-        else with_observations,
-        chunk_size=_auto_or_int("--chunk-size", chunk_size or cfg["chunk-size"]),
-        cell_block=_auto_or_int("--cell-block", cell_block or cfg["cell-block"]),
+        samples=cfg.samples if samples is None else samples,
+        with_observations=cfg.with_observations if with_observations is None else with_observations,
+        chunk_size=auto_or_int("--chunk-size", chunk_size or cfg.chunk_size),
+        cell_block=auto_or_int("--cell-block", cell_block or cfg.cell_block),
         settings=settings,
         out=out_path,
         overwrite=overwrite,
@@ -168,18 +166,6 @@ def sample_cmd(
         cpus=cpus,
     )
     _echo_run(run, out_path, as_json)
-
-
-def _auto_or_int(flag: str, value) -> int | str:
-    if value in (None, "auto"):
-        return "auto"
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{flag} must be 'auto' or a whole number, got {value!r}") from None
-    if number < 1:
-        raise ConfigError(f"{flag} must be at least 1, got {number}")
-    return number
 
 
 def sample_data_dir(
@@ -229,6 +215,7 @@ def sample_data_dir(
         data_dir, samples=samples, with_observations=with_observations, options=options,
         execution=execution, calibrate=Calibrate(calibrate, probe_pair(probe_sizes)),
     )  # fmt: skip
+
 
 def _echo_run(run, out_path, as_json: bool) -> None:
     report = run.report

@@ -33,8 +33,10 @@ def auto_or_int(flag: str, value: Any) -> int | str:
         number = int(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{flag} must be 'auto' or a whole number, got {value!r}") from None
-    if isinstance(value, bool) or number != float(value) or number < 1:
-        raise ConfigError(f"{flag} must be 'auto' or a whole number of at least 1, got {value!r}")
+    if isinstance(value, bool) or number != float(value):
+        raise ConfigError(f"{flag} must be 'auto' or a whole number, got {value!r}")
+    if number < 1:
+        raise ConfigError(f"{flag} must be at least 1, got {number}")
     return number
 
 

@@ -35,7 +35,7 @@ def test_settings_are_typed_from_the_config_section():
     given = {"samples": 40, "chunk-size": "8", "with-observations": True, "cell-block": 16}
     assert PredictiveSettings.from_config(given) == PredictiveSettings(40, 8, True, 16)
     for bad, message in (
-        ({**given, "chunk-size": 0}, "chunk-size must be 'auto' or a whole number"),
+        ({**given, "chunk-size": 0}, "chunk-size must be at least 1, got 0"),
         ({**given, "cell-block": "many"}, "cell-block must be 'auto' or a whole number"),
         ({**given, "samples": -1}, "samples must be a positive whole number"),
         ({**given, "sample": 3}, "unknown setting 'sample'"),
