@@ -130,3 +130,18 @@ def test_prepared_job_runs_through_the_pipeline_and_resumes(fitted, client, tmp_
     assert resumed.report.status == "already-finished" and resumed.report.chunks_done == 0
     with pytest.raises(ConfigError, match="already exists with a run ledger"):
         WORKLOAD.prepare(wsettings, _values(fitted, tmp_path / "w.zarr"))
+
+
+def test_calibrate_measures_the_technical_footprint_with_its_probe(fitted, tmp_path):
+    from hpcbatch.predictive.sampling import Calibrate, Execution, SampleOptions, sample_technical
+
+    settings = hb_config.load()
+    run = sample_technical(
+        fitted, samples=12, with_observations=False,
+        options=SampleOptions(chunk_size=6, out=tmp_path / "c.zarr", seed=3),
+        execution=Execution(client="sync", settings=settings, progress=False),
+        calibrate=Calibrate(True, (2, 4)),
+    )  # fmt: skip
+    assert run.plan.footprint.source.startswith("calibrated (probe sizes 2, 4;")
+    assert run.report.status == "finished" and run.report.n_chunks == 2
+    assert run.summary(tmp_path / "c.zarr").splitlines()[-1].startswith(f"  {tmp_path}/c.zarr/")
