@@ -32,6 +32,8 @@ _LAZY = {
     "RunIdentity": "workload",
     "RunContext": "workload",
     "RunSettings": "workload",
+    "Invocation": "workload",
+    "JobSizes": "workload",
     "typed_settings": "workload",
     "MapSink": "sinks",
     "ReturnedSink": "sinks",

@@ -34,7 +34,7 @@ from .pipeline import (
 )
 from .planner import Plan, plural
 from .units import format_bytes
-from .workload import Workload
+from .workload import Invocation, RunSettings, Workload
 
 
 def echo_plan(plan: Plan, as_json: bool, extra: dict | None = None) -> None:
@@ -113,7 +113,10 @@ def run_command(w: Workload, name: str | None = None, help: str | None = None) -
         if kw["tls"] is not None:
             settings["cluster"]["tls"] = kw["tls"]
         choice = ClusterChoice.parse(kw["cluster"], settings)
-        job = w.prepare(workload_settings(w, settings), values)
+        invocation = Invocation(
+            seed=RunSettings.from_config(settings).seed, resume=kw["resume"], run_id=kw["run_id"]
+        )
+        job = w.prepare(workload_settings(w, settings), values, invocation)
         request = RunRequest(
             cluster=choice, resources=run_resources(kw["mem_gb"], kw["cpus"], choice.backend),
             resume=kw["resume"], run_id=kw["run_id"], report_dir=kw["report_dir"],

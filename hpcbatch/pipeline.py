@@ -190,8 +190,12 @@ class RunRequest:
 def run_job(job: Job, settings: Mapping[str, Any], request: RunRequest = RunRequest()) -> Any:
     """Plan, open the cluster, run every chunk, report; returns ``job.finish(report)``."""
     run_settings = RunSettings.from_config(settings)
-    with _planned_client(job, settings, request) as (planned, client):
-        report = _run_on(job, planned.plan, client, settings, run_settings, request)
+    try:
+        with _planned_client(job, settings, request) as (planned, client):
+            report = _run_on(job, planned.plan, client, settings, run_settings, request)
+    except BaseException as exc:
+        job.discard(exc)  # e.g. a first attempt's empty store; recorded chunks stay
+        raise
     return job.finish(report)
 
 

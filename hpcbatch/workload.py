@@ -126,6 +126,17 @@ class RunContext:
     settings: RunSettings
 
 
+@dataclass(frozen=True)
+class Invocation:
+    """What the caller asked of this run, known before anything starts: the run's seed,
+    ``--resume`` and ``--run-id``.  :meth:`Workload.prepare` gets it because a workload's
+    output and run identity may depend on it (e.g. a store to continue or to create)."""
+
+    seed: int = 0
+    resume: bool = False
+    run_id: str | None = None
+
+
 class Job:
     """One prepared run of a workload (returned by :meth:`Workload.prepare`).
 
@@ -157,16 +168,17 @@ class Job:
         """The picklable ``task(chunk, ctx) -> small dict`` a worker runs for a chunk."""
         raise NotImplementedError(f"{type(self).__name__} must define task(plan, run)")
 
-    def summary(self, report: Any) -> str:
-        """What ``hpcbatch run`` prints when the run finished (default: the report's summary)."""
-        return report.summary()
+    def summary(self, result: Any) -> str:
+        """What ``hpcbatch run`` prints for :meth:`finish`'s result (default: its summary)."""
+        return result.summary()
 
     def finish(self, report: Any) -> Any:
         """What the run returns to its caller (default: the RunReport)."""
         return report
 
-    def discard(self) -> None:
-        """Remove what a failed first attempt left that ``--resume`` cannot use (default: nothing)."""
+    def discard(self, exc: BaseException | None = None) -> None:
+        """After a failed or interrupted run (``exc``): remove what ``--resume`` cannot use
+        (default: nothing)."""
 
 
 @dataclass(frozen=True)
@@ -243,8 +255,10 @@ class Workload:
         """click options/arguments of ``hpcbatch run NAME`` (inputs, outputs)."""
         return []
 
-    def prepare(self, settings: Any, values: Mapping[str, Any]) -> Job:
-        """Check the inputs named by ``values`` and return the prepared :class:`Job`.
+    def prepare(
+        self, settings: Any, values: Mapping[str, Any], invocation: Invocation = Invocation()
+    ) -> Job:
+        """Check the inputs named by ``values`` (the run options) and return the :class:`Job`.
 
         Nothing may be written here but what a run needs to exist (e.g. missing tables).
         """

@@ -19,7 +19,7 @@ import click
 from ..config import require_positive
 from ..errors import ConfigError
 from ..planner import Footprint
-from ..workload import Job, Workload, typed_settings
+from ..workload import Invocation, Job, Workload, typed_settings
 from .footprint import technical_footprint
 
 PROBE = "hpcbatch.predictive.probe:probe"
@@ -149,22 +149,16 @@ class PredictiveWorkload(Workload):
     def run_options(self) -> list:
         return _run_options()
 
-    def prepare(self, settings: PredictiveSettings, values: Mapping[str, Any]) -> Job:
+    def prepare(self, settings: PredictiveSettings, values: Mapping[str, Any],
+                invocation: Invocation = Invocation()) -> Job:  # fmt: skip
         """The job of ``hpcbatch predictive sample DATA --out STORE``.
 
-        Besides the run options' values, ``values`` carries the run's ``seed`` (the
-        ``seed`` setting), and ``resume`` (``--resume``) and ``run_id`` (``--run-id``)
-        when given: they define the store and the run identity.  Nothing is written but
-        the inputs shared for memory-mapping (and a stale ledger of a store to replace
-        is removed).
+        The invocation's seed, ``resume`` and ``run_id`` define the store and the run
+        identity.  Nothing is written but the inputs shared for memory-mapping (and a
+        stale ledger of a store to replace is removed).
         """
         from .task import SampleOptions, technical_job
 
-        if values.get("seed") is None:
-            raise ConfigError(
-                "a predictive job is prepared with the run's seed (values['seed'], the seed "
-                "setting): it defines the samples and the run id"
-            )
         samples = values.get("samples")
         samples = settings.samples if samples is None else samples
         with_obs = values.get("with_observations")
@@ -172,8 +166,7 @@ class PredictiveWorkload(Workload):
             chunk_size=auto_or_int("--chunk-size", values.get("chunk_size") or settings.chunk_size),
             cell_block=auto_or_int("--cell-block", values.get("cell_block") or settings.cell_block),
             out=values["out"], overwrite=bool(values.get("overwrite")),
-            resume=bool(values.get("resume")), seed=int(values["seed"]),
-            run_id=values.get("run_id"),
+            resume=invocation.resume, seed=invocation.seed, run_id=invocation.run_id,
         )  # fmt: skip
         return technical_job(
             self, values["data_dir"], require_positive("--samples", samples),

@@ -19,8 +19,8 @@ import torch
 from .features import PRICE_FIELDS
 from .generate import BLOCK_STOCKS, _market_returns, simulate_block, stock_codes, trading_calendar
 from .model import LoadedModel, ModelConfig, StockModel, model_config
-from .task import PredictTask, compute_chunk
 from .sink import bars_from_rows
+from .task import PredictTask, compute_chunk
 
 _MODEL: dict[str, LoadedModel] = {}
 

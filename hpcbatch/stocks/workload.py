@@ -18,7 +18,16 @@ from ..config import require_positive
 from ..errors import ConfigError
 from ..planner import Footprint, Plan
 from ..security import database_url
-from ..workload import Job, JobSizes, RunContext, RunIdentity, Sink, Workload, typed_settings
+from ..workload import (
+    Invocation,
+    Job,
+    JobSizes,
+    RunContext,
+    RunIdentity,
+    Sink,
+    Workload,
+    typed_settings,
+)
 from .footprint import MAX_CHUNK_STOCKS, stocks_footprint
 from .schema import make_engine, masked
 from .sink import list_codes, select_codes
@@ -204,7 +213,8 @@ class StocksWorkload(Workload):
     def run_options(self) -> list:
         return _run_options()
 
-    def prepare(self, settings: StocksSettings, values: Mapping[str, Any]) -> StocksJob:
+    def prepare(self, settings: StocksSettings, values: Mapping[str, Any],
+                invocation: Invocation = Invocation()) -> StocksJob:  # fmt: skip
         opts = options_from(settings, values)
         url = database_url(values.get("db_url"), default=settings.db)
         model_dir = values.get("model_dir") or settings.model_dir

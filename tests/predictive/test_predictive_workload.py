@@ -17,7 +17,7 @@ from hpcbatch.predictive.footprint import technical_footprint
 from hpcbatch.predictive.sampling import ledger_path
 from hpcbatch.predictive.workload import WORKLOAD, PredictiveSettings
 from hpcbatch.resources import Resources
-from hpcbatch.workload import get_workload
+from hpcbatch.workload import Invocation, get_workload
 
 SITES = ("alpha_y", "mu_ntc", "phi_y", "y")
 
@@ -92,9 +92,9 @@ def client():
         yield c
 
 
-def _values(data, out, **extra) -> dict:
+def _values(data, out) -> dict:
     return {"data_dir": str(data), "samples": 24, "with_observations": True,
-            "chunk_size": "6", "cell_block": None, "out": str(out), "seed": 7, **extra}  # fmt: skip
+            "chunk_size": "6", "cell_block": None, "out": str(out)}  # fmt: skip
 
 
 def _arrays(store) -> dict[str, np.ndarray]:
@@ -107,7 +107,7 @@ def test_prepared_job_runs_through_the_pipeline_and_resumes(fitted, client, tmp_
 
     settings = hb_config.load(overrides={"seed": 7, "report-dir": str(tmp_path / "reports")})
     wsettings = WORKLOAD.settings(settings["predictive"])
-    job = WORKLOAD.prepare(wsettings, _values(fitted, tmp_path / "w.zarr"))
+    job = WORKLOAD.prepare(wsettings, _values(fitted, tmp_path / "w.zarr"), Invocation(seed=7))
     assert job.probe_kwargs["cells"] == 40 and job.probe_kwargs["with_observations"]
     run = run_job(job, settings, RunRequest(client=client, progress=False))
     assert run.report.status == "finished" and run.report.n_chunks == 4
@@ -124,12 +124,14 @@ def test_prepared_job_runs_through_the_pipeline_and_resumes(fitted, client, tmp_
     for name, value in _arrays(tmp_path / "w.zarr").items():
         np.testing.assert_array_equal(value, expected[name], err_msg=name)
 
-    again = WORKLOAD.prepare(wsettings, _values(fitted, tmp_path / "w.zarr", resume=True))
+    again = WORKLOAD.prepare(
+        wsettings, _values(fitted, tmp_path / "w.zarr"), Invocation(seed=7, resume=True)
+    )
     assert again.resuming and again.identity == job.identity
     resumed = run_job(again, settings, RunRequest(client=client, resume=True, progress=False))
     assert resumed.report.status == "already-finished" and resumed.report.chunks_done == 0
     with pytest.raises(ConfigError, match="already exists with a run ledger"):
-        WORKLOAD.prepare(wsettings, _values(fitted, tmp_path / "w.zarr"))
+        WORKLOAD.prepare(wsettings, _values(fitted, tmp_path / "w.zarr"), Invocation(seed=7))
 
 
 def test_calibrate_measures_the_technical_footprint_with_its_probe(fitted, tmp_path):

@@ -17,7 +17,16 @@ from typing import Any
 import click
 
 import hpcbatch
-from hpcbatch import ConfigError, Footprint, Job, RunIdentity, Workload, ZarrSink, typed_settings
+from hpcbatch import (
+    ConfigError,
+    Footprint,
+    Invocation,
+    Job,
+    RunIdentity,
+    Workload,
+    ZarrSink,
+    typed_settings,
+)
 
 MiB = 1024**2
 WORKER_BASE_BYTES = 400 * MiB  # a Dask worker with torch imported and the model built
@@ -172,7 +181,8 @@ class EmbedWorkload(Workload):
     def run_options(self) -> list:
         return _run_options()
 
-    def prepare(self, settings: EmbedSettings, values: Mapping[str, Any]) -> EmbedJob:
+    def prepare(self, settings: EmbedSettings, values: Mapping[str, Any],
+                invocation: Invocation = Invocation()) -> EmbedJob:  # fmt: skip
         given = {k: v for k, v in values.items() if v is not None}
         settings = EmbedSettings(**{**settings.__dict__, **given})
         for flag in ("dim", "chunk_size", "oom_above"):
