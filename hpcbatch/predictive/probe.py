@@ -65,16 +65,10 @@ def probe(
         return {"samples": 0}
     sites = list(technical.LATENT_SITES) + ([technical.OBSERVED_SITE] if with_observations else [])
     layout = core.inspect_model(
-        technical.technical_model,
-        guide=guide,
-        posterior=None,
-        num_samples=size,
-        model_args=args,
-        model_kwargs=kwargs,
-        return_sites=sites,
-        data_plate=technical.DATA_PLATE,
-        split_args=technical.SPLIT_ARGS,
-    )
+        technical.technical_model, guide=guide, posterior=None, num_samples=size,
+        model_args=args, model_kwargs=kwargs, return_sites=sites,
+        data_plate=technical.DATA_PLATE, split_args=technical.SPLIT_ARGS,
+    )  # fmt: skip
     block = cell_block or auto_block(cells, features * FLOAT) if layout.needs_blocks else None
     job = SamplingJob(
         technical.technical_model, guide, {}, args, kwargs, layout, technical.DATA_PLATE, block

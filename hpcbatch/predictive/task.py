@@ -206,14 +206,9 @@ def draw_chunk(job: SamplingJob, start: int, stop: int, seed: int, emit) -> None
     if job.guide is not None:
         posterior = core.guide_draw(job.guide, n, args, kwargs)
     for row_start, row_stop, draws in core.draw_blocks(
-        job.model,
-        posterior=posterior,
-        num_samples=n,
-        model_args=args,
-        model_kwargs=kwargs,
-        layout=layout,
-        block=job.block,
-    ):
+        job.model, posterior=posterior, num_samples=n, model_args=args, model_kwargs=kwargs,
+        layout=layout, block=job.block,
+    ):  # fmt: skip
         for name, value in draws.items():
             site = sites[name]
             if site.plate_axis is not None:

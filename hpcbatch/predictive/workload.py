@@ -64,6 +64,16 @@ def _fixed(value: int | str) -> int | None:
     return None if value == "auto" else int(value)
 
 
+def _draw_options() -> list:
+    """What is drawn: ``--samples`` and ``--with-observations`` (plan and run alike)."""
+    return [
+        click.Option(["--samples"], type=int, default=None,
+                     help="S, posterior samples (default: setting predictive.samples, 1000)."),
+        click.Option(["--with-observations"], is_flag=True, default=None,
+                     help="Also draw the observed counts y."),
+    ]  # fmt: skip
+
+
 def _size_options() -> list:
     return [
         click.Option(["--cells"], type=int, required=True,
@@ -71,10 +81,7 @@ def _size_options() -> list:
         click.Option(["--features"], type=int, required=True, help="T, features (columns)."),
         click.Option(["--groups"], type=int, default=2, show_default=True,
                      help="C, technical groups."),
-        click.Option(["--samples"], type=int, default=None,
-                     help="S, posterior samples (default: setting predictive.samples, 1000)."),
-        click.Option(["--with-observations"], is_flag=True, default=None,
-                     help="Also draw the observed counts."),
+        *_draw_options(),
         click.Option(["--copy-input"], is_flag=True,
                      help="Plan for the input copied into each worker instead of memory-mapped."),
     ]  # fmt: skip
@@ -83,10 +90,7 @@ def _size_options() -> list:
 def _run_options() -> list:
     return [
         click.Argument(["data_dir"]),
-        click.Option(["--samples"], type=int, default=None,
-                     help="S, posterior samples (default 1000)."),
-        click.Option(["--with-observations"], is_flag=True, default=None,
-                     help="Also draw the counts y."),
+        *_draw_options(),
         click.Option(["--chunk-size"], default=None,
                      help="Samples per chunk: auto (planned) or a number."),
         click.Option(["--cell-block"], default=None,
