@@ -167,7 +167,9 @@ def _stock_inputs(base: Path, n_stocks: int, days: int) -> tuple[str, Path]:
 
 
 @contextlib.contextmanager
-def _hand_started_cluster(base: Path, env: dict) -> Iterator[str]:
+def _hand_started_cluster(
+    base: Path, env: dict, preload: str = "hpcbatch_test_hog"
+) -> Iterator[str]:
     """`dask scheduler` + two `dask worker` processes; yields the scheduler file."""
     dask_cli = shutil.which("dask") or pytest.skip("the dask command is not installed")
     sched_file = base / "scheduler.json"
@@ -176,7 +178,7 @@ def _hand_started_cluster(base: Path, env: dict) -> Iterator[str]:
          "--scheduler-file", str(sched_file)],
     ] + [
         [dask_cli, "worker", "--scheduler-file", str(sched_file), "--nthreads", "1",
-         "--memory-limit", WORKER_LIMIT, "--preload", "hpcbatch_test_hog", "--no-dashboard"]
+         "--memory-limit", WORKER_LIMIT, "--preload", preload, "--no-dashboard"]
     ] * 2  # fmt: skip
     procs: list[subprocess.Popen] = []
     with contextlib.ExitStack() as stack:
@@ -273,3 +275,78 @@ def test_stocks_on_an_existing_cluster_of_small_workers(tmp_path, monkeypatch) -
     assert not any("None" in x for x in drawn["legend"])
     assert drawn["data_max_mib"] <= drawn["y_max_mib"] <= 1.5 * limit / MiB
     assert drawn["kills"] == len(kills)
+
+
+PREDICTIVE_HOG_PRELOAD = '''
+"""Worker preload: predictive chunk HPCBATCH_TEST_HOG_CHUNK holds HPCBATCH_TEST_HOG_MB
+more while it runs (a chunk too large for its worker); its halves do not."""
+import functools
+import os
+import time
+
+import hpcbatch.predictive.task as task
+
+_inner = task.sample_chunk_task
+
+
+@functools.wraps(_inner)
+def sample_chunk_task(chunk, ctx, **kwargs):
+    if chunk.chunk_id == os.environ["HPCBATCH_TEST_HOG_CHUNK"]:
+        import numpy as np
+
+        block = np.ones(int(os.environ["HPCBATCH_TEST_HOG_MB"]) * 2**20 // 8)  # touched
+        time.sleep(3.0)  # long enough for the nanny's memory monitor to see it
+        del block
+    return _inner(chunk, ctx, **kwargs)
+
+
+if not getattr(task.sample_chunk_task, "_test_hog", False):
+    sample_chunk_task._test_hog = True
+    task.sample_chunk_task = sample_chunk_task
+
+
+def dask_setup(worker=None):
+    pass
+'''
+
+
+@pytest.mark.slow
+def test_predictive_on_an_existing_cluster_of_small_workers(tmp_path) -> None:
+    import numpy as np
+    import zarr
+    from click.testing import CliRunner
+
+    from hpcbatch.cli import main
+    from hpcbatch.ledger import Ledger
+    from hpcbatch.predictive import technical
+    from hpcbatch.predictive.sampling import ledger_path
+
+    data = tmp_path / "data"
+    technical.simulate(40, 12, 2, seed=0, out=data)
+    technical.fit(data, steps=20, seed=0)
+    (tmp_path / "hpcbatch_test_pred_hog.py").write_text(PREDICTIVE_HOG_PRELOAD)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
+    env.update(HPCBATCH_TEST_HOG_CHUNK=HOG_CHUNK, HPCBATCH_TEST_HOG_MB=str(HOG_MB))
+    out, reports = tmp_path / "s.zarr", tmp_path / "reports"
+    with _hand_started_cluster(tmp_path, env, preload="hpcbatch_test_pred_hog") as sched:
+        result = CliRunner().invoke(main, [
+            "run", "predictive", str(data), "--samples", "40", "--chunk-size", "10",
+            "--out", str(out), "--cluster", sched, "--report-dir", str(reports), "--json",
+        ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    run_id = json.loads(result.stdout)["run_id"]
+    data_json = json.loads((reports / run_id / "report.json").read_text())
+    plan = data_json["plan"]
+    # planned for the 2 workers of 800 MiB that are there, not for this machine
+    assert plan["memory_limit_bytes"] == 800 * MiB and plan["n_workers"] == 2
+    assert data_json["status"] == "finished" and data_json["n_chunks"] == 4
+    kills = [d for d in data_json["worker_deaths"] if d["reason"] == "memory"]
+    assert kills and all(d["tasks"] == [HOG_CHUNK] for d in kills), kills  # one chunk each
+    assert 1 <= data_json["chunks_split"] <= len(kills)
+    done = Ledger(f"sqlite:///{ledger_path(out)}").done_ids(run_id)
+    # every sample once: the other chunks whole, the killed one only as its halves
+    assert {"c000000", f"{HOG_CHUNK}.0", f"{HOG_CHUNK}.1", "c000002", "c000003"} <= done
+    assert HOG_CHUNK not in done and not any(c.startswith(("c000000.", "c000002.")) for c in done)
+    mu = np.asarray(zarr.open_group(str(out), mode="r")["mu_ntc"][...])
+    assert mu.shape[0] == 40 and np.all(np.any(mu != 0, axis=tuple(range(1, mu.ndim))))
