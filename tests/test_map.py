@@ -214,8 +214,8 @@ def test_sql_sink_commits_rows_with_their_ledger_row(client, tmp_path):
 # -------------------------------------------------------------- footprint ----
 
 
-def hold_8mib_per_item(batch):
-    held = [np.ones(1024**2) for _ in batch]  # 8 MiB per item, held together
+def hold_4mib_per_item(batch):
+    held = [np.ones(512 * 1024) for _ in batch]  # 4 MiB per item, held together
     return [float(a[0]) for a in held]
 
 
@@ -224,15 +224,15 @@ def test_measured_footprint_is_used_and_named_in_the_plan(tmp_path):
 
     resources = Resources(cpus=2, memory_bytes=2 * 1024**3, memory_source="test",
                           cpus_source="test")  # fmt: skip
-    results = hpcbatch.map(hold_8mib_per_item, list(range(200)), resources=resources,
+    results = hpcbatch.map(hold_4mib_per_item, list(range(120)), resources=resources,
                            probe_sizes=(4, 16), scratch=tmp_path, progress=False)  # fmt: skip
-    assert results == [1.0] * 200
+    assert results == [1.0] * 120
     plan = results.report.plan
     assert plan["footprint_source"].startswith(
-        "measured: test_map.hold_8mib_per_item in fresh processes (probe sizes 4, 16"
+        "measured: test_map.hold_4mib_per_item in fresh processes (probe sizes 4, 16"
     )
     per_item = plan["footprint"]["per_item_bytes"]
-    assert 7 * 1024**2 < per_item < 10 * 1024**2  # 8 MiB measured, not guessed
+    assert 3.5 * 1024**2 < per_item < 5 * 1024**2  # 4 MiB measured, not guessed
     assert plan["chunk_size"] * per_item <= plan["memory_limit_bytes"]
 
 
@@ -245,8 +245,12 @@ def test_measured_footprint_is_used_and_named_in_the_plan(tmp_path):
         (lambda tmp: hpcbatch.map(42, [1]), "fn must be callable"),
         (lambda tmp: hpcbatch.map(abs, []), "items is empty"),
         (lambda tmp: hpcbatch.map(abs, "abc"), "items must be a list"),
-        (lambda tmp: hpcbatch.map(abs, [1], out=str(tmp / "afile" / "x.parquet"),
-                                  footprint=SMALL), "is not writable"),  # fmt: skip
+        (
+            lambda tmp: hpcbatch.map(
+                abs, [1], out=str(tmp / "afile" / "x.parquet"), footprint=SMALL
+            ),
+            "is not writable",
+        ),  # fmt: skip
         (lambda tmp: hpcbatch.map(abs, [1], out=str(tmp / "x.csv")), "end it in .zarr"),
         (lambda tmp: hpcbatch.map(abs, [1], out="sqlite:///x.db"), "needs table="),
         (lambda tmp: hpcbatch.map(abs, [1], client="sync"), "client='sync' is not supported"),
