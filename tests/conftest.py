@@ -89,3 +89,32 @@ def slurm_env(slurm_cluster_env: dict, monkeypatch: pytest.MonkeyPatch) -> dict:
         monkeypatch.delenv(key)
     monkeypatch.setenv("SLURM_CONF", slurm_cluster_env["SLURM_CONF"])
     return slurm_cluster_env
+
+
+SUMMARY_MARKERS = ("slow", "slurm", "postgres", "gpu")
+SUMMARY_OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """Print how many tests of each marker ran, passed and skipped (CI never skips silently)."""
+    counts = {m: dict.fromkeys(SUMMARY_OUTCOMES, 0) for m in (*SUMMARY_MARKERS, "unmarked")}
+    for outcome in SUMMARY_OUTCOMES:
+        seen: set[str] = set()
+        for report in terminalreporter.stats.get(outcome, []):
+            nodeid = getattr(report, "nodeid", "")
+            if nodeid in seen or not hasattr(report, "keywords"):
+                continue
+            seen.add(nodeid)
+            marks = [m for m in SUMMARY_MARKERS if m in report.keywords] or ["unmarked"]
+            for mark in marks:
+                counts[mark][outcome] += 1
+    terminalreporter.section("tests per marker")
+    for mark, by in counts.items():
+        shown = ", ".join(f"{n} {o}" for o, n in by.items() if n or o in ("passed", "skipped"))
+        terminalreporter.write_line(f"{mark}: {shown}")
+    required = os.environ.get("HPCBATCH_REQUIRE_SERVICES") == "1"
+    terminalreporter.write_line(
+        "HPCBATCH_REQUIRE_SERVICES=1: a SLURM/PostgreSQL/tmpfs fixture that cannot start fails"
+        if required
+        else "HPCBATCH_REQUIRE_SERVICES unset: a service that cannot start skips its tests"
+    )

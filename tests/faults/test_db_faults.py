@@ -12,6 +12,7 @@ of which errors count as transient and of the outage bound.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import sys
@@ -164,6 +165,8 @@ def own_postgres():
     try:
         server.start()
     except (services.ServiceUnavailable, OSError, services.subprocess.SubprocessError) as e:
+        if os.environ.get("HPCBATCH_REQUIRE_SERVICES") == "1":  # CI: never skip silently
+            pytest.fail(f"required test service unavailable: PostgreSQL: {e}", pytrace=False)
         pytest.skip(f"PostgreSQL unavailable: {e}")
     try:
         yield server

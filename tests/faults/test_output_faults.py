@@ -42,6 +42,8 @@ def small_fs(tmp_path):
             text=True,
         )
         if r.returncode != 0:
+            if os.environ.get("HPCBATCH_REQUIRE_SERVICES") == "1":  # CI: never skip silently
+                pytest.fail(f"cannot mount a tmpfs here: {r.stderr.strip()}", pytrace=False)
             pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
         mounted.append(point)
         return point
