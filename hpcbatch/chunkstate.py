@@ -29,6 +29,14 @@ from .errors import ChunkFailedError, ConfigError
 from .units import format_bytes
 
 DEFAULT_RESUME_HINT = "rerun the same command with --resume"
+#: The key of a task's returned meta under which it reports the items it skipped as bad:
+#: ``{QUARANTINED: [{"item": "000001.SZ", "reason": "close is NULL on 20240529"}], ...}``.
+#: The runner collects them (not summed), records them and fails the run past
+#: ``max-bad-items``.
+QUARANTINED = "quarantined"
+#: ``max-bad-items`` unset: the larger of this many items and DEFAULT_BAD_PERCENT %.
+DEFAULT_BAD_ITEMS = 10
+DEFAULT_BAD_PERCENT = 1.0
 
 
 @dataclass(frozen=True)
@@ -126,6 +134,8 @@ class Policy:
     retries: int = 2
     min_chunk: int = 1
     resume_hint: str = DEFAULT_RESUME_HINT
+    max_bad_items: int | None = None  # more quarantined items fail the run (None: no limit)
+    item_name: str = "item"  # what an item is called in messages ("stock")
 
     def __post_init__(self) -> None:
         if self.retries < 0 or self.min_chunk < 1:
@@ -167,11 +177,48 @@ class Counters:
     requeued: int = 0  # resubmitted unchanged (no retry used): e.g. kill victims
     max_in_flight: int = 0
     meta: dict = field(default_factory=dict)  # summed numeric metadata from the tasks
+    quarantined: list = field(default_factory=list)  # [{"item", "reason"}] from the tasks
 
     def add_meta(self, meta: dict) -> None:
         for k, v in meta.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if k == QUARANTINED:
+                self.quarantined.extend(quarantined_of(meta))
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
                 self.meta[k] = self.meta.get(k, 0) + v
+
+
+def quarantined_of(meta: dict) -> list[dict]:
+    """The items a task's ``meta`` reports under :data:`QUARANTINED`, as ``{"item",
+    "reason"}`` dicts (a bare item is accepted, with an empty reason)."""
+    out = []
+    for entry in meta.get(QUARANTINED) or ():
+        if isinstance(entry, dict):
+            out.append({"item": entry.get("item"), "reason": str(entry.get("reason", ""))})
+        else:
+            out.append({"item": entry, "reason": ""})
+    return out
+
+
+def bad_item_limit(setting, n_items: int) -> int:
+    """How many quarantined items a run of ``n_items`` tolerates: ``setting`` is a count
+    (``0``: none), a percentage of the items (``"2%"``), or ``None``: the larger of
+    :data:`DEFAULT_BAD_ITEMS` and :data:`DEFAULT_BAD_PERCENT` %."""
+    if setting is None:
+        return max(DEFAULT_BAD_ITEMS, math.ceil(n_items * DEFAULT_BAD_PERCENT / 100))
+    text = str(setting).strip()
+    try:
+        if text.endswith("%"):
+            percent = float(text[:-1])
+            if 0 <= percent <= 100:
+                return math.floor(n_items * percent / 100)
+        elif not isinstance(setting, bool) and float(text) == int(float(text)) >= 0:
+            return int(float(text))
+    except ValueError:
+        pass
+    raise ConfigError(
+        f"max-bad-items must be a number of items (e.g. 10), a percentage (e.g. 1%) or null, "
+        f"got {setting!r}"
+    )
 
 
 class ChunkStates:
@@ -228,7 +275,27 @@ class ChunkStates:
         self.items_left[chunk.root] = left
         if left <= 0:
             c.chunks_done += 1
+        before = len(c.quarantined)
         c.add_meta(meta)
+        if len(c.quarantined) > before:
+            self._check_bad_items(chunk)
+
+    def _check_bad_items(self, chunk: Chunk) -> None:
+        """More than ``max_bad_items`` quarantined: the run fails, naming them."""
+        limit, bad = self.policy.max_bad_items, self.counters.quarantined
+        if limit is None or len(bad) <= limit or self.fatal is not None:
+            return
+        self._chunk_failed(
+            chunk,
+            f"{quarantine_line(bad, self.policy.item_name)}: more than max-bad-items "
+            f"({limit}): fix the data, or raise max-bad-items (in --config, or "
+            f"DASK_HPCBATCH__MAX_BAD_ITEMS=5%), then {self.policy.resume_hint}",
+            "",
+        )
+
+    def seed_quarantined(self, entries: Sequence[dict]) -> None:
+        """Items quarantined by chunks done before this run (a resume): counted too."""
+        self.counters.quarantined.extend(entries)
 
     def requeue(self, attempt: Attempt) -> Verdict:
         """Run it again, same size, no retry used (front of the queue)."""
@@ -337,6 +404,23 @@ class ChunkStates:
         if self.fatal is None:
             self.fatal = error
         return error
+
+
+def quarantine_line(entries: Sequence[dict], item_name: str = "item", shown: int = 5) -> str:
+    """``3 stocks quarantined: A (reason), B (reason), C (reason)`` (one line; at most
+    ``shown`` named, then how many more)."""
+    n = len(entries)
+    noun = item_name if n == 1 else plural(item_name)
+    named = ", ".join(
+        f"{e['item']} ({one_line(e['reason'])[:120]})" if e.get("reason") else str(e["item"])
+        for e in entries[:shown]
+    )
+    more = f" and {n - shown} more (all in report.json)" if n > shown else ""
+    return f"{n} {noun} quarantined: {named}{more}"
+
+
+def plural(noun: str) -> str:
+    return noun + ("es" if noun.endswith(("s", "x", "ch", "sh")) else "s")
 
 
 def one_line(text: str) -> str:

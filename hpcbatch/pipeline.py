@@ -269,4 +269,6 @@ def _run_on(
         retries=run_settings.retries,
         database=sink.database or sink.ledger_url,
         db_outage_s=run_settings.db_outage_s,
+        max_bad_items=run_settings.max_bad_items,
+        item_name=getattr(job.workload, "item_name", None) or "item",
     )

@@ -32,6 +32,7 @@ from typing import Any
 import psutil
 from distributed.diagnostics.plugin import NannyPlugin, SchedulerPlugin
 
+from .chunkstate import quarantine_line
 from .errors import ConfigError
 from .units import format_bytes
 
@@ -69,6 +70,9 @@ class RunReport:
     max_tasks_on_scheduler: int | None = None
     failures: list = field(default_factory=list)
     message: str = ""
+    quarantined: list = field(default_factory=list)  # [{item, reason}]: skipped as bad data
+    items_quarantined: int = 0
+    item_name: str = "item"  # what the items are ("stock"), for the summary
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -761,6 +765,8 @@ def summary_text(data: dict) -> str:
         lines.append("worker deaths: none")
     for f in data.get("failures") or []:
         lines.append(f"failed chunk {f['chunk_id']}: {f['error']}")
+    if data.get("quarantined"):
+        lines.append(quarantine_line(data["quarantined"], data.get("item_name") or "item"))
     if data.get("results_meta"):
         counts = ", ".join(f"{k}={v}" for k, v in sorted(data["results_meta"].items()))
         lines.append(f"results: {counts}")

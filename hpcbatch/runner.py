@@ -55,12 +55,16 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from .chunkstate import (
     DEFAULT_RESUME_HINT,
+    QUARANTINED,
     Attempt,
     Chunk,
     ChunkStates,
     Counters,
     Policy,
+    bad_item_limit,
     make_chunks,
+    quarantine_line,
+    quarantined_of,
     rechunk,
     undone_pieces,
 )
@@ -87,6 +91,7 @@ from .security import mask_url
 from .units import format_bytes
 
 __all__ = [
+    "QUARANTINED",
     "Chunk",
     "RunOptions",
     "TaskContext",
@@ -427,6 +432,8 @@ class RunOptions:
     no_worker_timeout_s: float | None = None
     database: str | None = None
     db_outage_s: float = DB_OUTAGE_S
+    max_bad_items: int | str | None = None  # see chunkstate.bad_item_limit
+    item_name: str = "item"
 
     def checked(self) -> RunOptions:
         """These options with ``out`` and ``database`` filled in; ConfigError if wrong."""
@@ -435,6 +442,7 @@ class RunOptions:
                 "commit_on_worker=True needs a ledger for the task's sink to write to"
             )
         Policy(self.retries, self.min_chunk)  # raises for a bad retries / min-chunk
+        bad_item_limit(self.max_bad_items, 1)  # raises for a bad max-bad-items
         if not self.db_outage_s > 0:
             raise ConfigError(
                 "database-outage-timeout must be a positive number of seconds, got "
@@ -463,7 +471,8 @@ class RunOptions:
 
     @property
     def policy(self) -> Policy:
-        return Policy(self.retries, self.min_chunk, self.resume_hint)
+        limit = self.max_bad_items if isinstance(self.max_bad_items, int) else None
+        return Policy(self.retries, self.min_chunk, self.resume_hint, limit, self.item_name)
 
     @property
     def run_dir(self) -> Path | None:
@@ -499,7 +508,8 @@ def run_with(chunks: Sequence[Chunk], task_fn: Callable, client, opts: RunOption
     if isinstance(start, RunReport):
         return start
     grow = opts.max_in_flight is None  # the default window may widen (see FAST_WINDOW)
-    opts = opts.for_cluster(client)
+    limit = bad_item_limit(opts.max_bad_items, start.n_items)
+    opts = dataclasses.replace(opts.for_cluster(client), max_bad_items=limit)
     if opts.run_dir is not None:
         opts.run_dir.mkdir(parents=True, exist_ok=True)
     shell = _Shell(client, task_fn, opts, start, breaker, grow=grow)
@@ -515,6 +525,7 @@ class _Start:
     pending: list[Chunk]
     skipped: int = 0  # chunks recorded done before this run
     done_before_items: int = 0
+    quarantined_before: tuple = ()  # items the chunks done before this run quarantined
 
     @property
     def n_items(self) -> int:
@@ -540,22 +551,33 @@ def _start(chunks: list[Chunk], opts: RunOptions, breaker) -> _Start | RunReport
         msg = f"run {run_id!r} already finished ({info['n_done']} chunks recorded): nothing to do"
         opts.say(msg)
         plan = opts.plan.to_dict() if opts.plan is not None else None
-        n = len(chunks)
+        n, bad = len(chunks), _quarantined_before(ledger, run_id, breaker, opts)
         return RunReport(
             run_id=run_id, status="already-finished", n_chunks=n, chunks_skipped=n,
-            message=msg, plan=plan,
+            message=msg, plan=plan, quarantined=bad, items_quarantined=len(bad),
+            item_name=opts.item_name,
         )  # fmt: skip
     if int(info["chunk_size"]) != chunk_size:
         chunks = rechunk(chunks, int(info["chunk_size"]), run_id)
     with breaker.guard(opts.resume_hint):
         index = DoneIndex(ledger.done_ids(run_id))
     start = _resume_pieces(chunks, index)
+    if start.skipped or start.done_before_items:
+        bad = _quarantined_before(ledger, run_id, breaker, opts)
+        start = dataclasses.replace(start, quarantined_before=tuple(bad))
     if info["resumed"]:
         opts.say(
             f"resuming run {run_id!r}: {start.skipped} of {len(chunks)} chunks already done, "
             f"{len(start.pending)} to run"
         )
     return start
+
+
+def _quarantined_before(ledger: Ledger, run_id: str, breaker, opts: RunOptions) -> list[dict]:
+    """The items quarantined by the chunks of ``run_id`` the ledger holds as done."""
+    with breaker.guard(opts.resume_hint):
+        metas = ledger.chunk_meta(run_id)
+    return [e for _cid, meta in sorted(metas.items()) for e in quarantined_of(meta or {})]
 
 
 def _resume_pieces(chunks: list[Chunk], index: DoneIndex) -> _Start:
@@ -612,6 +634,7 @@ class _Shell:
         self.slow = False  # a chunk of this batch took FAST_CHUNK_S or more
         self.start, self.breaker = start, breaker
         self.states = ChunkStates(start.pending, opts.policy)
+        self.states.seed_quarantined(start.quarantined_before)
         self.stop = _Stop()
         self.in_flight: dict[Any, tuple[Attempt, float]] = {}  # key -> attempt, submitted
         self.group = f"hpcbatch-{getattr(task_fn, '__name__', 'task')}-{uuid.uuid4().hex[:8]}"
@@ -943,6 +966,7 @@ def _finish(shell: _Shell, t_start: float) -> RunReport:
             f"run {opts.run_id!r} {status}: {c.chunks_done} chunks ({c.items_done} items, "
             f"{c.tasks_done} tasks) in {report.wall_time_s:.1f} s, {start.skipped} skipped, "
             f"{c.retried} retried, {c.split} split" + (f"; report in {run_dir}" if run_dir else "")
+            + (f"; {quarantine_line(c.quarantined, opts.item_name)}" if c.quarantined else "")
         )
     if shell.fatal is not None:
         raise shell.fatal
@@ -1316,6 +1340,9 @@ def _build_report(shell: _Shell, status: str, wall: float) -> RunReport:
         memory_limit_bytes=limit,
         worker_deaths=deaths,
         results_meta=dict(c.meta),
+        quarantined=list(c.quarantined),
+        items_quarantined=len(c.quarantined),
+        item_name=opts.item_name,
         report_dir=str(opts.run_dir) if opts.run_dir is not None else None,
         max_in_flight=c.max_in_flight,
         max_tasks_on_scheduler=max_tasks,

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field, fields
 from importlib import metadata
 from typing import Any, ClassVar
 
+from .chunkstate import QUARANTINED as QUARANTINED  # the meta key of a task's bad items
+from .chunkstate import bad_item_limit
 from .errors import ConfigError
 from .planner import Footprint, Plan
 from .runner import Chunk, TaskContext, make_chunks
@@ -43,6 +45,11 @@ ENTRY_POINT_GROUP = "hpcbatch.workloads"
 log = logging.getLogger(__name__)
 
 TaskFn = Callable[[Chunk, TaskContext], dict]
+# A task reports the items it skipped as bad data in its meta under QUARANTINED
+# ("quarantined"), e.g. {QUARANTINED: [{"item": "000001.SZ", "reason": "close is NULL on
+# 20240529"}], ...}: the rest of its chunk counts as done; the runner lists them in the
+# report, the closing line and the ledger, and fails the run past max-bad-items
+# (RunSettings.max_bad_items).
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,7 @@ class RunSettings:
     progress_interval: float
     calibrate: bool
     gpu_memory_fraction: float
+    max_bad_items: int | str | None = None  # a count, "N%" of the items, None: max(10, 1 %)
 
     @classmethod
     def from_config(cls, settings: Mapping[str, Any]) -> RunSettings:
@@ -113,7 +121,16 @@ class RunSettings:
             progress_interval=float(settings["progress-interval"]),
             calibrate=bool(settings["calibrate"]),
             gpu_memory_fraction=float(settings["gpu-memory-fraction"]),
+            max_bad_items=_bad_items_setting(settings.get("max-bad-items")),
         )
+
+
+def _bad_items_setting(value: Any) -> int | str | None:
+    """``max-bad-items`` checked (a count, ``"N%"`` or None), not yet resolved."""
+    bad_item_limit(value, 100)  # raises ConfigError for a bad value
+    if value is None or str(value).strip().endswith("%"):
+        return None if value is None else str(value).strip()
+    return int(float(value))
 
 
 @dataclass(frozen=True)
