@@ -21,7 +21,7 @@ every workload.  Workloads register through the ``hpcbatch.workloads`` entry-poi
 the built-in ``stocks`` and ``predictive`` register exactly as a third-party package does::
 
     [project.entry-points."hpcbatch.workloads"]
-    embed = "my_package.workload:EmbedWorkload"
+    scores = "my_package.workload:ScoresWorkload"
 
 This module imports nothing of hpcbatch above the runtime layer.
 """

@@ -182,3 +182,15 @@ def test_rendered_embed_job_runs_on_real_slurm(slurm_env, inputs, reference, tmp
     assert info["JobState"] == "COMPLETED", log[-4000:]
     assert re.search(rf"run 'embed-\w+' finished: \d+ chunks \({N_ARRAYS} items", log), log
     np.testing.assert_array_equal(read(out), reference)
+
+
+def test_the_package_does_not_know_the_example_workload():
+    """Adding the embed workload needed no file under hpcbatch/: nothing there names it."""
+    package = Path(__file__).resolve().parents[1] / "hpcbatch"
+    naming = [
+        str(p.relative_to(package.parent))
+        for p in package.rglob("*")
+        if p.is_file() and p.suffix in (".py", ".yaml", ".sbatch")
+        and any(word in p.read_text() for word in ("hpcbatch_embed", "EmbedWorkload"))
+    ]
+    assert naming == []
