@@ -6,9 +6,11 @@ runner on a small LocalCluster), then stocks on a real SQLite market."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import runtime_helpers as rh
+from click.testing import CliRunner
 
 from hpcbatch.chunkstate import (
     QUARANTINED,
@@ -23,6 +25,8 @@ from hpcbatch.config import load
 from hpcbatch.errors import ChunkFailedError, ConfigError
 from hpcbatch.ledger import Ledger
 from hpcbatch.runner import run
+from hpcbatch.stocks.features import min_rows
+from hpcbatch.stocks.schema import make_engine
 from hpcbatch.workload import RunSettings
 
 pytestmark = pytest.mark.timeout(300)
@@ -155,3 +159,188 @@ def test_runner_fails_past_max_bad_items_with_one_line_naming_them(client, tmp_p
                  progress=False)  # fmt: skip
     assert report.status == "finished" and report.items_quarantined == 4
 
+
+# ------------------------------------- the stocks catalogue, per stock ----
+
+
+def _rows(code: str, closes, *, highs=None) -> list[tuple]:
+    out = []
+    for k, close in enumerate(closes):
+        high = highs[k] if highs is not None else 20.0
+        out.append((code, 20250101 + k, 1.0, high, 0.5, close, 1.0, 100.0, 10.0))
+    return out
+
+
+def test_each_bad_bar_quarantines_its_stock_with_the_first_bad_row_and_what_is_wrong():
+    from hpcbatch.errors import DataError
+    from hpcbatch.stocks.sink import bars_from_rows, screened_bars
+
+    good = _rows("A.SZ", [1.0, 1.1, 1.2])
+    dup = _rows("B.SZ", [1.0, 1.1, 1.2])
+    dup.insert(2, dup[1])
+    cases = {
+        "C.SZ": (_rows("C.SZ", [1.0, None, float("nan")]), "close is NULL, NaN or not a number on 20250102"),
+        "D.SZ": (_rows("D.SZ", [1.0, 1.0, float("inf")]), "close is infinite on 20250103"),
+        "E.SZ": (_rows("E.SZ", [0.0, 1.0, 1.0]), "close is zero on 20250101"),
+        "F.SZ": (_rows("F.SZ", [1.0, -2.0, 1.0]), "close is negative (-2) on 20250102"),
+        "G.SZ": (_rows("G.SZ", [1.0, 1.0, 1.0], highs=[1.1, 0.4, 1.1]), "high 0.4 < low 0.5 on 20250102"),
+        "H.SZ": (_rows("H.SZ", [1.0, "n/a", 1.0]), "close is NULL, NaN or not a number on 20250102"),
+    }  # fmt: skip
+    jump = _rows("J.SZ", [1.0, 11.0, 11.5])
+    rows = sorted(good + dup + jump + [r for rs, _ in cases.values() for r in rs],
+                  key=lambda r: r[0])  # fmt: skip
+    bars, check = screened_bars(rows)
+    assert bars.codes == ["A.SZ", "J.SZ"]  # the 10x jump is flagged but kept
+    assert check.jumps == {"J.SZ": "close 1 -> 11 on 20250102"}
+    assert check.bad == {"B.SZ": "duplicate rows on 20250102", **{c: r for c, (_, r) in cases.items()}}
+    assert check.rows["B.SZ"] == 4 and check.rows["C.SZ"] == 3
+    assert {"item": "F.SZ", "reason": "close is negative (-2) on 20250102"} in check.quarantined()
+    with pytest.raises(DataError, match=r"bad row for B.SZ: duplicate rows on 20250102: fix"):
+        bars_from_rows(rows)  # --strict: the first bad stock refuses the chunk
+    assert bars_from_rows(good + jump).codes == ["A.SZ", "J.SZ"]
+
+
+# ---------------------------------------------- stocks on a real market ----
+
+N_STOCKS, N_DAYS = 60, 150
+PREDICT = ("--lookback-days", "140", "--use-gpu", "false", "--mem-gb", "4", "--cpus", "2",
+           "--batch-size", "10")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def market60(tmp_path_factory) -> Path:
+    from hpcbatch.stocks.generate import generate_market
+
+    path = tmp_path_factory.mktemp("market60") / "stocks.db"
+    engine = make_engine(f"sqlite:///{path}", create=True)
+    generate_market(engine, N_STOCKS, N_DAYS, seed=7)
+    engine.dispose()
+    return path
+
+
+@pytest.fixture(scope="module")
+def model60(tmp_path_factory) -> Path:
+    """A tiny untrained model with fixed normalisation (as tests/stocks/conftest.py's)."""
+    import numpy as np
+    import torch
+
+    from hpcbatch.stocks.model import SIZES, StockModel, save_model
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    mean = rng.normal(0, 0.1, 105).astype(np.float32)
+    std = rng.uniform(0.2, 1.0, 105).astype(np.float32)
+    out = tmp_path_factory.mktemp("model60") / "tiny"
+    save_model(StockModel(SIZES["tiny"]), out, mean, std, {"version": "vtest"})
+    return out
+
+
+def _market(market60: Path, tmp_path: Path) -> str:
+    dst = tmp_path / "stocks.db"
+    dst.write_bytes(market60.read_bytes())
+    return f"sqlite:///{dst}"
+
+
+def _sql(url: str, sql: str, *args) -> list[tuple]:
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        result = conn.exec_driver_sql(sql, args)
+        rows = result.all() if result.returns_rows else []
+    engine.dispose()
+    return rows
+
+
+def _full_stocks(url: str) -> list[str]:
+    """Stocks with all N_DAYS rows (the synthetic market has some shorter ones)."""
+    rows = _sql(url, "SELECT ts_code FROM stock_daily GROUP BY ts_code HAVING count(*) = ?",
+                N_DAYS)  # fmt: skip
+    return sorted(r[0] for r in rows)
+
+
+def _day(url: str, k: int) -> str:
+    return _sql(url, "SELECT DISTINCT trade_date FROM stock_daily ORDER BY trade_date")[k][0]
+
+
+def _predictions(url: str) -> list[tuple]:
+    return _sql(url, "SELECT * FROM stock_predictions ORDER BY ts_code, trade_date")
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    from hpcbatch.cli import main
+
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def test_one_null_close_among_60_stocks_quarantines_that_stock_only(market60, model60, tmp_path):
+    url = _market(market60, tmp_path)
+    bad, day = _full_stocks(url)[3], _day(url, 100)
+    _sql(url, "UPDATE stock_daily SET close = NULL WHERE ts_code = ? AND trade_date = ?", bad, day)
+    reason = f"close is NULL, NaN or not a number on {day}"
+    # train: finishes without the bad stock's windows, and says so
+    code, out = _cli("stocks", "train", "--db", url, "--out", str(tmp_path / "m"), "--epochs",
+                     "1", "--max-windows", "300", "--model-size", "tiny", "--lookback-days", "140")
+    assert code == 0, out
+    assert f"1 stock quarantined: {bad} ({reason})" in out
+    # 140 rows read: 140 - 60 warm-up - 60 window = 20 windows with a next-day target
+    assert "left out of training with 20 windows" in out
+    assert "model saved to" in out and f"from {N_STOCKS - 1} stocks" in out
+    # predict: finishes; the stock is named in the output and in report.json
+    reports = tmp_path / "reports"
+    argv = ("stocks", "predict", "--db", url, "--model", str(model60), *PREDICT, "--report-dir",
+            str(reports))  # fmt: skip
+    code, out = _cli(*argv)
+    assert code == 0, out
+    assert f"1 stock quarantined: {bad} ({reason})" in out
+    (report_file,) = reports.glob("*/report.json")
+    saved = json.loads(report_file.read_text())
+    assert saved["status"] == "finished" and saved["item_name"] == "stock"
+    assert saved["quarantined"] == [{"item": bad, "reason": reason}]
+    assert saved["items_quarantined"] == 1
+    # every other stock with enough rows is predicted, the bad one is not
+    rows = _predictions(url)
+    predicted = {r[0] for r in rows}
+    enough = {r[0] for r in _sql(url, "SELECT ts_code FROM stock_daily GROUP BY ts_code "
+                                 "HAVING count(*) >= ?", min_rows(10))}  # fmt: skip
+    assert bad in enough and predicted == enough - {bad}
+    assert saved["results_meta"]["stocks_missing"] == 0
+    metas = Ledger(url).chunk_meta(saved["run_id"])
+    assert [e for m in metas.values() for e in m.get(QUARANTINED, [])] == saved["quarantined"]
+    # the same command again, and with --resume: nothing changes, the stock is still named
+    for extra in ((), ("--resume",)):
+        code, out = _cli(*argv, *extra)
+        assert code == 0 and "nothing new to predict" in out, out
+        assert _predictions(url) == rows
+    # --strict restores the refusal, before anything starts
+    code, out = _cli(*argv, "--strict")
+    assert code == 2 and out.strip().splitlines() == [
+        f"error: stock_daily has a NaN, infinite, zero or negative price for ({bad}, {day}): "
+        "fix or delete such rows before predicting"
+    ]
+    code, out = _cli("stocks", "train", "--db", url, "--out", str(tmp_path / "m2"), "--strict",
+                     "--epochs", "1", "--model-size", "tiny", "--lookback-days", "140")
+    assert code == 2 and f"bad row for {bad}: {reason}" in out
+    assert not (tmp_path / "m2").exists()
+
+
+def test_too_many_bad_stocks_fail_the_run_with_one_line_naming_them(market60, model60, tmp_path):
+    url = _market(market60, tmp_path)
+    bad = _full_stocks(url)[:11]  # the default limit for 60 stocks: max(10, 1 %) = 10
+    day = _day(url, 140)
+    for code in bad:
+        _sql(url, "UPDATE stock_daily SET high = low / 2 WHERE ts_code = ? AND trade_date = ?",
+             code, day)  # fmt: skip
+    code, out = _cli("stocks", "predict", "--db", url, "--model", str(model60), *PREDICT,
+                     "--report-dir", str(tmp_path / "reports"))  # fmt: skip
+    assert code == 1, out
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors == [out.strip().splitlines()[-1]]
+    line = errors[0]
+    assert line.startswith("error: 11 stocks quarantined: ")
+    assert "more than max-bad-items (10)" in line and "6 more (all in report.json)" in line
+    (report_file,) = (tmp_path / "reports").glob("*/report.json")
+    saved = json.loads(report_file.read_text())
+    assert saved["status"] == "failed"
+    assert sorted(e["item"] for e in saved["quarantined"]) == bad
+    assert all(e["reason"].endswith(f"on {day}") and " < low " in e["reason"]
+               for e in saved["quarantined"])  # fmt: skip

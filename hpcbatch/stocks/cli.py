@@ -97,10 +97,12 @@ def generate(db_url, n_stocks, days, seed, replace, profile, config_file) -> Non
 @click.option("--lookback-days", type=int, default=400, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--model-version", default=None, help="Stored with the predictions (default v1).")
+@click.option("--strict", is_flag=True, default=None,
+              help="Refuse bad bars instead of leaving their stocks out.")  # fmt: skip
 @profile_options
 def train(
     db_url, out_dir, epochs, max_stocks, max_windows, model_size, lookback_days, seed,
-    model_version, profile, config_file,
+    model_version, strict, profile, config_file,
 ) -> None:
     """Fit the model on the database and save weights, config and normalisation stats."""
     from .schema import make_engine
@@ -115,6 +117,7 @@ def train(
         size=model_size, lookback_days=lookback_days, seed=seed,
         version=model_version or settings["model-version"],
         log=lambda m: click.echo(m, err=True),
+        strict=settings.get("strict", False) if strict is None else strict,
     )
     engine.dispose()
     click.echo(

@@ -9,6 +9,7 @@ worker, not per chunk), and the upsert of predictions in 200-row
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import sqlalchemy as sa
@@ -72,46 +73,145 @@ def bars_query(codes: Sequence[str], lookback_days: int) -> sa.Select:
 
 
 def read_bars(conn: Connection, codes: Sequence[str], lookback_days: int) -> Bars:
-    """Fetch and lay out a chunk's bars (one query); malformed rows are a DataError."""
+    """Fetch and lay out a chunk's bars (one query); malformed rows are a DataError
+    (``--strict``; :func:`read_screened_bars` quarantines the stocks instead)."""
     return bars_from_rows(conn.execute(bars_query(codes, lookback_days)).all())
+
+
+def read_screened_bars(
+    conn: Connection, codes: Sequence[str], lookback_days: int
+) -> tuple[Bars, BarCheck]:
+    """A chunk's bars without the stocks whose bars are bad, and what was wrong with them."""
+    return screened_bars(conn.execute(bars_query(codes, lookback_days)).all())
+
+
+@dataclass(frozen=True)
+class BarCheck:
+    """What is wrong with a chunk's bars, per stock: ``bad`` (ts_code -> the first bad
+    row and what is wrong; such a stock is quarantined), ``rows`` (ts_code -> its rows, for
+    the bad ones) and ``jumps`` (ts_code -> its first 10x close-to-close jump: flagged,
+    kept)."""
+
+    bad: dict = field(default_factory=dict)
+    rows: dict = field(default_factory=dict)
+    jumps: dict = field(default_factory=dict)
+
+    def quarantined(self) -> list[dict]:
+        """The bad stocks as the runner's ``quarantined`` entries."""
+        return [{"item": code, "reason": reason} for code, reason in self.bad.items()]
 
 
 def bars_from_rows(rows: Sequence[Sequence]) -> Bars:
     """Rows ``(ts_code, trade_date, open, high, low, close, pre_close, vol, amount)`` sorted
-    by (ts_code, trade_date) -> a checked :class:`Bars` layout."""
+    by (ts_code, trade_date) -> a checked :class:`Bars` layout; the first bad row is a
+    :class:`DataError` (the whole chunk is refused)."""
     if not rows:
         return bars_from_columns([], {})
-    cols = list(zip(*rows, strict=True))
-    row_codes = np.asarray(cols[0], dtype=object)
-    try:
-        dates = np.asarray(cols[1], dtype=np.int64)
-        data = {f: np.asarray(cols[2 + i], dtype=np.float64) for i, f in enumerate(PRICE_FIELDS)}
-    except (TypeError, ValueError):
+    row_codes, dates, data = _columns(rows)
+    check = check_rows(row_codes, dates, data)
+    if check.bad:
+        code, reason = next(iter(check.bad.items()))
         raise DataError(
-            f"stock_daily rows for {cols[0][0]}..{cols[0][-1]} hold NULL or non-numeric values: "
-            "trade_date must be YYYYMMDD and prices numbers"
-        ) from None
-    _check_rows(row_codes, dates, data)
+            f"stock_daily has a bad row for {code}: {reason}: fix or delete such rows "
+            "(NaN, infinite, zero or negative price, high < low, or duplicate rows), or run "
+            "without --strict to quarantine such stocks"
+        )
     return bars_from_columns(row_codes, {"trade_date": dates, **data})
 
 
-def _check_rows(codes: np.ndarray, dates: np.ndarray, data: dict[str, np.ndarray]) -> None:
-    same = codes[1:] == codes[:-1]
-    dup = np.flatnonzero(same & (dates[1:] == dates[:-1]))
-    if dup.size:
-        i = dup[0]
-        raise DataError(
-            f"stock_daily has duplicate rows for ({codes[i]}, {dates[i]}): keep one row per "
-            "(ts_code, trade_date)"
-        )
-    for name in ("open", "high", "low", "close", "pre_close"):
-        bad = np.flatnonzero(~(np.isfinite(data[name]) & (data[name] > 0)))
-        if bad.size:
-            i = bad[0]
-            raise DataError(
-                f"stock_daily has a NaN, infinite, zero or negative {name} for ({codes[i]}, "
-                f"{dates[i]}): fix or delete such rows"
+def screened_bars(rows: Sequence[Sequence]) -> tuple[Bars, BarCheck]:
+    """Like :func:`bars_from_rows`, but a stock with a bad row is left out and named in
+    the returned :class:`BarCheck` instead of failing the chunk."""
+    if not rows:
+        return bars_from_columns([], {}), BarCheck()
+    row_codes, dates, data = _columns(rows)
+    check = check_rows(row_codes, dates, data)
+    if check.bad:
+        keep = ~np.isin(row_codes, np.asarray(list(check.bad), dtype=object))
+        row_codes, dates = row_codes[keep], dates[keep]
+        data = {k: v[keep] for k, v in data.items()}
+    return bars_from_columns(row_codes, {"trade_date": dates, **data}), check
+
+
+def _columns(rows: Sequence[Sequence]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """The rows as columns; a NULL or non-numeric value becomes NaN (a date: -1), which
+    :func:`check_rows` reports."""
+    cols = list(zip(*rows, strict=True))
+    row_codes = np.asarray(cols[0], dtype=object)
+    dates = _numeric(cols[1], np.int64, -1)
+    data = {f: _numeric(cols[2 + i], np.float64, np.nan) for i, f in enumerate(PRICE_FIELDS)}
+    return row_codes, dates, data
+
+
+def _numeric(values: Sequence, dtype, missing) -> np.ndarray:
+    try:
+        return np.asarray(values, dtype=dtype)
+    except (TypeError, ValueError):
+        out = np.empty(len(values), dtype=dtype)
+        for i, v in enumerate(values):
+            try:
+                out[i] = dtype(v)
+            except (TypeError, ValueError, OverflowError):
+                out[i] = missing
+        return out
+
+
+_CHECKED_PRICES = ("open", "high", "low", "close", "pre_close")
+JUMP_FACTOR = 10.0  # a close this many times the previous one (or 1/x of it) is flagged
+
+
+def check_rows(codes: np.ndarray, dates: np.ndarray, data: dict[str, np.ndarray]) -> BarCheck:
+    """Each stock's first bad row (what is wrong with it) and first 10x jump, vectorised
+    over the rows (sorted by ts_code, trade_date)."""
+    n = len(codes)
+    same = np.r_[False, codes[1:] == codes[:-1]]
+    tests: list[tuple[np.ndarray, str]] = [
+        (dates < 0, "trade_date"),
+        (same & np.r_[False, dates[1:] == dates[:-1]], "duplicate"),
+    ]
+    tests += [(~(np.isfinite(data[f]) & (data[f] > 0)), f) for f in _CHECKED_PRICES]
+    tests.append((data["high"] < data["low"], "high<low"))
+    which = np.full(n, -1)
+    for k, (mask, _what) in enumerate(tests):
+        which[(which < 0) & mask] = k
+    check = BarCheck()
+    for i in np.flatnonzero(which >= 0):
+        code = codes[i]
+        if code not in check.bad:
+            check.bad[code] = _reason(tests[which[i]][1], i, dates, data)
+    if check.bad:
+        bad_codes, counts = np.unique(codes[np.isin(codes, list(check.bad))], return_counts=True)
+        check.rows.update(zip(bad_codes.tolist(), counts.tolist(), strict=True))
+    close = data["close"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = close[1:] / close[:-1]
+    jump = same[1:] & ((ratio > JUMP_FACTOR) | (ratio < 1 / JUMP_FACTOR))
+    for i in np.flatnonzero(jump) + 1:
+        code = codes[i]
+        if code not in check.jumps and code not in check.bad:
+            check.jumps[code] = (
+                f"close {close[i - 1]:g} -> {close[i]:g} on {dates[i]}"
             )
+    return check
+
+
+def _reason(what: str, i: int, dates: np.ndarray, data: dict[str, np.ndarray]) -> str:
+    """``close is NULL or NaN on 20240529`` and the like: the row and what is wrong."""
+    day = f"on {dates[i]}"
+    if what == "trade_date":
+        return "trade_date is NULL or not a YYYYMMDD date"
+    if what == "duplicate":
+        return f"duplicate rows {day}"
+    if what == "high<low":
+        return f"high {data['high'][i]:g} < low {data['low'][i]:g} {day}"
+    value = data[what][i]
+    if np.isnan(value):
+        kind = "NULL, NaN or not a number"
+    elif np.isinf(value):
+        kind = "infinite"
+    else:
+        kind = "zero" if value == 0 else f"negative ({value:g})"
+    return f"{what} is {kind} {day}"
 
 
 def _insert_for(dialect: str):

@@ -18,6 +18,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -29,14 +30,24 @@ import numpy as np
 from ..config import DEFAULTS
 from ..errors import ConfigError
 from ..planner import gpu_batch_size
+from ..workload import QUARANTINED
 from .features import compute_features, min_rows
 from .footprint import stocks_footprint
 from .model import cached_model, gpu_free_bytes, load_model, predict_windows, resolve_device
 from .schema import init_db, make_engine, masked, preflight, require_tables, write_transaction
-from .sink import engine_for, list_codes, read_bars, select_codes, upsert_predictions
+from .sink import (
+    BarCheck,
+    engine_for,
+    list_codes,
+    read_bars,
+    read_screened_bars,
+    select_codes,
+    upsert_predictions,
+)
 from .windows import prediction_windows
 
 CPU_BATCH = 256
+log = logging.getLogger(__name__)
 
 
 def inference_batch(
@@ -81,6 +92,7 @@ class PredictTask:
     run_id: str | None = None
     loaded_model: Any = None  # in-process use only (probe): a LoadedModel instead of model_dir
     db_outage_s: float = 60.0  # database-outage-timeout: retry this long, then give up
+    strict: bool = False  # a bad bar fails the chunk (DataError) instead of quarantining its stock
 
     def __call__(self, chunk: Any, ctx: Any = None) -> dict:
         from ..retry import with_backoff  # a database restart mid-run: wait, then redo the chunk
@@ -135,14 +147,20 @@ def prediction_rows(
 
 
 def compute_chunk(
-    codes: list[str], bars, task: PredictTask
+    codes: list[str], bars, task: PredictTask, check: BarCheck | None = None
 ) -> tuple[list[dict], dict]:
-    """Features -> windows -> model for a chunk's bars; returns (rows, counts)."""
+    """Features -> windows -> model for a chunk's bars; returns (rows, counts).
+
+    ``check``: what :func:`~hpcbatch.stocks.sink.read_screened_bars` left out (its bad
+    stocks go to the counts' ``quarantined`` list) and flagged (10x jumps, kept)."""
+    check = check or BarCheck()
     need = min_rows(task.predict_days)
     keep = np.flatnonzero(bars.n_rows >= need) if bars.codes else np.zeros(0, int)
     counts = {
+        QUARANTINED: check.quarantined(),
+        "stocks_flagged_jump": len(check.jumps),
         "stocks": len(codes),
-        "stocks_missing": len(codes) - len(bars.codes),
+        "stocks_missing": len(codes) - len(bars.codes) - len(check.bad),
         "stocks_skipped_short": int(len(bars.codes) - keep.size),
         "stocks_predicted": int(keep.size),
         "rows_read": int(bars.n_rows.sum()) if bars.codes else 0,
@@ -173,6 +191,10 @@ def compute_chunk(
     return rows, counts
 
 
+def _first(found: dict) -> str:
+    return next((f"{code}: {why}" for code, why in found.items()), "-")
+
+
 def _subset(bars, keep: np.ndarray):
     from .features import Bars
 
@@ -187,8 +209,18 @@ def predict_chunk(chunk: Any, ctx: Any, task: PredictTask) -> dict:
     codes = _codes_of(chunk)
     engine = engine_for(task.db_url)
     with _read_slot(task), engine.connect() as conn:
-        bars = read_bars(conn, codes, task.lookback_days)
-    rows, counts = compute_chunk(codes, bars, task)
+        if task.strict:
+            bars, check = read_bars(conn, codes, task.lookback_days), BarCheck()
+        else:
+            bars, check = read_screened_bars(conn, codes, task.lookback_days)
+    where = getattr(chunk, "chunk_id", "?")
+    if check.bad:
+        log.warning("chunk %s: %d stock(s) quarantined, e.g. %s", where, len(check.bad),
+                    _first(check.bad))  # fmt: skip
+    if check.jumps:
+        log.warning("chunk %s: %d stock(s) with a 10x jump, kept, e.g. %s", where,
+                    len(check.jumps), _first(check.jumps))  # fmt: skip
+    rows, counts = compute_chunk(codes, bars, task, check)
     run_id = getattr(ctx, "run_id", None) or task.run_id
     ledger = getattr(ctx, "ledger", None)
     with write_transaction(engine) as conn:  # predictions and ledger row: one transaction
@@ -213,6 +245,7 @@ class PredictOptions:
     offset: int = 0
     model_version: str = "v1"
     upsert_rows: int = 200
+    strict: bool = False  # a bad bar refuses the run instead of quarantining its stock
 
     @classmethod
     def from_settings(cls, stocks: Mapping[str, Any], **overrides: Any) -> PredictOptions:
@@ -221,6 +254,7 @@ class PredictOptions:
         section = {**DEFAULTS["hpcbatch"]["stocks"], **stocks}
         values = {f.name: section[f.name.replace("_", "-")] for f in fields(cls)}
         values["offset"] = values["offset"] or 0
+        values["strict"] = bool(values["strict"])
         values.update({k: v for k, v in overrides.items() if v is not None})
         opts = cls(**values)
         opts.check()
@@ -249,10 +283,11 @@ def run_params(
 
     ``inputs`` fingerprints the bars and the weights (:func:`input_fingerprint`), so new
     data or a retrained model makes a new run instead of "already finished".
-    ``batch_size`` and ``concurrency`` only shape the work, so they may change on resume.
+    ``batch_size``, ``concurrency`` and ``strict`` (which only refuses bad data) do not
+    change the predictions, so they may change on resume.
     """
     values = asdict(opts)
-    for key in ("batch_size", "concurrency"):
+    for key in ("batch_size", "concurrency", "strict"):
         values.pop(key)
     return {
         "db": masked(db_url),
@@ -308,7 +343,8 @@ def prepare(db_url: str, model_dir: str, opts: PredictOptions, *, gpu_memory_fra
     try:
         require_tables(engine, "stock_daily")
         init_db(engine)  # creates stock_predictions if missing, checks it otherwise
-        preflight(engine)
+        if opts.strict:  # else bad bars quarantine their stocks, chunk by chunk
+            preflight(engine)
         loaded = load_model(model_dir)  # fail here, not on every worker
         codes = select_codes(list_codes(engine), opts.offset, opts.limit)
         inputs = input_fingerprint(engine, model_dir)
@@ -327,5 +363,6 @@ def prepare(db_url: str, model_dir: str, opts: PredictOptions, *, gpu_memory_fra
         gpu_per_window_bytes=footprint.gpu_per_item_bytes,
         gpu_memory_fraction=gpu_memory_fraction,
         upsert_rows=opts.upsert_rows,
+        strict=opts.strict,
     )
     return Prepared(codes, device, footprint, task, loaded.config, inputs)

@@ -11,7 +11,7 @@ right (BCE).  A held-out tenth of the windows gives the reported validation figu
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +19,11 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, DataError
+from ..report import quarantine_line
 from .features import CLOSE_PCT, WARMUP_DAYS, compute_features, min_rows
 from .model import ModelConfig, StockModel, model_config, save_model
 from .schema import require_tables
-from .sink import list_codes, read_bars
+from .sink import BarCheck, list_codes, read_bars, read_screened_bars
 from .windows import all_windows, training_index
 
 
@@ -37,14 +38,47 @@ class TrainSummary:
     val_direction_accuracy: float
     seconds: float
     parameters: int
+    dropped_stocks: int = 0  # stocks with a bad bar, left out with all their windows
+    dropped_windows: int = 0  # the training windows they would have given
+    quarantined: tuple = ()  # ({"item": ts_code, "reason": ...}, ...)
 
 
-def _gather(engine, codes: list[str], lookback_days: int):
-    """Features of every usable stock and the (stock, window) index of training windows."""
+@dataclass
+class _Dropped:
+    """The stocks training leaves out for bad bars (and the stocks with 10x jumps kept)."""
+
+    entries: list = field(default_factory=list)
+    windows: int = 0
+    jumps: int = 0
+
+    def add(self, check: BarCheck) -> None:
+        self.entries.extend(check.quarantined())
+        self.jumps += len(check.jumps)
+        for n in check.rows.values():
+            if n >= min_rows(1) + 1:
+                self.windows += len(training_index(np.array([n]), n))
+
+    def say(self, log) -> None:
+        if self.entries:
+            log(
+                f"{quarantine_line(self.entries, 'stock')}: left out of training with "
+                f"{self.windows} windows (--strict refuses bad bars instead)"
+            )
+        if self.jumps:
+            log(f"{self.jumps} stock(s) with a 10x close-to-close jump: kept")
+
+
+def _gather(engine, codes: list[str], lookback_days: int, dropped: _Dropped | None = None):
+    """Features of every usable stock and the (stock, window) index of training windows;
+    stocks with bad bars go to ``dropped`` (``None``: they are a DataError, ``--strict``)."""
     feats, index, offset = [], [], 0
     for start in range(0, len(codes), 200):
         with engine.connect() as conn:
-            bars = read_bars(conn, codes[start : start + 200], lookback_days)
+            if dropped is None:
+                bars = read_bars(conn, codes[start : start + 200], lookback_days)
+            else:
+                bars, check = read_screened_bars(conn, codes[start : start + 200], lookback_days)
+                dropped.add(check)
         if not bars.codes:
             continue
         keep = bars.n_rows >= min_rows(1) + 1
@@ -89,16 +123,25 @@ def train(
     seed: int = 0,
     version: str = "v1",
     log=print,
+    strict: bool = False,
 ) -> TrainSummary:
-    """Fit a model on up to ``max_stocks`` stocks of ``engine`` and save it to ``out_dir``."""
+    """Fit a model on up to ``max_stocks`` stocks of ``engine`` and save it to ``out_dir``.
+
+    A stock with a bad bar (NaN/inf/zero/negative price, high < low, a duplicate row) is
+    left out with its windows and named through ``log``; ``strict`` refuses it instead
+    (DataError)."""
     for name, value in (("--epochs", epochs), ("--max-stocks", max_stocks), ("--max-windows", max_windows)):
         if value < 1:
             raise ConfigError(f"{name} must be at least 1, got {value}")
     t0 = time.perf_counter()
     config = model_config(size) if isinstance(size, str) else size
     rng = np.random.default_rng(seed)
-    data = _training_data(engine, config, max_stocks, lookback_days, max_windows, rng)
+    dropped = None if strict else _Dropped()
+    data = _training_data(engine, config, max_stocks, lookback_days, max_windows, rng, dropped)
     codes, views, mean, std, train_idx, val_idx = data
+    n_dropped = len(dropped.entries) if dropped is not None else 0
+    if dropped is not None:
+        dropped.say(log)
     torch.manual_seed(seed)
     model = StockModel(config)
     loss_of = _loss_function(model, views)
@@ -108,7 +151,7 @@ def train(
         val_loss, val_acc = loss_of(val_idx)
     info = {
         "version": version,
-        "trained_stocks": len(codes),
+        "trained_stocks": len(codes) - n_dropped,
         "trained_windows": int(len(train_idx)),
         "epochs": epochs,
         "seed": seed,
@@ -118,7 +161,7 @@ def train(
     save_model(model, out_dir, mean, std, info)
     return TrainSummary(
         out_dir=str(out_dir),
-        stocks=len(codes),
+        stocks=len(codes) - n_dropped,
         windows=int(len(train_idx)),
         epochs=epochs,
         train_loss=train_loss,
@@ -126,10 +169,13 @@ def train(
         val_direction_accuracy=float(val_acc),
         seconds=round(time.perf_counter() - t0, 2),
         parameters=sum(p.numel() for p in model.parameters()),
+        dropped_stocks=n_dropped,
+        dropped_windows=dropped.windows if dropped else 0,
+        quarantined=tuple(dropped.entries) if dropped else (),
     )
 
 
-def _training_data(engine, config, max_stocks, lookback_days, max_windows, rng) -> tuple:
+def _training_data(engine, config, max_stocks, lookback_days, max_windows, rng, dropped) -> tuple:
     """Codes, the normalised windows (a view) and the train/validation window indices."""
     require_tables(engine, "stock_daily")
     codes = list_codes(engine)
@@ -137,7 +183,7 @@ def _training_data(engine, config, max_stocks, lookback_days, max_windows, rng) 
         raise DataError("stock_daily holds no stocks: run 'hpcbatch stocks generate' first")
     step = max(1, len(codes) // max_stocks)
     codes = codes[::step][:max_stocks]
-    features, index = _gather(engine, codes, lookback_days)
+    features, index = _gather(engine, codes, lookback_days, dropped)
     mean, std = _norm_stats(features)
     features = (features - mean) / std
     views = all_windows(features, config.window + 1)  # window plus its next day: a view

@@ -17,6 +17,7 @@ import click
 from ..config import require_positive
 from ..errors import ConfigError
 from ..planner import Footprint, Plan
+from ..report import quarantine_line
 from ..security import database_url
 from ..workload import (
     Invocation,
@@ -53,6 +54,7 @@ class StocksSettings:
     offset: int
     model_version: str
     upsert_rows: int
+    strict: bool = False
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any]) -> StocksSettings:
@@ -103,8 +105,13 @@ class StocksJob(Job):
             f"predictions: {meta.get('predictions', 0)} rows upserted into stock_predictions of "
             f"{masked(self.db_url)} ({meta.get('stocks_predicted', 0)} stocks predicted, "
             f"{meta.get('stocks_skipped_short', 0)} skipped with too few rows, "
-            f"{meta.get('stocks_missing', 0)} without rows)"
+            f"{meta.get('stocks_missing', 0)} without rows, "
+            f"{len(report.quarantined)} quarantined)"
         )
+        if report.quarantined:
+            text += "\n" + quarantine_line(report.quarantined, "stock")
+        if meta.get("stocks_flagged_jump"):
+            text += f"\n{meta['stocks_flagged_jump']} stock(s) with a 10x price jump: kept"
         return text + (f"\nreport: {report.report_dir}" if report.report_dir else "")
 
     def task(self, plan: Plan, run: RunContext) -> PredictTask:
@@ -155,6 +162,9 @@ def _run_options() -> list:
         click.Option(["--limit"], type=int, default=None, help="Predict at most this many stocks."),
         click.Option(["--offset"], type=int, default=None, help="Skip this many stocks."),
         click.Option(["--model-version"], default=None, help="Stored with the predictions (v1)."),
+        click.Option(["--strict"], is_flag=True, default=None,
+                     help="Refuse bad bars (NaN/inf/zero/negative price, high < low, duplicate "
+                     "rows) before starting, instead of quarantining their stocks."),
     ]  # fmt: skip
 
 
@@ -228,7 +238,7 @@ class StocksWorkload(Workload):
 def options_from(settings: StocksSettings, values: Mapping[str, Any]) -> PredictOptions:
     """:class:`PredictOptions` from the typed settings and flag values (None keeps a setting)."""
     names = ("batch_size", "concurrency", "lookback_days", "predict_days", "use_gpu", "limit",
-             "offset", "model_version")  # fmt: skip
+             "offset", "model_version", "strict")  # fmt: skip
     unknown = set(values) - set(names) - {"db_url", "model_dir"}
     if unknown:
         raise ConfigError(f"unknown stocks option(s): {', '.join(sorted(unknown))}")

@@ -8,7 +8,7 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 from hpcbatch import config as hb_config
-from hpcbatch.errors import ConfigError, DataError
+from hpcbatch.errors import ChunkFailedError, ConfigError, DataError
 from hpcbatch.ledger import ChunkAlreadyDone, Ledger
 from hpcbatch.resources import detect_resources
 from hpcbatch.runner import Chunk, TaskContext, make_chunks
@@ -136,9 +136,21 @@ def test_bad_input_fails_before_anything_is_written(market_copy, tiny_model, tmp
         conn.execute(
             stock_daily.update().where(stock_daily.c.trade_date == "20251230").values(close=-1.0)
         )
+    # --strict: refused before anything starts, as before issue 16
     with pytest.raises(DataError, match="negative price"):
-        predict(market_copy, str(tiny_model), options=_opts(), progress=False, quiet=True)
+        predict(market_copy, str(tiny_model), options=_opts(strict=True), progress=False,
+                quiet=True)  # fmt: skip
     assert "stock_predictions" not in sa.inspect(engine).get_table_names() or _count(market_copy) == (0, 0)
+    # default: each such stock is quarantined; all of them are more than max-bad-items
+    with pytest.raises(ChunkFailedError, match=r"^\d+ stocks quarantined: .*close is negative "
+                       r"\(-1\) on 20251230.*more than max-bad-items \(10\)"):  # fmt: skip
+        predict(market_copy, str(tiny_model), options=_opts(), progress=False, quiet=True,
+                resources=detect_resources(memory_bytes=6 * 10**9, cpus=2), backend="local",
+                report_dir=str(tmp_path / "reports"))  # fmt: skip
+    with engine.connect() as conn:  # the stocks without that bad day were still predicted
+        bad = set(conn.execute(sa.select(stock_daily.c.ts_code).where(stock_daily.c.close < 0)).scalars())
+        predicted = set(conn.execute(sa.select(stock_predictions.c.ts_code)).scalars())
+    assert len(bad) > 10 and not bad & predicted
 
 
 def test_cli_errors_are_one_line_with_exit_code(market_copy, tiny_model):
