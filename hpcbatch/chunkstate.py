@@ -280,22 +280,27 @@ class ChunkStates:
         if len(c.quarantined) > before:
             self._check_bad_items(chunk)
 
-    def _check_bad_items(self, chunk: Chunk) -> None:
+    def _check_bad_items(self, chunk: Chunk | None) -> None:
         """More than ``max_bad_items`` quarantined: the run fails, naming them."""
         limit, bad = self.policy.max_bad_items, self.counters.quarantined
         if limit is None or len(bad) <= limit or self.fatal is not None:
             return
-        self._chunk_failed(
-            chunk,
+        message = (
             f"{quarantine_line(bad, self.policy.item_name)}: more than max-bad-items "
             f"({limit}): fix the data, or raise max-bad-items (in --config, or "
-            f"DASK_HPCBATCH__MAX_BAD_ITEMS=5%), then {self.policy.resume_hint}",
-            "",
+            f"DASK_HPCBATCH__MAX_BAD_ITEMS=5%), then {self.policy.resume_hint}"
         )
+        if chunk is None:
+            self.fail_run(ChunkFailedError(message))
+        else:
+            self._chunk_failed(chunk, message, "")
 
     def seed_quarantined(self, entries: Sequence[dict]) -> None:
-        """Items quarantined by chunks done before this run (a resume): counted too."""
+        """Items quarantined by chunks done before this run (a resume): counted too, so
+        a resume past ``max_bad_items`` fails again unless the limit was raised."""
         self.counters.quarantined.extend(entries)
+        if entries:
+            self._check_bad_items(None)
 
     def requeue(self, attempt: Attempt) -> Verdict:
         """Run it again, same size, no retry used (front of the queue)."""

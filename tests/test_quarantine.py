@@ -85,6 +85,9 @@ def test_without_a_limit_and_seeded_from_a_resume_every_item_is_kept():
         states.succeeded(attempt, {QUARANTINED: [attempt.chunk.items[0]]})  # a bare item
     assert states.fatal is None
     assert [e["item"] for e in states.counters.quarantined] == ["w", "x", "y"]
+    resumed = ChunkStates(make_chunks(2, 1), Policy(max_bad_items=1))
+    resumed.seed_quarantined(states.counters.quarantined)  # over the limit before it starts
+    assert resumed.take(2) == [] and "3 items quarantined: w" in str(resumed.fatal)
     line = quarantine_line(states.counters.quarantined, "box")
     assert line == "3 boxes quarantined: w (earlier), x, y"
     many = [{"item": f"s{i}", "reason": "bad"} for i in range(8)]
@@ -143,17 +146,23 @@ def test_runner_records_quarantined_items_in_report_ledger_and_closing_line(
 
 def test_runner_fails_past_max_bad_items_with_one_line_naming_them(client, tmp_path):
     items = _items(40, {1, 2, 5, 9})
+    ledger = Ledger(f"sqlite:///{tmp_path}/l.db")
+    opts = dict(run_id="many", ledger=ledger, max_bad_items=3, progress=False)
     with pytest.raises(ChunkFailedError) as info:
-        run(
-            make_chunks(40, 4, items=items), flaky_items, client, run_id="many",
-            max_bad_items=3, progress=False, report_dir=tmp_path,
-        )  # fmt: skip
+        run(make_chunks(40, 4, items=items), flaky_items, client, report_dir=tmp_path, **opts)
     text = str(info.value)
     assert "\n" not in text and "more than max-bad-items (3)" in text
     assert text.startswith("4 items quarantined: bad")  # in the order the chunks finished
     assert all(f"bad{i} (no data for bad{i})" in text for i in (1, 2, 5, 9))
     saved = json.loads((tmp_path / "many" / "report.json").read_text())
     assert saved["status"] == "failed" and saved["items_quarantined"] >= 4
+    # a resume counts the items recorded in the ledger: still too many, unless raised
+    with pytest.raises(ChunkFailedError, match="items quarantined: .*max-bad-items \\(3\\)"):
+        run(make_chunks(40, 4, items=items), flaky_items, client, **{**opts, "resume": True})
+    resumed = run(make_chunks(40, 4, items=items), flaky_items, client,
+                  **{**opts, "resume": True, "max_bad_items": "10%"})  # fmt: skip
+    assert resumed.status == "finished" and resumed.items_quarantined == 4
+    assert resumed.chunks_skipped + resumed.chunks_done == 10
     # the default (the larger of 10 and 1 %) lets the same four through
     report = run(make_chunks(40, 4, items=items), flaky_items, client, run_id="many2",
                  progress=False)  # fmt: skip
