@@ -109,6 +109,7 @@ _DB_UNAVAILABLE = "__hpcbatch_database_unavailable__"
 NO_WORKER_TIMEOUT_S = 120.0  # no workers at all for this long fails the run (not a hang)
 DB_OUTAGE_S = 60.0  # the database unreachable for this long fails the run (a restart is not)
 STOPPING_NO_WORKER_S = 5.0  # during a SIGTERM stop: no workers this long ends the wait
+RESTART_WAIT_S = 10.0  # after worker deaths: how long the report waits for restarted workers
 # A chunk shorter than the driver's round trip through the scheduler (a few ms) leaves
 # the workers idle with 2 x threads in flight: the default window doubles, up to
 # FAST_WINDOW, while every chunk finishes within FAST_CHUNK_S of its submission
@@ -648,6 +649,7 @@ class _Shell:
         )
         self.watch = _WorkerWatch(client, opts.no_worker_timeout_s)
         self.sampler_on = self.counter_on = False
+        self.n_workers = 0  # at the start: the nannies whose timelines the report gathers
         self.t0 = self.t_end = 0.0
 
     @property
@@ -663,6 +665,7 @@ class _Shell:
         from distributed import as_completed
 
         self.sampler_on = _install(self.client, MemorySampler(), SAMPLER_NAME)
+        self.n_workers = len(self.client.scheduler_info().get("workers", {}))
         self.counter_on = _install_scheduler_plugin(self.client)
         _install(self.client, QueueWitness(), WITNESS_NAME, quiet=True)
         self.ac = as_completed(with_results=True, raise_errors=False)
@@ -1257,9 +1260,14 @@ def _performance_report(client, path: Path):
 # ---------------------------------------------------------------- report ----
 
 
-def _timelines(client, sampler_on: bool) -> list[dict]:
+def _timelines(client, sampler_on: bool, n_workers: int = 0) -> list[dict]:
+    """Each nanny's sampled memory; after worker deaths, first a short wait for the workers
+    a nanny is still restarting (a nanny is reached through its worker)."""
     if not sampler_on:
         return []
+    if n_workers:
+        with suppress(Exception):  # fewer for good (a lost SLURM job): report what is there
+            client.wait_for_workers(n_workers, timeout=RESTART_WAIT_S)
     timelines: list[dict] = []
     try:
         got = client.run(nanny_memory_timeline, nanny=True)
@@ -1310,11 +1318,11 @@ def _deaths(client, since: float, until: float, terminate: float | None) -> list
 
 def _build_report(shell: _Shell, status: str, wall: float) -> RunReport:
     client, opts, c, plan = shell.client, shell.opts, shell.counters, shell.opts.plan
-    timelines = _timelines(client, shell.sampler_on)
-    max_tasks = _max_tasks(client, shell.counter_on)
     thresholds = dict(plan.thresholds) if plan is not None else None
     terminate = thresholds.get("terminate") if thresholds else None
     deaths = _deaths(client, shell.t0, shell.t_end, terminate)
+    timelines = _timelines(client, shell.sampler_on, shell.n_workers if deaths else 0)
+    max_tasks = _max_tasks(client, shell.counter_on)
     peaks = _peaks(timelines, deaths)
     limit = (
         plan.memory_limit_bytes
