@@ -26,6 +26,7 @@ gives no workers within ``cluster.start-timeout``, or an unreachable scheduler i
 from __future__ import annotations
 
 import copy
+import errno
 import logging
 import os
 import socket
@@ -151,9 +152,70 @@ def open_cluster(
         yield client
 
 
+def check_main_guard() -> None:
+    """Refuse, in one line, to start local worker processes from an unguarded script.
+
+    Dask starts local workers with multiprocessing ``spawn`` (or ``forkserver``), which
+    re-runs the ``__main__`` script in every worker process: a script whose top level
+    calls ``hpcbatch.map`` (or any workload) without ``if __name__ == "__main__":``
+    would start workers from each worker, ending in hundreds of lines of multiprocessing
+    tracebacks.  Found here, before any worker starts: the ``__main__`` module's
+    top-level frame on the stack is at a line outside such a guard.
+    """
+    method = dask.config.get("distributed.worker.multiprocessing-method", "spawn")
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if method not in ("spawn", "forkserver") or not path or not os.path.isfile(path):
+        return  # fork re-runs nothing; python -c, a REPL or a notebook has no script
+    frame, line = sys._getframe(1), None
+    while frame is not None:
+        if frame.f_code.co_name == "<module>" and frame.f_globals is vars(main):
+            line = frame.f_lineno
+        frame = frame.f_back
+    if line is None or _inside_main_guard(path, line):
+        return
+    raise ConfigError(
+        f"{path} line {line} starts Dask worker processes at the script's top level: "
+        f"Dask starts them with multiprocessing {method!r}, which re-runs the script in "
+        "each worker; put the script's work under 'if __name__ == \"__main__\":'"
+    )
+
+
+def _inside_main_guard(path: str, line: int) -> bool:
+    """Whether ``line`` of the Python file ``path`` is in an ``if __name__ == "__main__":``
+    body (True also when the file cannot be read or parsed: then nothing is refused)."""
+    import ast
+
+    try:
+        tree = ast.parse(Path(path).read_bytes(), filename=path)
+    except (OSError, SyntaxError, ValueError):
+        return True
+
+    def side(e: ast.expr) -> str | None:
+        if isinstance(e, ast.Name) and e.id == "__name__":
+            return "name"
+        return "main" if isinstance(e, ast.Constant) and e.value == "__main__" else None
+
+    def is_main(test: ast.expr) -> bool:
+        if not (isinstance(test, ast.Compare) and isinstance(test.ops[0], ast.Eq)):
+            return False
+        return len(test.ops) == 1 and {side(test.left), side(test.comparators[0])} == {
+            "name",
+            "main",
+        }
+
+    return any(
+        isinstance(node, ast.If)
+        and is_main(node.test)
+        and node.body[0].lineno <= line <= (node.body[-1].end_lineno or node.body[-1].lineno)
+        for node in ast.walk(tree)
+    )
+
+
 def _local(plan: Plan, cluster_cfg: dict, timeout: float, stack: ExitStack, security=None):
     from distributed import Client, LocalCluster
 
+    check_main_guard()
     dashboard = cluster_cfg.get("dashboard-address") or "127.0.0.1:8787"
     try:
         cluster = LocalCluster(
@@ -171,7 +233,7 @@ def _local(plan: Plan, cluster_cfg: dict, timeout: float, stack: ExitStack, secu
         raise ClusterStartError(
             f"the local Dask cluster ({plan.n_workers} workers x "
             f"{plan.threads_per_worker} threads) did not start: {type(exc).__name__}: {exc}: "
-            "check memory and the local-directory, or lower --max-workers"
+            "check memory and the local-directory, or lower max-workers in the config"
         ) from None
     stack.callback(_close_quietly, cluster)
     client = Client(cluster, timeout=timeout, security=security)
@@ -501,11 +563,10 @@ def _address(address: str | None, timeout: float, stack: ExitStack, security=Non
             f"scheduler address {address!r} is neither tcp://HOST:PORT nor an existing "
             "scheduler file: check the path"
         )
+    _fail_if_refused(address, is_file, min(timeout, REFUSED_GRACE_S), security)
+    where = {"scheduler_file": address} if is_file else {"address": address}
     try:
-        if is_file:
-            client = Client(scheduler_file=address, timeout=timeout, security=security)
-        else:
-            client = Client(address, timeout=timeout, security=security)
+        client = _within(timeout, lambda: Client(**where, timeout=timeout, security=security))
     except Exception as exc:  # noqa: BLE001 (OSError, TimeoutError, ...)
         raise ClusterStartError(
             f"cannot reach the Dask scheduler at {address} within {timeout:.0f} s "
@@ -514,6 +575,89 @@ def _address(address: str | None, timeout: float, stack: ExitStack, security=Non
     stack.callback(_close_quietly, client)
     _wait(client, 1, timeout, f"workers on the scheduler at {address}")
     return client
+
+
+def _within(timeout: float, make: Callable[[], Any]) -> Any:
+    """``make()``, or TimeoutError when it has not returned after ``timeout`` (+2 s).
+
+    Dask's connect bounds the TCP connect by the timeout but not the handshake after
+    it: a scheduler that accepts and never answers (stopped, or not a scheduler) would
+    hang the client for ever.  ``make`` runs in a daemon thread, abandoned on timeout.
+    """
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = make()
+        except BaseException as exc:  # noqa: BLE001 (handed to the caller)
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="hpcbatch-connect", daemon=True)
+    thread.start()
+    thread.join(timeout + 2.0)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer to the Dask handshake within {timeout:.0f} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+REFUSED_GRACE_S = 3.0  # a scheduler just started in the same script may not listen yet
+
+
+def _fail_if_refused(address: str, is_file: bool, grace_s: float, security=None) -> None:
+    """Fail at once (after ``grace_s``) when nothing listens at the scheduler's address.
+
+    Dask's own connect retries a refused connection until the start timeout (120 s);
+    a refusal is known at once.  A scheduler that accepts the connection, or is merely
+    slow to (no answer within ``grace_s``), is left to the client and the start timeout.
+    """
+    where = address
+    if is_file:  # a stale scheduler file names a scheduler that has stopped
+        try:
+            import json
+
+            address = str(json.loads(Path(address).read_text())["address"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # not readable yet, or not JSON: the client reports it
+    parsed = urlparse(address)
+    if parsed.scheme not in ("tcp", "tls") or not parsed.hostname or not parsed.port:
+        return
+    deadline = time.monotonic() + grace_s
+    while True:
+        cause = _connect_once(parsed.hostname, parsed.port, grace_s, parsed.scheme, security)
+        if cause is None or time.monotonic() >= deadline:
+            break
+        time.sleep(0.25)
+    if cause is None:
+        return
+    named = f"the scheduler file {where} names {address}, where" if is_file else address + ":"
+    raise ClusterStartError(
+        f"cannot reach the Dask scheduler: {named} {cause}: start the scheduler "
+        "(dask scheduler) or check the host and port"
+    )
+
+
+def _connect_once(host: str, port: int, timeout_s: float, scheme: str, security) -> str | None:
+    """Why a TCP connection to ``host:port`` is refused at once; None if it is not."""
+    try:
+        sock = socket.create_connection((host, port), timeout=max(timeout_s, 0.5))
+    except ConnectionRefusedError:
+        return "nothing listens there (connection refused)"
+    except socket.gaierror as exc:
+        return f"the host name is unknown ({exc.strerror or exc})"
+    except OSError as exc:  # a timeout (slow or filtered) is the start timeout's business
+        if isinstance(exc, TimeoutError) or exc.errno is None:
+            return None
+        if exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+            return f"the host is unreachable ({exc.strerror})"
+        return None
+    with sock, suppress(Exception):
+        args = security.get_connection_args("client") if security is not None else {}
+        ctx = (args or {}).get("ssl_context")
+        if scheme == "tls" and ctx is not None:  # complete the handshake: no warning there
+            ctx.wrap_socket(sock, server_hostname=host if ctx.check_hostname else None).close()
+    return None
 
 
 def _wait(client, n: int, timeout: float, what: str) -> None:

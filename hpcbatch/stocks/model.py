@@ -181,6 +181,11 @@ def _read_state(weights: Path) -> dict:
 def load_model(model_dir: str | Path, device: str = "cpu") -> LoadedModel:
     """Load a model directory; every failure is a one-line DataError."""
     path = Path(model_dir)
+    if path.exists() and not path.is_dir():
+        raise DataError(
+            f"{path} is a file, not a model directory: pass --model DIR, the directory "
+            "'hpcbatch stocks train --out DIR' wrote (it holds config.json and the weights)"
+        )
     if not path.is_dir():
         raise DataError(
             f"model directory {path} does not exist: train one with "
