@@ -528,6 +528,13 @@ CASES: list[Case] = [
         setup=STOCKS,
     ),
     Case(
+        "model-is-a-file",
+        "model",
+        ("stocks", "predict", "--db", "sqlite:///market.db", "--model", "notamodel.txt"),
+        r"notamodel.txt is a file, not a model directory",
+        setup=_then(STOCKS, _write("notamodel.txt", "not a model\n")),
+    ),
+    Case(
         "model-config-corrupt",
         "model",
         PREDICT,
@@ -621,6 +628,22 @@ CASES: list[Case] = [
         (*SAMPLE, "--cluster", "address"),
         r"backend 'address' needs a scheduler",
         setup=_fitted(),
+    ),
+    Case(  # refused: fails in ~3 s, not after the 120 s start timeout (test_fail_fast.py)
+        "address-refused",
+        "pyro",
+        (*SAMPLE, "--cluster", "address", "--address", "tcp://127.0.0.1:1"),
+        r"tcp://127.0.0.1:1: nothing listens there \(connection refused\)",
+        code=1,
+        setup=_fitted(),
+    ),
+    Case(
+        "predict-cluster-refused",
+        "cli",
+        (*PREDICT, "--cluster", "tcp://127.0.0.1:1"),
+        r"tcp://127.0.0.1:1: nothing listens there \(connection refused\)",
+        code=1,
+        setup=STOCKS,
     ),
     Case(
         "simulate-cells-zero",
