@@ -272,6 +272,7 @@ def _slurm(
             "check the queue, account and that sbatch works here"
         ) from None
     stack.callback(_close_quietly, cluster)
+    _sbatch_test_only(cluster.job_script())
     adapt_max = cluster_cfg.get("adapt-maximum")
     jobs = int(cluster_cfg.get("jobs") or 1)
     try:
@@ -299,6 +300,41 @@ def _slurm(
     stack.callback(watch.stop)  # stops before the client and the cluster close
     client.hpcbatch_job_watch = watch  # type: ignore[attr-defined]
     return client
+
+
+def _sbatch_test_only(job_script: str, timeout_s: float = 20.0) -> None:
+    """``sbatch --test-only`` of the worker job script: sbatch's own refusal (a bad
+    partition, account or limit) in one line at once, instead of dask-jobqueue's
+    tracebacks and the start timeout.  Submits nothing; a slurmctld too busy to answer
+    within ``timeout_s`` leaves it to the real submission."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        raise ClusterStartError(
+            "sbatch is not on PATH: run on a SLURM login node (or load its module), "
+            "or use --cluster local"
+        )
+    with tempfile.NamedTemporaryFile("w", suffix=".sh", prefix="hpcbatch-worker-") as f:
+        f.write(job_script)
+        f.flush()
+        try:
+            r = subprocess.run(
+                [sbatch, "--test-only", f.name], capture_output=True, text=True, timeout=timeout_s
+            )
+        except (subprocess.TimeoutExpired, OSError):
+            return
+    if r.returncode == 0:
+        return
+    said = [line.strip() for line in (r.stderr + "\n" + r.stdout).splitlines() if line.strip()]
+    why = "; ".join(dict.fromkeys(said[-2:])) or f"exit code {r.returncode}"
+    raise ClusterStartError(
+        f"sbatch refused the SLURM worker job ({why}): fix the partition, account or "
+        "limits (cluster.queue, cluster.account, --mem, --walltime) or see "
+        "'hpcbatch slurm render'"
+    )
 
 
 class WorkerJobWatch:

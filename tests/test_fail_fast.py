@@ -7,9 +7,11 @@
 - a user script that starts local workers at its top level, without
   ``if __name__ == "__main__":``, is refused in one line naming the guard before any
   worker starts (no flood of multiprocessing tracebacks), for ``hpcbatch.map`` and
-  ``hpcbatch.predictive.sample`` alike; the guarded script runs.
+  ``hpcbatch.predictive.sample`` alike; the guarded script runs;
+- a failing ``sbatch`` under ``--cluster slurm`` (a bad partition) is one line with
+  sbatch's own message within 10 s, not tracebacks and the start timeout.
 
-Real sockets, real scripts in real processes.
+Real sockets, real scripts in real processes, the real SLURM of tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -200,3 +202,75 @@ def test_the_same_script_with_the_guard_runs(tmp_path: Path) -> None:
     code, output, _ = run_script(tmp_path, textwrap.dedent(MAP_BODY) + GUARD + "\n    " + MAP_CALL)
     assert code == 0, output
     assert "sum 2470" in output
+
+
+# ------------------------------------------------------------------------ sbatch ----
+
+
+@pytest.mark.slurm
+def test_a_failing_sbatch_is_one_line_with_sbatchs_message_within_10_s(
+    slurm_env: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hpcbatch import config as hb_config
+    from hpcbatch.cluster import open_cluster
+    from hpcbatch.planner import Footprint, make_plan
+    from hpcbatch.resources import detect_resources
+
+    monkeypatch.chdir(tmp_path)
+    settings = hb_config.load()
+    settings["cluster"].update(
+        {"queue": "nosuchpartition", "interface": "lo", "dashboard-address": ":0"}
+    )
+    footprint = Footprint(
+        workload="sbatchtest",
+        item_name="item",
+        n_items=8,
+        per_item_bytes=2**20,
+        baseline_bytes=150 * 2**20,
+    )
+    res = detect_resources(memory_bytes=600 * 10**6, cpus=1, plan_ahead=True)
+    plan = make_plan(footprint, res, hb_config.plan_settings(settings, chunk_size=4))
+    t0 = time.monotonic()
+    with (
+        pytest.raises(ClusterStartError) as info,
+        open_cluster(plan, settings, backend="slurm", quiet=True, start_timeout=120),
+    ):
+        pass
+    took = time.monotonic() - t0
+    message = str(info.value)
+    assert took < 10, f"took {took:.1f} s"
+    assert "\n" not in message
+    assert message.startswith("sbatch refused the SLURM worker job (")
+    assert "invalid partition" in message.lower(), message  # sbatch's own words
+    assert "is the queue full" not in message
+
+
+@pytest.mark.slurm
+def test_a_failing_sbatch_in_the_cli_is_one_error_line_within_10_s(
+    slurm_env: dict, tmp_path: Path
+) -> None:
+    from hpcbatch.predictive.technical import fit, simulate
+
+    simulate(30, 5, 2, seed=0, out=tmp_path / "data")
+    fit(tmp_path / "data", steps=5, seed=0)
+    (tmp_path / "c.yaml").write_text(
+        "hpcbatch:\n  cluster:\n    queue: nosuchpartition\n    interface: lo\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DASK_", "HPCBATCH_"))}
+    env.update({"DASK_CONFIG": str(tmp_path / ".dask-config"), "PYTHONWARNINGS": "ignore"})
+    env.update(slurm_env["env"])
+    hpcbatch = str(Path(sys.executable).with_name("hpcbatch"))
+    argv = [hpcbatch, "predictive", "sample", "data", "--samples", "4", "--out", "s.zarr"]
+    argv += ["--cluster", "slurm", "--config", "c.yaml", "--mem", "2GiB", "--cpus", "1"]
+    t0 = time.monotonic()
+    r = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - t0
+    lines = r.stderr.strip().splitlines()
+    shown = f"exit {r.returncode} after {took:.1f} s\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    assert r.returncode == 1, shown
+    assert took < 10, shown
+    assert "Traceback" not in r.stdout + r.stderr, shown
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0] == lines[-1], shown
+    assert "sbatch refused the SLURM worker job" in errors[0], shown
+    assert "invalid partition" in errors[0].lower(), shown
