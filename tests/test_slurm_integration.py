@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -339,11 +340,20 @@ def test_slurm_dashboard_listens_on_loopback_while_workers_reach_the_scheduler(
 
 
 def test_sigterm_mid_run_stops_cleanly_and_resubmission_runs_only_the_rest(
-    slurm_env: dict, tiny_market: dict, tmp_path: Path
+    slurm_env: dict, tiny_market: dict, tmp_path: Path, monkeypatch
 ) -> None:
     """What happens at the walltime warning (--signal=B:TERM@S): the signal reaches
     hpcbatch (the script execs it), finished chunks stay recorded, the rerun skips them."""
     import time
+
+    # each chunk takes 0.5 s on the worker (tests/faults/inject.py, inherited by the job
+    # through sbatch's environment): the run is still going when SIGTERM arrives, however
+    # wide the runner's window for tiny chunks grows
+    faults = Path(__file__).resolve().parent / "faults"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        filter(None, [str(faults), os.environ.get("PYTHONPATH")])))  # fmt: skip
+    monkeypatch.setenv("DASK_DISTRIBUTED__WORKER__PRELOAD", '["inject"]')
+    monkeypatch.setenv("HPCBATCH_FAULT_DELAY_S", "0.5")
 
     argv = ["slurm", "render", "stocks", "--mem-gb", "2", "--cpus", "1", "--stocks", "12",
             "--batch-size", "1", "--lookback-days", "150", "--walltime", "00:10:00",
