@@ -668,7 +668,10 @@ class _Shell:
         self.n_workers = len(self.client.scheduler_info().get("workers", {}))
         self.counter_on = _install_scheduler_plugin(self.client)
         _install(self.client, QueueWitness(), WITNESS_NAME, quiet=True)
-        self.ac = as_completed(with_results=True, raise_errors=False)
+        # this client's loop: as_completed() with no futures would take the *default*
+        # client's loop, another (maybe closed) client's when several live in one process,
+        # and the tasks' completions then never arrive (a run that hangs)
+        self.ac = as_completed(loop=self.client.loop, with_results=True, raise_errors=False)
         self.t0 = time.time()
         try:
             with ExitStack() as stack:

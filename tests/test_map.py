@@ -219,12 +219,9 @@ def hold_4mib_per_item(batch):
     return [float(a[0]) for a in held]
 
 
-def test_measured_footprint_is_used_and_named_in_the_plan(tmp_path):
-    from hpcbatch.resources import Resources
-
-    resources = Resources(cpus=2, memory_bytes=2 * 1024**3, memory_source="test",
-                          cpus_source="test")  # fmt: skip
-    results = hpcbatch.map(hold_4mib_per_item, list(range(120)), resources=resources,
+def test_measured_footprint_is_used_and_named_in_the_plan(client, tmp_path):
+    # (map starting its own local cluster, measured footprint included, is the snippet test)
+    results = hpcbatch.map(hold_4mib_per_item, list(range(120)), client=client,
                            probe_sizes=(4, 16), scratch=tmp_path, progress=False)  # fmt: skip
     assert results == [1.0] * 120
     plan = results.report.plan
