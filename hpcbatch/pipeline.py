@@ -192,7 +192,7 @@ def run_job(job: Job, settings: Mapping[str, Any], request: RunRequest = RunRequ
     run_settings = RunSettings.from_config(settings)
     try:
         with _planned_client(job, settings, request) as (planned, client):
-            report = _run_on(job, planned.plan, client, settings, run_settings, request)
+            report = _run_on(job, planned.plan, client, run_settings, request)
     except BaseException as exc:
         job.discard(exc)  # e.g. a first attempt's empty store; recorded chunks stay
         raise
@@ -211,11 +211,10 @@ def _planned_client(
         return
     if request.cluster.existing:
         with open_cluster(
-            None, settings, backend="address", address=request.cluster.address, quiet=True
-        ) as client:
-            planned = _plan_for_client(job, settings, client, plan_kw)
-            _announce_plan(planned.plan, request)
-            yield planned, client
+            None, settings, backend="address", address=request.cluster.address,
+            quiet=request.quiet,
+        ) as client:  # fmt: skip
+            yield _plan_for_client(job, settings, client, plan_kw), client
         return
     resources = request.resources or detect_resources()
     planned = plan_job(job, settings, resources, **plan_kw)
@@ -231,19 +230,10 @@ def _plan_for_client(job: Job, settings: Mapping[str, Any], client: Any, plan_kw
     return plan_job(job, settings, cluster_resources(client), **plan_kw)
 
 
-def _announce_plan(plan: Plan, request: RunRequest) -> None:
-    if not request.quiet:
-        log.info(
-            "planned for the existing cluster: %d workers, chunks of %d", plan.n_workers,
-            plan.chunk_size,
-        )
-
-
 def _run_on(
     job: Job,
     plan: Plan,
     client: Any,
-    settings: Mapping[str, Any],
     run_settings: RunSettings,
     request: RunRequest,
 ) -> Any:
@@ -267,8 +257,8 @@ def _run_on(
         progress_interval=run_settings.progress_interval,
         max_in_flight=run_settings.max_in_flight,
         retries=run_settings.retries,
-        database=sink.database or sink.ledger_url,
+        database=sink.database,  # None: the runner watches the ledger's database
         db_outage_s=run_settings.db_outage_s,
         max_bad_items=run_settings.max_bad_items,
-        item_name=getattr(job.workload, "item_name", None) or "item",
+        item_name=job.workload.item_name,
     )
