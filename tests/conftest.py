@@ -91,7 +91,7 @@ def slurm_env(slurm_cluster_env: dict, monkeypatch: pytest.MonkeyPatch) -> dict:
     return slurm_cluster_env
 
 
-SUMMARY_MARKERS = ("slow", "slurm", "postgres", "gpu")
+SUMMARY_MARKERS = ("slow", "slurm", "postgres", "gpu", "browser")
 SUMMARY_OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
 
 
@@ -114,7 +114,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         terminalreporter.write_line(f"{mark}: {shown}")
     required = os.environ.get("HPCBATCH_REQUIRE_SERVICES") == "1"
     terminalreporter.write_line(
-        "HPCBATCH_REQUIRE_SERVICES=1: a SLURM/PostgreSQL/tmpfs fixture that cannot start fails"
+        "HPCBATCH_REQUIRE_SERVICES=1: a SLURM/PostgreSQL/tmpfs/browser fixture that can't start fails"
         if required
         else "HPCBATCH_REQUIRE_SERVICES unset: a service that cannot start skips its tests"
     )
