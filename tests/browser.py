@@ -17,8 +17,8 @@ and `chromium-driver` with apt-get (root, file-locked: `services.apt_install`), 
 `selenium` with pip. Anything that cannot be installed skips the test with the
 reason, or fails it when HPCBATCH_REQUIRE_SERVICES=1 (CI never skips silently).
 
-Usage in a test module: `from browser import browser, console_errors  # noqa: F401`
-(the fixture must be imported into the module, or into a conftest.py).
+Usage: tests/conftest.py imports the fixture, so a test just takes a `browser`
+argument (mark it `browser`); `from browser import console_errors` for the helper.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 import services  # noqa: E402  (tests/ is not a package)
+from browser import browser  # noqa: E402, F401  (the `browser` fixture, tests/browser.py)
 
 
 def _skip_or_fail(reason: str) -> None:
