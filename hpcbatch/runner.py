@@ -45,6 +45,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
@@ -63,6 +64,7 @@ from .chunkstate import (
     Policy,
     bad_item_limit,
     make_chunks,
+    one_line,
     quarantine_line,
     quarantined_of,
     rechunk,
@@ -70,6 +72,7 @@ from .chunkstate import (
 )
 from .errors import ChunkFailedError, ConfigError, HpcbatchError, RunInterrupted
 from .ledger import ChunkAlreadyDone, DoneIndex, Ledger
+from .provenance import collect as collect_provenance
 from .report import (
     COUNTER_NAME,
     EXIT_TOPIC,
@@ -86,6 +89,7 @@ from .report import (
     slurm_memory_kills,
     write_report_dir,
 )
+from .report_html import write_html_report_of
 from .retry import DatabaseUnavailable, error_line, is_transient, probe_database, with_backoff
 from .security import mask_url
 from .units import format_bytes
@@ -103,6 +107,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+#: The progress lines of every run (INFO), whether or not they are printed.
+progress_log = logging.getLogger("hpcbatch.progress")
 
 _ALREADY_DONE = "__hpcbatch_already_done__"
 _DB_UNAVAILABLE = "__hpcbatch_database_unavailable__"
@@ -118,6 +124,8 @@ FAST_WINDOW = 64
 FAST_CHUNK_S = 0.25
 WITNESS_NAME = "hpcbatch-queue-witness"
 EXECUTING_TOPIC = "hpcbatch-executing"  # which tasks ran while another waited behind
+WATCH_EVERY_S = 0.5  # watchers get a snapshot at most this often (and once at the end)
+EVENTS_KEPT = 50  # the recent events a snapshot carries (kills, splits, quarantines, ...)
 
 
 # ------------------------------------------------------------ on a worker ----
@@ -300,23 +308,29 @@ def _events(client, topic: str) -> list:
 
 
 class _Progress:
+    """The progress line: logged (INFO, logger ``hpcbatch.progress``) every ``interval_s``
+    whenever that logger listens, and shown on ``out`` when ``enabled`` (``None``: when
+    ``out`` is a terminal): a bar redrawn in place on a terminal, else a line per
+    interval (a batch log)."""
+
     def __init__(
         self,
         client,
         total_items: int,
         done_items: int,
         *,
-        enabled: bool,
+        enabled: bool | None,
         interval_s: float,
         out: TextIO,
     ):
         self.client = client
         self.total = total_items
         self.start_items = done_items
-        self.enabled = enabled
+        isatty = hasattr(out, "isatty") and out.isatty()
+        self.enabled = isatty if enabled is None else bool(enabled)
         self.interval = max(0.1, float(interval_s))
         self.out = out
-        self.tty = enabled and hasattr(out, "isatty") and out.isatty()
+        self.tty = self.enabled and isatty
         self.t0 = time.monotonic()
         self.last_line = -math.inf
         self.last_done = -1
@@ -337,11 +351,15 @@ class _Progress:
                 self.memory = None
         return self.memory
 
-    def text(self, done_items: int, chunks_done: int, in_flight: int) -> str:
+    def rate(self, done_items: int) -> tuple[float, float | None]:
+        """Items per second in this run so far, and the seconds left (None: unknown)."""
         elapsed = time.monotonic() - self.t0
         rate = (done_items - self.start_items) / elapsed if elapsed > 0 else 0.0
-        left = self.total - done_items
-        eta = _fmt_duration(left / rate) if rate > 0 else "?"
+        return rate, (self.total - done_items) / rate if rate > 0 else None
+
+    def text(self, done_items: int, chunks_done: int, in_flight: int) -> str:
+        rate, left = self.rate(done_items)
+        eta = _fmt_duration(left) if left is not None else "?"
         mem = self._cluster_memory()
         pct = 100.0 * done_items / self.total if self.total else 100.0
         return (
@@ -351,30 +369,63 @@ class _Progress:
         )
 
     def tick(self, done_items: int, chunks_done: int, in_flight: int, force: bool = False) -> None:
-        if not self.enabled:
-            return
         now = time.monotonic()
-        if self.tty:
-            if force or now - self.last_draw >= 0.2:
-                self.last_draw = now
-                frac = done_items / self.total if self.total else 1.0
-                bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
-                line = f"\r[{bar}] " + self.text(done_items, chunks_done, in_flight)
-                self.out.write(line[:200].ljust(120))
-                self.out.flush()
-        elif (force and done_items != self.last_done) or now - self.last_line >= self.interval:
-            self.last_line = now
-            self.last_done = done_items
-            print(
-                "progress: " + self.text(done_items, chunks_done, in_flight),
-                file=self.out,
-                flush=True,
-            )
+        if self.tty and (force or now - self.last_draw >= 0.2):
+            self.last_draw = now
+            frac = done_items / self.total if self.total else 1.0
+            bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
+            line = f"\r[{bar}] " + self.text(done_items, chunks_done, in_flight)
+            self.out.write(line[:200].ljust(120))
+            self.out.flush()
+        if not (force and done_items != self.last_done) and now - self.last_line < self.interval:
+            return
+        listening = progress_log.isEnabledFor(logging.INFO)
+        if not (listening or (self.enabled and not self.tty)):
+            return
+        self.last_line, self.last_done = now, done_items
+        line = "progress: " + self.text(done_items, chunks_done, in_flight)
+        progress_log.info(line)
+        if self.enabled and not self.tty:
+            print(line, file=self.out, flush=True)
 
     def close(self) -> None:
-        if self.enabled and self.tty:
+        if self.tty:
             self.out.write("\n")
             self.out.flush()
+
+
+class _Watchers:
+    """:attr:`RunOptions.watchers`: each gets a snapshot of the run (a dict, see
+    :meth:`_Shell.snapshot`) at most every :data:`WATCH_EVERY_S` and once at the end
+    (``final=True``).  A watcher that raises is logged and dropped; the run goes on."""
+
+    def __init__(self, watchers: Sequence[Callable[[dict], None]]):
+        self.watchers = list(watchers)
+        self.events: deque[dict] = deque(maxlen=EVENTS_KEPT)
+        self.last = -math.inf
+
+    def event(self, kind: str, **fields) -> None:
+        """A run event for the snapshots: ``kill``, ``split``, ``quarantine``, ``retry``,
+        ``requeue``, ``failed``, ``held``, ``run-failed``."""
+        self.events.append({"kind": kind, "time": round(time.time(), 3), **fields})
+
+    def due(self, force: bool) -> bool:
+        if not self.watchers:
+            return False
+        now = time.monotonic()
+        if force or now - self.last >= WATCH_EVERY_S:
+            self.last = now
+            return True
+        return False
+
+    def send(self, snapshot: dict) -> None:
+        for watcher in list(self.watchers):
+            try:
+                watcher(snapshot)
+            except Exception:  # noqa: BLE001 (a watcher never fails the run)
+                name = getattr(watcher, "__qualname__", None) or type(watcher).__name__
+                log.warning("progress watcher %s failed and is disabled", name, exc_info=True)
+                self.watchers.remove(watcher)
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -412,6 +463,10 @@ class RunOptions:
     :data:`NO_WORKER_TIMEOUT_S`.  ``database``: the URL the chunks read and write
     (default: the ledger's), probed before anything is submitted and while a chunk's
     database error holds the run, for up to ``db_outage_s`` seconds in all.
+    ``progress``: show progress on ``out`` (``None``: only when ``out`` is a terminal); the
+    lines are logged on ``hpcbatch.progress`` (INFO) either way.  ``watchers``: callables
+    given a snapshot dict of the run's progress while it runs and once at the end (see
+    :meth:`_Shell.snapshot`); one that raises is logged and dropped.
     """
 
     run_id: str
@@ -423,7 +478,7 @@ class RunOptions:
     plan: Any = None
     report_dir: str | Path | None = None
     commit_on_worker: bool = False
-    progress: bool = True
+    progress: bool | None = True
     resume: bool = False
     params: dict | None = None
     progress_interval: float = 5.0
@@ -435,6 +490,7 @@ class RunOptions:
     db_outage_s: float = DB_OUTAGE_S
     max_bad_items: int | str | None = None  # see chunkstate.bad_item_limit
     item_name: str = "item"
+    watchers: tuple[Callable[[dict], None], ...] = ()
 
     def checked(self) -> RunOptions:
         """These options with ``out`` and ``database`` filled in; ConfigError if wrong."""
@@ -648,6 +704,8 @@ class _Shell:
             out=opts.out,
         )
         self.watch = _WorkerWatch(client, opts.no_worker_timeout_s)
+        self.watchers = _Watchers(opts.watchers)
+        self.started = time.time()
         self.sampler_on = self.counter_on = False
         self.n_workers = 0  # at the start: the nannies whose timelines the report gathers
         self.t0 = self.t_end = 0.0
@@ -680,8 +738,9 @@ class _Shell:
                     path = self.opts.run_dir / "dask-report.html"
                     stack.enter_context(_performance_report(self.client, path))
                 self._loop()
-        except BaseException:
+        except BaseException as exc:
             # lost scheduler, Ctrl-C, a ledger error: the done chunks are recorded
+            self.notify_end("failed" if isinstance(exc, Exception) else "interrupted")
             if self.opts.ledger is not None:
                 with suppress(Exception):
                     self.opts.ledger.finish_run(self.opts.run_id, "interrupted")
@@ -723,6 +782,43 @@ class _Shell:
         c = self.counters
         done = self.start.done_before_items + c.items_done
         self.bar.tick(done, c.chunks_done, len(self.in_flight), force=force)
+        if self.watchers.due(force):
+            self.watchers.send(self.snapshot())
+
+    def notify_end(self, state: str) -> None:
+        """The watchers' last snapshot (``final=True``): ``state`` is how the run ended."""
+        if self.watchers.watchers:
+            self.watchers.send(self.snapshot(final=True, state=state))
+
+    def snapshot(self, final: bool = False, state: str = "running") -> dict:
+        """The run's progress for a watcher: counts of chunks (this run's; ``skipped``:
+        done before a resume) and items (all done, resumed ones too), rate, ETA and the
+        recent events."""
+        c, start = self.counters, self.start
+        items_done = start.done_before_items + c.items_done
+        rate, eta = self.bar.rate(items_done)
+        return {
+            "run_id": self.opts.run_id,
+            "state": state,
+            "final": final,
+            "n_chunks": self.n_chunks,
+            "n_items": start.n_items,
+            "item_name": self.opts.item_name,
+            "counters": {
+                "done": c.chunks_done, "in_flight": len(self.in_flight),
+                "retried": c.retried, "split": c.split, "quarantined": len(c.quarantined),
+                "failed": c.failed, "requeued": c.requeued, "skipped": start.skipped,
+                "tasks_done": c.tasks_done,
+            },  # fmt: skip
+            "items_done": items_done,
+            "rate": round(rate, 3),
+            "eta_s": round(eta, 1) if eta is not None else None,
+            "started": round(self.started, 3),
+            "elapsed_s": round(time.time() - self.started, 3),
+            "report_dir": str(self.opts.run_dir) if self.opts.run_dir is not None else None,
+            "message": str(self.fatal or ""),
+            "events": list(self.watchers.events),
+        }
 
     def _stopping(self) -> bool:
         return self.stop.reason is not None or self.fatal is not None or self.breaker.is_open
@@ -841,7 +937,10 @@ class _Shell:
                     )
                 )
                 return
+        before = len(self.counters.quarantined)
         self.states.succeeded(attempt, meta)
+        for entry in self.counters.quarantined[before:]:
+            self.watchers.event("quarantine", chunk=attempt.chunk.chunk_id, **entry)
 
     @property
     def n_chunks(self) -> int:
@@ -857,6 +956,7 @@ class _Shell:
             return
         if verdict == "held":
             self.states.hold(attempt)
+            self.watchers.event("held", chunk=attempt.chunk.chunk_id, reason=error_line(exc))
             self._say_held(attempt.chunk)
             return
         kills: list[dict] = []
@@ -867,12 +967,17 @@ class _Shell:
                 log.info("chunk %s waited on a worker killed for memory: rerun as it is",
                          attempt.chunk.chunk_id)  # fmt: skip
                 self.states.requeue(attempt)
+                self.watchers.event("requeue", chunk=attempt.chunk.chunk_id,
+                                    reason="waited behind a chunk killed for memory")  # fmt: skip
                 return
             memory = bool(kills)
         if memory:
-            verdict = self.states.memory_failure(attempt, *_kill_how(kills, exc_type, exc))
+            how, needed = _kill_how(kills, exc_type, exc)
+            verdict = self.states.memory_failure(attempt, how, needed)
         else:
+            how = f"{exc_type.__name__}: {one_line(str(exc))[:200]}"
             verdict = self.states.error(attempt, exc_type, exc, tb)
+        _note(self.watchers, attempt.chunk, verdict.action, kills, how)
         if verdict.message:
             self.opts.say(verdict.message)
 
@@ -908,6 +1013,7 @@ class _Shell:
     def _run_failed(self, error: ChunkFailedError) -> None:
         """A run-level failure (not one chunk's): counted, in the report, printed."""
         self.states.fail_run(error)
+        self.watchers.event("run-failed", reason=str(error))
         self.opts.say(f"\n{error}")
 
     def _grace_over(self) -> bool:
@@ -954,6 +1060,18 @@ class _Shell:
         return True  # nothing can run: cancel what is in flight, write the report
 
 
+def _note(watchers: _Watchers, chunk: Chunk, action: str, kills: list[dict], how: str) -> None:
+    """A failed attempt's events: the kills of its workers, then what became of it."""
+    for kill in kills:
+        watchers.event("kill", chunk=chunk.chunk_id, worker=kill.get("worker"), reason=how,
+                       rss_bytes=kill.get("rss") or None)  # fmt: skip
+    if action == "split":
+        children = [piece.chunk_id for piece in chunk.split()]
+        watchers.event("split", chunk=chunk.chunk_id, children=children, reason=how)
+    elif action in ("retry", "failed"):
+        watchers.event(action, chunk=chunk.chunk_id, reason=how)
+
+
 def _finish(shell: _Shell, t_start: float) -> RunReport:
     """The ledger's record, the report, the closing line; raises for a run that did not
     finish."""
@@ -965,7 +1083,10 @@ def _finish(shell: _Shell, t_start: float) -> RunReport:
         status = "interrupted"
     if opts.ledger is not None and not shell.breaker.took_down(opts.ledger.url):
         _finish_ledger(opts, status, start.chunks)
-    report = _build_report(shell, status, shell.t_end - t_start)
+    try:
+        report = _build_report(shell, status, shell.t_end - t_start)
+    finally:
+        shell.notify_end(status)
     run_dir = opts.run_dir
     if opts.progress or status != "finished":
         opts.say(
@@ -1212,7 +1333,7 @@ def _no_workers_error(
     )
     return ChunkFailedError(
         f"the cluster lost all its workers and none came back for {gone:.0f} s ({why}): "
-        f"{done_txt}; give each worker more memory (--mem-gb, fewer workers) or use smaller "
+        f"{done_txt}; give each worker more memory (--mem, fewer workers) or use smaller "
         f"chunks, then {hint}"
     )
 
@@ -1256,7 +1377,8 @@ def _performance_report(client, path: Path):
         return nullcontext()
     stack = ExitStack()
     stack.enter_context(client.as_current())
-    stack.enter_context(performance_report(filename=str(path)))
+    # Bokeh inline: the file opens without a network (a compute node, no CDN)
+    stack.enter_context(performance_report(filename=str(path), mode="inline"))
     return stack
 
 
@@ -1359,27 +1481,36 @@ def _build_report(shell: _Shell, status: str, wall: float) -> RunReport:
         max_tasks_on_scheduler=max_tasks,
         failures=shell.states.failures,
         message=str(shell.fatal or ""),
+        provenance=collect_provenance(opts.run_id, shell.t_end - wall, shell.t_end).to_dict(),
     )
     if opts.run_dir is not None:
-        _write_report(client, report, timelines, thresholds, shell.t0)
+        _write_report(client, report, timelines, thresholds, shell.t0, shell.t_end, shell.group)
     return report
 
 
-def _write_report(client, report: RunReport, timelines, thresholds, t0: float) -> None:
+def _write_report(
+    client, report: RunReport, timelines, thresholds, t0: float, t_end: float, group: str
+) -> None:
+    """report.json, memory.png, then report.html (it links the others)."""
     run_dir = Path(report.report_dir)
     try:
         write_report_dir(report, run_dir)
         if timelines:
+            thresholds = thresholds or _thresholds_of(client)
             plot_memory(
                 timelines,
                 run_dir / "memory.png",
                 t0=t0,
                 memory_limit_bytes=report.memory_limit_bytes,
-                thresholds=thresholds or _thresholds_of(client),
+                thresholds=thresholds,
                 predicted_peak_bytes=report.predicted_peak_bytes,
                 deaths=report.worker_deaths,
                 title=f"Per-worker memory of run {report.run_id} (RSS sampled every 0.1 s)",
             )
+        write_html_report_of(
+            client, run_dir, report.to_dict(), timelines=timelines, thresholds=thresholds,
+            t0=t0, t_end=t_end, group=group,
+        )  # fmt: skip
     except OSError as exc:
         raise HpcbatchError(
             f"cannot write the report to {run_dir}: {exc}: check the report-dir"
