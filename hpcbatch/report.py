@@ -6,7 +6,8 @@ measurement plugins the runner installs on the cluster, and the report directory
     <report_dir>/<run_id>/report.json   # plan, predicted vs measured peak, chunk counts,
                                         # worker deaths with reasons, wall time
     <report_dir>/<run_id>/memory.png    # per-worker memory over time, limit + thresholds
-    <report_dir>/<run_id>/dask-report.html   # Dask's performance_report
+    <report_dir>/<run_id>/dask-report.html   # Dask's performance_report (Bokeh inline)
+    <report_dir>/<run_id>/report.html   # all of it on one offline page (report_html)
 
 Memory is measured where it happens: a :class:`MemorySampler` nanny plugin samples
 its worker process's RSS ten times a second (peaks between the scheduler's
@@ -73,6 +74,8 @@ class RunReport:
     quarantined: list = field(default_factory=list)  # [{item, reason}]: skipped as bad data
     items_quarantined: int = 0
     item_name: str = "item"  # what the items are ("stock"), for the summary
+    #: versions, host, SLURM job, command line, start/end (:mod:`hpcbatch.provenance`)
+    provenance: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -537,6 +540,18 @@ def memory_plot_data(
     return MemoryPlotData(tuple(series), lines, off, kills, y_max, data_max)
 
 
+def address_owners(timelines: list[dict]) -> dict[str, str]:
+    """Worker address -> the worker's key in :func:`memory_plot_data` (every address a
+    worker had across restarts)."""
+    kept = sorted((tl for tl in timelines if tl.get("t")), key=lambda tl: str(tl.get("name")))
+    owner = {}
+    for tl, key in zip(kept, _unique_keys(kept), strict=True):
+        for _t, address in tl.get("addresses", ()):
+            if address:
+                owner[address] = key
+    return owner
+
+
 def _worker_color(rank: int, n: int) -> str:
     if rank < len(_WORKER_COLORS):
         return _WORKER_COLORS[rank]
@@ -770,6 +785,15 @@ def summary_text(data: dict) -> str:
     if data.get("results_meta"):
         counts = ", ".join(f"{k}={v}" for k, v in sorted(data["results_meta"].items()))
         lines.append(f"results: {counts}")
+    prov = data.get("provenance") or {}
+    if prov:
+        job = f", SLURM job {prov['slurm_job_id']}" if prov.get("slurm_job_id") else ""
+        lines.append(
+            f"ran {prov.get('started_at')} to {prov.get('ended_at')} on {prov.get('host')}{job}"
+        )
     if data.get("report_dir"):
         lines.append(f"report: {data['report_dir']}")
+        page = Path(data["report_dir"]) / "report.html"
+        if page.is_file():
+            lines.append(f"report page (offline): {page}")
     return "\n".join(lines)

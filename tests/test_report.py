@@ -272,3 +272,154 @@ def test_many_kills_are_one_legend_entry_and_many_workers_distinct_colours(tmp_p
     drawn = json.loads(Image.open(path).text["Description"])  # what the PNG shows, for readers
     assert drawn["legend"] == list(data.legend_labels) and drawn["kills"] == 25
     assert len(drawn["workers"]) == 20 and drawn["y_max_mib"] == round(data.y_max, 1)
+
+
+# ------------------------------------------------------------ provenance ----
+
+
+def test_provenance_reads_the_slurm_job_from_the_environment_and_orders_its_times():
+    from hpcbatch.provenance import collect
+
+    env = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[01-02]", "SLURM_ARRAY_TASK_ID": "3"}
+    started = time.time()
+    prov = collect("r7", started, started + 12.5, argv=["hpcbatch", "stocks", "predict", "a b"],
+                   env=env).to_dict()  # fmt: skip
+    assert prov["run_id"] == "r7" and prov["host"]
+    assert prov["slurm_job_id"] == "4242" and prov["slurm_node_list"] == "node[01-02]"
+    assert prov["slurm_array_task_id"] == "3"
+    assert prov["command_line"] == "hpcbatch stocks predict 'a b'"
+    from datetime import datetime
+
+    start, end = (datetime.fromisoformat(prov[k]) for k in ("started_at", "ended_at"))
+    assert start.utcoffset().total_seconds() == 0 and (end - start).total_seconds() == 12.5
+    assert abs(start.timestamp() - started) < 0.001
+    assert {"hpcbatch", "dask", "distributed"} <= set(prov["versions"])
+    import distributed
+
+    assert prov["versions"]["distributed"] == distributed.__version__
+
+
+def test_provenance_outside_slurm_has_no_job_and_an_unfinished_run_no_end():
+    from hpcbatch.provenance import collect, versions
+
+    prov = collect("r8", time.time(), None, env={}).to_dict()
+    assert prov["slurm_job_id"] is None and prov["slurm_node_list"] is None
+    assert prov["ended_at"] is None
+    assert versions([("x", "no-such-distribution-hpcbatch")]) == {}  # missing: left out
+
+
+def test_the_summary_names_the_run_times_and_the_offline_page(tmp_path):
+    prov = {
+        "started_at": "2026-12-06T10:00:00.000+00:00",
+        "ended_at": "2026-12-06T10:01:00.000+00:00",
+        "host": "node01",
+        "slurm_job_id": "77",
+    }
+    report = _report(tmp_path, provenance=prov)  # fmt: skip
+    write_report_dir(report, tmp_path / "r1")
+    text = report.summary()
+    assert "ran 2026-12-06T10:00:00.000+00:00 to 2026-12-06T10:01:00.000+00:00 on node01, " \
+           "SLURM job 77" in text  # fmt: skip
+    assert "report.html" not in text  # not written yet
+    (tmp_path / "r1" / "report.html").write_text("<html></html>")
+    result = CliRunner().invoke(main, ["report", str(tmp_path / "r1")])
+    assert f"report page (offline): {tmp_path / 'r1' / 'report.html'}" in result.output
+
+
+# --------------------------------------------------------- report.html ----
+
+
+def _stream(group="hpcbatch-t-1234"):
+    """Task stream records: 6 chunks on two workers, a failed attempt and its retry,
+    the two pieces of a split chunk, and a task of another run (ignored)."""
+    recs = []
+
+    def rec(chunk, attempt, worker, start, stop, status="OK", grp=group):
+        recs.append({"key": (grp, chunk, attempt), "worker": f"tcp://127.0.0.1:{worker}",
+                     "status": status, "startstops": [
+                         {"action": "transfer", "start": T0 + start - 0.1, "stop": T0 + start},
+                         {"action": "compute", "start": T0 + start, "stop": T0 + stop}]})  # fmt: skip
+
+    for k in range(6):
+        rec(f"c{k:06d}", 0, 40100 + 100 * (k % 2), 1 + 2 * k, 2.5 + 2 * k)
+    rec("c000006", 0, 40100, 14, 15, status="error")
+    rec("c000006", 1, 40200, 16, 17)
+    rec("c000007.0", 0, 40100, 18, 19)
+    rec("c000007.1", 0, 40200, 18.5, 19.5)
+    rec("c000009", 0, 40100, 5, 6, grp="hpcbatch-other-99")
+    return recs
+
+
+def test_chunk_bars_and_ticks_come_from_the_runs_task_stream():
+    from hpcbatch.report_html import chunk_bars, timeline_ticks
+
+    bars = chunk_bars(_stream(), T0, "hpcbatch-t-1234")
+    assert len(bars) == 10 and "c000009" not in {b.chunk_id for b in bars}
+    assert bars[0].start == pytest.approx(1.0) and bars[0].stop == pytest.approx(2.5)  # compute
+    failed = [b for b in bars if not b.ok]
+    assert [(b.chunk_id, b.attempt) for b in failed] == [("c000006", "0")]
+    deaths = [{"worker": "tcp://127.0.0.1:40200", "time": T0 + 20, "reason": "memory",
+               "tasks": ["c000008"]}]  # fmt: skip
+    owner = {"tcp://127.0.0.1:40100": "w-a", "tcp://127.0.0.1:40200": "w-b"}
+    ticks = timeline_ticks(bars, deaths, T0, owner)
+    kinds = [t.kind for t in ticks]
+    assert kinds.count("start") == 10 and kinds.count("retry") == 1
+    assert [t.label for t in ticks if t.kind == "split"] == [
+        "c000007 split into c000007.0 + c000007.1"
+    ]
+    death = next(t for t in ticks if t.kind == "death")
+    assert death.x == pytest.approx(20) and death.worker == "w-b" and "c000008" in death.label
+    assert [t.x for t in ticks] == sorted(t.x for t in ticks)
+
+
+def test_report_html_has_every_section_and_no_network_reference(tmp_path):
+    import re
+
+    from hpcbatch.report_html import write_html_report
+
+    timelines = [_unnamed_worker(40100, 443, restarts=1), _unnamed_worker(40200, 120)]
+    report = _report(
+        tmp_path,
+        measured_peak_per_worker={"tcp://127.0.0.1:40100": 443 * MiB,
+                                  "tcp://127.0.0.1:40200": 120 * MiB},
+        memory_limit_bytes=11_860 * MiB,
+        worker_deaths=[{"worker": "tcp://127.0.0.1:40100", "time": T0 + 9.9, "reason": "memory",
+                        "detail": "the nanny killed <it>", "tasks": ["c000003"],
+                        "rss_bytes": 443 * MiB}],
+        plan={"n_workers": 2, "reasons": ["binding constraint: memory"], "thresholds": THRESHOLDS},
+        provenance={"run_id": "r1", "host": "node01", "versions": {"dask": "2026.8.0"}},
+    )  # fmt: skip
+    (tmp_path / "r1").mkdir()
+    (tmp_path / "r1" / "memory.png").write_bytes(b"png")
+    path = write_html_report(tmp_path / "r1", report.to_dict(), timelines=timelines,
+                             thresholds=THRESHOLDS, t0=T0, t_end=T0 + 30,
+                             task_stream=_stream(), group="hpcbatch-t-1234")  # fmt: skip
+    page = path.read_text()
+    assert page.count('<path class="series"') == 2  # one per worker, distinct colours
+    colours = re.findall(r'<path class="series" data-worker="[^"]*" d="[^"]*" stroke="(#\w+)"',
+                         page)  # fmt: skip
+    assert len(set(colours)) == 2
+    assert page.count('<g class="lane"') == 2 and page.count('class="bar') == 10
+    assert 'class="bar failed"' in page and 'class="bar retry"' in page
+    # the limit (11,860 MiB) is far above the data: named, not drawn; predicted drawn
+    assert "memory limit 11,860 MiB: above the plot" in page
+    assert re.search(r'class="reflabel"[^>]*>predicted peak 200 MiB<', page)
+    assert "binding constraint: memory" in page and "node01" in page
+    assert "the nanny killed &lt;it&gt;" in page  # escaped
+    assert 'href="memory.png"' in page and 'href="report.json"' not in page
+    assert not re.search(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//""", page)
+    assert "<script" not in page
+
+
+def test_long_timelines_are_thinned_but_keep_every_peak():
+    from hpcbatch.report_html import _downsample
+
+    xs = [i * 0.1 for i in range(100_000)]
+    ys = [float(i % 997) for i in range(100_000)]
+    ys[54_321] = 5_000.0
+    ys[60_000] = float("nan")
+    points = _downsample(xs, ys, 2400)
+    assert len(points) <= 2 * 2400 + 10
+    assert max(y for _x, y in points if y == y) == 5_000.0
+    assert any(y != y for _x, y in points)  # the gap stays a gap
+    assert [x for x, _y in points] == sorted(x for x, _y in points)
