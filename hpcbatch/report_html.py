@@ -151,14 +151,15 @@ class _Scale:
         return self.px0 + (v - self.lo) / span * (self.px1 - self.px0)
 
 
-def nice_ticks(hi: float, n: int = 6) -> list[float]:
-    """Round axis ticks from 0 to ``hi``."""
-    if hi <= 0 or not math.isfinite(hi):
+def nice_ticks(hi: float, n: int = 6, lo: float = 0.0) -> list[float]:
+    """Round axis ticks from ``lo`` (<= 0) to ``hi``, through 0."""
+    if hi - lo <= 0 or not math.isfinite(hi - lo):
         return [0.0]
-    raw = hi / n
+    raw = (hi - lo) / n
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    return [i * step for i in range(int(hi / step) + 1)]
+    first = -math.floor(-lo / step + 1e-9) if lo < 0 else 0
+    return [i * step for i in range(first, int(hi / step + 1e-9) + 1)]
 
 
 def _e(text: Any) -> str:
@@ -209,9 +210,9 @@ def _path(points: list[tuple[float, float]], sx: _Scale, sy: _Scale) -> str:
 
 def _x_axis(sx: _Scale, y_px: float, top_px: float, label: str) -> list[str]:
     out = [f'<line class="axis" x1="{sx.px0}" y1="{y_px}" x2="{sx.px1}" y2="{y_px}"/>']
-    for v in nice_ticks(sx.hi):
+    for v in nice_ticks(sx.hi, lo=sx.lo):
         x = sx(v)
-        if v < sx.lo or x > sx.px1 + 0.5:
+        if x < sx.px0 - 0.5 or x > sx.px1 + 0.5:
             continue
         out.append(f'<line class="grid" x1="{x:.1f}" y1="{top_px}" x2="{x:.1f}" y2="{y_px}"/>')
         out.append(f'<text x="{x:.1f}" y="{y_px + 14}" text-anchor="middle">{v:g}</text>')
@@ -487,7 +488,7 @@ def _table(rows: Sequence[Sequence[Any]], head: Sequence[str] = ()) -> str:
 def _cell(value: Any) -> str:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return f'<td class="num">{_e(value)}</td>'
-    return f"<td>{_e('' if value is None else value)}</td>"
+    return f"<td>{_e('–' if value is None else value)}</td>"
 
 
 def _legend(data: MemoryPlotData, extra: Sequence[tuple[str, str]] = ()) -> str:
