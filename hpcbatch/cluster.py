@@ -41,6 +41,7 @@ from urllib.parse import urlparse
 
 import dask.config
 
+from .dashboard import page_url
 from .errors import ClusterStartError, ConfigError
 from .planner import Plan
 from .resources import Resources
@@ -819,6 +820,7 @@ def _announce(client, backend: str, plan: Plan, out: TextIO) -> None:
         flush=True,
     )
     print(f"dashboard: {link}", file=out, flush=True)
+    print(f"hpcbatch page: {page_url(link)}", file=out, flush=True)
     hint = tunnel_hint(link)
     if hint:
         print(

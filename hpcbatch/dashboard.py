@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections import deque
 from typing import Any
@@ -88,6 +89,7 @@ class DashboardPlugin(SchedulerPlugin):
         self.run = run
         self.progress: dict | None = None
         self.progress_at: float | None = None
+        self.progress_lag: float | None = None  # driver -> scheduler, seconds
         self.events: deque[dict] = deque(maxlen=EVENTS_KEPT)
         self.seen: set[str] = set()
         self.n_messages = 0
@@ -119,7 +121,8 @@ class DashboardPlugin(SchedulerPlugin):
     def remove_worker(self, scheduler=None, worker: str = "", *, stimulus_id="", **kw) -> None:
         name = self.names.get(worker, worker)
         self.deaths.append(
-            {"time": time.time(), "worker": name, "address": worker, "why": str(stimulus_id)}
+            {"time": time.time(), "worker": name, "address": worker,
+             "why": re.sub(r"-[0-9.]+$", "", str(stimulus_id))}  # fmt: skip
         )
 
     def log_event(self, topic: str, msg: Any) -> None:
@@ -133,6 +136,7 @@ class DashboardPlugin(SchedulerPlugin):
         elif msg.get("kind") == "progress":
             snap = msg.get("snapshot") or {}
             self.progress, self.progress_at = snap, now
+            self.progress_lag = max(0.0, now - float(msg.get("sent") or now))
             for event in snap.get("events") or ():
                 key = json.dumps(event, sort_keys=True, default=str)
                 if key not in self.seen:
@@ -156,7 +160,8 @@ class DashboardPlugin(SchedulerPlugin):
             "thresholds": self.thresholds,
             "progress": self.progress,
             "progress_age_s": round(now - self.progress_at, 3) if self.progress_at else None,
-            "events": list(self.events),
+            "progress_lag_s": self.progress_lag,
+            "events": [self._named(e) for e in self.events],
             "workers": sorted(
                 (self._worker(a, ws) for a, ws in self._workers().items()),
                 key=lambda w: (len(w["name"]), w["name"], w["address"]),
@@ -164,6 +169,12 @@ class DashboardPlugin(SchedulerPlugin):
             "deaths": list(self.deaths),
             "messages": {"n": self.n_messages, "per_s": self.n_messages / since if since else 0},
         }
+
+    def _named(self, event: dict) -> dict:
+        worker = event.get("worker")
+        if isinstance(worker, str) and worker in self.names:
+            return {**event, "worker_name": self.names[worker]}
+        return event
 
     def _workers(self) -> dict:
         return dict(self.scheduler.workers) if self.scheduler is not None else {}
@@ -320,6 +331,7 @@ PAGE_HTML = r"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <title>hpcbatch: live run</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,">
 <style>
 body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;color:#222;background:#fafafa}
 header{background:#1f2d3d;color:#fff;padding:8px 16px;display:flex;gap:16px;align-items:baseline;flex-wrap:wrap}
@@ -331,7 +343,7 @@ h2{font-size:15px;margin:2px 0 8px}
 table{border-collapse:collapse}
 td,th{padding:3px 8px;text-align:left;vertical-align:middle;border-bottom:1px solid #eee}
 th{font-weight:600;color:#555}
-.num{text-align:right;font-variant-numeric:tabular-nums}
+.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .counters{display:flex;gap:10px;flex-wrap:wrap}
 .counter{border:1px solid #ddd;border-radius:4px;padding:4px 10px;min-width:78px}
 .counter b{display:block;font-size:20px;font-variant-numeric:tabular-nums}
@@ -369,7 +381,7 @@ ul{margin:4px 0;padding-left:20px}
 <table id="events"><thead><tr><th>time</th><th>event</th><th>chunk</th><th>worker</th><th>became / why</th></tr></thead>
 <tbody></tbody></table><p id="noevents" class="small muted">none yet</p></section>
 <section><h2>Worker deaths and restarts (scheduler)</h2>
-<table id="deaths"><thead><tr><th>time</th><th>worker</th><th>address</th><th>stimulus</th></tr></thead><tbody></tbody></table>
+<table id="deaths"><thead><tr><th>time</th><th>worker</th><th>address</th><th>scheduler stimulus</th></tr></thead><tbody></tbody></table>
 <p id="nodeaths" class="small muted">none</p></section>
 <section id="plan"><h2>Plan</h2><table id="plantable"><tbody></tbody></table>
 <h2 style="margin-top:10px">Why</h2><ul id="reasons"></ul></section>
@@ -381,7 +393,8 @@ var hist = {}, HIST_S = 120, lastOk = 0;
 window.hpcbatchState = null; window.hpcbatchPolls = 0;
 function fmt(b){ if(b===null||b===undefined||isNaN(b)) return "-";
   var u=["B","KiB","MiB","GiB","TiB"], i=0; b=Number(b);
-  while(Math.abs(b)>=1024&&i<u.length-1){b/=1024;i++;} return (i?b.toFixed(b<10?2:1):b.toFixed(0))+" "+u[i]; }
+  while(Math.abs(b)>=1024&&i<u.length-1){b/=1024;i++;}
+  return (i?b.toFixed(b<10?2:1):b.toFixed(0)).replace(/\.0+$/,"")+" "+u[i]; }
 function dur(s){ if(s===null||s===undefined) return "?"; s=Math.round(s);
   var h=Math.floor(s/3600), m=Math.floor(s%3600/60), x=s%60;
   return (h?h+"h":"")+(h||m?String(m).padStart(h?2:1,"0")+"m":"")+String(x).padStart(h||m?2:1,"0")+"s"; }
@@ -396,20 +409,20 @@ function row(tbody, cells, cls){ var tr=el("tr", cls?{"class":cls}:{});
 function clear(node){ while(node.firstChild) node.removeChild(node.firstChild); }
 
 function memBar(w, peak, th){
-  var W=420, H=26, lim=w.memory_limit||0;
+  var W=420, H=30, lim=w.memory_limit||0;
   var top=Math.max(lim, w.process+w.spilled, peak||0, 1)*1.04, x=function(b){return Math.min(W, W*b/top);};
   var s=svg("svg",{width:W,height:H,"class":"membar"});
-  s.appendChild(svg("rect",{x:0,y:6,width:W,height:14,fill:"#f1f1f1"}));
+  s.appendChild(svg("rect",{x:0,y:10,width:W,height:14,fill:"#f1f1f1"}));
   var managed=Math.min(w.managed,w.process);
-  s.appendChild(svg("rect",{x:0,y:6,width:x(managed),height:14,fill:"#1565c0"}));
-  s.appendChild(svg("rect",{x:x(managed),y:6,width:Math.max(0,x(w.process)-x(managed)),height:14,fill:"#90caf9"}));
-  if(w.spilled>0) s.appendChild(svg("rect",{x:x(w.process),y:9,width:Math.max(1,x(w.process+w.spilled)-x(w.process)),height:8,fill:"#9e9e9e"}));
+  s.appendChild(svg("rect",{x:0,y:10,width:x(managed),height:14,fill:"#1565c0"}));
+  s.appendChild(svg("rect",{x:x(managed),y:10,width:Math.max(0,x(w.process)-x(managed)),height:14,fill:"#90caf9"}));
+  if(w.spilled>0) s.appendChild(svg("rect",{x:x(w.process),y:13,width:Math.max(1,x(w.process+w.spilled)-x(w.process)),height:8,fill:"#9e9e9e"}));
   if(lim){ var names={target:"T",spill:"S",pause:"P",terminate:"K"};
     Object.keys(names).forEach(function(k){ var f=th&&th[k]; if(typeof f!=="number"||!f) return;
-      var xx=x(f*lim); s.appendChild(svg("line",{x1:xx,x2:xx,y1:3,y2:23,stroke:"#555","stroke-dasharray":"2,2"}));
-      var t=svg("text",{x:xx+1,y:5,"font-size":7,fill:"#555"}); t.textContent=names[k]; s.appendChild(t); });
-    s.appendChild(svg("line",{x1:x(lim)-1,x2:x(lim)-1,y1:2,y2:24,stroke:"#000","stroke-width":2})); }
-  if(peak) s.appendChild(svg("line",{x1:x(peak),x2:x(peak),y1:2,y2:24,stroke:"#ef6c00","stroke-width":2}));
+      var xx=x(f*lim); s.appendChild(svg("line",{x1:xx,x2:xx,y1:1,y2:28,stroke:"#555","stroke-dasharray":"2,2"}));
+      var t=svg("text",{x:xx+2,y:8,"font-size":9,fill:"#555"}); t.textContent=names[k]; s.appendChild(t); });
+    s.appendChild(svg("line",{x1:x(lim)-1,x2:x(lim)-1,y1:1,y2:29,stroke:"#000","stroke-width":2})); }
+  if(peak) s.appendChild(svg("line",{x1:x(peak),x2:x(peak),y1:6,y2:28,stroke:"#ef6c00","stroke-width":2}));
   var title=svg("title",{}); title.textContent="process "+fmt(w.process)+", managed "+fmt(w.managed)+", spilled "+fmt(w.spilled)+
     ", predicted peak "+fmt(peak)+", limit "+fmt(lim); s.appendChild(title);
   return s; }
@@ -459,7 +472,8 @@ function renderEvents(st){
   st.events.slice().reverse().forEach(function(e){
     var became = e.kind==="split" ? "split into "+(e.children||[]).join(", ")+(e.reason?" ("+e.reason+")":"")
       : [e.reason, e.rss_bytes?"RSS "+fmt(e.rss_bytes):"", e.item!==undefined?"item "+e.item:""].filter(Boolean).join(", ");
-    row(tb,[clock(e.time), e.kind, e.chunk, e.worker, became], "ev-"+e.kind); });
+    var who = e.worker_name!==undefined ? "worker "+e.worker_name+" ("+e.worker+")" : e.worker;
+    row(tb,[clock(e.time), e.kind, e.chunk, who, became], "ev-"+e.kind); });
   document.getElementById("noevents").style.display=st.events.length?"none":"";
   var db=document.querySelector("#deaths tbody"); clear(db);
   st.deaths.slice().reverse().forEach(function(d){ row(db,[clock(d.time), d.worker, d.address, d.why]); });

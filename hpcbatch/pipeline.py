@@ -25,6 +25,7 @@ from typing import Any
 from . import config as hb_config
 from .calibrate import Calibration, calibrated_footprint, check_probe
 from .cluster import cluster_resources, open_cluster
+from .dashboard import install as install_dashboard
 from .errors import ConfigError
 from .ledger import Ledger
 from .planner import Footprint, Plan, make_plan
@@ -261,4 +262,5 @@ def _run_on(
         db_outage_s=run_settings.db_outage_s,
         max_bad_items=run_settings.max_bad_items,
         item_name=job.workload.item_name,
+        watchers=install_dashboard(client, plan, run_id),  # the live page: <dashboard>/hpcbatch
     )

@@ -1,0 +1,261 @@
+"""The live hpcbatch page in the Dask dashboard (hpcbatch/dashboard.py), in a real browser.
+
+A real LocalCluster (two worker processes with a memory limit, dashboard on 127.0.0.1)
+runs ``hpcbatch.map`` through its scheduler address, as a user's existing scheduler
+would; one chunk allocates past the worker's limit, so the nanny kills the worker and the
+runner splits the chunk. Headless chromium (tests/browser.py) opens
+``<dashboard>/hpcbatch`` while the run goes and reads what a user sees.
+
+Set HPCBATCH_UPDATE_SCREENSHOTS=1 to write docs/dashboard-live.png (the page mid-run,
+with the split) from the live test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import dask.config
+import pytest
+from browser import console_errors
+from distributed import Client, LocalCluster
+
+import hpcbatch
+from hpcbatch import dashboard
+from hpcbatch.cluster import dask_memory_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SCREENSHOT = ROOT / "docs" / "dashboard-live.png"
+MiB = 1024**2
+LIMIT = 600 * MiB
+HOG_ITEM = 9  # the chunk holding it (4 items) allocates past LIMIT; its halves do not
+SMALL = {"per_item_bytes": 1024, "fixed_bytes": 32 * MiB}
+
+
+def slow_square(batch, *, hog_item: int = -1, hog_mb: int = 0, sleep_s: float = 0.3):
+    """x * x per item, ``sleep_s`` per item; a batch of more than 2 items holding
+    ``hog_item`` first touches ``hog_mb`` MiB (the nanny kills the worker)."""
+    import numpy as np
+
+    items = [int(x) for x in batch]
+    if hog_mb and hog_item in items and len(items) > 2:
+        block = np.ones(hog_mb * MiB // 8)
+        time.sleep(5.0)
+        del block
+    time.sleep(sleep_s * len(items))
+    return [x * x for x in items]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with (
+        dask.config.set(dask_memory_config(None)),
+        LocalCluster(n_workers=2, threads_per_worker=1, memory_limit=LIMIT, processes=True,
+                     host="127.0.0.1", dashboard_address="127.0.0.1:0") as lc,
+        Client(lc) as client,
+    ):  # fmt: skip
+        client.wait_for_workers(2, timeout=60)
+        yield lc, client
+
+
+def _get(url: str, timeout: float = 5.0) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.read()
+
+
+def _page(client) -> str:
+    return dashboard.page_url(client.dashboard_link)
+
+
+def _wait_served(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _get(url)
+            return
+        except urllib.error.URLError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def _read(driver) -> dict:
+    """What the page shows now: the counters and each worker's process memory."""
+    return driver.execute_script(
+        """
+        var out = {polls: window.hpcbatchPolls, counters: {}, workers: {}, splits: [], kills: []};
+        document.querySelectorAll('#counters .counter').forEach(function (d) {
+            out.counters[d.id.slice(2)] = d.querySelector('b').textContent; });
+        document.querySelectorAll('#workers tr.worker').forEach(function (tr) {
+            out.workers[tr.dataset.name] = {process: Number(tr.dataset.process),
+                status: tr.dataset.status, text: tr.textContent}; });
+        document.querySelectorAll('#events tr.ev-split').forEach(function (tr) {
+            out.splits.push(tr.textContent); });
+        document.querySelectorAll('#events tr.ev-kill').forEach(function (tr) {
+            out.kills.push(tr.textContent); });
+        out.items = document.getElementById('items').textContent;
+        out.plan = document.getElementById('plantable').textContent;
+        out.reasons = document.getElementById('reasons').children.length;
+        out.svg = document.querySelectorAll('#workers svg.membar').length;
+        return out;
+        """
+    )
+
+
+def _wait(driver, check, timeout: float, what: str) -> dict:
+    deadline = time.monotonic() + timeout
+    seen = _read(driver)
+    while time.monotonic() < deadline:
+        seen = _read(driver)
+        if check(seen):
+            return seen
+        time.sleep(0.2)
+    raise AssertionError(f"the page never showed {what} within {timeout} s; it shows {seen}")
+
+
+def _run_in_thread(fn, **kwargs):
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = hpcbatch.map(fn, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 (re-raised by the test)
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, box
+
+
+@pytest.mark.browser
+def test_live_page_shows_memory_chunks_and_the_split_of_an_oom(cluster, browser, tmp_path):
+    lc, client = cluster
+    items = list(range(48))
+    fn = _partial(hog_item=HOG_ITEM, hog_mb=900)
+    thread, box = _run_in_thread(
+        fn, items=items, cluster=lc.scheduler_address, footprint=SMALL, chunk_size=4,
+        scratch=tmp_path, report_dir=str(tmp_path / "reports"), progress=False,
+    )  # fmt: skip
+    _wait_served(_page(client) + "/state.json", 60)  # the run registers the page
+    browser.get(_page(client))
+    first = _wait(browser, lambda s: s["counters"].get("done") not in (None, "-", "0")
+                  and len(s["workers"]) == 2, 60, "chunks done and two workers")  # fmt: skip
+    assert all(w["process"] > 10 * MiB for w in first["workers"].values()), first
+    assert "600 MiB" in first["plan"] and first["reasons"] >= 1 and first["svg"] == 2
+    time.sleep(3)
+    second = _read(browser)
+    assert int(second["counters"]["done"]) > int(first["counters"]["done"]), (first, second)
+    assert second["polls"] > first["polls"] + 1
+    assert any(second["workers"][n]["process"] != w["process"]
+               for n, w in first["workers"].items() if n in second["workers"]), (first, second)
+
+    t0 = time.time()
+    split = _wait(browser, lambda s: s["splits"], 90, "a split")
+    shown_at = time.time()
+    assert "c000002" in split["splits"][0] and "split into" in split["splits"][0], split
+    assert split["kills"] and "memory" in " ".join(split["kills"]), split
+    event = _split_event(client)
+    latency = shown_at - event["time"]
+    print(f"\nsplit shown {latency:.2f} s after the runner recorded it (waited {shown_at - t0:.1f} s)")
+    assert latency < 4.0, latency  # feed 1 s + runner tick 0.5 s + page poll 1 s + slack
+    both = _wait(browser, lambda s: len(s["workers"]) == 2, 30, "both workers back")
+    assert any("restarted" in w["text"] for w in both["workers"].values()), both["workers"]
+    height = browser.execute_script("return document.documentElement.scrollHeight")
+    browser.set_window_size(1400, min(2400, int(height) + 140))
+    time.sleep(1.2)  # a poll at the new size
+    shot = tmp_path / "dashboard-live.png"
+    browser.save_screenshot(str(shot))
+    if os.environ.get("HPCBATCH_UPDATE_SCREENSHOTS") == "1":
+        shutil.copyfile(shot, SCREENSHOT)
+
+    thread.join(180)
+    assert not thread.is_alive(), "hpcbatch.map did not finish"
+    assert "error" not in box, box.get("error")
+    assert list(box["result"]) == [x * x for x in items]
+    assert box["result"].report.chunks_split >= 1
+    last = _wait(browser, lambda s: s["counters"].get("done") == "12", 10, "12 chunks done")
+    assert "48 / 48" in last["items"], last
+    assert console_errors(browser) == []
+
+
+def _partial(**kwargs):
+    import functools
+
+    return functools.partial(slow_square, **kwargs)
+
+
+def _split_event(client) -> dict:
+    state = json.loads(_get(_page(client) + "/state.json"))
+    splits = [e for e in state["events"] if e["kind"] == "split"]
+    assert splits, state["events"]
+    return splits[0]
+
+
+# -------------------------------------------------- without a browser ----
+
+
+def test_page_is_registered_once_and_each_run_resets_it(cluster, tmp_path):
+    lc, client = cluster
+    feeds = dashboard.install(client, None, "first")
+    assert len(feeds) == 1 and dashboard.install(client, None, "second")
+    routes = client.run_on_scheduler(_route_patterns)
+    assert sum("hpcbatch/state" in r for r in routes) == 1, routes
+    state = json.loads(_get(_page(client) + "/state.json"))
+    assert state["run"]["run_id"] == "second" and state["progress"] is None
+    feeds[0]({"run_id": "second", "state": "running", "final": True, "counters": {"done": 3},
+              "events": [{"kind": "split", "chunk": "c1", "children": ["c1a"], "time": 1.0}]})
+    state = json.loads(_get(_page(client) + "/state.json"))
+    assert state["progress"]["counters"] == {"done": 3} and len(state["events"]) == 1
+    assert state["thresholds"]["terminate"] == 0.95  # read from the workers
+    assert {w["memory_limit"] for w in state["workers"]} == {LIMIT}
+    assert b"hpcbatch" in _get(client.dashboard_link)  # the navbar link on Dask's pages
+
+
+def _route_patterns(dask_scheduler) -> list[str]:
+    return [
+        rule.matcher.regex.pattern
+        for host in dask_scheduler.http_application.default_router.rules
+        for rule in getattr(host.target, "rules", ())
+    ]
+
+
+def test_page_is_bound_to_the_dashboard_address_only(cluster):
+    lc, client = cluster
+    dashboard.install(client, None, "bound")
+    port = int(client.dashboard_link.split(":")[2].split("/")[0])
+    assert b"state.json" in _get(f"http://127.0.0.1:{port}/hpcbatch")
+    others = ["127.0.0.2", *_non_loopback_addresses()]
+    for host in others:
+        with socket.socket() as s:
+            s.settimeout(2)
+            assert s.connect_ex((host, port)) != 0, f"the dashboard answers on {host}:{port}"
+        with pytest.raises(urllib.error.URLError):
+            _get(f"http://{host}:{port}/hpcbatch", timeout=2)
+
+
+def _non_loopback_addresses() -> list[str]:
+    found = set()
+    try:
+        for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
+            found.add(info[4][0])
+    except OSError:
+        pass
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))
+            found.add(s.getsockname()[0])
+        except OSError:
+            pass
+    return sorted(a for a in found if not a.startswith("127."))
+
+
+def test_the_printed_dashboard_line_names_the_page():
+    assert dashboard.page_url("http://127.0.0.1:8787/status") == "http://127.0.0.1:8787/hpcbatch"
+    assert dashboard.page_url("http://h:1/pre/status") == "http://h:1/pre/hpcbatch"
