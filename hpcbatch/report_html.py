@@ -47,6 +47,8 @@ _MAX_POINTS = 2400
 #: at most this many bars in the Gantt chart (beyond: neighbours within a pixel merge)
 _MAX_BARS = 6000
 _W, _LEFT, _RIGHT = 1100, 120, 190  # SVG width and margins (px)
+#: more chunk starts than this: one start tick per pixel (else one per pixel and worker)
+_MAX_START_TICKS = 3000
 _DASH = {"-": "", ":": "2,3", "--": "6,4", "-.": "8,3,2,3"}
 _TICK_COLORS = {"retry": "#000000", "split": "#9467bd", "death": "#d62728"}
 _TICK_SHAPES = {"retry": "l8,0l-4,8z", "split": "l4,-4l4,4l-4,4z"}
@@ -288,15 +290,17 @@ def _tick_strip(
     out, seen = ['<g class="ticks">'], set()
     rows = {"retry": top - 22, "split": top - 10}
     kinds = {t.kind for t in ticks}
+    crowded = sum(t.kind == "start" for t in ticks) > _MAX_START_TICKS  # one tick per pixel
     for kind, y in rows.items():
         if kind in kinds:
             out.append(f'<text x="{sx.px0 - 6}" y="{y + 3}" text-anchor="end">{kind}</text>')
     for t in ticks:
         x = sx(t.x)
         if t.kind == "start":
-            if (t.worker, round(x)) in seen:
+            spot = round(x) if crowded else (t.worker, round(x))
+            if spot in seen:
                 continue
-            seen.add((t.worker, round(x)))
+            seen.add(spot)
             color = colors.get(t.worker, "#777")
             out.append(f'<line class="tick-start" x1="{x:.1f}" y1="{bottom}" x2="{x:.1f}" '
                        f'y2="{bottom - 6}" stroke="{color}"/>')  # fmt: skip
@@ -339,7 +343,8 @@ def _merged(row: list[ChunkBar], min_gap_s: float) -> list[tuple[float, float, l
     for b in row:
         last = spans[-1] if spans else None
         if last and b.ok and last[2][-1].ok and b.start - last[1] < min_gap_s:
-            spans[-1] = (last[0], max(last[1], b.stop), last[2] + [b])
+            last[2].append(b)  # the same list: no copy per bar
+            spans[-1] = (last[0], max(last[1], b.stop), last[2])
         else:
             spans.append((b.start, b.stop, [b]))
     return spans

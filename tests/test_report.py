@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -423,3 +424,22 @@ def test_long_timelines_are_thinned_but_keep_every_peak():
     assert max(y for _x, y in points if y == y) == 5_000.0
     assert any(y != y for _x, y in points)  # the gap stays a gap
     assert [x for x, _y in points] == sorted(x for x, _y in points)
+
+
+def test_a_run_of_many_chunks_gives_a_page_of_bounded_size():
+    from hpcbatch.report_html import _MAX_BARS, render_html
+
+    n_workers, n_tasks = 8, 20_000
+    stream = [
+        {"key": ("hpcbatch-t-1", f"c{k:06d}", 0), "worker": f"tcp://127.0.0.1:{40000 + k % 8}",
+         "status": "OK", "startstops": [{"action": "compute", "start": T0 + (k // 8) * 0.1,
+                                         "stop": T0 + (k // 8) * 0.1 + 0.09}]}
+        for k in range(n_tasks)
+    ]  # fmt: skip
+    timelines = [_unnamed_worker(40000 + i, 300 + i) for i in range(n_workers)]
+    data = _report(Path("/nonexistent"), report_dir=None, worker_deaths=[]).to_dict()
+    page = render_html(data, timelines=timelines, thresholds=THRESHOLDS, t0=T0,
+                       t_end=T0 + 250, task_stream=stream)  # fmt: skip
+    assert page.count('class="bar') < _MAX_BARS
+    assert page.count('<g class="lane"') == n_workers
+    assert len(page) < 1_500_000
