@@ -118,7 +118,7 @@ def rechunk(chunks: list[Chunk], recorded: int, run_id: str) -> list[Chunk]:
     ]:
         raise ConfigError(
             f"run {run_id!r} was recorded with {recorded} items per chunk but these chunks "
-            f"have {max(c.size for c in chunks)}: resume with --batch-size {recorded}"
+            f"have {max(c.size for c in chunks)}: resume with --chunk-size {recorded}"
         )
     items = [item for c in chunks for item in c.items] if chunks[0].items else None
     return make_chunks(n_items, recorded, items)
@@ -341,7 +341,7 @@ class ChunkStates:
         need = f"more than {format_bytes(needed)}" if needed else "more than its worker's limit"
         message = (
             f"{where} ran out of memory at the minimum chunk size ({self.policy.min_chunk}): "
-            f"it needed {need} ({how}): give each worker more memory (--mem-gb, fewer "
+            f"it needed {need} ({how}): give each worker more memory (--mem, fewer "
             "workers) or lower min-chunk"
         )
         self._chunk_failed(chunk, message, "")

@@ -22,7 +22,12 @@ import click
 from . import config as hb_config
 from .commands import plan_command, run_command
 from .errors import HpcbatchError
-from .options import allocation_options, config_options, resources_from_options
+from .options import (
+    accepts_renamed,
+    allocation_options,
+    config_options,
+    resources_from_options,
+)
 from .slurm_cli import add_render_command, slurm
 from .units import format_bytes
 from .workload import Workload, get_workload, workloads
@@ -78,13 +83,14 @@ def main() -> None:
 @main.command()
 @allocation_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def resources(mem_gb, mem, cpus, gpus, gpu_mem_gb, as_json) -> None:
+@accepts_renamed
+def resources(mem, cpus, gpus, gpu_mem, as_json) -> None:
     """Show the memory, CPUs and GPUs this process may use, and where each figure came from.
 
     --mem/--cpus/--gpus may only narrow what is detected here; to plan for a bigger
-    node use 'hpcbatch plan ... --mem-gb G --cpus C'.
+    node use 'hpcbatch plan ... --mem 64G --cpus 16'.
     """
-    res = resources_from_options(mem_gb, cpus, gpus, gpu_mem_gb, mem=mem, plan_ahead=False)
+    res = resources_from_options(mem, cpus, gpus, gpu_mem, plan_ahead=False)
     if as_json:
         click.echo(json.dumps(res.to_dict(), indent=2))
         return
@@ -114,8 +120,8 @@ def show_config(profile, config_file) -> None:
 def plan() -> None:
     """Plan workers, memory limit and chunk size for a workload, without running it.
 
-    Without --mem/--mem-gb/--cpus the allocation of this process is detected; with
-    them the plan is for that allocation (e.g. a job not submitted yet).
+    Without --mem/--cpus the allocation of this process is detected; with them the
+    plan is for that allocation (e.g. a job not submitted yet).
     """
 
 

@@ -18,6 +18,7 @@ from .options import (
     calibration_options,
     config_options,
     json_option,
+    merge_renamed,
     params_of,
     probe_sizes,
     resources_from_options,
@@ -54,6 +55,10 @@ def echo_plan(plan: Plan, as_json: bool, extra: dict | None = None) -> None:
         ("footprint", plan.footprint.source),
         ("binding constraint", plan.binding),
     ]
+    gpus = plan.resources.gpus
+    if gpus:
+        each = format_bytes(min(g.total_bytes for g in gpus))
+        rows.append(("gpus", f"{len(gpus)} x {each} ({plan.resources.gpus_source})"))
     if plan.gpu_batch_size is not None:
         rows.append(("GPU batch", str(plan.gpu_batch_size)))
     width = max(len(k) for k, _ in rows)
@@ -78,13 +83,13 @@ def plan_command(w: Workload) -> click.Command:
     own = w.size_options()
 
     def callback(**kw) -> None:
-        values = _values(own, kw)
+        values = _values(own, merge_renamed([*own, *common], kw))
         settings = load_settings(
             w, kw["profile"], kw["config_file"], {"memory-fraction": kw["memory_fraction"]}
         )
         sizes = w.sizes(workload_settings(w, settings), values)
         res = resources_from_options(
-            kw["mem_gb"], kw["cpus"], kw["gpus"], kw["gpu_mem_gb"], mem=kw["mem"], plan_ahead=True
+            kw["mem"], kw["cpus"], kw["gpus"], kw["gpu_mem"], plan_ahead=True
         )
         pair = probe_sizes(kw["probe_sizes"])
         if settings["calibrate"] if kw["calibrate"] is None else kw["calibrate"]:
@@ -95,7 +100,8 @@ def plan_command(w: Workload) -> click.Command:
         echo_plan(planned.plan, kw["as_json"], planned.extra())
 
     common = params_of(
-        click.option("--memory-fraction", type=float, default=None),
+        click.option("--memory-fraction", type=float, default=None,
+                     help="Share of each worker's memory limit the plan may fill (0-1)."),
         calibration_options, allocation_options, config_options, json_option,
     )  # fmt: skip
     return click.Command(
@@ -108,7 +114,7 @@ def run_command(w: Workload, name: str | None = None, help: str | None = None) -
     own = w.run_options()
 
     def callback(**kw) -> None:
-        values = _values(own, kw)
+        values = _values(own, merge_renamed([*own, *common], kw))
         settings = load_settings(w, kw["profile"], kw["config_file"])
         if kw["tls"] is not None:
             settings["cluster"]["tls"] = kw["tls"]
@@ -118,7 +124,7 @@ def run_command(w: Workload, name: str | None = None, help: str | None = None) -
         )
         job = w.prepare(workload_settings(w, settings), values, invocation)
         request = RunRequest(
-            cluster=choice, resources=run_resources(kw["mem_gb"], kw["cpus"], choice.backend),
+            cluster=choice, resources=run_resources(kw["mem"], kw["cpus"], choice.backend),
             resume=kw["resume"], run_id=kw["run_id"], report_dir=kw["report_dir"],
             calibrate=kw["calibrate"], probe_sizes=probe_sizes(kw["probe_sizes"]),
         )  # fmt: skip

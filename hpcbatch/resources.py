@@ -191,6 +191,20 @@ def slurm_memory(env: Mapping[str, str]) -> Limit | None:
     return None
 
 
+def slurm_nodes_note(env: Mapping[str, str]) -> str | None:
+    """A note when the job spans several nodes: the figures are this node's share."""
+    n = _slurm_int(env, "SLURM_JOB_NUM_NODES") or _slurm_int(env, "SLURM_NNODES") or 1
+    if n < 2:
+        return None
+    nodes = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "?"
+    here = env.get("SLURMD_NODENAME") or "?"
+    return (
+        f"this job has {n} nodes ({nodes}): the figures above are this node's ({here}) "
+        "share, and a local Dask cluster uses this node only; start one hpcbatch per node "
+        "with srun, or use --cluster slurm for worker jobs on other nodes"
+    )
+
+
 # --------------------------------------------------------------- cgroups ----
 
 
@@ -410,7 +424,7 @@ def _override(value: int | None, detected: Limit, flag: str, unit: str, plan_ahe
         raise ResourceError(f"{flag} must be positive, got {value}")
     if value > detected.value and not plan_ahead:
         shown = (
-            (f"{value / 1e9:g} GB", f"{detected.value / 1e9:.1f} GB")
+            (format_bytes(value), format_bytes(detected.value))
             if unit == "bytes"
             else (str(value), f"{detected.value} CPUs")
         )
@@ -447,8 +461,7 @@ def detect_resources(
     notes: list[str] = []
 
     host_mem, available, note = host_memory(root)
-    if note:
-        notes.append(note)
+    notes += [n for n in (note, slurm_nodes_note(env)) if n]
     mem_candidates = [host_mem]
     mem_candidates += [m for m in (slurm_memory(env), cgroup_memory(root)) if m]
     cpu_candidates = [host_cpus()]
@@ -464,7 +477,7 @@ def detect_resources(
     ):
         notes.append(
             f"only {format_bytes(available.value)} of {format_bytes(memory.value)} is available now: "
-            "other processes share this machine; pass --mem-gb to plan for less"
+            "other processes share this machine; pass --mem to plan for less"
         )
 
     gpu_list, gpus_source = _gpus(gpus, gpu_memory_bytes, root, probe_gpus, plan_ahead, notes)
@@ -500,7 +513,7 @@ def _gpus(
         per_gpu = gpu_memory_bytes or 16 * 1024**3
         if gpu_memory_bytes is None and gpus:
             notes.append(
-                "planning ahead for GPUs of assumed 16 GiB each: pass --gpu-mem-gb to change"
+                "planning ahead for GPUs of assumed 16 GiB each: pass --gpu-mem to change"
             )
         gpu_list = tuple(
             GPU(i, "planned", per_gpu, per_gpu, "override (--gpus)") for i in range(gpus)

@@ -37,7 +37,7 @@ from typing import Any
 from .errors import ClusterStartError, ConfigError, HpcbatchError, RunInterrupted
 from .planner import Plan
 from .security import DB_URL_ENV, mask_url  # noqa: F401 (mask_url re-exported)
-from .units import format_bytes, parse_bytes
+from .units import format_bytes, format_mem, parse_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def parse_walltime(text: str | int) -> int:
     raw = str(text).strip()
     bad = ConfigError(
         f"walltime {raw!r} is not a SLURM time limit: use {_WALLTIME_FORMATS}, "
-        "e.g. --walltime 02:00:00 or --walltime 1-00:00:00"
+        "e.g. --time 02:00:00 or --time 1-00:00:00"
     )
     m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", raw)
     if not m:
@@ -96,7 +96,7 @@ def parse_walltime(text: str | int) -> int:
         seconds = h * 3600 + mi * 60 + s
     if seconds <= 0:
         raise ConfigError(
-            f"walltime {raw!r} is zero: give a positive time, e.g. --walltime 01:00:00"
+            f"walltime {raw!r} is zero: give a positive time, e.g. --time 01:00:00"
         )
     return seconds
 
@@ -252,7 +252,7 @@ def _check_name(what: str, value: str | None) -> None:
 
 
 def workload_options(command_cli: Any) -> set[str]:
-    """The option names (``--resume``, ``--mem-gb`` ...) a workload's job command accepts."""
+    """The option names (``--resume``, ``--mem`` ...) a workload's job command accepts."""
     return {
         o
         for p in getattr(command_cli, "params", ())
@@ -301,10 +301,10 @@ def _workload_command(
                 "jobs: render without --driver"
             )
         # The driver plans for the worker jobs' allocation (not its own small one): the
-        # same figures as this plan, so it sizes workers exactly as rendered here.
-        gb = _gb(plan.resources.memory_bytes)
-        mem = ["--mem-gb", gb] if "--mem-gb" in options else ["--mem", f"{gb}GB"]
-        command += ["--cluster", "slurm", *mem, "--cpus", str(plan.resources.cpus)]
+        # same figures as this plan (--mem in sbatch's units, whole MiB rounded up), so it
+        # sizes workers as rendered here.
+        mem = format_mem(plan.resources.memory_bytes)
+        command += ["--cluster", "slurm", "--mem", mem, "--cpus", str(plan.resources.cpus)]
     command += list(cmd_args)
     if "--resume" in options:
         command.append("--resume")
@@ -349,13 +349,15 @@ def render_sbatch(
     command_options: Collection[str] | None = None,
     check_command: bool = True,
     plan_note: str = "",
+    gpus: str | None = None,
+    gres: str | None = None,
 ) -> str:
     """A ready sbatch script for ``workload`` whose ``--mem``/``--cpus-per-task`` come from ``plan``.
 
     ``driver=False``: one node, ``hpcbatch <command> ... --resume`` on a local cluster
     of the plan's workers. ``driver=True``: a one-CPU driver job that runs the same
     command with ``--cluster slurm``; dask-jobqueue submits the workers as jobs of the
-    plan's size (``--mem-gb``/``--cpus`` given to the command), adaptively up to ``jobs``
+    plan's size (``--mem``/``--cpus`` given to the command), adaptively up to ``jobs``
     worker jobs so workers retiring at their lifetime are replaced. ``walltime``,
     ``partition`` and ``account`` default to the ``cluster`` settings; ``extra`` are
     more ``#SBATCH`` options; ``args`` go onto the workload command (a database URL
@@ -363,10 +365,12 @@ def render_sbatch(
 
     ``command``: the job's command under ``hpcbatch`` (default ``run WORKLOAD``), and
     ``command_cli`` its click command: its options decide the flags (``--resume`` only if
-    it has one, the allocation as ``--mem-gb`` or ``--mem``; ``command_options``
+    it has one, the allocation as ``--mem`` in sbatch's units; ``command_options``
     overrides them) and, with ``check_command``, it parses the final command line now, so
     a missing argument fails here and not in the queue. ``plan_note`` goes into the
-    plan's comment (e.g. that the item count was assumed).
+    plan's comment (e.g. that the item count was assumed). ``gpus`` / ``gres`` become
+    ``#SBATCH --gpus`` / ``--gres`` lines as given (sbatch's forms: ``2``, ``a100:2``;
+    ``gpu:2``, ``gpu:a100:2``); the plan's GPUs are in the script's comment.
     """
     job = _job(workload, plan, settings, driver, walltime, partition, account, job_name, jobs)
     for what, value in (("profile", profile),):
@@ -381,7 +385,7 @@ def render_sbatch(
         check_workload_args(command_cli, command, argv[len(command) :])
     # cluster.job-extra-directives describe the worker jobs: the single-node job is one,
     # a driver is not (dask-jobqueue puts them on the worker jobs it submits).
-    directives = list(extra)
+    directives = _gpu_directives(gpus, gres) + list(extra)
     if not driver:
         directives += list(settings.get("cluster", {}).get("job-extra-directives") or [])
     values = _template_values(job, directives, plan_note)
@@ -399,6 +403,22 @@ def render_sbatch(
         raise ConfigError(
             f"sbatch template is broken ({exc}): fix the $placeholders in it"
         ) from None
+
+
+def _gpu_directives(gpus: str | None, gres: str | None) -> list[str]:
+    """``--gpus=N`` / ``--gres=gpu:N`` directives, their characters checked."""
+    out = []
+    for flag, value in (("--gpus", gpus), ("--gres", gres)):
+        if value is None:
+            continue
+        if not re.fullmatch(r"[A-Za-z0-9_.:,+-]+", str(value)):
+            raise ConfigError(
+                f"{flag} {value!r} has characters sbatch would misread: e.g. {flag} "
+                + ("a100:2" if flag == "--gpus" else "gpu:a100:2")
+            )
+        if str(value) != "0":
+            out.append(f"{flag}={value}")
+    return out
 
 
 _SECRET_NOTE = (
@@ -455,19 +475,32 @@ def _template_values(job: _Job, directives: list[str], plan_note: str) -> dict[s
         "item": plan.footprint.item_name,
         "n_items": str(plan.footprint.n_items),
         "n_chunks": str(plan.n_chunks),
-        "plan_note": "".join(f"#   {line}\n" for line in plan_note.splitlines() if line.strip()),
+        "plan_note": "".join(
+            f"#   {line}\n" for line in (*plan_note.splitlines(), _gpu_note(plan)) if line.strip()
+        ),
         "peak": fb(plan.predicted_peak_bytes),
-        "plan_source": f"{fb(plan.resources.memory_bytes)}, {plan.resources.cpus} CPUs",
+        "plan_source": _plan_source(plan),
         "worker_walltime": format_walltime(job.walltime_s),
         "jobs": str(job.jobs),
         "exports": exports if job.driver else "",
     }
 
 
-def _gb(n_bytes: int) -> str:
-    """Bytes as decimal GB text that parses back to at least the same bytes (ceil at 1 kB)."""
-    text = f"{math.ceil(n_bytes / 1e3) / 1e6:.6f}".rstrip("0").rstrip(".")
+def _plan_source(plan: Plan) -> str:
+    """The allocation the plan is for: memory, CPUs and GPUs."""
+    res = plan.resources
+    text = f"{format_bytes(res.memory_bytes)}, {res.cpus} CPUs"
+    if res.gpus:
+        n = len(res.gpus)
+        text += f", {n} GPU{'s' if n > 1 else ''} ({format_bytes(res.gpus[0].total_bytes)} each)"
     return text
+
+
+def _gpu_note(plan: Plan) -> str:
+    """The plan's GPU batch, when it sized one."""
+    if plan.gpu_batch_size is None:
+        return ""
+    return f"GPU batch: {plan.gpu_batch_size} {plan.footprint.item_name}s per inference batch"
 
 
 def _driver_exports(partition: str | None, account: str | None, walltime_s: int, jobs: int) -> str:
@@ -641,7 +674,14 @@ def slurm_cluster(plan: Plan, settings: Mapping[str, Any], *, security: Any = No
     spec = slurm_cluster_kwargs(plan, settings, **kw)
     check_interface(spec.kwargs.get("interface"))
     tls = {"security": security, "shared_temp_directory": os.getcwd()} if security else {}
-    cluster = cluster_class(**spec.kwargs, **tls)
+    kwargs = dict(spec.kwargs)
+    directives = list(kwargs.get("job_extra_directives") or [])
+    if not any(d.split("=")[0] in ("--requeue", "--no-requeue") for d in directives):
+        # a lost worker job is replaced by hpcbatch (WorkerJobWatch) at once: a SLURM requeue
+        # after a node failure would restart it silently, cred_expire (120 s) later
+        directives.append("--no-requeue")
+    kwargs["job_extra_directives"] = directives
+    cluster = cluster_class(**kwargs, **tls)
     cluster.hpcbatch_spec = spec
     for note in spec.notes:
         logger.info("%s", note)
@@ -934,3 +974,30 @@ def explain_job(
         detail=detail,
         exit_code=fields.get("ExitCode", ""),
     )
+
+
+#: Node states (``scontrol show node``, ``+``-joined) of a node that stopped working.
+NODE_TROUBLE_STATES = frozenset({"DOWN", "NOT_RESPONDING", "FAIL", "FAILING"})
+
+
+def node_trouble(nodelist: str, *, run: CommandRunner | None = None) -> str | None:
+    """Which nodes of ``nodelist`` (a SLURM host list) SLURM now calls down or not
+    responding, as ``NAME (STATE: REASON)``; None if every one answers or SLURM cannot say.
+
+    A dead node's worker job is often cancelled by Dask (its workers lost for
+    ``distributed.deploy.lost-worker-timeout``) before SLURM marks the node DOWN and the
+    job NODE_FAIL (``SlurmdTimeout``, 300 s by default): the node's state tells them apart.
+    """
+    if not nodelist or nodelist.startswith(("None", "(null)")):
+        return None
+    code, out, _ = (run or _runner())(["scontrol", "show", "node", "-o", nodelist])
+    if code != 0:
+        return None
+    bad = []
+    for line in out.splitlines():
+        fields = parse_scontrol(line)
+        state = fields.get("State", "")
+        if NODE_TROUBLE_STATES & set(state.split("+")):
+            reason = fields.get("Reason", "")
+            bad.append(f"{fields.get('NodeName', '?')} ({state}{': ' + reason if reason else ''})")
+    return ", ".join(bad) or None

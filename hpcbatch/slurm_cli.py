@@ -15,82 +15,79 @@ import click
 
 from . import slurm as hb_slurm
 from .errors import ConfigError
-from .options import params_of, resources_from_options
+from .options import (
+    GPUS_HELP,
+    cpus_option,
+    gpu_mem_option,
+    mem_option,
+    merge_renamed,
+    params_of,
+    renamed,
+    render_gpus,
+    resources_from_options,
+)
 from .pipeline import load_settings, plan_sizes, workload_settings
 from .planner import Plan
 from .workload import Workload
 
 
 def _render_options(func):
-    @click.option(
-        "--mem-gb",
-        type=float,
-        default=None,
-        help="Memory of the job's node allocation in GB (the plan sets --mem from it).",
-    )
-    @click.option("--cpus", type=int, default=None, help="CPUs of the allocation.")
-    @click.option(
-        "--walltime",
-        default=None,
-        help="SLURM time limit: HH:MM:SS, D-HH:MM:SS or minutes (default from config).",
-    )
-    @click.option("--partition", default=None, help="SLURM partition (default cluster.queue).")
-    @click.option("--account", default=None, help="SLURM account (default cluster.account).")
-    @click.option("--job-name", default=None, help="Job name (default hpcbatch-<workload>).")
-    @click.option(
-        "--driver",
-        is_flag=True,
-        help="A small driver job; workers run as separate jobs via dask-jobqueue.",
-    )
-    @click.option(
-        "--jobs",
-        type=int,
-        default=1,
-        show_default=True,
-        help="With --driver: at most this many worker jobs (adaptive).",
-    )
-    @click.option(
-        "--directive",
-        "directives",
-        multiple=True,
-        help="Another #SBATCH option for this script's job, e.g. --directive=--qos=short "
-        "(repeatable). Worker jobs of --driver take cluster.job-extra-directives.",
-    )
-    @click.option(
-        "--python",
-        default=None,
-        help="Python of the hpcbatch install on the cluster (default: this one).",
-    )
-    @click.option("--memory-fraction", type=float, default=None)
-    @click.option(
-        "--profile", default=None, help="A profile (e.g. stocks-12gb); passed to the job."
-    )
+    @mem_option("Memory of the job's node allocation to plan for (the plan sets #SBATCH --mem)")
+    @cpus_option("CPUs of the allocation to plan for (sbatch -c, --cpus-per-task).")
+    @click.option("--gpus", default=None,
+                  help=f"{GPUS_HELP}; written as #SBATCH --gpus and planned for.")
+    @click.option("--gres", default=None,
+                  help="Generic resources as sbatch --gres, e.g. gpu:2 or gpu:a100:2; "
+                  "written as #SBATCH --gres, its GPUs planned for.")
+    @gpu_mem_option
+    @click.option("-t", "--time", "time", default=None,
+                  help="Time limit as sbatch --time: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or "
+                  "D-HH:MM:SS (default cluster.walltime).")
+    @renamed("--walltime", "--time", "time", example="same formats, e.g. --time 02:00:00")
+    @click.option("-p", "--partition", default=None, help="SLURM partition (default cluster.queue).")
+    @click.option("-A", "--account", default=None, help="SLURM account (default cluster.account).")
+    @click.option("-J", "--job-name", default=None, help="Job name (default hpcbatch-<workload>).")
+    @click.option("--driver", is_flag=True,
+                  help="A small driver job; workers run as separate jobs via dask-jobqueue.")
+    @click.option("--jobs", type=int, default=1, show_default=True,
+                  help="With --driver: at most this many worker jobs (adaptive).")
+    @click.option("--directive", "directives", multiple=True,
+                  help="Another #SBATCH option for this script's job, e.g. --directive=--qos=short "
+                  "(repeatable). Worker jobs of --driver take cluster.job-extra-directives.")
+    @click.option("--python", default=None,
+                  help="Python of the hpcbatch install on the cluster (default: this one).")
+    @click.option("--memory-fraction", type=float, default=None,
+                  help="Share of each worker's memory limit the plan may fill (0-1).")
+    @click.option("--profile", default=None, help="A profile (e.g. stocks-12gb); passed to the job.")
     @click.option("--config", "config_file", default=None, help="A YAML settings file; passed on.")
-    @click.option(
-        "-o",
-        "--output",
-        type=click.Path(dir_okay=False),
-        default=None,
-        help="Write the script to this file instead of printing it.",
-    )
+    @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+                  help="Write the script to this file instead of printing it (not sbatch's "
+                  "--output: the job's log is <job-name>-%j.out).")
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         return func(*args, **kwargs)
 
-    return wrapper
+    return wrapper  # fmt: skip
 
 
-def _resources(mem_gb: float | None, cpus: int | None):
-    if (mem_gb is None or cpus is None) and not os.environ.get("SLURM_JOB_ID"):
-        missing = " and ".join(f for f, v in (("--mem-gb", mem_gb), ("--cpus", cpus)) if v is None)
+def _resources(opts: dict):
+    """The allocation to plan for: the flags, else (inside a job) this job's own."""
+    mem, cpus = opts["mem"], opts["cpus"]
+    if (mem is None or cpus is None) and not os.environ.get("SLURM_JOB_ID"):
+        missing = " and ".join(f for f, v in (("--mem", mem), ("--cpus", cpus)) if v is None)
         raise ConfigError(
             f"{missing} needed to size the job (this is not a SLURM allocation to measure): "
-            "e.g. --mem-gb 12 --cpus 4"
+            "e.g. --mem 12G --cpus 4"
         )
-    for flag, value in (("--mem-gb", mem_gb), ("--cpus", cpus)):
-        if value is not None and value <= 0:
-            raise ConfigError(f"{flag} must be positive, got {value}")
-    return resources_from_options(mem_gb, cpus, None, plan_ahead=True)
+    if cpus is not None and cpus <= 0:
+        raise ConfigError(f"--cpus must be positive, got {cpus}")
+    gpus = render_gpus(opts["gpus"], opts["gres"])
+    if gpus and opts["driver"]:
+        raise ConfigError(
+            "--gpus/--gres with --driver: the GPUs belong on the worker jobs, not the driver: "
+            "set cluster.job-extra-directives: ['--gpus=N'] in a --config file"
+        )
+    return resources_from_options(mem, cpus, gpus, opts["gpu_mem"], plan_ahead=True)
 
 
 def _job_cli(w: Workload) -> click.Command | None:
@@ -105,11 +102,12 @@ def _job_cli(w: Workload) -> click.Command | None:
 def _emit(
     w: Workload, plan: Plan, settings: dict, opts: dict, args: tuple[str, ...], note: str = ""
 ) -> None:
-    passed = ("walltime", "partition", "account", "job_name", "profile", "config_file",
-              "driver", "python", "jobs")  # fmt: skip
+    passed = ("partition", "account", "job_name", "profile", "config_file", "driver", "python",
+              "jobs", "gpus", "gres")  # fmt: skip
     script = hb_slurm.render_sbatch(
         w.name, plan, settings, command=w.job_command(), command_cli=_job_cli(w),
-        extra=opts["directives"], args=args, plan_note=note, **{k: opts[k] for k in passed},
+        extra=opts["directives"], args=args, plan_note=note, walltime=opts["time"],
+        **{k: opts[k] for k in passed},
     )  # fmt: skip
     if opts["output"]:
         try:
@@ -134,6 +132,9 @@ def slurm() -> None:
 def render() -> None:
     """Print a ready sbatch script whose --mem and --cpus-per-task come from the plan.
 
+    The flags are sbatch's (--mem 64G, -c 8, -t 02:00:00, -p, -A, -J, --gpus, --gres);
+    see docs/slurm.md for the table.
+
     Arguments after `--` go onto the workload command in the job.
     """
 
@@ -143,14 +144,15 @@ def add_render_command(w: Workload) -> None:
     own = w.size_options()
 
     def callback(args: tuple[str, ...], **opts) -> None:
-        values = {p.name: opts.pop(p.name) for p in own}
+        merge_renamed(params, opts)
+        values = {p.name: opts.pop(p.name) for p in own if p.name in opts}
         settings = load_settings(
             w, opts["profile"], opts["config_file"], {"memory-fraction": opts["memory_fraction"]}
         )
         found = w.job_sizes(workload_settings(w, settings), values, args)
         if found.warning:
             click.echo(f"warning: {found.warning}", err=True)
-        resources = _resources(opts["mem_gb"], opts["cpus"])
+        resources = _resources(opts)
         plan = plan_sizes(w, found.sizes, settings, resources, calibrate=False).plan
         _emit(w, plan, settings, opts, args, found.note)
 

@@ -149,7 +149,7 @@ def _fitted(name: str = "data", *, fit: bool = True) -> Setup:
 
 
 PLAN = ("plan", "stocks", "--stocks", "100")
-RENDER = ("slurm", "render", "stocks", "--mem-gb", "4", "--cpus", "2", "--stocks", "100")
+RENDER = ("slurm", "render", "stocks", "--mem", "4G", "--cpus", "2", "--stocks", "100")
 PREDICT = ("stocks", "predict", "--db", "sqlite:///market.db", "--model", "model")
 SAMPLE = ("predictive", "sample", "data", "--samples", "4", "--out", "s.zarr")
 STOCKS = _stock_inputs()
@@ -185,7 +185,7 @@ CASES: list[Case] = [
         r"--predict-days must be a positive",
     ),
     Case(
-        "zero-batch-size", "cli", (*PLAN, "--batch-size", "0"), r"--batch-size must be a positive"
+        "zero-chunk-size", "cli", (*PLAN, "--chunk-size", "0"), r"--chunk-size must be a positive"
     ),
     Case(
         "zero-cells",
@@ -193,8 +193,12 @@ CASES: list[Case] = [
         ("plan", "predictive", "--cells", "0", "--features", "10"),
         r"--cells must be a positive",
     ),
-    Case("negative-mem-gb", "cli", (*PLAN, "--mem-gb", "-4"), r"--mem-gb must be positive"),
+    Case("negative-mem", "cli", (*PLAN, "--mem", "-4G"), r"--mem must be positive"),
     Case("memory-unit-12XB", "cli", (*PLAN, "--mem", "12XB"), r"unknown unit 'XB'"),
+    Case("mem-zero", "cli", (*PLAN, "--mem", "0"), r"--mem '0' is zero"),
+    Case("mem-words", "cli", (*PLAN, "--mem", "64 gigs"), r"--mem '64 gigs' has an unknown unit"),
+    Case("mem-not-a-size", "cli", (*PLAN, "--mem", "lots"), r"--mem 'lots' is not a memory size"),
+    Case("gpus-not-a-count", "cli", (*PLAN, "--gpus", "two"), r"--gpus 'two' is not a GPU count"),
     Case(
         "mem-and-mem-gb",
         "cli",
@@ -220,10 +224,10 @@ CASES: list[Case] = [
         r"--probe-sizes '4' must be two",
     ),
     Case(
-        "mem-gb-above-node",
+        "mem-above-node",
         "cli",
-        ("resources", "--mem-gb", "100000"),
-        r"--mem-gb 100000 GB is more than",
+        ("resources", "--mem", "1000G"),
+        r"--mem 1000.00 GiB is more than",
     ),
     Case(
         "gpus-without-gpu", "cli", ("resources", "--gpus", "1"), r"--gpus 1 is more than the 0 GPUs"
@@ -231,7 +235,7 @@ CASES: list[Case] = [
     Case(
         "plan-infeasible",
         "cli",
-        (*PLAN, "--mem-gb", "0.01", "--cpus", "1"),
+        (*PLAN, "--mem", "10M", "--cpus", "1"),
         r"needs at least .* request --mem=",
     ),
     # --- config ---------------------------------------------------------------------
@@ -312,16 +316,43 @@ CASES: list[Case] = [
     Case(
         "walltime-format",
         "slurm",
-        (*RENDER, "--walltime", "25:99"),
+        (*RENDER, "--time", "25:99"),
         r"walltime '25:99' is not a SLURM time limit",
     ),
     Case(
         "walltime-words",
         "slurm",
-        (*RENDER, "--walltime", "two hours"),
+        (*RENDER, "--time", "two hours"),
         r"walltime 'two hours' is not a SLURM time limit",
     ),
-    Case("walltime-zero", "slurm", (*RENDER, "--walltime", "0"), r"walltime '0' is zero"),
+    Case("walltime-zero", "slurm", (*RENDER, "--time", "0"), r"walltime '0' is zero"),
+    Case(
+        "time-and-walltime",
+        "slurm",
+        (*RENDER, "--time", "10", "--walltime", "10"),
+        r"give --time or --walltime, not both",
+    ),
+    Case(
+        "gres-not-gpu-count",
+        "slurm",
+        (*RENDER, "--gres", "gpu:a100:x"),
+        r"'gpu:a100:x' is not gpu\[:TYPE\]\[:N\]",
+    ),
+    Case(
+        "gpus-and-gres", "slurm", (*RENDER, "--gpus", "1", "--gres", "gpu:1"), r"--gpus or --gres"
+    ),
+    Case(
+        "gpus-with-driver",
+        "slurm",
+        (*RENDER, "--gpus", "1", "--driver"),
+        r"--gpus/--gres with --driver: .* cluster.job-extra-directives",
+    ),
+    Case(
+        "gpus-shell-chars",
+        "slurm",
+        (*RENDER, "--gpus", "1;id"),
+        r"--gpus '1;id' is not a GPU count",
+    ),
     Case(
         "partition-shell-chars",
         "slurm",
@@ -335,7 +366,7 @@ CASES: list[Case] = [
         r"directive 'qos=short' is not an option",
     ),
     Case(
-        "render-without-size", "slurm", ("slurm", "render", "stocks"), r"--mem-gb and --cpus needed"
+        "render-without-size", "slurm", ("slurm", "render", "stocks"), r"--mem and --cpus needed"
     ),
     Case(
         "render-unknown-workload",
@@ -350,10 +381,10 @@ CASES: list[Case] = [
         r"no/such/dir",
     ),
     Case(
-        "render-zero-batch-size",
+        "render-zero-chunk-size",
         "slurm",
-        (*RENDER, "--batch-size", "0"),
-        r"--batch-size must be a positive",
+        (*RENDER, "--chunk-size", "0"),
+        r"--chunk-size must be a positive",
     ),
     Case(
         "render-zero-samples",
@@ -362,8 +393,8 @@ CASES: list[Case] = [
             "slurm",
             "render",
             "predictive",
-            "--mem-gb",
-            "4",
+            "--mem",
+            "4G",
             "--cpus",
             "2",
             "--cells",
@@ -378,7 +409,7 @@ CASES: list[Case] = [
     Case(
         "render-cpus-zero",
         "slurm",
-        ("slurm", "render", "stocks", "--mem-gb", "4", "--cpus", "0"),
+        ("slurm", "render", "stocks", "--mem", "4G", "--cpus", "0"),
         r"--cpus must be positive",
     ),
     # --- database -------------------------------------------------------------------
@@ -492,8 +523,8 @@ CASES: list[Case] = [
     Case(
         "predict-mem-above-node",
         "cli",
-        (*PREDICT, "--mem-gb", "100000"),
-        r"--mem-gb 100000 GB is more than",
+        (*PREDICT, "--mem", "1000G"),
+        r"--mem 1000.00 GiB is more than",
         setup=STOCKS,
     ),
     Case(
@@ -629,10 +660,17 @@ CASES: list[Case] = [
         r"backend 'address' needs a scheduler",
         setup=_fitted(),
     ),
+    Case(
+        "sample-cluster-unknown",
+        "pyro",
+        (*SAMPLE, "--cluster", "cloud"),
+        r"--cluster 'cloud': use local, slurm",
+        setup=_fitted(),
+    ),
     Case(  # refused: fails in ~3 s, not after the 120 s start timeout (test_fail_fast.py)
         "address-refused",
         "pyro",
-        (*SAMPLE, "--cluster", "address", "--address", "tcp://127.0.0.1:1"),
+        (*SAMPLE, "--cluster", "tcp://127.0.0.1:1"),
         r"tcp://127.0.0.1:1: nothing listens there \(connection refused\)",
         code=1,
         setup=_fitted(),

@@ -34,21 +34,22 @@ def invoke(*args: str):
 
 
 def test_plan_stocks_json_has_the_keys():
-    result = invoke("plan", "stocks", "--mem-gb", "12", "--cpus", "4", "--json")
+    result = invoke("plan", "stocks", "--mem", "12G", "--cpus", "4", "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert set(data) >= PLAN_KEYS
     assert data["footprint_source"] == "analytic (uncalibrated)"
     assert data["predicted_peak_bytes"] <= data["memory_fraction"] * data["memory_limit_bytes"]
-    assert data["n_workers"] * data["memory_limit_bytes"] <= 12e9
+    assert data["resources"]["memory_bytes"] == 12 * 1024**3  # sbatch's G is GiB
+    assert data["n_workers"] * data["memory_limit_bytes"] <= 12 * 1024**3
     assert isinstance(data["reasons"], list) and data["reasons"]
 
 
 def test_plan_predictive_seed_case_json():
     copied = invoke(
-        "plan", "predictive", *SEED, "--mem", "100GB", "--cpus", "32", "--copy-input", "--json"
+        "plan", "predictive", *SEED, "--mem", "100G", "--cpus", "32", "--copy-input", "--json"
     )
-    mmap = invoke("plan", "predictive", *SEED, "--mem", "100GB", "--cpus", "32", "--json")
+    mmap = invoke("plan", "predictive", *SEED, "--mem", "100G", "--cpus", "32", "--json")
     assert copied.exit_code == 0 and mmap.exit_code == 0, copied.output + mmap.output
     c, m = json.loads(copied.stdout), json.loads(mmap.stdout)
     assert set(c) >= PLAN_KEYS and set(m) >= PLAN_KEYS
@@ -57,7 +58,7 @@ def test_plan_predictive_seed_case_json():
 
 
 def test_plan_plain_output_is_a_table_and_reasons():
-    result = invoke("plan", "stocks", "--mem-gb", "19", "--cpus", "8", "--profile", "stocks-19gb")
+    result = invoke("plan", "stocks", "--mem", "19G", "--cpus", "8", "--profile", "stocks-19gb")
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert out.splitlines()[0].startswith("workers")
@@ -68,7 +69,7 @@ def test_plan_plain_output_is_a_table_and_reasons():
 
 def test_profile_limit_caps_the_stocks():
     result = invoke(
-        "plan", "stocks", "--mem-gb", "4", "--cpus", "2", "--profile", "stocks-debug", "--json"
+        "plan", "stocks", "--mem", "4G", "--cpus", "2", "--profile", "stocks-debug", "--json"
     )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
@@ -77,7 +78,7 @@ def test_profile_limit_caps_the_stocks():
 
 def test_infeasible_plan_says_what_to_request():
     # Every worker needs its own 2.55 GiB copy of the input: 2 GB cannot hold one.
-    result = invoke("plan", "predictive", *SEED, "--copy-input", "--mem", "2GB", "--cpus", "4")
+    result = invoke("plan", "predictive", *SEED, "--copy-input", "--mem", "2G", "--cpus", "4")
     assert result.exit_code == 2
     assert result.stderr.startswith("error: predictive needs at least ")
     assert "request --mem=" in result.stderr and len(result.stderr.strip().splitlines()) == 1
@@ -87,7 +88,7 @@ def test_infeasible_plan_says_what_to_request():
 def test_infeasible_stocks_plan_suggests_a_mem_that_covers_the_need():
     """Issue 14: 'needs at least 2.1 GB ... request --mem=2G' read as too little. The need
     is also given in GiB, the units of SLURM's --mem=NG, and N GiB covers it."""
-    result = invoke("plan", "stocks", "--mem-gb", "2.0", "--batch-size", "400")
+    result = invoke("plan", "stocks", "--mem", "1900M", "--chunk-size", "400")
     assert result.exit_code == 2
     message = result.stderr
     need_gb = float(message.split("needs at least ")[1].split(" GB")[0])
@@ -104,15 +105,14 @@ def test_infeasible_stocks_plan_suggests_a_mem_that_covers_the_need():
         (["plan", "stocks", "--stocks", "0"], "--stocks must be a positive whole number"),
         (["plan", "stocks", "--stocks", "-5"], "--stocks must be a positive whole number"),
         (["plan", "stocks", "--lookback-days", "-1"], "--lookback-days must be"),
-        (["plan", "stocks", "--batch-size", "0"], "--batch-size must be"),
-        (["plan", "stocks", "--mem-gb", "-12"], "--mem-gb must be positive"),
-        (["plan", "stocks", "--mem-gb", "0"], "--mem-gb must be positive"),
+        (["plan", "stocks", "--chunk-size", "0"], "--chunk-size must be"),
+        (["plan", "stocks", "--mem", "-12G"], "--mem must be positive"),
         (["plan", "stocks", "--mem", "12XB"], "--mem '12XB' has an unknown unit 'XB'"),
-        (["plan", "stocks", "--mem", "lots"], "--mem 'lots' is not a size"),
-        (["plan", "stocks", "--mem", "0GB"], "--mem must be positive"),
-        (["plan", "stocks", "--mem", "1GB", "--mem-gb", "1"], "give --mem or --mem-gb, not both"),
-        (["plan", "stocks", "--cpus", "0", "--mem-gb", "4"], "--cpus must be positive"),
-        (["plan", "stocks", "--cpus", "abc"], "Invalid value for '--cpus'"),
+        (["plan", "stocks", "--mem", "lots"], "--mem 'lots' is not a memory size"),
+        (["plan", "stocks", "--mem", "0GB"], "--mem '0GB' is zero"),
+        (["plan", "stocks", "--mem", "1.5.G"], "--mem '1.5.G' is not a memory size"),
+        (["plan", "stocks", "--cpus", "0", "--mem", "4G"], "--cpus must be positive"),
+        (["plan", "stocks", "--cpus", "abc"], "Invalid value for '-c' / '--cpus'"),
         (["plan", "stocks", "--memory-fraction", "1.5"], "memory-fraction must be between 0 and 1"),
         (["plan", "stocks", "--memory-fraction", "0"], "memory-fraction must be between 0 and 1"),
         (
@@ -125,7 +125,7 @@ def test_infeasible_stocks_plan_suggests_a_mem_that_covers_the_need():
         (["plan", "stocks", "--probe-sizes", "4", "--calibrate"], "--probe-sizes '4' must be two"),
         (["plan", "stocks", "--frobnicate"], "No such option '--frobnicate'"),
         (["resources", "--mem", "12XB"], "unknown unit"),
-        (["resources", "--gpus", "-1"], "--gpus must be zero or more"),
+        (["resources", "--gpus", "-1"], "--gpus '-1' is not a GPU count"),
         (["resources", "--gpus", "99"], "--gpus 99 is more than the"),
     ],
 )
@@ -156,7 +156,7 @@ def test_resources_refuses_more_cpus_than_exist():
     assert result.exit_code == 2
     assert f"--cpus {too_many} is more than" in result.stderr
     # Planning ahead for a bigger node is what `plan` is for.
-    result = invoke("plan", "stocks", "--cpus", "64", "--mem-gb", "500", "--json")
+    result = invoke("plan", "stocks", "--cpus", "64", "--mem", "500G", "--json")
     assert result.exit_code == 0 and json.loads(result.stdout)["n_workers"] == 64
 
 
@@ -177,7 +177,7 @@ def test_config_command_prints_effective_settings():
 
 def test_calibrate_without_a_probe_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(type(get_workload("stocks")), "probe", "hpcbatch_no_such_probe:probe")
-    result = invoke("plan", "stocks", "--mem-gb", "12", "--cpus", "2", "--calibrate")
+    result = invoke("plan", "stocks", "--mem", "12G", "--cpus", "2", "--calibrate")
     assert result.exit_code == 2
     assert "calibration probe hpcbatch_no_such_probe:probe is not available" in result.stderr
 
@@ -200,8 +200,8 @@ def test_calibrate_flag_measures_the_footprint(tmp_path, monkeypatch):
     result = invoke(
         "plan",
         "stocks",
-        "--mem-gb",
-        "12",
+        "--mem",
+        "12G",
         "--cpus",
         "2",
         "--calibrate",

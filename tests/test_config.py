@@ -38,7 +38,7 @@ def test_env_variable_sets_memory_fraction_in_a_fresh_process():
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "0.5"
     plan = run(
-        [str(BIN / "hpcbatch"), "plan", "stocks", "--mem-gb", "12", "--cpus", "4", "--json"],
+        [str(BIN / "hpcbatch"), "plan", "stocks", "--mem", "12G", "--cpus", "4", "--json"],
         env={"DASK_HPCBATCH__MEMORY_FRACTION": "0.5"},
     )
     assert plan.returncode == 0, plan.stderr
@@ -49,7 +49,7 @@ def test_env_variable_sets_memory_fraction_in_a_fresh_process():
 
 def test_bad_env_variable_is_a_config_error():
     done = run(
-        [str(BIN / "hpcbatch"), "plan", "stocks", "--mem-gb", "12", "--cpus", "2"],
+        [str(BIN / "hpcbatch"), "plan", "stocks", "--mem", "12G", "--cpus", "2"],
         env={"DASK_HPCBATCH__MEMORY_FRACTION": "1.5"},
     )
     assert done.returncode == 2

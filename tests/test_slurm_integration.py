@@ -257,7 +257,7 @@ def test_rendered_driver_job_runs_workers_as_separate_jobs(
     # sbatch passes the submitter's environment to the driver job
     monkeypatch.setenv("DASK_HPCBATCH__CLUSTER__INTERFACE", "lo")
     run_id = f"driver-{tmp_path.name}"
-    argv = ["slurm", "render", "stocks", "--driver", "--mem-gb", "3.5", "--cpus", "1",
+    argv = ["slurm", "render", "stocks", "--driver", "--mem", "3500M", "--cpus", "1",
             "--lookback-days", "150", "--walltime", "00:10:00",
             "--partition", slurm_env["partition"], "--python", sys.executable,
             "-o", str(tmp_path / "driver.sbatch"), "--", "--db", tiny_market["db"],
@@ -267,7 +267,7 @@ def test_rendered_driver_job_runs_workers_as_separate_jobs(
     assert result.exit_code == 0, result.output
     text = (tmp_path / "driver.sbatch").read_text()
     assert "#   12 stocks in" in text  # counted in --db, no --stocks given
-    assert "--cluster slurm --mem-gb 3.5 --cpus 1" in text
+    assert "--cluster slurm --mem 3500M --cpus 1" in text
     worker_mem = re.search(r"--cpus-per-task=1 --mem=(\d+)M", text).group(1)
     assert int(worker_mem) > 2048  # each worker job is bigger than the driver job
     assert 2048 + int(worker_mem) <= slurm_env["real_memory_mb"]
@@ -430,14 +430,14 @@ def test_rendered_predictive_driver_job_plans_for_worker_jobs_bigger_than_itself
 
     monkeypatch.setenv("DASK_HPCBATCH__CLUSTER__INTERFACE", "lo")
     argv = ["slurm", "render", "predictive", "--driver", "--cells", "200", "--features", "40",
-            "--samples", "20", "--mem-gb", "3.5", "--cpus", "1", "--walltime", "00:10:00",
+            "--samples", "20", "--mem", "3500M", "--cpus", "1", "--time", "00:10:00",
             "--partition", slurm_env["partition"], "--python", sys.executable,
             "-o", str(tmp_path / "ppd.sbatch"), "--", str(fitted_predictive), "--samples", "20",
             "--out", str(tmp_path / "post.zarr"), "--report-dir", str(tmp_path / "reports")]  # fmt: skip
     result = CliRunner().invoke(main, argv)
     assert result.exit_code == 0, result.output
     text = (tmp_path / "ppd.sbatch").read_text()
-    assert "--cluster slurm --mem 3.5GB --cpus 1" in text
+    assert "--cluster slurm --mem 3500M --cpus 1" in text
     assert int(re.search(r"--cpus-per-task=1 --mem=(\d+)M", text).group(1)) > 2048
     job_id = slurm.submit(tmp_path / "ppd.sbatch", sbatch_args=["--chdir", str(tmp_path)])
     info = slurm.wait_for_job(job_id, timeout=200)

@@ -25,6 +25,7 @@ from hpcbatch.errors import ClusterStartError, ConfigError, HpcbatchError
 from hpcbatch.planner import Footprint, Plan, make_plan
 from hpcbatch.resources import Resources, detect_resources
 from hpcbatch.stocks.footprint import stocks_footprint
+from hpcbatch.units import parse_mem
 
 GOLDEN = Path(__file__).parent / "golden"
 REGEN = os.environ.get("HPCBATCH_REGEN_GOLDEN") == "1"
@@ -70,7 +71,7 @@ def test_parse_walltime_accepts_slurm_formats(text, seconds) -> None:
     ],
 )
 def test_parse_walltime_rejects_bad_text_with_the_fix(text) -> None:
-    with pytest.raises(ConfigError, match=r"not a SLURM time limit: use .*HH:MM:SS.*--walltime"):
+    with pytest.raises(ConfigError, match=r"not a SLURM time limit: use .*HH:MM:SS.*--time"):
         slurm.parse_walltime(text)
 
 
@@ -101,9 +102,10 @@ def test_worker_lifetime_for_an_hour() -> None:
 # ------------------------------------------------------------------ job size ----
 
 
-def _plan(mem_gb: float = 12, cpus: int = 4, n_stocks: int = 5000):
+def _plan(mem_gib: float = 12, cpus: int = 4, n_stocks: int = 5000):
+    """The plan ``--mem {mem_gib}G --cpus {cpus}`` gives (sbatch's G is GiB)."""
     settings = hb_config.load()
-    res = detect_resources(memory_bytes=int(mem_gb * 1e9), cpus=cpus, plan_ahead=True)
+    res = detect_resources(memory_bytes=int(mem_gib * 1024**3), cpus=cpus, plan_ahead=True)
     return make_plan(
         stocks_footprint(n_stocks, 400, 10), res, hb_config.plan_settings(settings)
     ), settings
@@ -159,11 +161,11 @@ CLI_CASES = {
     "stocks_local": [
         "render",
         "stocks",
-        "--mem-gb",
-        "12",
+        "--mem",
+        "12G",
         "--cpus",
         "4",
-        "--walltime",
+        "--time",
         "02:00:00",
         "--partition",
         "short",
@@ -175,11 +177,11 @@ CLI_CASES = {
     "stocks_driver_secret": [
         "render",
         "stocks",
-        "--mem-gb",
-        "19",
+        "--mem",
+        "19G",
         "--cpus",
         "8",
-        "--walltime",
+        "--time",
         "1-00:00:00",
         "--driver",
         "--directive=--qos=long",
@@ -196,11 +198,11 @@ CLI_CASES = {
         "31467",
         "--samples",
         "1000",
-        "--mem-gb",
-        "64",
+        "--mem",
+        "64G",
         "--cpus",
         "8",
-        "--walltime",
+        "--time",
         "240",
         "--",
         "fitted/",
@@ -214,11 +216,11 @@ CLI_CASES = {
         "2000",
         "--features",
         "500",
-        "--mem-gb",
-        "8",
+        "--mem",
+        "8G",
         "--cpus",
         "2",
-        "--walltime",
+        "--time",
         "00:30:00",
         "--driver",
         "--partition",
@@ -296,11 +298,11 @@ GOLDEN_RENDERS = {
 }
 
 
-# The workload CLIs' options as the golden files assume them: stocks has --resume and
-# --mem-gb; predictive has --resume and takes --mem 12GB.
+# The workload CLIs' options as the golden files assume them: both have --resume and take
+# --mem in sbatch's units.
 GOLDEN_COMMANDS = {"stocks": ("stocks", "predict"), "predictive": ("predictive", "sample")}
 GOLDEN_OPTIONS = {
-    "stocks": {"--profile", "--config", "--cluster", "--mem-gb", "--cpus", "--resume"},
+    "stocks": {"--profile", "--config", "--cluster", "--mem", "--cpus", "--resume"},
     "predictive": {"--profile", "--config", "--cluster", "--mem", "--cpus", "--resume"},
 }
 
@@ -342,7 +344,8 @@ def test_local_script_mem_and_cpus_come_from_the_plan() -> None:
     plan, settings = _plan(12, 4)
     text = _render(CLI_CASES["stocks_local"])
     size = slurm.job_size(plan, plan.reserve_bytes)
-    assert _directive(text, "mem") == f"{size.mem_mb}M"
+    # sbatch reads it back as exactly the plan's whole MiB (NG when a whole GiB)
+    assert parse_mem(_directive(text, "mem")) == size.mem_mb * 2**20
     assert _directive(text, "cpus-per-task") == str(plan.n_workers * plan.threads_per_worker)
     assert _directive(text, "time") == "02:00:00"
     assert _directive(text, "partition") == "short"
@@ -359,7 +362,7 @@ def test_driver_script_is_small_and_passes_the_worker_allocation() -> None:
     assert _directive(text, "cpus-per-task") == "1"
     assert _directive(text, "mem") == "2G"
     assert _directive(text, "qos") == "long"
-    assert "--cluster slurm --mem-gb 19 --cpus 8" in text
+    assert "--cluster slurm --mem 19G --cpus 8" in text
     assert "export DASK_HPCBATCH__CLUSTER__WALLTIME=1-00:00:00" in text
 
 
@@ -377,8 +380,8 @@ def test_render_writes_a_file_with_output_option(tmp_path) -> None:
             "slurm",
             "render",
             "stocks",
-            "--mem-gb",
-            "12",
+            "--mem",
+            "12G",
             "--cpus",
             "4",
             "--python",
@@ -388,13 +391,13 @@ def test_render_writes_a_file_with_output_option(tmp_path) -> None:
         ],
     )
     assert result.exit_code == 0, result.output
-    assert out.read_text() == _render(["render", "stocks", "--mem-gb", "12", "--cpus", "4"])
+    assert out.read_text() == _render(["render", "stocks", "--mem", "12G", "--cpus", "4"])
 
 
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--walltime", "2h"], "walltime '2h' is not a SLURM time limit"),
+        (["--time", "2h"], "walltime '2h' is not a SLURM time limit"),
         (["--partition", "a b;rm"], "partition 'a b;rm' has characters"),
         (["--directive", "qos=long"], "is not an option: write it like --constraint"),
         (["--directive", "--qos=x\nrm -rf ~"], "has a line break: give one option"),
@@ -404,7 +407,7 @@ def test_render_writes_a_file_with_output_option(tmp_path) -> None:
 )
 def test_render_bad_input_is_one_line_and_exit_2(argv, message) -> None:
     result = CliRunner().invoke(
-        main, ["slurm", "render", "stocks", "--mem-gb", "12", "--cpus", "4", *argv]
+        main, ["slurm", "render", "stocks", "--mem", "12G", "--cpus", "4", *argv]
     )
     assert result.exit_code == 2
     assert message in result.output
@@ -415,7 +418,7 @@ def test_render_outside_slurm_needs_the_allocation(monkeypatch) -> None:
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     result = CliRunner().invoke(main, ["slurm", "render", "stocks", "--cpus", "4"])
     assert result.exit_code == 2
-    assert "--mem-gb needed to size the job" in result.output
+    assert "--mem needed to size the job" in result.output
 
 
 def test_render_infeasible_plan_says_what_to_request() -> None:
@@ -429,8 +432,8 @@ def test_render_infeasible_plan_says_what_to_request() -> None:
             "21761",
             "--features",
             "31467",
-            "--mem-gb",
-            "1",
+            "--mem",
+            "1G",
             "--cpus",
             "2",
             "--copy-input",
@@ -743,16 +746,13 @@ def test_every_cli_case_renders_a_command_the_workload_cli_accepts(case: str) ->
 
 def test_predictive_driver_passes_the_allocation_the_way_its_cli_takes_it() -> None:
     text = _render(CLI_CASES["predictive_driver"])
-    options = slurm.workload_options(job_cli("predictive")[1])
-    if "--mem-gb" in options:
-        assert "--cluster slurm --mem-gb 8 --cpus 2" in text
-    else:
-        assert "--cluster slurm --mem 8GB --cpus 2" in text
+    assert "--mem" in slurm.workload_options(job_cli("predictive")[1])
+    assert "--cluster slurm --mem 8G --cpus 2" in text
 
 
 def test_render_refuses_workload_args_the_job_would_reject() -> None:
     base = ["slurm", "render", "predictive", "--cells", "2000", "--features", "500",
-            "--mem-gb", "8", "--cpus", "2"]  # fmt: skip
+            "--mem", "8G", "--cpus", "2"]  # fmt: skip
     result = CliRunner().invoke(main, base)
     assert result.exit_code == 2
     assert "the job would fail at once: 'hpcbatch predictive sample' says: Missing argument" in (
@@ -811,7 +811,7 @@ def test_driver_scales_adaptively_up_to_jobs() -> None:
     # adaptive: dask-jobqueue replaces workers retiring at --lifetime only in adapt mode
     assert "export DASK_HPCBATCH__CLUSTER__ADAPT_MAXIMUM=3" in text
     assert "Up to 3 such job(s), adaptively" in text
-    result = CliRunner().invoke(main, ["slurm", "render", "stocks", "--mem-gb", "12", "--cpus",
+    result = CliRunner().invoke(main, ["slurm", "render", "stocks", "--mem", "12G", "--cpus",
                                        "4", "--driver", "--jobs", "0"])  # fmt: skip
     assert result.exit_code == 2 and "--jobs must be at least 1, got 0" in result.output
 
@@ -874,13 +874,13 @@ def test_worker_directives_go_on_worker_jobs_not_on_the_driver() -> None:
     "workload_args",
     [
         ["stocks", "--stocks", "5000"],
-        ["stocks", "--stocks", "300", "--batch-size", "7"],
+        ["stocks", "--stocks", "300", "--chunk-size", "7"],
         ["predictive", "--cells", "21761", "--features", "31467"],
     ],
 )
 def test_rendered_plan_is_the_plan_command_s(workload_args) -> None:
     """`slurm render` sizes the job from the same plan `hpcbatch plan` shows."""
-    alloc = ["--mem-gb", "12", "--cpus", "4"]
+    alloc = ["--mem", "12G", "--cpus", "4"]
     extra = ["--", "fitted/", "--out", "p.zarr"] if workload_args[0] == "predictive" else []
     text = _render(["render", *workload_args, *alloc, *extra])
     shown = CliRunner().invoke(main, ["plan", *workload_args, *alloc, "--json"])
@@ -895,7 +895,7 @@ def test_rendered_plan_is_the_plan_command_s(workload_args) -> None:
                + plan["footprint"]["shared_input_bytes"] * plan["footprint"]["shared_input_mmap"]
                + plan["footprint"]["model_bytes"] * plan["footprint"]["model_mmap"]
                + plan["reserve_bytes"]) // 2**20)  # fmt: skip
-    assert _directive(text, "mem") == f"{size}M"
+    assert parse_mem(_directive(text, "mem")) == size * 2**20
 
 
 def test_wait_for_job_finds_a_forgotten_job_in_sacct() -> None:
@@ -940,13 +940,14 @@ def test_worker_job_size_is_not_checked_against_the_driver_allocation(monkeypatc
     monkeypatch.setenv("SLURM_JOB_ID", "1")
     monkeypatch.setenv("SLURM_MEM_PER_NODE", "2048")
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
-    # locally the workers share this 2 GB allocation: 3.5 GB is refused, as before
-    with pytest.raises(ResourceError, match="--mem-gb 3.5 GB is more than the 2.1 GB this"):
-        run_resources(3.5, 1, "local")
+    # locally the workers share this 2 GiB allocation: 3.5 GiB is refused, as before
+    with pytest.raises(ResourceError, match="--mem 3.50 GiB is more than the 2.00 GiB this"):
+        run_resources("3584M", 1, "local")
     # with SLURM workers it is each worker job's size, a new allocation: planned ahead
-    res = run_resources(3.5, 2, "slurm")
-    assert (res.memory_bytes, res.cpus, res.planned_ahead) == (3_500_000_000, 2, True)
-    assert run_resources(None, None, "slurm", mem="3.5GB").memory_bytes == 3_500_000_000
+    res = run_resources("3584M", 2, "slurm")
+    assert (res.memory_bytes, res.cpus, res.planned_ahead) == (3584 * 2**20, 2, True)
+    # the old --mem-gb reaches here as exact bytes
+    assert run_resources(3_500_000_000, None, "slurm").memory_bytes == 3_500_000_000
 
 
 # ----------------------------------------------------------- the stock count ----
@@ -966,7 +967,7 @@ def seven_stock_db(tmp_path_factory) -> str:
 
 def _rendered_count(*argv: str) -> tuple[int, str, str]:
     result = CliRunner().invoke(
-        main, ["slurm", "render", "stocks", "--mem-gb", "12", "--cpus", "4", *argv]
+        main, ["slurm", "render", "stocks", "--mem", "12G", "--cpus", "4", *argv]
     )
     assert result.exit_code == 0, result.output
     n = int(re.search(r"^#   (\d+) stocks in \d+ chunks", result.stdout, re.M).group(1))

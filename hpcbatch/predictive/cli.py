@@ -12,6 +12,8 @@ from pathlib import Path
 import click
 
 from .. import config as hb_config
+from ..errors import ConfigError
+from ..options import CLUSTER_HELP, accepts_renamed, cpus_option, deprecation_warning, mem_option
 from ..units import format_bytes
 from .workload import WORKLOAD, auto_or_int
 
@@ -85,22 +87,16 @@ def fit(data_dir, steps, max_lr, seed) -> None:
 @click.option(
     "--cluster",
     "backend",
-    type=click.Choice(["local", "slurm", "address", "sync"]),
     default=None,
-    help="Where chunks run (sync: in this process, no Dask).",
+    help=f"{CLUSTER_HELP}; sync: in this process, no Dask.",
 )
-@click.option("--address", default=None, help="Scheduler address for --cluster address.")
+@click.option("--address", default=None, hidden=True, help="Deprecated: use --cluster ADDRESS.")
 @click.option("--calibrate/--no-calibrate", default=None, help="Measure the footprint first.")
 @click.option("--probe-sizes", default=None, help="The two probe sizes, e.g. 2,8.")
-@click.option("--memory-fraction", type=float, default=None)
-@click.option(
-    "--mem",
-    default=None,
-    help="Plan for this much memory (e.g. 12GB); with --cluster slurm: each worker job's.",
-)
-@click.option(
-    "--cpus", type=int, default=None, help="Plan for this many CPUs (--cluster slurm: per job)."
-)
+@click.option("--memory-fraction", type=float, default=None,
+              help="Share of each worker's memory limit the plan may fill (0-1).")
+@mem_option("Plan for this much memory (with --cluster slurm: each worker job's)")
+@cpus_option("Plan for this many CPUs (with --cluster slurm: each worker job's).")
 @click.option("--seed", type=int, default=None, help="Run seed (chunk seeds derive from it).")
 @click.option("--out", "out_path", required=True, help="The zarr store to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
@@ -113,6 +109,7 @@ def fit(data_dir, steps, max_lr, seed) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON.")
 @click.option("--tls/--no-tls", default=None, help="TLS between client, scheduler and workers.")
 @_config_options
+@accepts_renamed
 def sample_cmd(
     data_dir,
     samples,
@@ -142,10 +139,7 @@ def sample_cmd(
         config_file,
         {"memory-fraction": memory_fraction, "seed": seed, "report-dir": report_dir},
     )
-    if backend and backend != "sync":
-        settings["cluster"]["backend"] = backend
-    if address:
-        settings["cluster"]["address"] = address
+    backend = _cluster(backend, address, settings)
     if tls is not None:
         settings["cluster"]["tls"] = tls
     cfg = WORKLOAD.settings(settings["predictive"])
@@ -168,6 +162,28 @@ def sample_cmd(
     _echo_run(run, out_path, as_json)
 
 
+def _cluster(value: str | None, address: str | None, settings: dict) -> str | None:
+    """``--cluster local|slurm|sync|ADDRESS`` into ``settings``; the old ``--cluster
+    address --address ADDRESS`` still works, with a warning."""
+    from ..pipeline import ClusterChoice
+
+    if address is not None:
+        deprecation_warning("--address", "--cluster ADDRESS", f"--cluster {address}")
+        if value not in (None, "address"):
+            raise ConfigError(f"give --cluster {value} or --address {address}, not both")
+        value = address
+    if value in (None, "sync"):
+        return value
+    if value == "address":  # the scheduler of cluster.address in the config
+        settings["cluster"]["backend"] = "address"
+        return value
+    choice = ClusterChoice.parse(value, settings)
+    settings["cluster"]["backend"] = choice.backend
+    if choice.address:
+        settings["cluster"]["address"] = choice.address
+    return choice.backend
+
+
 def sample_data_dir(
     data_dir,
     *,
@@ -182,7 +198,7 @@ def sample_data_dir(
     sync: bool = False,
     calibrate: bool | None = None,
     probe_sizes: str | None = None,
-    mem: str | None = None,
+    mem: str | int | None = None,
     cpus: int | None = None,
     progress: bool = True,
 ):
@@ -200,16 +216,19 @@ def sample_data_dir(
         # With SLURM workers, --mem/--cpus size each worker job, a new allocation: planned
         # ahead, not checked against this process's (a small driver job's) own allocation.
         worker_jobs = settings["cluster"]["backend"] == "slurm"
-        resources = resources_from_options(None, cpus, None, mem=mem, plan_ahead=worker_jobs)
+        resources = resources_from_options(mem, cpus, plan_ahead=worker_jobs)
     if settings["calibrate"] if calibrate is None else calibrate:
         click.echo("calibrating: running the probe in fresh processes ...", err=True)
     options = SampleOptions(
         chunk_size=chunk_size, cell_block=cell_block, out=out, overwrite=overwrite,
         resume=resume, seed=RunSettings.from_config(settings).seed,
     )  # fmt: skip
+    # The CLI keeps its cluster (and ledger, for --resume) unless --cluster sync:
+    # cluster="auto" (in-process when one chunk holds the job) is the Python default.
     execution = Execution(
         client="sync" if sync else None, resources=resources, settings=settings,
         report_dir=settings["report-dir"], progress=progress,
+        cluster="inprocess" if sync else "cluster",
     )  # fmt: skip
     return sample_technical(
         data_dir, samples=samples, with_observations=with_observations, options=options,

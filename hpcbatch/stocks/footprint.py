@@ -33,7 +33,7 @@ DRIVER_BYTES = 384 * 1024**2
 FULL_MODEL_PARAMETERS = 9_081_962
 # Prediction rows as dicts before the upsert, per prediction.
 PREDICTION_ROW_BYTES = 1_200
-#: Stocks per chunk when neither --batch-size nor the max-chunk setting is given (the
+#: Stocks per chunk when neither --chunk-size nor the max-chunk setting is given (the
 #: original's default batch).  50 stocks are 500 windows, two full inference batches;
 #: bigger chunks only raise the per-worker peak, so it stays flat as the market grows.
 MAX_CHUNK_STOCKS = 50
@@ -102,6 +102,6 @@ def stocks_footprint(
         shrink_hints=(
             f"set --lookback-days {max(130, lookback_days // 2)}"
             if lookback_days > 130
-            else "lower --batch-size",
+            else "lower --chunk-size",
         ),
     )

@@ -266,7 +266,7 @@ class PredictOptions:
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive whole number, got {value}")
         if self.batch_size is not None and self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+            raise ConfigError(f"--chunk-size must be at least 1, got {self.batch_size}")
         need = min_rows(self.predict_days)
         if self.lookback_days < need:
             raise ConfigError(

@@ -16,6 +16,7 @@ import click
 
 from ..config import require_positive
 from ..errors import ConfigError
+from ..options import renamed_option
 from ..planner import Footprint, Plan
 from ..report import quarantine_line
 from ..security import database_url
@@ -137,7 +138,9 @@ def _size_options() -> list:
                      help="Days fetched per stock (default 400)."),
         click.Option(["--predict-days"], type=int, default=None,
                      help="Trading days predicted per stock (default 10)."),
-        click.Option(["--batch-size"], type=int, default=None, help="Fix the stocks per chunk."),
+        click.Option(["--chunk-size", "batch_size"], type=int, default=None,
+                     help="Fix the stocks per chunk."),
+        renamed_option("--batch-size", "--chunk-size", "batch_size", type=int),
         click.Option(["--use-gpu"], is_flag=True, help="Size the GPU inference batch too."),
     ]  # fmt: skip
 
@@ -149,8 +152,9 @@ def _run_options() -> list:
                      "(default: $HPCBATCH_DB_URL, else config; password from "
                      "$HPCBATCH_DB_PASSWORD_FILE, mode 600)."),
         click.Option(["--model", "model_dir"], default=None, help="Model directory."),
-        click.Option(["--batch-size"], type=int, default=None,
+        click.Option(["--chunk-size", "batch_size"], type=int, default=None,
                      help="Stocks per chunk (default: planned)."),
+        renamed_option("--batch-size", "--chunk-size", "batch_size", type=int),
         click.Option(["--concurrency"], type=int, default=None,
                      help="Parallel database reads (default 4)."),
         click.Option(["--lookback-days"], type=int, default=None,
@@ -198,7 +202,7 @@ class StocksWorkload(Workload):
         batch = values.get("batch_size")
         batch = settings.batch_size if batch is None else batch
         if batch is not None:
-            require_positive("--batch-size", batch)
+            require_positive("--chunk-size", batch)
         return {"n_stocks": n_stocks, "lookback_days": lookback, "predict_days": predict,
                 "batch_size": batch, "use_gpu": bool(values.get("use_gpu"))}  # fmt: skip
 
