@@ -1,27 +1,45 @@
-"""Benchmark: posterior predictive sampling of the built-in technical model; prints JSON.
+"""Benchmark: posterior predictive sampling of the built-in technical model; JSON out.
 
-Cases (REFERENCE.md section 2): latent sites only (alpha_y, mu_ntc, phi_y) at
-N=5,000 x T=4,000 and N=20,000 x T=30,000 with S=1,000; with observations at
-N=5,000 x T=4,000 with S=200; and two small cases (N=100 and N=300, T=4,000) where
-``Predictive(parallel=True)`` fits under the cap, for the speed comparison.  Contenders, each in a fresh process whose whole process
-tree is watched from outside (RSS summed every 0.1 s, killed above the cap):
+Cases (the table of issue 15; REFERENCE.md section 2), run by default in this order:
 
-- ``predictive_parallel``: ``Predictive(parallel=True)`` in one call;
-- ``predictive_sequential``: ``Predictive(parallel=False)``;
-- ``original_loop``: the original's loop, ``Predictive(parallel=True)`` over batches of 50;
-- ``hpcbatch``: ``hpcbatch.predictive.sample`` on a local Dask cluster planned for the
-  cap, writing zarr (client + scheduler + nannies + workers all counted);
-- ``hpcbatch_sync``: the same, chunks in one process (``client="sync"``);
+- ``latent_5k_4k``: latent sites only (alpha_y, mu_ntc, phi_y), N=5,000 x T=4,000, S=1,000;
+- ``obs_2k_2k``: with observations y, N=2,000 x T=2,000, S=100 (Predictive fits);
+- ``obs_5k_4k``: with observations, N=5,000 x T=4,000, S=40 (shrunk from S=200 so the
+  whole default set runs in under 10 minutes on a quiet 2-core machine; ``--samples``
+  restores it);
+- optional (``--cases``): ``latent_20k_30k`` (the original's scale, slow to simulate).
+
+Contenders, each in a fresh process whose whole process tree is watched from outside:
+
+- ``predictive_parallel``: ``Predictive(parallel=True)`` called as a knowledgeable user
+  would: for latent sites, ``return_sites`` = the latents and the model run on one cell
+  with that cell's observed counts (no likelihood over all cells, nothing drawn for y);
+  with observations, every cell and ``counts=None``;
+- ``original_loop``: the seed's loop, ``Predictive(parallel=True)`` over batches of 50,
+  with the same arguments;
+- ``predictive_sequential``: ``Predictive(parallel=False)`` (not in the default set: slow);
+- ``hpcbatch``: the default call ``hpcbatch.predictive.sample(...)`` (``cluster="auto"``)
+  planned for the cap and 2 CPUs: latent sites returned in memory (as Predictive
+  returns them), observations written to zarr;
+- ``hpcbatch_cluster``: the same with ``cluster="cluster"`` (always a 2-worker local
+  Dask cluster: client + scheduler + nannies + workers all counted);
+- ``hpcbatch_inprocess``: the same with ``cluster="inprocess"``;
 - ``floor``: the interpreter with torch and Pyro imported, the inputs, the outputs
-  allocated, and the raw guide draws (their time is the floor for samples/s).
+  allocated, and the raw guide draws (their time is the floor for samples/s);
+- ``raw_draw`` (once, not per case): torch's NegativeBinomial samples/s on one core
+  (one torch thread), times the cores: the yardstick for drawing observations.
 
-As in the original, the Predictive contenders get the observed counts as a model
-argument for latent-only sampling (``return_sites`` only filters what is returned)
-and ``counts=None`` when observations are drawn.  The posterior is an AutoNormal
-guide initialised from the data's moments (no fit: fitting 20,000 x 30,000 takes far
-longer than the benchmark, and draw cost does not depend on the fitted values).
+The same yardstick for everyone: every contender's process tree is sampled every 0.1 s
+(RSS summed, and each process's VmHWM, its own high-water mark, read at each sample);
+``peak_bytes`` is the sum over the tree's processes of their last-read VmHWM (exact
+for one process, an upper bound for a cluster), ``peak_rss_sampled_bytes`` the highest
+summed RSS seen.  A tree above the cap is killed.  Imports and loading the fit happen
+before the clock starts for every contender.  The posterior is an AutoNormal guide
+initialised from the data's moments (no fit: draw cost does not depend on the values).
 
-Usage: ``python benchmarks/predictive.py [--cap-gb 8] [--cases a,b,c] [--dir DIR]``.
+Usage: ``python benchmarks/predictive.py [--cap-gb 8] [--cases a,b] [--contenders a,b]
+[--samples S] [--json-out FILE]``.  The JSON records the machine (cores, memory), the
+versions and ``os.getloadavg()`` at the start and end of the run and of each case.
 """
 
 from __future__ import annotations
@@ -30,6 +48,7 @@ import argparse
 import contextlib
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -37,21 +56,24 @@ from pathlib import Path
 
 CASES = {
     "latent_5k_4k": dict(cells=5000, features=4000, samples=1000, observations=False),
+    "obs_2k_2k": dict(cells=2000, features=2000, samples=100, observations=True),
+    "obs_5k_4k": dict(cells=5000, features=4000, samples=40, observations=True),
     "latent_20k_30k": dict(cells=20000, features=30000, samples=1000, observations=False),
-    "obs_5k_4k": dict(cells=5000, features=4000, samples=200, observations=True),
-    # Small enough for Predictive(parallel=True) to fit under an 8 GB cap: the speed
-    # comparison "wherever that one fits".
-    "latent_100_4k": dict(cells=100, features=4000, samples=1000, observations=False),
-    "obs_300_4k": dict(cells=300, features=4000, samples=200, observations=True),
+    # Seconds-long smoke cases (tests, development): not for timing claims.
+    "smoke_latent": dict(cells=200, features=300, samples=100, observations=False),
+    "smoke_obs": dict(cells=200, features=300, samples=20, observations=True),
 }
+DEFAULT_CASES = ("latent_5k_4k", "obs_2k_2k", "obs_5k_4k")
 CONTENDERS = (
     "floor",
     "hpcbatch",
-    "hpcbatch_sync",
+    "hpcbatch_cluster",
+    "hpcbatch_inprocess",
     "predictive_parallel",
     "original_loop",
-    "predictive_sequential",
 )
+ALL_CONTENDERS = (*CONTENDERS, "predictive_sequential")
+SAMPLE_S = 0.1
 
 
 # ----------------------------------------------------------- child side ----
@@ -79,116 +101,164 @@ def _prepare(data_dir: Path, cells: int, features: int) -> None:
     np.savez(fit_dir / "prior.npz", mu_mean=mu_mean, mu_sd=mu_sd)
 
 
-def _child(contender: str, data_dir: Path, samples: int, observations: bool, cap: int) -> dict:
+def _vm_hwm() -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _floor(guide, args, kwargs, data, samples: int, observations: bool, cap: int) -> dict:
     import numpy as np
-    import pyro
+
+    from hpcbatch.predictive.core import guide_draw
+
+    shapes = {
+        "alpha_y": (samples, data.n_groups, data.n_features),
+        "mu_ntc": (samples, 1, data.n_features),
+        "phi_y": (samples, 1, data.n_features),
+    }
+    if observations:
+        shapes["y"] = (samples, data.n_cells, data.n_features)
+    output_bytes = sum(int(np.prod(v)) * 4 for v in shapes.values())
+    # Outputs held in memory (touched), as Predictive holds them, when they fit.
+    held = output_bytes < cap // 2
+    outputs = {k: np.ones(v, np.float32) for k, v in shapes.items()} if held else {}
+    t0 = time.perf_counter()
+    one_cell = tuple(a[:1] if a is not None else None for a in args)
+    draws = guide_draw(guide, samples, one_cell, kwargs)  # the raw guide draws
+    result = {"outputs_allocated": held, "guide_draw_s": time.perf_counter() - t0}
+    del draws, outputs
+    result["output_bytes"] = output_bytes
+    result["input_bytes"] = int(data.counts.nbytes + data.group.nbytes + data.sum_factor.nbytes)
+    return result
+
+
+def _predictive(mode: str, guide, args, kwargs, sites, samples: int) -> dict:
+    import numpy as np
     from pyro.infer import Predictive
 
     from hpcbatch.predictive import technical
 
-    data, guide, mu_mean, mu_sd = technical.load_fit(data_dir)
-    sites = list(technical.LATENT_SITES) + (["y"] if observations else [])
-    args, kwargs = technical.model_inputs(data, mu_mean, mu_sd, with_counts=not observations)
-    pyro.set_rng_seed(0)
-    t0 = time.perf_counter()
-    result: dict = {}
-    if contender == "floor":
-        shapes = {
-            "alpha_y": (samples, data.n_groups, data.n_features),
-            "mu_ntc": (samples, 1, data.n_features),
-            "phi_y": (samples, 1, data.n_features),
-        }
-        if observations:
-            shapes["y"] = (samples, data.n_cells, data.n_features)
-        output_bytes = sum(int(np.prod(v)) * 4 for v in shapes.values())
-        # Outputs held in memory (touched), as Predictive holds them, when they fit.
-        held = output_bytes < cap // 2
-        outputs = {k: np.ones(v, np.float32) for k, v in shapes.items()} if held else {}
-        result["outputs_allocated"] = held
-        t0 = time.perf_counter()
-        from hpcbatch.predictive.core import guide_draw
+    def draw(n: int, parallel: bool = True) -> dict:
+        return Predictive(technical.technical_model, guide=guide, num_samples=n,
+                          return_sites=sites, parallel=parallel)(*args, **kwargs)  # fmt: skip
 
-        one_cell = tuple(a[:1] if a is not None else None for a in args)
-        draws = guide_draw(guide, samples, one_cell, kwargs)  # the raw guide draws
-        result["guide_draw_s"] = time.perf_counter() - t0
-        del draws
-        result["output_bytes"] = output_bytes
-        del outputs
-        result["input_bytes"] = int(data.counts.nbytes + data.group.nbytes + data.sum_factor.nbytes)
-    elif contender == "predictive_parallel":
-        out = Predictive(
-            technical.technical_model,
-            guide=guide,
-            num_samples=samples,
-            return_sites=sites,
-            parallel=True,
-        )(*args, **kwargs)
-        result["shapes"] = {k: list(v.shape) for k, v in out.items()}
-    elif contender == "predictive_sequential":
-        out = Predictive(
-            technical.technical_model,
-            guide=guide,
-            num_samples=samples,
-            return_sites=sites,
-            parallel=False,
-        )(*args, **kwargs)
-        result["shapes"] = {k: list(v.shape) for k, v in out.items()}
-    elif contender == "original_loop":
+    if mode == "original_loop":
         parts: dict[str, list] = {name: [] for name in sites}
         for start in range(0, samples, 50):
-            n = min(50, samples - start)
-            out = Predictive(
-                technical.technical_model,
-                guide=guide,
-                num_samples=n,
-                return_sites=sites,
-                parallel=True,
-            )(*args, **kwargs)
+            out = draw(min(50, samples - start))
             for name in sites:
                 parts[name].append(out[name].numpy())
             del out
-        merged = {name: np.concatenate(v) for name, v in parts.items()}
-        result["shapes"] = {k: list(v.shape) for k, v in merged.items()}
-    elif contender in ("hpcbatch", "hpcbatch_sync"):
-        from hpcbatch import config as hb_config
-        from hpcbatch.predictive.cli import sample_data_dir
+        out = {name: np.concatenate(v) for name, v in parts.items()}
+    else:
+        out = draw(samples, parallel=mode == "predictive_parallel")
+    return {"shapes": {k: list(v.shape) for k, v in out.items()}}
 
-        settings = hb_config.load(overrides={"report-dir": str(data_dir / "reports")})
-        run = sample_data_dir(
-            data_dir,
-            samples=samples,
-            with_observations=observations,
-            chunk_size="auto",
-            cell_block="auto",
-            settings=settings,
-            out=data_dir / f"samples-{contender}.zarr",
-            overwrite=True,
-            sync=contender == "hpcbatch_sync",
-            mem=str(cap),
-            cpus=2,
-            progress=False,
-        )
-        report = run.report
-        result.update(
-            chunk_size=run.plan.chunk_size,
-            n_workers=run.plan.n_workers,
-            cell_block=run.block,
-            predicted_peak_per_worker=report.predicted_peak_bytes,
-            measured_peak_per_worker=report.measured_peak_bytes,
-            runner_wall_s=report.wall_time_s,
-            shapes={s.name: list(s.shape) for s in run.layout.sites},
-        )
+
+def _hpcbatch(contender, data_dir, guide, args, kwargs, samples, observations, cap) -> dict:
+    from hpcbatch import config as hb_config
+    from hpcbatch.predictive import technical
+    from hpcbatch.predictive.sampling import run_sampling
+    from hpcbatch.resources import Resources
+
+    sites = list(technical.LATENT_SITES) + (["y"] if observations else [])
+    cluster = {"hpcbatch": "auto", "hpcbatch_cluster": "cluster"}.get(contender, "inprocess")
+    out = data_dir / f"samples-{contender}.zarr" if observations else None
+    run = run_sampling(
+        technical.technical_model, guide=guide, num_samples=samples, model_args=args,
+        model_kwargs=kwargs, return_sites=sites, data_plate=technical.DATA_PLATE,
+        split_args=technical.SPLIT_ARGS, out=out, overwrite=True, cluster=cluster,
+        resources=Resources(cap, "the benchmark's cap", 2, "the benchmark"),
+        settings=hb_config.load(overrides={"report-dir": str(data_dir / "reports")}),
+        report_dir=str(data_dir / "reports"), progress=False,
+    )  # fmt: skip
+    report = run.report
+    return dict(
+        execution=run.execution or "cluster",
+        chunk_size=run.plan.chunk_size,
+        n_workers=run.plan.n_workers,
+        cell_block=run.block,
+        predicted_peak_per_worker=report.predicted_peak_bytes,
+        measured_peak_per_worker=report.measured_peak_bytes,
+        measured_peak_each_worker=report.measured_peak_per_worker,
+        runner_wall_s=report.wall_time_s,
+        shapes={s.name: list(s.shape) for s in run.layout.sites},
+    )
+
+
+def _child(contender: str, data_dir: Path, samples: int, observations: bool, cap: int) -> dict:
+    import pyro
+
+    import hpcbatch.predictive.sampling  # noqa: F401  (imports before the clock, as Pyro's)
+    from hpcbatch.predictive import technical
+
+    data, guide, mu_mean, mu_sd = technical.load_fit(data_dir)
+    sites = list(technical.LATENT_SITES) + (["y"] if observations else [])
+    # Latent sites: the observed counts are passed (y is not drawn); a knowledgeable
+    # Predictive user runs the model on one cell; hpcbatch gets every cell and its
+    # data plate (it runs the model on one row itself).  Observations: counts=None.
+    args, kwargs = technical.model_inputs(data, mu_mean, mu_sd, with_counts=not observations)
+    pyro.set_rng_seed(0)
+    t0 = time.perf_counter()
+    if contender == "floor":
+        result = _floor(guide, args, kwargs, data, samples, observations, cap)
+    elif contender in ("predictive_parallel", "predictive_sequential", "original_loop"):
+        if not observations:
+            args = tuple(a[:1] for a in args)
+        result = _predictive(contender, guide, args, kwargs, sites, samples)
+    elif contender.startswith("hpcbatch"):
+        result = _hpcbatch(contender, data_dir, guide, args, kwargs, samples, observations, cap)
     else:
         raise SystemExit(f"unknown contender {contender}")
     result["wall_s"] = time.perf_counter() - t0
     result["samples_per_s"] = samples / result["wall_s"]
+    if observations and contender != "floor":
+        result["values_per_s"] = samples * data.n_cells * data.n_features / result["wall_s"]
+    result["child_vm_hwm_bytes"] = _vm_hwm()
     return result
+
+
+def _raw_draw(seconds: float = 3.0) -> dict:
+    """torch's NegativeBinomial samples/s on one core (one torch thread), x the cores."""
+    import torch
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    shape = (50, 1000, 2000)  # 100 M values per draw would be too big: 50 x 1,000 x 2,000
+    total_count = torch.full(shape[1:], 5.0)
+    logits = torch.randn(shape[1:]) * 0.5
+    dist = torch.distributions.NegativeBinomial(total_count=total_count, logits=logits)
+    dist.sample((1,))  # warm up
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        dist.sample((shape[0],))
+        n += shape[0] * shape[1] * shape[2]
+    per_core = n / (time.perf_counter() - t0)
+    cores = len(os.sched_getaffinity(0))
+    return {"per_core_values_per_s": per_core, "cores": cores,
+            "machine_values_per_s": per_core * cores, "torch_threads": 1}  # fmt: skip
 
 
 # ---------------------------------------------------------- parent side ----
 
 
-def _tree_rss(proc) -> int:
+def _hwm(proc) -> int:
+    """A process's VmHWM (its own peak RSS so far), 0 if gone."""
+    try:
+        with open(f"/proc/{proc.pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _sample_tree(proc, hwm: dict[int, int]) -> int:
+    """Summed RSS of the tree now; each process's VmHWM recorded in ``hwm``."""
     import psutil
 
     total = 0
@@ -199,6 +269,7 @@ def _tree_rss(proc) -> int:
     for p in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
             total += p.memory_info().rss
+            hwm[p.pid] = max(hwm.get(p.pid, 0), _hwm(p))
     return total
 
 
@@ -214,31 +285,18 @@ def _kill_tree(proc) -> None:
             p.kill()
 
 
-def run_contender(contender, data_dir, case, cap, timeout_s) -> dict:
+def _watch(cmd: list[str], cap: int, timeout_s: float) -> tuple[dict, str, str, int]:
+    """Run ``cmd`` in a fresh session; the same yardstick for every contender."""
     import psutil
 
-    cmd = [
-        sys.executable,
-        __file__,
-        "--child",
-        contender,
-        "--dir",
-        str(data_dir),
-        "--samples",
-        str(case["samples"]),
-        "--cap",
-        str(cap),
-    ]
-    if case["observations"]:
-        cmd.append("--observations")
     t0 = time.time()
     popen = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     proc = psutil.Process(popen.pid)
-    peak, status = 0, None
+    peak, hwm, status = 0, {}, None
     while popen.poll() is None:
-        rss = _tree_rss(proc)
+        rss = _sample_tree(proc, hwm)
         peak = max(peak, rss)
         if rss > cap:
             status = "out of memory at cap"
@@ -248,14 +306,26 @@ def run_contender(contender, data_dir, case, cap, timeout_s) -> dict:
             status = f"timeout after {timeout_s:.0f} s"
             _kill_tree(proc)
             break
-        time.sleep(0.1)
+        time.sleep(SAMPLE_S)
     stdout, stderr = popen.communicate()
-    row = {"contender": contender, "peak_rss_bytes": peak, "elapsed_s": time.time() - t0}
+    row = {"peak_rss_sampled_bytes": peak, "peak_bytes": sum(hwm.values()),
+           "processes": len(hwm), "elapsed_s": time.time() - t0}  # fmt: skip
     if status:
         row["status"] = status
+    return row, stdout, stderr, popen.returncode
+
+
+def run_contender(contender, data_dir, case, cap, timeout_s) -> dict:
+    cmd = [sys.executable, __file__, "--child", contender, "--dir", str(data_dir),
+           "--samples", str(case["samples"]), "--cap", str(cap)]  # fmt: skip
+    if case["observations"]:
+        cmd.append("--observations")
+    watched, stdout, stderr, code = _watch(cmd, cap, timeout_s)
+    row = {"contender": contender, **watched}
+    if "status" in row:
         return row
     lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
-    if popen.returncode != 0 or not lines:
+    if code != 0 or not lines:
         tail = stderr.strip().splitlines()[-1:] or ["(no output)"]
         memory = any(k in stderr for k in ("can't allocate memory", "MemoryError", "out of memory"))
         row["status"] = "out of memory (allocation failed)" if memory else "failed"
@@ -263,45 +333,93 @@ def run_contender(contender, data_dir, case, cap, timeout_s) -> dict:
         return row
     row["status"] = "ok"
     row.update(json.loads(lines[-1][len("RESULT ") :]))
+    # The in-process run's own VmHWM is exact: never below the sampled figure.
+    row["peak_bytes"] = max(row["peak_bytes"], row.get("child_vm_hwm_bytes", 0))
     return row
+
+
+def _machine() -> dict:
+    import psutil
+    import pyro
+    import torch
+
+    import hpcbatch
+
+    return {"host": platform.node(), "cpus": os.cpu_count(),
+            "cores": len(os.sched_getaffinity(0)), "memory_bytes": psutil.virtual_memory().total,
+            "python": platform.python_version(), "torch": torch.__version__,
+            "pyro": pyro.__version__, "hpcbatch": getattr(hpcbatch, "__version__", "dev")}  # fmt: skip
+
+
+def _ratios(rows: list[dict], raw: dict | None, observations: bool) -> dict:
+    """Each hpcbatch contender against Predictive(parallel=True) and the raw draw rate."""
+    by = {r["contender"]: r for r in rows if r.get("status") == "ok"}
+    ratios = {}
+    peer = by.get("predictive_parallel")
+    for name, row in by.items():
+        if not name.startswith("hpcbatch"):
+            continue
+        entry = {}
+        if peer:
+            entry["speed_vs_predictive_parallel"] = row["samples_per_s"] / peer["samples_per_s"]
+            entry["peak_vs_predictive_parallel"] = row["peak_bytes"] / peer["peak_bytes"]
+        if observations and raw:
+            entry["vs_raw_draw_rate"] = row["values_per_s"] / raw["machine_values_per_s"]
+        ratios[name] = entry
+    return ratios
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--child", default=None)
     parser.add_argument("--dir", default="/tmp/hpcbatch-bench-predictive")
-    parser.add_argument("--samples", type=int, default=0)
+    parser.add_argument("--samples", type=int, default=0, help="Replace S in every chosen case.")
     parser.add_argument("--observations", action="store_true")
     parser.add_argument("--cap", type=int, default=0)
     parser.add_argument("--cap-gb", type=float, default=8.0)
-    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--cases", default=",".join(DEFAULT_CASES))
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
-    parser.add_argument("--timeout-s", type=float, default=1200)
-    parser.add_argument(
-        "--override-samples", type=int, default=None, help="Replace S in every chosen case."
-    )
+    parser.add_argument("--timeout-s", type=float, default=600)
+    parser.add_argument("--json-out", default=None, help="Also write the JSON to this file.")
     opts = parser.parse_args()
+    if opts.child == "raw_draw":
+        print("RESULT " + json.dumps(_raw_draw()), flush=True)
+        return
     if opts.child:
         result = _child(opts.child, Path(opts.dir), opts.samples, opts.observations, opts.cap)
         print("RESULT " + json.dumps(result), flush=True)
         return
     cap = int(opts.cap_gb * 1e9)
-    out = {"cap_bytes": cap, "cpus": os.cpu_count(), "load_avg_start": os.getloadavg(), "cases": {}}
+    out = {"benchmark": "predictive", "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "command": " ".join(sys.argv), "machine": _machine(), "cap_bytes": cap,
+           "sample_interval_s": SAMPLE_S, "load_avg_start": os.getloadavg(), "cases": {}}  # fmt: skip
+    raw = None
+    if any(CASES[name]["observations"] for name in opts.cases.split(",")):
+        watched, stdout, _, _ = _watch([sys.executable, __file__, "--child", "raw_draw"], cap, 120)
+        lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+        raw = json.loads(lines[-1][len("RESULT ") :]) if lines else None
+        out["raw_draw"] = raw
+        print(json.dumps({"raw_draw": raw}), file=sys.stderr, flush=True)
     for name in opts.cases.split(","):
         case = dict(CASES[name])
-        if opts.override_samples:
-            case["samples"] = opts.override_samples
+        if opts.samples:
+            case["samples"] = opts.samples
         data_dir = Path(opts.dir) / f"n{case['cells']}_t{case['features']}"
-        t0 = time.time()
+        t0, load0 = time.time(), os.getloadavg()
         _prepare(data_dir, case["cells"], case["features"])
         rows = []
         for contender in opts.contenders.split(","):
             row = run_contender(contender, data_dir, case, cap, opts.timeout_s)
             print(json.dumps({"case": name, **row}), file=sys.stderr, flush=True)
             rows.append(row)
-        out["cases"][name] = {**case, "prepare_s": time.time() - t0, "contenders": rows}
+        out["cases"][name] = {**case, "prepare_s": time.time() - t0, "load_avg_start": load0,
+                              "load_avg_end": os.getloadavg(), "contenders": rows,
+                              "ratios": _ratios(rows, raw, case["observations"])}  # fmt: skip
     out["load_avg_end"] = os.getloadavg()
-    print(json.dumps(out, indent=2))
+    text = json.dumps(out, indent=2)
+    if opts.json_out:
+        Path(opts.json_out).write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":

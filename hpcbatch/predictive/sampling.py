@@ -7,27 +7,40 @@ given client's workers, or the allocation), opens the cluster and runs the chunk
 samples come back as a dict of numpy arrays, or the zarr group with ``out=``.
 ``client="sync"`` runs every chunk in this process, planned for one worker.
 
+Where the chunks run is an explicit decision (:class:`Execution`'s ``cluster``): the
+default ``"auto"`` runs a job in this process, without Dask, when it fits one chunk
+under the memory fraction of a one-worker plan (a cluster would cost seconds of
+start-up and a worker's imports for a fraction of a second of work, and twice the
+memory); anything larger starts the cluster.  The decision and its reason are logged
+and kept in the run report (``message``) and :attr:`SampleRun.execution`.
+
 The chunk task, the zarr layout and the seeds are described in
 :mod:`hpcbatch.predictive.task` (its public names are re-exported here).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
+from functools import partial
 from typing import Any
 
 from .. import config as hb_config
 from .. import runner
-from ..errors import HpcbatchError
+from ..errors import ConfigError, HpcbatchError
 from ..pipeline import ClusterChoice, RunRequest, plan_job, run_job
+from ..planner import Plan
 from ..resources import detect_resources
+from ..units import format_bytes
 from .task import (  # noqa: F401  (_create_store, _guide_state: re-exported for benchmarks)
     _ARRAYS,
     _JOBS,
     ZARR_CHUNK_BYTES,
+    MemorySink,
     PredictiveJob,
     SampleOptions,
     SampleRequest,
@@ -43,6 +56,7 @@ from .task import (  # noqa: F401  (_create_store, _guide_state: re-exported for
     portable_guide,
     prepare_job,
     pyro_seed,
+    run_chunk,
     run_params,
     sample_chunk_task,
     samples_per_zarr_chunk,
@@ -50,6 +64,11 @@ from .task import (  # noqa: F401  (_create_store, _guide_state: re-exported for
 )
 from .workload import WORKLOAD
 
+log = logging.getLogger(__name__)
+
+# Execution.cluster: "auto" decides (in this process when the job fits one chunk),
+# "cluster" always starts/uses the Dask cluster, "inprocess" never does.
+CLUSTER_CHOICES = ("auto", "cluster", "inprocess")
 
 @dataclass(frozen=True)
 class Execution:
@@ -60,7 +79,10 @@ class Execution:
     started from the plan).  ``resources``: the allocation to plan for (default
     detected).  ``settings``: the loaded settings (default :func:`hpcbatch.config.load`).
     ``footprint``: a Footprint, or ``f(layout, block)`` returning one.  ``report_dir``:
-    where the run report goes (none unless given).
+    where the run report goes (none unless given).  ``cluster``: ``"auto"`` (with no
+    client: in this process when the whole job fits one chunk of a one-worker plan,
+    else the cluster), ``"cluster"`` (always the cluster) or ``"inprocess"`` (as
+    ``client="sync"``).
     """
 
     client: Any = None
@@ -71,10 +93,23 @@ class Execution:
     footprint: Any = None
     report_dir: str | os.PathLike | None = None
     progress: bool = True
+    cluster: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.cluster not in CLUSTER_CHOICES:
+            raise ConfigError(
+                f"cluster must be one of {', '.join(CLUSTER_CHOICES)}, got {self.cluster!r}"
+            )
+        if self.client is not None and self.cluster == "inprocess" and not self._sync:
+            raise ConfigError("pass either a client or cluster='inprocess', not both")
+
+    @property
+    def _sync(self) -> bool:
+        return isinstance(self.client, str) and self.client == "sync"
 
     @property
     def in_process(self) -> bool:
-        return isinstance(self.client, str) and self.client == "sync"
+        return self._sync or self.cluster == "inprocess"
 
 
 @dataclass(frozen=True)
@@ -121,10 +156,13 @@ def sample_with(
 ) -> SampleRun:
     """Prepare the job of a caller's model and run it (its footprint: ``execution``'s,
     or sized from the returned sites; never calibrated, a caller's model has no probe)."""
-    job = prepare_job(
-        WORKLOAD, request, options, in_process=execution.in_process, footprint=execution.footprint
-    )
-    return run_prepared(job, execution, Calibrate(False))
+
+    def prepare(in_process: bool) -> PredictiveJob:
+        return prepare_job(
+            WORKLOAD, request, options, in_process=in_process, footprint=execution.footprint
+        )
+
+    return prepare_and_run(prepare, options, execution, Calibrate(False))
 
 
 def sample_technical(
@@ -138,19 +176,84 @@ def sample_technical(
 ) -> SampleRun:
     """The built-in technical model of a fitted data directory (``hpcbatch predictive
     sample``): planned with its analytic footprint, or measured by its probe."""
-    job = technical_job(
-        WORKLOAD, data_dir, samples, with_observations, options, in_process=execution.in_process
-    )
-    return run_prepared(job, execution, calibrate)
+
+    def prepare(in_process: bool) -> PredictiveJob:
+        return technical_job(
+            WORKLOAD, data_dir, samples, with_observations, options, in_process=in_process
+        )
+
+    return prepare_and_run(prepare, options, execution, calibrate)
 
 
-def run_prepared(job: PredictiveJob, execution: Execution, calibrate: Calibrate) -> SampleRun:
+def _may_run_here(execution: Execution, options: SampleOptions, calibrate: Calibrate) -> bool:
+    """Whether ``cluster="auto"`` may choose this process: no client, no resume (it
+    needs the ledger a cluster run keeps), no probe asked for, not a given scheduler."""
+    if execution.cluster != "auto" or execution.client is not None or options.resume:
+        return False
+    settings = _settings(execution, options.seed)
+    backend = execution.cluster_backend or settings["cluster"]["backend"]
+    wanted = settings["calibrate"] if calibrate.wanted is None else calibrate.wanted
+    return backend != "address" and not settings["cluster"].get("address") and not wanted
+
+
+def prepare_and_run(
+    prepare: Callable[[bool], PredictiveJob],
+    options: SampleOptions,
+    execution: Execution,
+    calibrate: Calibrate,
+) -> SampleRun:
+    """Prepare (``prepare(in_process)``) and run, deciding where for ``cluster="auto"``.
+
+    The job is first prepared for this process (no inputs written, no ledger) and
+    planned for one worker with its analytic footprint; when that plan's chunk holds
+    every sample the job runs here, else it is prepared again for the cluster.
+    """
+    if not _may_run_here(execution, options, calibrate):
+        return run_prepared(prepare(execution.in_process), execution, calibrate)
+    job = prepare(True)
+    try:
+        settings = _settings(execution, job.prep.seed)
+        plan = _local_plan(job, settings, execution, Calibrate(False))
+    except BaseException as exc:
+        job.discard(exc)
+        raise
+    n = job.layout.sites[0].shape[0]
+    limit = format_bytes(plan.memory_limit_bytes)
+    fraction = settings["memory-fraction"]
+    if plan.chunk_size >= n:
+        reason = (
+            f"in-process (cluster='auto'): all {n} samples fit one chunk (predicted peak "
+            f"{format_bytes(plan.predicted_peak_bytes)}, under {fraction:g} of {limit}); "
+            "no cluster started (cluster='cluster' starts one)"
+        )
+        log.info("%s", reason)
+        here = replace(execution, cluster="inprocess")
+        return run_prepared(job, here, Calibrate(False), plan=plan, reason=reason)
+    shutil.rmtree(job.prep.scratch, ignore_errors=True)
+    log.info(
+        "cluster (cluster='auto'): %d samples need %d chunks of %d under %g of %s in one "
+        "process: starting the cluster", n, -(-n // plan.chunk_size), plan.chunk_size,
+        fraction, limit,
+    )  # fmt: skip
+    return run_prepared(prepare(False), execution, calibrate)
+
+
+def run_prepared(
+    job: PredictiveJob,
+    execution: Execution,
+    calibrate: Calibrate,
+    *,
+    plan: Plan | None = None,
+    reason: str = "",
+) -> SampleRun:
     """Run a prepared job in this process or through the pipeline; after a failure the
-    store is kept for ``--resume`` when chunks are recorded, else removed."""
+    store is kept for ``--resume`` when chunks are recorded, else removed.  ``plan`` and
+    ``reason``: an in-process run's plan and why it runs here (``cluster='auto'``)."""
     settings = _settings(execution, job.prep.seed)
     try:
         if execution.in_process:
-            return job.finish(_run_here(job, settings, execution, calibrate))
+            reason = reason or "in-process (asked for: client='sync' / cluster='inprocess')"
+            return _run_here(job, settings, execution, calibrate, plan, reason)
         finished = _finished_report(job, settings, execution)
         if finished is not None:
             return job.finish(finished)
@@ -187,14 +290,37 @@ def _local_plan(job: PredictiveJob, settings: Mapping, execution: Execution, cal
     return plan_job(job, settings, resources, **kwargs).plan
 
 
-def _run_here(job: PredictiveJob, settings: Mapping, execution: Execution, calibrate: Calibrate):
-    """``client="sync"``: planned for one worker, every chunk in this process."""
-    plan = _local_plan(job, settings, execution, calibrate)
-    store = job.open_store(plan)
-    chunks = job.chunks(plan)
-    return _run_in_process(
-        job.prep.sampling, chunks, store, job.identity.run_id, job.prep.seed, plan
-    )
+def _run_here(
+    job: PredictiveJob, settings: Mapping, execution: Execution, calibrate: Calibrate,
+    plan: Plan | None, reason: str,
+) -> SampleRun:  # fmt: skip
+    """Planned for one worker, every chunk in this process: into memory (no zarr) when
+    the samples are returned, else into the zarr store."""
+    plan = plan or _local_plan(job, settings, execution, calibrate)
+    chunks, sampling = job.chunks(plan), job.prep.sampling
+    ids = (job.identity.run_id, job.prep.seed, plan, reason)
+    if job.prep.out is None:
+        job.plan, sink = plan, MemorySink(job.layout)
+        report = _run_in_process(partial(_memory_task, sampling, sink.put), chunks, *ids)
+        shutil.rmtree(job.prep.scratch, ignore_errors=True)
+        return SampleRun(sink.samples(), report, plan, job.layout, job.prep.block, reason)
+    store = str(job.open_store(plan))
+    key = f"sync-{uuid.uuid4().hex}"
+    _JOBS[key] = sampling
+    try:
+        task = partial(sample_chunk_task, job_path=key, out=store)
+        report = _run_in_process(task, chunks, *ids)
+    finally:
+        _JOBS.pop(key, None)
+        for cache_key in [k for k in _ARRAYS if k[0] == store]:
+            _ARRAYS.pop(cache_key, None)
+    run = job.finish(report)
+    run.execution = reason
+    return run
+
+
+def _memory_task(sampling: SamplingJob, put: Callable, chunk, ctx) -> dict:
+    return run_chunk(sampling, chunk, ctx.seed, put)
 
 
 def _finished_report(job: PredictiveJob, settings: Mapping, execution: Execution):
@@ -211,39 +337,31 @@ def _finished_report(job: PredictiveJob, settings: Mapping, execution: Execution
     )  # fmt: skip
 
 
-def _run_in_process(job, chunks, store, run_id, seed, plan):
-    """``client="sync"``: every chunk in this process, one after another (no Dask)."""
+def _run_in_process(task, chunks, run_id, seed, plan, reason):
+    """Every chunk in this process, one after another (no Dask): ``task(chunk, ctx)``."""
     import resource
     import time
 
-    from .. import runner
     from ..chunkstate import ChunkStates, Policy
     from ..report import RunReport
 
-    key = f"sync-{uuid.uuid4().hex}"
-    _JOBS[key] = job
     t0 = time.time()
     # the runner's own state machine: out of memory -> halved and retried, else fails
     states = ChunkStates(chunks, Policy(retries=0, min_chunk=1))
-    try:
-        while attempts := states.take(1):
-            chunk = attempts[0].chunk
-            ctx = runner.TaskContext(run_id, runner.chunk_seed(seed, chunk.chunk_id), 0)
-            try:
-                meta = sample_chunk_task(chunk, ctx, job_path=key, out=str(store))
-            except HpcbatchError:
-                raise
-            except Exception as exc:
-                if runner.is_memory_error(exc):
-                    verdict = states.memory_failure(attempts[0], type(exc).__name__)
-                    if verdict.action == "split":
-                        continue
-                raise _chunk_error(chunk, exc) from exc
-            states.succeeded(attempts[0], meta)
-    finally:
-        _JOBS.pop(key, None)
-        for cache_key in [k for k in _ARRAYS if k[0] == str(store)]:
-            _ARRAYS.pop(cache_key, None)
+    while attempts := states.take(1):
+        chunk = attempts[0].chunk
+        ctx = runner.TaskContext(run_id, runner.chunk_seed(seed, chunk.chunk_id), 0)
+        try:
+            meta = task(chunk, ctx)
+        except HpcbatchError:
+            raise
+        except Exception as exc:
+            if runner.is_memory_error(exc):
+                verdict = states.memory_failure(attempts[0], type(exc).__name__)
+                if verdict.action == "split":
+                    continue
+            raise _chunk_error(chunk, exc) from exc
+        states.succeeded(attempts[0], meta)
     total = {"samples": 0, "bytes_written": 0, **states.counters.meta}
     from ..calibrate import _vm_hwm
 
@@ -260,9 +378,10 @@ def _run_in_process(job, chunks, store, run_id, seed, plan):
         plan=plan.to_dict(),
         predicted_peak_bytes=plan.predicted_peak_bytes,
         measured_peak_bytes=peak,
-        measured_peak_per_worker={"this process (sync)": peak},
+        measured_peak_per_worker={"this process (in-process)": peak},
         memory_limit_bytes=plan.memory_limit_bytes,
-        results_meta=total,
+        results_meta={**total, "execution": "in-process"},
+        message=reason,
     )
 
 
@@ -283,14 +402,20 @@ def sample(
     seed: int = 0,
     memory_fraction: float | None = None,
     overwrite: bool = False,
+    cluster: str = "auto",
+    as_tensors: bool = False,
     **options: Any,
 ):
     """Draw what ``pyro.infer.Predictive(model, guide=..., parallel=True)`` draws, in chunks.
 
     The chunk size comes from the memory planner (or ``chunk_size``); chunks run on the
-    Dask workers of ``client`` (a local cluster from the plan when ``None``; ``"sync"``
-    runs them in this process).  Returns a dict of numpy arrays shaped as Predictive's
-    output, or with ``out="x.zarr"`` the zarr group the workers wrote.
+    Dask workers of ``client``; with no client, ``cluster="auto"`` (the default) runs a
+    job that fits one chunk in this process (no Dask; logged, and said in the run
+    report) and starts a local cluster from the plan for anything larger;
+    ``cluster="cluster"`` always starts it, ``cluster="inprocess"`` (or
+    ``client="sync"``) never does.  Returns a dict of numpy arrays shaped as
+    Predictive's output (torch tensors with ``as_tensors=True``, as Predictive returns),
+    or with ``out="x.zarr"`` the zarr group the workers wrote.
 
     With ``data_plate`` and ``split_args``, the model runs block by block of that
     plate's rows for each chunk of samples, conditioned on one draw of the global
@@ -298,7 +423,7 @@ def sample(
     ``options`` (``cell_block``, ``footprint``, ``settings``, ``shared_dir``,
     ``compress``, ``run_id``, ``report_dir``, ``progress``) go to :func:`run_sampling`.
     """
-    return run_sampling(
+    run = run_sampling(
         model,
         guide=guide,
         posterior_samples=posterior_samples,
@@ -314,8 +439,16 @@ def sample(
         seed=seed,
         memory_fraction=memory_fraction,
         overwrite=overwrite,
+        cluster=cluster,
         **options,
-    ).samples
+    )
+    if as_tensors:
+        if out is not None:
+            raise ConfigError("as_tensors=True returns the samples in memory: drop out=")
+        import torch
+
+        return {name: torch.from_numpy(value) for name, value in run.samples.items()}
+    return run.samples
 
 
 __all__ = [
@@ -325,12 +458,14 @@ __all__ = [
     "SampleRequest",
     "SampleRun",
     "SamplingJob",
+    "CLUSTER_CHOICES",
     "ZARR_CHUNK_BYTES",
     "choose_block",
     "default_run_id",
     "draw_chunk",
     "ledger_path",
     "portable_guide",
+    "prepare_and_run",
     "pyro_seed",
     "run_params",
     "run_sampling",

@@ -217,27 +217,65 @@ def draw_chunk(job: SamplingJob, start: int, stop: int, seed: int, emit) -> None
                 emit(site, value, None)
 
 
-def sample_chunk_task(chunk, ctx, *, job_path: str, out: str) -> dict:
-    """The runner's task: draw one chunk and write its zarr regions on the worker."""
-    job = _load_job(job_path)
+def run_chunk(job: SamplingJob, chunk, seed: int, put: Callable[..., int]) -> dict:
+    """Draw one chunk with ``seed``; ``put(site, start, stop, value, rows)`` stores each
+    piece and returns its bytes.  Pyro's globals are guarded (see ``_PYRO_LOCK``)."""
     written = 0
 
     def emit(site, value, rows):
         nonlocal written
-        written += _write(out, site, chunk.start, chunk.stop, value, rows)
+        written += put(site, chunk.start, chunk.stop, value, rows)
 
     # Argument validation is off inside chunks (it costs ~15 % and draws no random
     # numbers, so results are unchanged); the client's test run validated the model.
     with _PYRO_LOCK, pyro.get_param_store().scope(), pyro.validation_enabled(False):
         _restore_guide_params(job)
         try:
-            draw_chunk(job, chunk.start, chunk.stop, ctx.seed, emit)
+            draw_chunk(job, chunk.start, chunk.stop, seed, emit)
         except RuntimeError as exc:
             # torch's CPU allocator failing is a memory failure: the runner halves the chunk.
             if "can't allocate memory" in str(exc) or "out of memory" in str(exc).lower():
                 raise MemoryError(core._describe(exc)) from exc
             raise
     return {"samples": chunk.stop - chunk.start, "bytes_written": written}
+
+
+def sample_chunk_task(chunk, ctx, *, job_path: str, out: str) -> dict:
+    """The runner's task: draw one chunk and write its zarr regions on the worker."""
+    return run_chunk(_load_job(job_path), chunk, ctx.seed, partial(_write, out))
+
+
+class MemorySink:
+    """In-process samples kept in memory (no zarr): one array per site, shaped as
+    Predictive's output.  A site drawn whole by one chunk keeps the drawn tensor itself
+    (no copy); otherwise each chunk's piece is copied into its region once."""
+
+    def __init__(self, layout: core.Layout):
+        self.layout = layout
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def put(self, site: core.SiteLayout, start: int, stop: int, value, rows=None) -> int:
+        value = value.detach() if torch.is_tensor(value) else torch.as_tensor(np.asarray(value))
+        dtype = torch.from_numpy(np.empty(0, site.dtype)).dtype
+        whole = rows is None and start == 0 and stop == site.shape[0]
+        if whole and tuple(value.shape) == tuple(site.shape) and value.dtype == dtype:
+            self.tensors[site.name] = value.contiguous()
+            return int(value.nbytes)
+        target = self.tensors.get(site.name)
+        if target is None:
+            target = torch.from_numpy(np.empty(site.shape, site.dtype))
+            self.tensors[site.name] = target
+        region = [slice(start, stop)] + [slice(None)] * (len(site.shape) - 1)
+        if rows is not None:
+            region[site.plate_axis] = slice(*rows)
+        piece = target[tuple(region)]
+        piece.copy_(value)  # broadcasts (e.g. a site constant over the rows) and casts
+        return int(piece.nbytes)
+
+    def samples(self, as_tensors: bool = False) -> dict:
+        """The sites in layout order: tensors, or numpy arrays over the same memory."""
+        out = {s.name: self.tensors[s.name] for s in self.layout.sites}
+        return out if as_tensors else {k: v.cpu().numpy() for k, v in out.items()}
 
 
 def _chunk_error(chunk, exc: BaseException) -> ChunkFailedError:
@@ -583,6 +621,7 @@ class SampleRun:
     plan: Any
     layout: core.Layout
     block: int | None
+    execution: str = ""  # where it ran and why (cluster='auto' in-process runs say so)
 
     def to_dict(self) -> dict:
         """The run report as a dict (``hpcbatch run predictive --json``)."""
@@ -592,6 +631,8 @@ class SampleRun:
         """The report's summary, the plan and the sites written (to ``out``, if given)."""
         plan = f"plan: {self.plan.chunk_size} samples per chunk, {self.plan.n_workers} workers"
         lines = [self.report.summary(), plan]
+        if self.execution:
+            lines.append(self.execution)
         if self.block:
             lines.append(f"cells per model run: {self.block}")
         where = f"{out}/" if out is not None else ""
@@ -834,9 +875,12 @@ def technical_job(
     from .footprint import technical_footprint
 
     data, guide, mu_mean, mu_sd = technical.load_fit(data_dir)
-    # The counts are only needed to draw nothing but latents: pass them memory-mapped
-    # as the model's observed data would be; y is drawn, so they stay None.
-    args, kwargs = technical.model_inputs(data, mu_mean, mu_sd, with_counts=False)
+    # Latent sites only: in this process the (memory-mapped) counts are passed as the
+    # model's observations, so its one-row likelihood draws nothing (y is the last
+    # site: the latents are the same numbers either way); on a cluster they stay None
+    # (one row of y is drawn and dropped) rather than be rewritten for sharing.
+    with_counts = in_process and not with_observations
+    args, kwargs = technical.model_inputs(data, mu_mean, mu_sd, with_counts=with_counts)
     sites = [*technical.LATENT_SITES, *([technical.OBSERVED_SITE] if with_observations else [])]
     request = SampleRequest(
         technical.technical_model, samples, guide=guide, model_args=args, model_kwargs=kwargs,

@@ -1,0 +1,106 @@
+"""Where ``hpcbatch.predictive.sample`` runs: ``cluster="auto"`` (the default) keeps a
+job that fits one chunk in this process and starts a cluster for larger ones; and
+``as_tensors=True`` returns torch tensors as Predictive does."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyro
+import pytest
+import torch
+import zarr
+from predictive_models import technical_setup
+from pyro.infer import Predictive
+
+from hpcbatch.errors import ConfigError
+from hpcbatch.predictive import sample
+from hpcbatch.predictive import technical as tech
+from hpcbatch.predictive.sampling import pyro_seed, run_sampling
+from hpcbatch.runner import chunk_seed
+
+SITES = ["alpha_y", "mu_ntc", "phi_y", "y"]
+
+
+@pytest.fixture(scope="module")
+def tech_fit(tmp_path_factory):
+    return technical_setup(tmp_path_factory.mktemp("where"))
+
+
+def _common(tech_fit, **extra):
+    data, guide, args, kwargs = tech_fit
+    return dict(guide=guide, num_samples=16, model_args=args, model_kwargs=kwargs,
+                return_sites=SITES, seed=5, progress=False, **extra)  # fmt: skip
+
+
+def _reference(tech_fit) -> dict:
+    data, guide, args, kwargs = tech_fit
+    pyro.set_rng_seed(pyro_seed(chunk_seed(5, "c000000")))
+    predictive = Predictive(tech.technical_model, guide=guide, num_samples=16,
+                            return_sites=SITES, parallel=True)  # fmt: skip
+    return predictive(*args, **kwargs)
+
+
+def test_default_call_of_a_small_job_runs_in_process_and_says_so(tech_fit, caplog):
+    caplog.set_level(logging.INFO, logger="hpcbatch.predictive.sampling")
+    run = run_sampling(tech.technical_model, **_common(tech_fit))
+    assert run.report.results_meta["execution"] == "in-process"
+    assert "in-process (cluster='auto')" in run.execution
+    assert "no cluster started" in run.report.message
+    assert "in-process (cluster='auto')" in run.summary()
+    assert any("no cluster started" in r.getMessage() for r in caplog.records)
+    assert run.plan.n_workers == 1 and run.plan.chunk_size == 16
+    ref = _reference(tech_fit)
+    for name in SITES:  # one chunk: bit-identical to Predictive(parallel=True)
+        np.testing.assert_array_equal(run.samples[name], ref[name].numpy())
+
+
+def test_as_tensors_returns_torch_tensors_like_predictive(tech_fit):
+    got = sample(tech.technical_model, as_tensors=True, **_common(tech_fit))
+    ref = _reference(tech_fit)
+    assert set(got) == set(ref)
+    for name in SITES:
+        assert isinstance(got[name], torch.Tensor)
+        assert got[name].dtype == ref[name].dtype
+        assert torch.equal(got[name], ref[name])
+
+
+def test_as_tensors_with_out_is_refused(tech_fit, tmp_path):
+    with pytest.raises(ConfigError, match="drop out="):
+        sample(tech.technical_model, as_tensors=True, out=tmp_path / "s.zarr",
+               **_common(tech_fit))  # fmt: skip
+
+
+def test_an_unknown_cluster_choice_is_refused(tech_fit):
+    with pytest.raises(ConfigError, match="cluster must be one of auto, cluster, inprocess"):
+        sample(tech.technical_model, cluster="local-ish", **_common(tech_fit))
+
+
+def test_inprocess_with_out_writes_the_zarr_store(tech_fit, tmp_path):
+    out = tmp_path / "s.zarr"
+    run = run_sampling(tech.technical_model, cluster="inprocess", out=out, chunk_size=4,
+                       **_common(tech_fit))  # fmt: skip
+    assert run.report.n_chunks == 4 and "asked for" in run.execution
+    group = zarr.open_group(str(out), mode="r")
+    in_memory = sample(tech.technical_model, cluster="inprocess", chunk_size=4,
+                       **_common(tech_fit))  # fmt: skip
+    for name in SITES:
+        np.testing.assert_array_equal(group[name][...], in_memory[name])
+
+
+def test_a_job_larger_than_one_chunk_keeps_the_cluster(tech_fit, caplog):
+    caplog.set_level(logging.INFO, logger="hpcbatch.predictive.sampling")
+    from hpcbatch.resources import Resources
+
+    resources = Resources(4 * 1024**3, "test", 2, "test")
+    run = run_sampling(tech.technical_model, chunk_size=8, resources=resources,
+                       **_common(tech_fit))  # fmt: skip
+    assert "execution" not in run.report.results_meta
+    assert run.execution == ""
+    assert run.report.n_chunks == 2 and run.report.measured_peak_per_worker
+    assert not any("this process" in key for key in run.report.measured_peak_per_worker)
+    assert any("starting the cluster" in r.getMessage() for r in caplog.records)
+    in_process = sample(tech.technical_model, client="sync", chunk_size=8, **_common(tech_fit))
+    for name in SITES:
+        np.testing.assert_array_equal(run.samples[name], in_process[name])
