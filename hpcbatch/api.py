@@ -285,6 +285,10 @@ def _function_probe(size: int, path: str) -> None:
 # ------------------------------------------------------------------ map ----
 
 
+def _terminal() -> bool:
+    return hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+
+
 def map(  # noqa: A001 (hpcbatch.map, like the builtin, over a user's function)
     fn: Callable,
     items: Sequence,
@@ -303,7 +307,7 @@ def map(  # noqa: A001 (hpcbatch.map, like the builtin, over a user's function)
     resources: Any = None,
     probe_sizes: tuple[int, int] = PROBE_SIZES,
     scratch: str | os.PathLike | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> Any:
     """Run ``fn`` over ``items`` in planned chunks; see the module docstring.
 
@@ -317,6 +321,9 @@ def map(  # noqa: A001 (hpcbatch.map, like the builtin, over a user's function)
     ``footprint``: skip the measurement (``{"per_item_bytes": .., "fixed_bytes": ..}``).
     ``chunk_size``: fix the items per chunk (default: planned).
     ``scratch``: where returned values wait for the driver (a shared directory on SLURM).
+    ``progress``: print the cluster's dashboard line and progress on stderr (default
+    ``None``: only when stderr is a terminal); the progress lines are logged on the
+    ``hpcbatch.progress`` logger (INFO) either way.
     """
     items, as_array = _check_items(fn, items)
     if isinstance(client, str):
@@ -342,6 +349,6 @@ def map(  # noqa: A001 (hpcbatch.map, like the builtin, over a user's function)
     request = RunRequest(
         cluster=ClusterChoice.parse(cluster, settings), resources=resources, client=client,
         resume=resume, run_id=run_id, report_dir=report_dir, progress=progress,
-        quiet=not progress, calibrate=False,
+        quiet=not (progress or (progress is None and _terminal())), calibrate=False,
     )  # fmt: skip
     return run_job(job, settings, request)

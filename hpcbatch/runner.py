@@ -1088,13 +1088,16 @@ def _finish(shell: _Shell, t_start: float) -> RunReport:
     finally:
         shell.notify_end(status)
     run_dir = opts.run_dir
-    if opts.progress or status != "finished":
-        opts.say(
-            f"run {opts.run_id!r} {status}: {c.chunks_done} chunks ({c.items_done} items, "
-            f"{c.tasks_done} tasks) in {report.wall_time_s:.1f} s, {start.skipped} skipped, "
-            f"{c.retried} retried, {c.split} split" + (f"; report in {run_dir}" if run_dir else "")
-            + (f"; {quarantine_line(c.quarantined, opts.item_name)}" if c.quarantined else "")
-        )
+    line = (
+        f"run {opts.run_id!r} {status}: {c.chunks_done} chunks ({c.items_done} items, "
+        f"{c.tasks_done} tasks) in {report.wall_time_s:.1f} s, {start.skipped} skipped, "
+        f"{c.retried} retried, {c.split} split" + (f"; report in {run_dir}" if run_dir else "")
+        + (f"; {quarantine_line(c.quarantined, opts.item_name)}" if c.quarantined else "")
+    )
+    if shell.bar.enabled or status != "finished":
+        opts.say(line)
+    else:
+        progress_log.info(line)
     if shell.fatal is not None:
         raise shell.fatal
     if status == "interrupted":

@@ -17,3 +17,15 @@ def busy(chunk: Chunk, ctx: TaskContext, delay: float = 0.05) -> dict:
     if chunk.start <= 5 < chunk.stop:
         meta[QUARANTINED] = [{"item": 5, "reason": "item 5 is bad"}]
     return meta
+
+
+def slow_square(x: int) -> int:
+    """One item, 0.15 s (hpcbatch.map per_item=True)."""
+    time.sleep(0.15)
+    return x * x
+
+
+def slow_chunk(chunk: Chunk, ctx: TaskContext) -> dict:
+    """0.3 s per chunk (the SIGKILL test's run)."""
+    time.sleep(0.3)
+    return {"items": chunk.size}

@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 import runs_helpers as rsh
@@ -14,6 +24,7 @@ from hpcbatch.config import load
 from hpcbatch.runner import make_chunks, run
 
 pytestmark = pytest.mark.timeout(300)
+HERE = Path(__file__).parent
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +66,140 @@ def test_watchers_get_snapshots_and_a_raising_watcher_is_dropped(client, caplog)
     bad_item = next(e for e in last["events"] if e["kind"] == "quarantine")
     assert bad_item["item"] == 5 and bad_item["reason"] == "item 5 is bad"
     assert "split" in kinds
+
+
+# ------------------------------------------------ progress.json + status ----
+
+
+def _status(*args: str) -> tuple[int, str]:
+    from click.testing import CliRunner
+
+    from hpcbatch.runs_cli import runs, status
+
+    cmd = runs if args and args[0] == "runs" else status
+    result = CliRunner().invoke(cmd, list(args[1:] if cmd is runs else args))
+    return result.exit_code, result.output
+
+
+def test_a_map_run_writes_progress_json_and_status_follows_it_live(
+    client, tmp_path, capsys, caplog
+):
+    import hpcbatch
+
+    reports = tmp_path / "reports"
+    settings = load(overrides={"progress-interval": 0.5})
+    box: dict = {}
+
+    def go() -> None:
+        try:
+            box["out"] = hpcbatch.map(rsh.slow_square, list(range(60)), client=client,
+                                      footprint={"per_item_bytes": 1000, "fixed_bytes": 0},
+                                      chunk_size=2, per_item=True, run_id="live",
+                                      report_dir=str(reports), settings=settings,
+                                      scratch=tmp_path)  # fmt: skip (progress: default)
+        except BaseException as exc:  # noqa: BLE001
+            box["error"] = exc
+
+    caplog.set_level(logging.INFO, logger="hpcbatch.progress")
+    thread = threading.Thread(target=go)
+    thread.start()
+    path = reports / "live" / "progress.json"
+    seen, listed_running = [], False
+    while thread.is_alive():
+        data = _read(path)
+        if data and data["state"] == "running":
+            seen.append(data["items_done"])
+            code, out = _status("runs", str(reports))
+            assert code == 0, out
+            listed_running |= bool(re.search(r"^live\s+map\s+running\s", out, re.M))
+        time.sleep(0.3)
+    thread.join()
+    assert "error" not in box, box.get("error")
+    assert box["out"] == [x * x for x in range(60)]
+    assert listed_running, "status never listed the run as running"
+    assert len(set(seen)) >= 2 and seen == sorted(seen), seen
+    final = _read(path)
+    assert final["state"] == "finished" and final["final"] is True
+    assert final["items_done"] == 60 and final["counters"]["done"] == 30
+    assert final["pid"] == os.getpid() and final["host"] == socket.gethostname()
+    assert final["workload"] == "map"
+    code, out = _status("runs", str(reports))
+    assert code == 0 and re.search(r"^live\s+map\s+finished\s+60/60 \(100%\)\s+30/30", out, re.M)
+    code, out = _status("live", "--report-dir", str(reports), "--json")
+    assert code == 0
+    view = json.loads(out)
+    assert view["state"] == "finished" and view["items_done"] == 60 and view["percent"] == 100.0
+    # library manners: nothing on stdout, the progress lines in the log
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "progress: " not in captured.err  # progress=None: not a terminal, not shown
+    lines = [r.getMessage() for r in caplog.records if r.name == "hpcbatch.progress"]
+    assert any(line.startswith("progress: ") and "/60 items" in line for line in lines)
+    assert any(line.startswith("run 'live' finished: 30 chunks") for line in lines)
+
+
+def _read(path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+KILLED_RUN = """
+import sys, time
+sys.path.insert(0, {tests!r})
+import runs_helpers as rsh
+import runtime_helpers as rh
+from hpcbatch.cluster import open_cluster
+from hpcbatch.config import load
+from hpcbatch.runner import make_chunks, run
+from hpcbatch.runs import progress_watchers
+
+if __name__ == "__main__":
+    settings = load(overrides={{"cluster": {{"dashboard-address": "127.0.0.1:0"}}}})
+    with open_cluster(rh.small_plan(200, 2), settings, quiet=True) as client:
+        run(make_chunks(200, 2), rsh.slow_chunk, client, run_id="doomed",
+            report_dir={reports!r}, progress=False, max_in_flight=2,
+            watchers=progress_watchers({reports!r}, "doomed", "test"))
+"""
+
+
+def test_a_sigkilled_run_shows_as_interrupted(tmp_path):
+    reports = tmp_path / "reports"
+    script = tmp_path / "doomed.py"
+    script.write_text(KILLED_RUN.format(tests=str(HERE), reports=str(reports)))
+    proc = subprocess.Popen([sys.executable, str(script)], start_new_session=True)
+    path = reports / "doomed" / "progress.json"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            data = _read(path)
+            if data and data["items_done"] > 0:
+                break
+            assert proc.poll() is None, "the run ended before it was killed"
+            time.sleep(0.2)
+        else:
+            pytest.fail("the run wrote no progress.json in 120 s")
+        code, out = _status("doomed", "--report-dir", str(reports))
+        assert code == 0 and out.startswith("run doomed: running"), out
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local workers
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    assert _read(path)["state"] == "running"  # it never had the chance to say otherwise
+    code, out = _status("doomed", "--report-dir", str(reports))
+    assert code == 0 and out.startswith("run doomed: interrupted (its process"), out
+    code, out = _status("runs", str(reports), "--json")
+    (view,) = json.loads(out)
+    assert view["state"] == "interrupted" and view["run_id"] == "doomed"
+    assert 0 < view["items_done"] < 200 and view["workload"] == "test"
+
+
+def test_status_of_an_unknown_run_is_one_line(tmp_path):
+    (tmp_path / "r").mkdir()
+    code, out = _status("nope", "--report-dir", str(tmp_path / "r"))
+    assert code != 0
+    code, out = _status("runs", str(tmp_path / "missing"))
+    assert code != 0
