@@ -47,6 +47,9 @@ _MAX_POINTS = 2400
 #: at most this many bars in the Gantt chart (beyond: neighbours within a pixel merge)
 _MAX_BARS = 6000
 _W, _LEFT, _RIGHT = 1100, 120, 190  # SVG width and margins (px)
+#: a task that starts this much before the previous one on its row ended still follows
+#: it (the worker's timestamps of one thread overlap by a few ms)
+_OVERLAP_S = 0.05
 #: more chunk starts than this: one start tick per pixel (else one per pixel and worker)
 _MAX_START_TICKS = 3000
 _DASH = {"-": "", ":": "2,3", "--": "6,4", "-.": "8,3,2,3"}
@@ -327,7 +330,7 @@ def _rows(bars: Sequence[ChunkBar]) -> list[list[ChunkBar]]:
     ends: list[float] = []
     for b in sorted(bars, key=lambda b: b.start):
         for i, end in enumerate(ends):
-            if b.start >= end - 1e-6:
+            if b.start >= end - _OVERLAP_S:
                 rows[i].append(b)
                 ends[i] = b.stop
                 break
@@ -406,8 +409,13 @@ def _bar(sx: _Scale, start: float, stop: float, y: float, h: float, color: str, 
                  f"{start:,.2f} s to {stop:,.2f} s ({stop - start:,.2f} s), {state}")  # fmt: skip
     cls = "bar" + ("" if first.ok else " failed") + (" retry" if first.is_retry else "")
     fill = color if first.ok else "#d62728"
-    return (f'<rect class="{cls}" x="{x0:.1f}" y="{y:.1f}" width="{max(1.0, x1 - x0):.1f}" '
+    rect = (f'<rect class="{cls}" x="{x0:.1f}" y="{y:.1f}" width="{max(1.0, x1 - x0):.1f}" '
             f'height="{h}" fill="{fill}"><title>{_e(title)}</title></rect>')  # fmt: skip
+    name = first.chunk_id if len(group) == 1 else f"{len(group)} chunks"
+    if x1 - x0 < 6 * len(name) + 6:  # too narrow to be named: the title says it
+        return rect
+    return rect + (f'<text class="barlabel" x="{x0 + 3:.1f}" y="{y + h - 2.5:.1f}">'
+                   f"{_e(name)}</text>")  # fmt: skip
 
 
 def peaks_svg(
@@ -474,6 +482,7 @@ svg.plot{display:block;max-width:100%;height:auto;font-size:11px;font-family:inh
 svg .grid{stroke:#e5e5e5}svg .axis{stroke:#444}svg .series{fill:none;stroke-width:1.4}
 svg .bar.retry{stroke:#000;stroke-width:1.2}svg .reflabel{font-size:10.5px}
 svg .killno{fill:#d62728;font-weight:bold}
+svg .barlabel{fill:#fff;font-size:9px;pointer-events:none}
 .legend{list-style:none;padding:0;margin:6px 0;display:flex;flex-wrap:wrap;gap:4px 16px;
 font-size:12.5px}.sw{display:inline-block;width:14px;height:4px;margin-right:5px;
 vertical-align:middle}.note{color:#666;font-size:12.5px}
