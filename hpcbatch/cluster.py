@@ -150,6 +150,8 @@ def open_cluster(
         client.hpcbatch_start_timeout_s = timeout  # type: ignore[attr-defined]
         if not quiet:
             _announce(client, backend, plan, out)
+        else:  # a quiet library call: the link in the log (hpcbatch.progress, INFO)
+            logging.getLogger("hpcbatch.progress").info("dashboard: %s", client.dashboard_link)
         yield client
 
 

@@ -31,6 +31,7 @@ from .ledger import Ledger
 from .planner import Footprint, Plan, make_plan
 from .resources import Resources, detect_resources
 from .runner import run as run_chunks
+from .runs import progress_watchers
 from .workload import Job, RunContext, RunSettings, Workload
 
 log = logging.getLogger(__name__)
@@ -262,5 +263,8 @@ def _run_on(
         db_outage_s=run_settings.db_outage_s,
         max_bad_items=run_settings.max_bad_items,
         item_name=job.workload.item_name,
-        watchers=install_dashboard(client, plan, run_id),  # the live page: <dashboard>/hpcbatch
+        watchers=(
+            *progress_watchers(report_dir, run_id, job.workload.name, sink.ledger_url),
+            *install_dashboard(client, plan, run_id),  # the live page: <dashboard>/hpcbatch
+        ),
     )
