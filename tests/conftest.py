@@ -9,6 +9,8 @@ be installed or started. Subdirectories may add their own conftest.py.
 - `postgres_db_url`: a fresh, empty database on that server per test (dropped after).
 - `slurm_cluster_env`: a running munged + slurmctld + slurmd (session); a dict with
   `SLURM_CONF`, `env` (os.environ plus SLURM_CONF), `partition`, `dir`, `node`, ...
+- `slurm_multinode_env`: 3 slurmd on this host plus accounting (slurmdbd + MariaDB),
+  started the first time a test asks for it (session); `slurm_mn` sets its SLURM_CONF.
 """
 
 from __future__ import annotations
@@ -86,10 +88,50 @@ def slurm_cluster_env() -> Iterator[dict]:
 @pytest.fixture
 def slurm_env(slurm_cluster_env: dict, monkeypatch: pytest.MonkeyPatch) -> dict:
     """`slurm_cluster_env` with SLURM_CONF set (and outer SLURM_* removed) in os.environ."""
+    return _use_slurm(slurm_cluster_env, monkeypatch)
+
+
+def _use_slurm(info: dict, monkeypatch: pytest.MonkeyPatch) -> dict:
     for key in [k for k in os.environ if k.startswith("SLURM_")]:
         monkeypatch.delenv(key)
-    monkeypatch.setenv("SLURM_CONF", slurm_cluster_env["SLURM_CONF"])
-    return slurm_cluster_env
+    monkeypatch.setenv("SLURM_CONF", info["SLURM_CONF"])
+    return info
+
+
+@pytest.fixture(scope="session")
+def slurm_multinode_env() -> Iterator[dict]:
+    """A 3-node SLURM with accounting (munged, slurmctld, 3 slurmd on this host, slurmdbd
+    and a private MariaDB) for this session: `sacct` works. Memory is enforced by the
+    cgroup v1 plugins where they can work here (a memory kill is OUT_OF_MEMORY), else by
+    jobacct_gather (FAILED 0:9); `cgroup` says which. Nodes of 2 CPUs (this host's) and
+    6000 MB each, SlurmdTimeout=10 (a dead node is DOWN after 25-30 s).
+
+    The dict is `slurm_cluster_env`'s plus `nodes` (their names), `cluster`, `accounting`,
+    `cgroup` and `cluster_obj` (the :class:`services.SlurmTestCluster`: `kill_node(name)`,
+    `start_slurmd(name)`, `node_state(name)`, `run(*argv)`).
+    """
+    cluster = services.SlurmTestCluster(
+        real_memory_mb=6000,
+        nodes=3,
+        accounting=True,
+        cgroup=services.cgroup_v1_writable(),
+        slurmd_timeout=10,
+    )
+    try:
+        cluster.start()
+    except (services.ServiceUnavailable, OSError, services.subprocess.SubprocessError) as e:
+        print(f"\nmulti-node SLURM unavailable: {e}", file=sys.stderr)
+        _skip_or_fail(f"multi-node SLURM with accounting unavailable: {e}")
+    try:
+        yield cluster.info()
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def slurm_mn(slurm_multinode_env: dict, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """`slurm_multinode_env` with its SLURM_CONF set (outer SLURM_* removed) in os.environ."""
+    return _use_slurm(slurm_multinode_env, monkeypatch)
 
 
 SUMMARY_MARKERS = ("slow", "slurm", "postgres", "gpu", "browser")

@@ -381,33 +381,29 @@ def _libpq(sqlalchemy_url: str) -> str:
 # ---------------------------------------------------------------- SLURM
 
 SLURM_BINARIES = ("slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "munged", "munge")
+ACCOUNTING_BINARIES = ("mariadbd", "mariadb-install-db", "mariadb", "slurmdbd", "sacct", "sacctmgr")
 
 SLURM_CONF_TEMPLATE = """\
-# Single-node test cluster written by tests/services.py; everything lives in {dir}
+# Test cluster written by tests/services.py; everything lives in {dir}
 ClusterName={cluster}
 SlurmctldHost={host}(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={munge_socket}
+AuthInfo=socket={munge_socket}{cred_expire}
 SlurmctldPort={ctld_port}
-SlurmdPort={slurmd_port}
 StateSaveLocation={dir}/state
-SlurmdSpoolDir={dir}/spool
+SlurmdSpoolDir={dir}/spool/%n
 SlurmctldPidFile={dir}/slurmctld.pid
-SlurmdPidFile={dir}/slurmd.pid
+SlurmdPidFile={dir}/slurmd-%n.pid
 SlurmctldLogFile={dir}/slurmctld.log
-SlurmdLogFile={dir}/slurmd.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+SlurmdLogFile={dir}/slurmd-%n.log
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU={def_mem_per_cpu}
 JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherFrequency=1
-JobAcctGatherParams=OverMemoryKill
-AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/filetxt
 JobCompLoc={dir}/jobcomp.log
 MpiDefault=none
@@ -416,10 +412,68 @@ ReturnToService=2
 KillWait=3
 MinJobAge=600
 SlurmctldTimeout=30
-SlurmdTimeout=60
+SlurmdTimeout={slurmd_timeout}
 SchedulerParameters=sched_interval=2
-NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 CPUs={cpus} Sockets={sockets} CoresPerSocket={cores} ThreadsPerCore={threads} RealMemory={real_memory} State=UNKNOWN
-PartitionName={partition} Nodes={node} Default=YES MaxTime=INFINITE State=UP
+{enforcement}
+{accounting}
+{nodes}
+PartitionName={partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+"""
+
+NODE_LINE = (
+    "NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} CPUs={cpus} "
+    "Sockets={sockets} CoresPerSocket={cores} ThreadsPerCore={threads} "
+    "RealMemory={real_memory} State=UNKNOWN"
+)
+
+#: Memory enforcement: jobacct_gather polling (FAILED 0:9, works everywhere), or the
+#: cgroup plugins (the kernel kills at --mem; SLURM's state is OUT_OF_MEMORY).
+ENFORCEMENT = {
+    False: "ProctrackType=proctrack/linuxproc\nTaskPlugin=task/none\n"
+    "JobAcctGatherParams=OverMemoryKill",
+    True: "ProctrackType=proctrack/cgroup\nTaskPlugin=task/cgroup",
+}
+CGROUP_CONF = """\
+CgroupPlugin=cgroup/v1
+CgroupMountpoint=/sys/fs/cgroup
+ConstrainCores=no
+ConstrainRAMSpace=yes
+ConstrainSwapSpace=no
+"""
+
+MY_CNF = """\
+[mariadbd]
+datadir={dir}/data
+socket={dir}/mysqld.sock
+port={port}
+bind-address=127.0.0.1
+pid-file={dir}/mysqld.pid
+log-error={dir}/error.log
+user=root
+skip-name-resolve
+innodb_buffer_pool_size=64M
+innodb_log_file_size=16M
+innodb_flush_log_at_trx_commit=0
+innodb_doublewrite=0
+innodb_lock_wait_timeout=900
+"""
+
+SLURMDBD_CONF = """\
+AuthType=auth/munge
+AuthInfo=socket={munge_socket}
+DbdHost=localhost
+DbdAddr=127.0.0.1
+DbdPort={dbd_port}
+SlurmUser=root
+DebugLevel=info
+LogFile={dir}/slurmdbd.log
+PidFile={dir}/slurmdbd.pid
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort={db_port}
+StorageUser=slurm
+StoragePass=slurmpw
+StorageLoc=slurm_acct_db
 """
 
 
@@ -447,21 +501,50 @@ def slurmd_hardware() -> dict[str, int]:
         ) from e
 
 
-class SlurmTestCluster:
-    """munged + slurmctld + slurmd in the foreground, in one temp dir on free ports.
+def cgroup_v1_writable() -> bool:
+    """Whether SLURM's cgroup plugins can work here (cgroup v1 memory + freezer, writable)."""
+    return all(
+        os.path.isdir(d) and os.access(d, os.W_OK)
+        for d in ("/sys/fs/cgroup/memory", "/sys/fs/cgroup/freezer")
+    )
 
-    The node has a unique name per instance (`slurmd -N`), its own munge socket and
-    key, state and spool dirs, so concurrent instances do not see each other.
-    `stop()` cancels the jobs, stops the daemons by PID and kills any process that
-    still carries this instance's SLURM_CONF (job steps, Dask workers).
+
+class SlurmTestCluster:
+    """munged + slurmctld + one or more slurmd in the foreground, in one temp dir on free ports.
+
+    Nodes have unique names per instance (`slurmd -N NAME`, a `Port` each: several
+    slurmd on this one host), their own munge socket and key, state and spool dirs, so
+    concurrent instances do not see each other. ``accounting=True`` adds a private
+    MariaDB and slurmdbd (so `sacct` works); ``cgroup=True`` enforces memory with the
+    cgroup v1 plugins (a memory kill is OUT_OF_MEMORY) instead of jobacct_gather's
+    OverMemoryKill (FAILED 0:9). `stop()` cancels the jobs, stops the daemons by PID and
+    kills any process that still carries this instance's SLURM_CONF (job steps, Dask
+    workers).
     """
 
-    def __init__(self, real_memory_mb: int = 8000, partition: str = "debug") -> None:
+    def __init__(
+        self,
+        real_memory_mb: int = 8000,
+        partition: str = "debug",
+        *,
+        nodes: int = 1,
+        accounting: bool = False,
+        cgroup: bool = False,
+        slurmd_timeout: int = 60,
+    ) -> None:
         self.real_memory_mb = real_memory_mb
         self.partition = partition
+        self.accounting = accounting
+        self.cgroup = cgroup
+        self.slurmd_timeout = slurmd_timeout
         self.dir: Path | None = None
         self.procs: dict[str, subprocess.Popen] = {}
-        self.node = f"hb{uuid.uuid4().hex[:6]}"
+        self.cluster = f"hb{uuid.uuid4().hex[:6]}"
+        self.nodes = (
+            [self.cluster] if nodes == 1 else [f"{self.cluster}n{i + 1}" for i in range(nodes)]
+        )
+        self.node = self.nodes[0]
+        self.ports: dict[str, int] = {}
         self.host = socket.gethostname().split(".")[0]
 
     # paths
@@ -489,17 +572,26 @@ class SlurmTestCluster:
             "dir": str(self.dir),
             "partition": self.partition,
             "node": self.node,
+            "nodes": list(self.nodes),
+            "cluster": self.cluster,
+            "accounting": self.accounting,
+            "cgroup": self.cgroup,
             "real_memory_mb": self.real_memory_mb,
             "cpus": self.hw["cpus"],
             "jobcomp": str(self.dir / "jobcomp.log"),
             "munge_socket": str(self.munge_socket),
             "pids": {name: p.pid for name, p in self.procs.items()},
+            "cluster_obj": self,
         }
 
     def start(self) -> SlurmTestCluster:
         if not is_root():
             raise ServiceUnavailable("starting a test SLURM needs root (slurmd runs jobs as users)")
         apt_install(["slurm-wlm", "munge"], have_binaries(*SLURM_BINARIES))
+        if self.accounting:
+            apt_install(["mariadb-server", "slurmdbd"], have_binaries(*ACCOUNTING_BINARIES))
+        if self.cgroup and not cgroup_v1_writable():
+            raise ServiceUnavailable("cgroup v1 memory/freezer not writable here: use cgroup=False")
         try:
             pwd.getpwnam("munge")
         except KeyError as e:
@@ -508,8 +600,11 @@ class SlurmTestCluster:
         self.hw = slurmd_hardware()
         self.real_memory_mb = min(self.real_memory_mb, max(1000, self.hw["memory_mb"] // 2))
         self.dir = make_service_dir("slurm")
+        (self.dir / "nodes").write_text("\n".join(self.nodes) + "\n")
         try:
             self._start_munge()
+            if self.accounting:
+                self._start_accounting()
             for attempt in range(3):  # another process may take a port between pick and bind
                 self._write_conf()
                 try:
@@ -525,7 +620,7 @@ class SlurmTestCluster:
         return self
 
     def _stop_slurm_daemons(self) -> None:
-        for name in ("slurmd", "slurmctld"):
+        for name in [*(f"slurmd-{n}" for n in self.nodes), "slurmctld"]:
             p = self.procs.pop(name, None)
             if p is not None:
                 stop_pid(p.pid, timeout=10)
@@ -535,7 +630,7 @@ class SlurmTestCluster:
     def _start_munge(self) -> None:
         assert self.dir is not None
         mdir = self.dir / "munge"
-        mdir.mkdir(mode=0o700)
+        mdir.mkdir(mode=0o755)  # munged wants o+x on its socket's directory
         key = mdir / "munge.key"
         key.write_bytes(os.urandom(1024))
         pw = pwd.getpwnam("munge")
@@ -576,29 +671,124 @@ class SlurmTestCluster:
         if dec.returncode != 0:
             raise ServiceUnavailable(f"munge round trip failed: {dec.stderr.decode().strip()}")
 
+    # -- accounting: a private MariaDB and slurmdbd ------------------------------------
+
+    def _start_accounting(self) -> None:
+        """mariadbd (own datadir, socket and port) + slurmdbd, and the cluster registered
+        with `sacctmgr` before slurmctld starts (else its first jobs are not stored)."""
+        assert self.dir is not None
+        db = self.dir / "mysql"
+        (db / "data").mkdir(parents=True)
+        r = subprocess.run(
+            [_which("mariadb-install-db") or "mariadb-install-db", "--no-defaults",
+             f"--datadir={db / 'data'}", "--user=root",
+             "--auth-root-authentication-method=socket", "--skip-test-db"],
+            capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+        if r.returncode != 0:
+            tail = " | ".join((r.stderr or r.stdout).strip().splitlines()[-3:])
+            raise ServiceUnavailable(f"mariadb-install-db failed: {tail}")
+        for attempt in range(3):
+            self.ports["db"] = free_port()
+            (db / "my.cnf").write_text(MY_CNF.format(dir=db, port=self.ports["db"]))
+            self._spawn("mariadbd", [_which("mariadbd") or "mariadbd",
+                                     f"--defaults-file={db / 'my.cnf'}"])  # fmt: skip
+            try:
+                self._wait(self._db_ready, 60, "mariadbd did not answer", "mariadbd",
+                           db / "error.log")  # fmt: skip
+                break
+            except ServiceUnavailable:
+                self._stop_proc("mariadbd")
+                if attempt == 2:
+                    raise
+        sql = ("CREATE DATABASE slurm_acct_db; "
+               "CREATE USER 'slurm'@'127.0.0.1' IDENTIFIED BY 'slurmpw'; "
+               "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1'; FLUSH PRIVILEGES;")  # fmt: skip
+        r = self._mariadb("-e", sql)
+        if r.returncode != 0:
+            raise ServiceUnavailable(f"creating the accounting database failed: {r.stderr.strip()}")
+        self._start_slurmdbd()
+
+    def _mariadb(self, *args: str, client: str = "mariadb") -> subprocess.CompletedProcess:
+        assert self.dir is not None
+        return subprocess.run(
+            [client, "--no-defaults", "-S", str(self.dir / "mysql" / "mysqld.sock"), "-uroot",
+             *args], capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+
+    def _db_ready(self) -> bool:
+        return self._mariadb("ping", client="mariadb-admin").returncode == 0
+
+    def _start_slurmdbd(self) -> None:
+        assert self.dir is not None
+        for attempt in range(3):
+            self.ports["dbd"] = free_port({self.ports["db"]})
+            conf = self.dir / "slurmdbd.conf"  # slurmdbd reads dirname($SLURM_CONF)/slurmdbd.conf
+            conf.write_text(SLURMDBD_CONF.format(
+                dir=self.dir, munge_socket=self.munge_socket, dbd_port=self.ports["dbd"],
+                db_port=self.ports["db"]))  # fmt: skip
+            conf.chmod(0o600)
+            self._spawn("slurmdbd", [_which("slurmdbd") or "slurmdbd", "-D"])
+            try:
+                self._wait(lambda: _listening(self.ports["dbd"]), 60, "slurmdbd did not listen",
+                           "slurmdbd", self.dir / "slurmdbd.log")  # fmt: skip
+                break
+            except ServiceUnavailable:
+                self._stop_proc("slurmdbd")
+                if attempt == 2:
+                    raise
+        self._write_conf()  # sacctmgr finds slurmdbd through slurm.conf
+        r = self.run("sacctmgr", "-i", "add", "cluster", self.cluster, timeout=60)
+        if r.returncode != 0:
+            raise ServiceUnavailable(
+                f"sacctmgr add cluster failed: {(r.stderr or r.stdout).strip()}"
+            )
+
+    # -- slurm.conf and the SLURM daemons ------------------------------------------
+
     def _write_conf(self) -> None:
         assert self.dir is not None
         for sub in ("state", "spool"):
             shutil.rmtree(self.dir / sub, ignore_errors=True)
             (self.dir / sub).mkdir()
-        ctld_port = free_port()
-        slurmd_port = free_port({ctld_port})
+        for node in self.nodes:
+            (self.dir / "spool" / node).mkdir()
+        taken = {self.ports[k] for k in ("db", "dbd") if k in self.ports}
+        for name in ("ctld", *self.nodes):
+            self.ports[name] = free_port(taken)
+            taken.add(self.ports[name])
+        hw = self.hw
+        nodes = "\n".join(
+            NODE_LINE.format(name=n, host=self.host, port=self.ports[n], cpus=hw["cpus"],
+                             sockets=hw["sockets"], cores=hw["cores"], threads=hw["threads"],
+                             real_memory=self.real_memory_mb)
+            for n in self.nodes
+        )  # fmt: skip
+        accounting = "AccountingStorageType=accounting_storage/none"
+        if self.accounting:
+            accounting = (
+                "AccountingStorageType=accounting_storage/slurmdbd\n"
+                "AccountingStorageHost=127.0.0.1\n"
+                f"AccountingStoragePort={self.ports['dbd']}\n"
+                f"AccountingStoragePass={self.munge_socket}"  # slurmdbd connections' munge
+            )
+        if self.cgroup:
+            (self.dir / "cgroup.conf").write_text(CGROUP_CONF)
         self.conf.write_text(
             SLURM_CONF_TEMPLATE.format(
                 dir=self.dir,
-                cluster=f"hb{self.node[2:]}",
+                cluster=self.cluster,
                 host=self.host,
                 munge_socket=self.munge_socket,
-                ctld_port=ctld_port,
-                slurmd_port=slurmd_port,
-                node=self.node,
+                # a requeued job restarts cred_expire + 1 s later (120 s by default)
+                cred_expire=",cred_expire=10" if len(self.nodes) > 1 else "",
+                ctld_port=self.ports["ctld"],
+                slurmd_timeout=self.slurmd_timeout,
+                def_mem_per_cpu=min(1024, self.real_memory_mb // max(1, hw["cpus"])),
+                enforcement=ENFORCEMENT[self.cgroup],
+                accounting=accounting,
+                nodes=nodes,
                 partition=self.partition,
-                real_memory=self.real_memory_mb,
-                def_mem_per_cpu=min(1024, self.real_memory_mb // max(1, self.hw["cpus"])),
-                cpus=self.hw["cpus"],
-                sockets=self.hw["sockets"],
-                cores=self.hw["cores"],
-                threads=self.hw["threads"],
             )
         )
 
@@ -613,18 +803,46 @@ class SlurmTestCluster:
             "slurmctld",
             self.dir / "slurmctld.log",
         )
-        self._spawn("slurmd", [_which("slurmd") or "slurmd", "-D", "-N", self.node, "-f", conf])
+        for node in self.nodes:
+            self.start_slurmd(node)
+
+    def start_slurmd(self, node: str, timeout: float = 40) -> None:
+        """Start (or restart) the slurmd of ``node``; wait until SLURM calls it usable."""
+        assert self.dir is not None
+        name = f"slurmd-{node}"
+        self._spawn(name, [_which("slurmd") or "slurmd", "-D", "-N", node, "-f", str(self.conf)])
         self._wait(
-            lambda: self.node_state() in ("idle", "mixed", "allocated"),
-            40,
-            "the node never became idle",
-            "slurmd",
-            self.dir / "slurmd.log",
+            lambda: self.node_state(node) in ("idle", "mixed", "allocated"),
+            timeout,
+            f"node {node} never became idle",
+            name,
+            self.dir / f"slurmd-{node}.log",
         )
+
+    def kill_node(self, node: str) -> list[int]:
+        """A node dies: SIGKILL its slurmd and every job step on it (slurmstepd and the
+        processes under it), by PID. SLURM notices in 25-30 s (NOT_RESPONDING, then DOWN,
+        its jobs NODE_FAIL). Returns the PIDs killed."""
+        import psutil
+
+        p = self.procs.pop(f"slurmd-{node}")
+        victims = [p.pid]
+        jobs = self.run("squeue", "-h", "-w", node, "-o", "%i").stdout.split()
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if any(cmd.startswith(f"slurmstepd: [{j}.") for j in jobs):
+                with contextlib.suppress(psutil.Error):
+                    victims += [proc.pid, *(c.pid for c in proc.children(recursive=True))]
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=5)
+        return victims
 
     def _spawn(self, name: str, cmd: list[str]) -> None:
         assert self.dir is not None
-        out = open(self.dir / f"{name}.stdout", "wb")  # noqa: SIM115 (lives with the daemon)
+        out = open(self.dir / f"{name}.stdout", "ab")  # noqa: SIM115 (lives with the daemon)
         self.procs[name] = subprocess.Popen(
             cmd,
             stdout=out,
@@ -638,6 +856,13 @@ class SlurmTestCluster:
         out.close()
         with open(self.dir / "pids", "a") as f:
             f.write(f"{name} {self.procs[name].pid}\n")
+
+    def _stop_proc(self, name: str) -> None:
+        p = self.procs.pop(name, None)
+        if p is not None:
+            stop_pid(p.pid, timeout=10)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=1)
 
     def _wait(
         self, ok: Callable[[], bool], timeout: float, what: str, proc: str, log: Path
@@ -667,9 +892,10 @@ class SlurmTestCluster:
         except subprocess.TimeoutExpired:
             return False
 
-    def node_state(self) -> str:
+    def node_state(self, node: str | None = None) -> str:
+        """The node's state in sinfo (``idle``, ``down`` ...; ``*`` etc. stripped)."""
         try:
-            r = self.run("sinfo", "-h", "-N", "-n", self.node, "-o", "%T", timeout=10)
+            r = self.run("sinfo", "-h", "-N", "-n", node or self.node, "-o", "%T", timeout=10)
         except subprocess.TimeoutExpired:
             return ""
         return r.stdout.strip().rstrip("*~#")
@@ -686,14 +912,17 @@ class SlurmTestCluster:
                     and self.run("squeue", "-h", "-o", "%i", timeout=10).stdout.strip()
                 ):
                     time.sleep(0.3)
-        for name in ("slurmd", "slurmctld", "munged"):
-            p = self.procs.get(name)
-            if p is not None:
-                stop_pid(p.pid, timeout=10)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    p.wait(timeout=1)
+        for name in [*(f"slurmd-{n}" for n in self.nodes), "slurmctld", "slurmdbd", "mariadbd",
+                     "munged"]:  # fmt: skip
+            self._stop_proc(name)
         stop_slurm_dir(self.dir)
         self.dir = None
+
+
+def _listening(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def processes_with_env(var: str, value: str) -> list[int]:
@@ -712,6 +941,15 @@ def processes_with_env(var: str, value: str) -> list[int]:
     return found
 
 
+def _remove_node_cgroups(nodes: list[str]) -> None:
+    """The cgroup plugins leave /sys/fs/cgroup/<controller>/slurm_<node>: remove them."""
+    for node in nodes:
+        for top in glob.glob(f"/sys/fs/cgroup/*/slurm_{node}"):
+            for sub, _dirs, _files in sorted(os.walk(top), key=lambda w: -w[0].count("/")):
+                with contextlib.suppress(OSError):
+                    os.rmdir(sub)
+
+
 def stop_slurm_dir(d: Path) -> None:
     """Stop every process of the instance in `d` (daemons by recorded PID, then its jobs)."""
     with contextlib.suppress(OSError):
@@ -720,6 +958,8 @@ def stop_slurm_dir(d: Path) -> None:
             stop_pid(int(pid), timeout=10)
     for pid in processes_with_env("SLURM_CONF", str(d / "slurm.conf")):
         stop_pid(pid, timeout=3)
+    with contextlib.suppress(OSError):
+        _remove_node_cgroups((d / "nodes").read_text().split())
     shutil.rmtree(d, ignore_errors=True)
 
 
