@@ -14,6 +14,23 @@ from __future__ import annotations
 from ..planner import Footprint
 
 FLOAT = 4
+# Where the analytic constants below come from (issue 15 item 6): measured, on one
+# machine, not on the machine at hand; --calibrate measures them again for the run.
+PROVENANCE = (
+    "analytic, constants measured 2026-11-23 on the project's 2-core x86_64 Linux build "
+    "machine (torch 2.x CPU, pyro 1.9, distributed 2026.x) by hpcbatch.predictive.probe "
+    "(technical model, N=5,000 x T=4,000: {detail}) and benchmarks/load_predictive.py "
+    "(driver 345-356 MiB, results-load-predictive.json); not measured on this machine: "
+    "--calibrate measures them here"
+)
+TECHNICAL_DETAIL = (
+    "baseline 400 MiB = 272 MiB at size 0 + a Dask worker's structures; 22 floats per "
+    "feature per sample for the latents; 6 copies per observed value with observations"
+)
+GENERIC_DETAIL = (
+    "baseline 400 MiB as the technical model's; 4 copies of each returned latent byte and "
+    "6 per data-plate byte, from the technical model's sites, not from this model"
+)
 # Interpreter + torch + Pyro + a Dask worker (the probe measured 272 MiB at size 0;
 # a Dask worker process adds its own structures).
 BASELINE_BYTES = 400 * 1024**2
@@ -77,6 +94,7 @@ def technical_footprint(
         shared_input_bytes=counts,
         shared_input_mmap=shared_input_mmap,
         driver_bytes=DRIVER_BYTES,
+        source=PROVENANCE.format(detail=TECHNICAL_DETAIL),
         details=(
             ("latent sites per sample", latent),
             ("observations per sample", per_item - latent),
@@ -119,6 +137,7 @@ def sampling_footprint(
         shared_input_bytes=shared_input_bytes,
         shared_input_mmap=True,
         driver_bytes=DRIVER_BYTES,
+        source=PROVENANCE.format(detail=GENERIC_DETAIL),
         details=(
             ("returned sites outside the data plate, per sample", latent),
             ("one block of data-plate rows, per sample", rows),

@@ -725,6 +725,13 @@ class PredictiveJob(Job):
                 f"the predictive job was prepared with seed {self.prep.seed} but the run's "
                 f"seed is {run.settings.seed}: prepare it with the run's seed setting"
             )
+        if plan.threads_per_worker > 1:
+            log.warning(
+                "workers with %d threads: Pyro keeps its handler stack and param store in "
+                "module globals (not thread-safe), so the threads of a worker draw one chunk "
+                "at a time (a lock); start workers with --nthreads 1 (more processes) to use "
+                "every core", plan.threads_per_worker,
+            )  # fmt: skip
         store = self.open_store(plan, run.run_id)
         self.prep.scratch.mkdir(parents=True, exist_ok=True)
         job_path = self.prep.scratch / "job.pkl"

@@ -104,3 +104,17 @@ def test_a_job_larger_than_one_chunk_keeps_the_cluster(tech_fit, caplog):
     in_process = sample(tech.technical_model, client="sync", chunk_size=8, **_common(tech_fit))
     for name in SITES:
         np.testing.assert_array_equal(run.samples[name], in_process[name])
+
+
+def test_multi_thread_workers_are_warned_and_take_turns(tech_fit, caplog):
+    from distributed import Client, LocalCluster
+
+    caplog.set_level(logging.WARNING, logger="hpcbatch.predictive.task")
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                      dashboard_address=None) as cluster, Client(cluster) as client:  # fmt: skip
+        got = sample(tech.technical_model, client=client, chunk_size=4, **_common(tech_fit))
+    assert any("not thread-safe" in r.getMessage() and "--nthreads 1" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
+    alone = sample(tech.technical_model, client="sync", chunk_size=4, **_common(tech_fit))
+    for name in SITES:  # the lock keeps the two threads' chunks apart: same numbers
+        np.testing.assert_array_equal(got[name], alone[name])
