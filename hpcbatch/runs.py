@@ -237,13 +237,16 @@ def _from_progress(directory: Path, data: dict) -> RunView:
     if state == "running":
         state, why = _liveness(data, updated)
     items_done = max(int(data.get("items_done") or 0), int((live or {}).get("items") or 0))
+    # the ledger counts whole chunks done before a resume too; progress.json this run's
+    chunks_done = max(int(c.get("done") or 0) + int(c.get("skipped") or 0),
+                      int((live or {}).get("chunks") or 0))  # fmt: skip
     started = data.get("started")
     end = time.time() if state == "running" else (data.get("updated") or started)
     return RunView(
         run_id=str(data.get("run_id") or directory.name), directory=str(directory),
         state=state, workload=data.get("workload") or "", items_done=items_done,
-        n_items=data.get("n_items"), chunks_done=int(c.get("done") or 0),
-        n_chunks=data.get("n_chunks"), in_flight=int(c.get("in_flight") or 0),
+        n_items=data.get("n_items"), chunks_done=chunks_done, n_chunks=data.get("n_chunks"),
+        in_flight=int(c.get("in_flight") or 0) if state == "running" else 0,
         retried=int(c.get("retried") or 0), split=int(c.get("split") or 0),
         quarantined=int(c.get("quarantined") or 0), failed=int(c.get("failed") or 0),
         slurm_job_id=data.get("slurm_job_id"), host=data.get("host"), pid=data.get("pid"),
@@ -283,7 +286,10 @@ def _liveness(data: dict, updated: float) -> tuple[str, str]:
     if host == socket.gethostname() and isinstance(pid, int):
         if _alive(pid, data.get("pid_started")):
             return "running", ""
-        return "interrupted", f"its process {pid} on {host} is gone (killed without a chance to stop)"
+        return (
+            "interrupted",
+            f"its process {pid} on {host} is gone: killed before it could record how it ended",
+        )
     job = data.get("slurm_job_id")
     if job and (verdict := _slurm_job_state(str(job))) is not None:
         if verdict in ("RUNNING", "COMPLETING", "PENDING", "CONFIGURING", "SUSPENDED"):
@@ -345,13 +351,20 @@ def _ledger_counts(data: dict) -> dict | None:
         engine = sa.create_engine(url, **kwargs)
         try:
             with engine.connect() as conn:
+                whole = sa.case((CHUNKS.c.chunk_id.contains("."), 0), else_=1)
                 row = conn.execute(
                     sa.select(
-                        sa.func.sum(CHUNKS.c.stop - CHUNKS.c.start), sa.func.max(CHUNKS.c.done_at)
+                        sa.func.sum(CHUNKS.c.stop - CHUNKS.c.start),
+                        sa.func.max(CHUNKS.c.done_at),
+                        sa.func.sum(whole),
                     ).where(CHUNKS.c.run_id == data.get("run_id"))
                 ).one()
         finally:
             engine.dispose()
     except Exception:  # noqa: BLE001 (unreachable, no table yet: progress.json alone)
         return None
-    return {"items": int(row[0] or 0), "last_done": float(row[1] or 0.0)}
+    return {
+        "items": int(row[0] or 0),
+        "last_done": float(row[1] or 0.0),
+        "chunks": int(row[2] or 0),
+    }

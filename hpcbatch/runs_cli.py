@@ -64,9 +64,19 @@ COLUMNS = ("RUN", "WORKLOAD", "STATE", "ITEMS", "CHUNKS", "RETRIED", "SPLIT", "Q
 def runs_table(runs: list[RunView]) -> str:
     """One line per run, under a header."""
     rows = [COLUMNS] + [
-        (r.run_id, r.workload or "-", r.state, _progress(r), _chunks(r), str(r.retried),
-         str(r.split), str(r.quarantined), r.slurm_job_id or "-", _when(r.started),
-         _duration(r.duration_s))  # fmt: skip
+        (
+            r.run_id,
+            r.workload or "-",
+            r.state,
+            _progress(r),
+            _chunks(r),
+            str(r.retried),
+            str(r.split),
+            str(r.quarantined),
+            r.slurm_job_id or "-",
+            _when(r.started),
+            _duration(r.duration_s),
+        )  # fmt: skip
         for r in runs
     ]
     widths = [max(len(row[k]) for row in rows) for k in range(len(COLUMNS))]
@@ -88,8 +98,11 @@ def status_text(r: RunView) -> str:
         f"  chunks:      {_chunks(r)} done, {r.in_flight} in flight, {r.retried} retried, "
         f"{r.split} split, {r.failed} failed; {r.quarantined} {r.item_name}s quarantined",
         f"  started:     {_when(r.started)}, for {_duration(r.duration_s)}"
-        + (f" (last update {time.time() - r.updated:.0f} s ago)"
-           if r.state == "running" and r.updated else ""),  # fmt: skip
+        + (
+            f" (last update {time.time() - r.updated:.0f} s ago)"
+            if r.state == "running" and r.updated
+            else ""
+        ),  # fmt: skip
         f"  where:       host {r.host or '-'}, pid {r.pid or '-'}, SLURM job "
         f"{r.slurm_job_id or '-'}",
     ]

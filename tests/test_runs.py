@@ -92,11 +92,18 @@ def test_a_map_run_writes_progress_json_and_status_follows_it_live(
 
     def go() -> None:
         try:
-            box["out"] = hpcbatch.map(rsh.slow_square, list(range(60)), client=client,
-                                      footprint={"per_item_bytes": 1000, "fixed_bytes": 0},
-                                      chunk_size=2, per_item=True, run_id="live",
-                                      report_dir=str(reports), settings=settings,
-                                      scratch=tmp_path)  # fmt: skip (progress: default)
+            box["out"] = hpcbatch.map(
+                rsh.slow_square,
+                list(range(60)),
+                client=client,
+                footprint={"per_item_bytes": 1000, "fixed_bytes": 0},
+                chunk_size=2,
+                per_item=True,
+                run_id="live",
+                report_dir=str(reports),
+                settings=settings,
+                scratch=tmp_path,
+            )  # fmt: skip (progress: default)
         except BaseException as exc:  # noqa: BLE001
             box["error"] = exc
 
@@ -203,3 +210,20 @@ def test_status_of_an_unknown_run_is_one_line(tmp_path):
     assert code != 0
     code, out = _status("runs", str(tmp_path / "missing"))
     assert code != 0
+
+
+def test_a_run_on_another_host_is_judged_by_its_last_update(tmp_path):
+    from hpcbatch.runs import STALE_S, read_run, write_json_atomic
+
+    run_dir = tmp_path / "elsewhere"
+    run_dir.mkdir()
+    now = time.time()
+    data = {"run_id": "elsewhere", "state": "running", "host": "node-that-is-not-here",
+            "pid": 1, "n_items": 10, "items_done": 4, "n_chunks": 5,
+            "counters": {"done": 2, "in_flight": 1}, "started": now - 600}  # fmt: skip
+    write_json_atomic(run_dir / "progress.json", {**data, "updated": now - 5})
+    view = read_run(run_dir)
+    assert view.state == "running" and view.in_flight == 1 and view.percent == 40.0
+    write_json_atomic(run_dir / "progress.json", {**data, "updated": now - STALE_S - 10})
+    view = read_run(run_dir)
+    assert view.state == "interrupted" and "no update for" in view.why and view.in_flight == 0
