@@ -259,3 +259,73 @@ def _non_loopback_addresses() -> list[str]:
 def test_the_printed_dashboard_line_names_the_page():
     assert dashboard.page_url("http://127.0.0.1:8787/status") == "http://127.0.0.1:8787/hpcbatch"
     assert dashboard.page_url("http://h:1/pre/status") == "http://h:1/pre/hpcbatch"
+
+
+# ------------------------------------------------------------- real SLURM ----
+
+
+@pytest.mark.slurm
+@pytest.mark.browser
+def test_live_page_of_a_run_on_slurm_worker_jobs(
+    slurm_env: dict, browser, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    """hpcbatch.map on dask-jobqueue worker jobs of the real SLURM: the page is served by
+    the scheduler in this driver and shows the SLURM workers' memory and the counts."""
+    from hpcbatch import config as hb_config
+    from hpcbatch.resources import detect_resources
+
+    monkeypatch.chdir(tmp_path)  # worker jobs write slurm-<id>.out here
+    # sbatch passes this environment on: the worker jobs import slow_square from tests/
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent),
+                                                      os.environ.get("PYTHONPATH", "")]))
+    settings = hb_config.load()
+    settings["cluster"].update({
+        "backend": "slurm", "queue": slurm_env["partition"], "walltime": "00:10:00",
+        "interface": "lo", "dashboard-address": "127.0.0.1:0", "jobs": 1,
+        "start-timeout": 90, "local-directory": str(tmp_path / "dask"),
+    })  # fmt: skip
+    caplog.set_level("INFO", logger="hpcbatch.dashboard")
+    seen: dict = {}
+
+    def watch() -> None:  # the run needs the main thread (dask-jobqueue sets signals)
+        try:
+            seen["url"] = url = _page_from_log(caplog, 150)
+            browser.get(url)
+            seen["first"] = _wait(browser, lambda s: s["counters"].get("done") not in
+                                  (None, "-", "0") and s["workers"], 90, "chunks done")
+            time.sleep(3)
+            seen["second"] = _read(browser)
+        except BaseException as exc:  # noqa: BLE001 (re-raised below)
+            seen["error"] = exc
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    items = list(range(40))
+    result = hpcbatch.map(
+        _partial(sleep_s=0.4), items, cluster="slurm", settings=settings,
+        resources=detect_resources(memory_bytes=1200 * 10**6, cpus=1, plan_ahead=True),
+        footprint=SMALL, chunk_size=4, scratch=tmp_path, progress=False,
+        report_dir=str(tmp_path / "reports"),
+    )  # fmt: skip
+    watcher.join(30)
+    assert list(result) == [x * x for x in items]
+    if "error" in seen:
+        raise seen["error"]
+    assert seen["url"].startswith("http://127.0.0.1:"), seen
+    first, second = seen["first"], seen["second"]
+    assert int(second["counters"]["done"]) > int(first["counters"]["done"]), (first, second)
+    ((name, worker),) = second["workers"].items()
+    assert worker["process"] > 10 * MiB and worker["status"] == "running", second
+    assert console_errors(browser) == []
+
+
+def _page_from_log(caplog, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for record in list(caplog.records):
+            if record.name == "hpcbatch.dashboard" and record.getMessage().startswith(
+                "hpcbatch page: "
+            ):
+                return record.getMessage().split(": ", 1)[1]
+        time.sleep(0.2)
+    raise AssertionError("no 'hpcbatch page:' line logged")
