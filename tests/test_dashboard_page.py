@@ -24,6 +24,7 @@ from pathlib import Path
 
 import dask.config
 import pytest
+import services
 from browser import console_errors
 from distributed import Client, LocalCluster
 
@@ -224,6 +225,53 @@ def _route_patterns(dask_scheduler) -> list[str]:
         for host in dask_scheduler.http_application.default_router.rules
         for rule in getattr(host.target, "rules", ())
     ]
+
+
+def test_a_hand_started_scheduler_serves_the_page_of_the_run(tmp_path):
+    """`dask scheduler` in its own process (as a user starts one): the plugin is unpickled
+    there and the page keeps the run's final counts after the run."""
+    import subprocess
+    import sys
+
+    port = services.free_port()
+    sched_file = tmp_path / "scheduler.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    dask = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
+    commands = [
+        [*dask, "--host", "127.0.0.1", "--port", "0", "--dashboard-address",
+         f"127.0.0.1:{port}", "--scheduler-file", str(sched_file)],
+        [sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file",
+         str(sched_file), "--nthreads", "1", "--memory-limit", "500MiB", "--no-dashboard"],
+    ]  # fmt: skip
+    procs = []
+    try:
+        for i, command in enumerate(commands):
+            log = open(tmp_path / f"dask-{i}.log", "w")  # noqa: SIM115 (closed with the process)
+            procs.append(subprocess.Popen(command, env=env, stdout=log, stderr=log))
+            deadline = time.monotonic() + 60
+            while i == 0 and not sched_file.exists():
+                assert time.monotonic() < deadline and procs[0].poll() is None, "no scheduler"
+                time.sleep(0.2)
+        items = list(range(12))
+        result = hpcbatch.map(_partial(sleep_s=0.01), items, cluster=str(sched_file),
+                              footprint=SMALL, chunk_size=3, scratch=tmp_path, progress=False,
+                              report_dir=str(tmp_path / "reports"))  # fmt: skip
+        assert list(result) == [x * x for x in items]
+        state = json.loads(_get(f"http://127.0.0.1:{port}/hpcbatch/state.json"))
+        assert state["progress"]["final"] and state["progress"]["state"] == "finished", state
+        assert state["progress"]["counters"]["done"] == 4
+        assert state["plan"]["chunk_size"] == 3 and state["plan"]["reasons"]
+        assert [w["memory_limit"] for w in state["workers"]] == [500 * MiB]
+        assert b"state.json" in _get(f"http://127.0.0.1:{port}/hpcbatch")
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 def test_page_is_bound_to_the_dashboard_address_only(cluster):
