@@ -92,7 +92,7 @@ class Execution:
     memory_fraction: float | None = None
     footprint: Any = None
     report_dir: str | os.PathLike | None = None
-    progress: bool = True
+    progress: bool | None = None  # None: printed only on a terminal (logged either way)
     cluster: str = "auto"
 
     def __post_init__(self) -> None:
