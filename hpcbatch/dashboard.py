@@ -91,7 +91,6 @@ class DashboardPlugin(SchedulerPlugin):
         self.progress_at: float | None = None
         self.progress_lag: float | None = None  # driver -> scheduler, seconds
         self.events: deque[dict] = deque(maxlen=EVENTS_KEPT)
-        self.seen: set[str] = set()
         self.n_messages = 0
         self.first_message: float | None = None
         if not hasattr(self, "deaths"):
@@ -137,15 +136,20 @@ class DashboardPlugin(SchedulerPlugin):
             snap = msg.get("snapshot") or {}
             self.progress, self.progress_at = snap, now
             self.progress_lag = max(0.0, now - float(msg.get("sent") or now))
-            for event in snap.get("events") or ():
-                key = json.dumps(event, sort_keys=True, default=str)
-                if key not in self.seen:
-                    self.seen.add(key)
-                    self.events.append(event)
+            self._merge(snap.get("events") or ())
         else:
             return
         self.n_messages += 1
         self.first_message = self.first_message or now
+
+    def _merge(self, events) -> None:
+        """Add the snapshot's recent events (the runner's last few) not seen yet."""
+        key = lambda e: json.dumps(e, sort_keys=True, default=str)  # noqa: E731
+        seen = {key(e) for e in self.events}
+        for event in events:
+            if isinstance(event, dict) and key(event) not in seen:
+                seen.add(key(event))
+                self.events.append(event)
 
     # -- the page's state ----------------------------------------------------
 

@@ -216,7 +216,7 @@ def test_page_is_registered_once_and_each_run_resets_it(cluster, tmp_path):
     assert state["progress"]["counters"] == {"done": 3} and len(state["events"]) == 1
     assert state["thresholds"]["terminate"] == 0.95  # read from the workers
     assert {w["memory_limit"] for w in state["workers"]} == {LIMIT}
-    assert b"hpcbatch" in _get(client.dashboard_link)  # the navbar link on Dask's pages
+    assert b'href="hpcbatch"' in _get(client.dashboard_link)  # navbar link on Dask's pages
 
 
 def _route_patterns(dask_scheduler) -> list[str]:
