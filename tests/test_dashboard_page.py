@@ -377,3 +377,74 @@ def _page_from_log(caplog, timeout: float) -> str:
                 return record.getMessage().split(": ", 1)[1]
         time.sleep(0.2)
     raise AssertionError("no 'hpcbatch page:' line logged")
+
+
+# ------------------------------------ states a short run rarely reaches ----
+
+
+def _serve(state: dict):
+    """The page and a fixed state.json on 127.0.0.1 (a plain HTTP server in a thread)."""
+    import http.server
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            body, kind = (
+                (json.dumps(state).encode(), "application/json")
+                if self.path.endswith("/state.json")
+                else (dashboard.PAGE_HTML.encode(), "text/html; charset=utf-8")
+            )
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _worker_state(name: str, **over) -> dict:
+    w = {"name": name, "address": f"tcp://127.0.0.1:1{name}", "status": "running",
+         "nthreads": 1, "memory_limit": 1024 * MiB, "process": 300 * MiB, "managed": 100 * MiB,
+         "unmanaged": 200 * MiB, "spilled": 0, "executing": 1, "restarts": 0,
+         "gpu_used": None, "gpu_total": None, "thresholds": None}  # fmt: skip
+    return {**w, **over}
+
+
+@pytest.mark.browser
+def test_page_draws_paused_spilled_restarted_and_gpu_workers(browser):
+    state = {
+        "now": time.time(), "run": {"run_id": "r"}, "thresholds": {"target": 0.6,
+        "spill": 0.7, "pause": 0.8, "terminate": 0.95},
+        "plan": {"predicted_peak_bytes": 400 * MiB, "reasons": ["because"], "n_workers": 2},
+        "progress": {"run_id": "r", "state": "running", "final": False, "n_chunks": 10,
+                     "n_items": 100, "items_done": 40, "rate": 2.0, "eta_s": 30,
+                     "elapsed_s": 20, "counters": {"done": 4, "failed": 1}, "events": []},
+        "progress_age_s": 0.3, "events": [], "deaths": [], "messages": {"n": 3},
+        "workers": [
+            _worker_state("0", status="paused", process=850 * MiB, spilled=200 * MiB),
+            _worker_state("1", restarts=2, gpu_used=3 * 1024 * MiB, gpu_total=80 * 1024 * MiB),
+        ],
+    }  # fmt: skip
+    server = _serve(state)
+    try:
+        browser.get(f"http://127.0.0.1:{server.server_address[1]}/hpcbatch")
+        seen = _wait(browser, lambda s: len(s["workers"]) == 2, 10, "two workers")
+    finally:
+        server.shutdown()
+    paused, gpu = seen["workers"]["0"], seen["workers"]["1"]
+    assert paused["status"] == "paused" and "paused" in paused["text"]
+    assert "200 MiB" in paused["text"]  # spilled
+    assert "restarted 2x" in gpu["text"] and "3 GiB / 80 GiB" in gpu["text"]
+    bars = browser.execute_script(
+        "return Array.from(document.querySelectorAll('#workers svg.membar')).map("
+        "function (s) { return [s.querySelectorAll('rect').length, s.querySelectorAll('text')"
+        ".length, s.querySelectorAll('line').length]; })"
+    )
+    # spilled adds a rect; T/S/P/K labels; 4 thresholds + limit + predicted peak lines
+    assert bars == [[4, 4, 6], [3, 4, 6]], bars
+    assert seen["counters"]["failed"] == "1" and "40 / 100" in seen["items"]
+    assert console_errors(browser) == []
