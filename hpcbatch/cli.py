@@ -28,6 +28,7 @@ from .options import (
     config_options,
     resources_from_options,
 )
+from .runs_cli import runs, status
 from .slurm_cli import add_render_command, slurm
 from .units import format_bytes
 from .workload import Workload, get_workload, workloads
@@ -181,7 +182,8 @@ def _add_workload_commands() -> None:
         group = _workload_group(w)
         if group is not None and group.name not in main.commands:
             main.add_command(group)
-    main.add_command(slurm)
+    for command in (slurm, runs, status):  # hpcbatch slurm / runs / status
+        main.add_command(command)
 
 
 _add_workload_commands()

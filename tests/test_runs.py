@@ -227,3 +227,41 @@ def test_a_run_on_another_host_is_judged_by_its_last_update(tmp_path):
     write_json_atomic(run_dir / "progress.json", {**data, "updated": now - STALE_S - 10})
     view = read_run(run_dir)
     assert view.state == "interrupted" and "no update for" in view.why and view.in_flight == 0
+
+
+def test_the_hpcbatch_command_lists_and_shows_runs(tmp_path):
+    from hpcbatch.runs import write_json_atomic
+
+    reports = tmp_path / "reports"
+    (reports / "r1").mkdir(parents=True)
+    now = time.time()
+    write_json_atomic(reports / "r1" / "progress.json", {
+        "run_id": "r1", "state": "finished", "final": True, "workload": "stocks",
+        "n_items": 60, "items_done": 60, "n_chunks": 6, "item_name": "stock",
+        "counters": {"done": 6, "retried": 1, "split": 1, "quarantined": 1},
+        "started": now - 30, "updated": now, "slurm_job_id": "4242",
+        "events": [{"kind": "split", "time": now - 10, "chunk": "c000001",
+                    "children": ["c000001.0", "c000001.1"], "reason": "MemoryError"}],
+    })  # fmt: skip
+    done = _hpcbatch("runs", str(reports))
+    assert done.returncode == 0, done.stderr
+    assert re.search(
+        r"^r1\s+stocks\s+finished\s+60/60 \(100%\)\s+6/6\s+1\s+1\s+1\s+4242\s", done.stdout, re.M
+    ), done.stdout
+    done = _hpcbatch("status", "r1", "--report-dir", str(reports))
+    assert done.returncode == 0 and done.stdout.startswith("run r1: finished"), done.stdout
+    assert "split: chunk c000001, children ['c000001.0', 'c000001.1']" in done.stdout
+    done = _hpcbatch("status", "r9", "--report-dir", str(reports))
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("error: 'r9' is not a run directory or a run id")
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def _hpcbatch(*args: str) -> subprocess.CompletedProcess:
+    """``hpcbatch ARGS`` through the real top-level group, in this process."""
+    from click.testing import CliRunner
+
+    from hpcbatch.cli import main
+
+    result = CliRunner().invoke(main, list(args))
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
