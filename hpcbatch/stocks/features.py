@@ -282,6 +282,8 @@ def _kit(b: Bars) -> SimpleNamespace:
     kdj_parts = lambda: get("kdj", lambda: np.stack(kdj(h, lo, c)))  # noqa: E731
     adx_parts = lambda: get("adx", lambda: np.stack(adx(h, lo, pc)))  # noqa: E731
     boll = lambda: get("boll", lambda: np.stack(bollinger(c)))  # noqa: E731
+    since_max = lambda n: get(f"dsmax{n}", lambda: days_since_max(h, n))  # noqa: E731
+    since_min = lambda n: get(f"dsmin{n}", lambda: days_since_min(lo, n))  # noqa: E731
 
     def rel(x: np.ndarray, scale: float = 10.0) -> np.ndarray:
         return np.tanh(scale * div(c - x, x))
@@ -395,6 +397,7 @@ def _lag_rows(k: SimpleNamespace) -> list[_Row]:
     c, o, h, lo, pc, v, pct, lv, ret_std, rng, adx_parts, williams, position, cci, mfi, cmf, limit = (
         k.c, k.o, k.h, k.lo, k.pc, k.v, k.pct, k.lv, k.ret_std, k.rng, k.adx_parts, k.williams, k.position, k.cci, k.mfi, k.cmf, k.limit
     )
+    since_max, since_min = k.since_max, k.since_min
     table: list[_Row] = []
     table += [
         ("candle_body", lambda: div(c - o, rng())),
@@ -408,9 +411,9 @@ def _lag_rows(k: SimpleNamespace) -> list[_Row]:
         ("cmf20", cmf),
         ("williams14", lambda: williams(14)),
         ("williams28", lambda: williams(28)),
-        ("aroon_up", lambda: 1 - days_since_max(h, 25) / 12.5),
-        ("aroon_down", lambda: 1 - days_since_min(lo, 25) / 12.5),
-        ("aroon_osc", lambda: (days_since_min(lo, 25) - days_since_max(h, 25)) / 25),
+        ("aroon_up", lambda: 1 - since_max(25) / 12.5),
+        ("aroon_down", lambda: 1 - since_min(25) / 12.5),
+        ("aroon_osc", lambda: (since_min(25) - since_max(25)) / 25),
         ("mfi14", mfi),
         ("cci20", cci),
     ]
@@ -451,17 +454,21 @@ CLOSE_PCT = FEATURE_NAMES.index("close_pct")
 assert len(FEATURE_NAMES) == N_FEATURES and len(set(FEATURE_NAMES)) == N_FEATURES
 
 
-def compute_features(bars: Bars, clip: float = 10.0) -> np.ndarray:
+def compute_features(bars: Bars, clip: float = 10.0, last_days: int | None = None) -> np.ndarray:
     """``(stocks, days, 105)`` float32 features of a chunk; finite everywhere.
 
     Each feature is computed over all stocks at once and written straight into the
     float32 output, so at most a few float64 intermediates are alive at a time.
+    ``last_days``: keep only the last days (the indicators still see every day, so the
+    values equal the same days of the full table); prediction needs the last
+    ``WINDOW_DAYS + predict_days - 1`` of 400, which saves the copies of the rest.
     """
     s, t = bars.shape
-    out = np.empty((s, t, N_FEATURES), dtype=np.float32)
+    keep = t if last_days is None else max(0, min(t, int(last_days)))
+    out = np.empty((s, keep, N_FEATURES), dtype=np.float32)
     with np.errstate(all="ignore"):
         for j, (_, fn) in enumerate(_feature_table(bars)):
-            out[:, :, j] = fn()
+            out[:, :, j] = fn()[:, t - keep :]
     np.nan_to_num(out, copy=False, nan=0.0, posinf=clip, neginf=-clip)
     np.clip(out, -clip, clip, out=out)
     return out

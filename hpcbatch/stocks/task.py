@@ -31,7 +31,7 @@ from ..config import DEFAULTS
 from ..errors import ConfigError
 from ..planner import gpu_batch_size
 from ..workload import QUARANTINED
-from .features import compute_features, min_rows
+from .features import WINDOW_DAYS, compute_features, min_rows
 from .footprint import stocks_footprint
 from .model import cached_model, gpu_free_bytes, load_model, predict_windows, resolve_device
 from .schema import init_db, make_engine, masked, preflight, require_tables, write_transaction
@@ -171,7 +171,8 @@ def compute_chunk(
         return [], counts
     if keep.size < len(bars.codes):
         bars = _subset(bars, keep)
-    features = compute_features(bars)
+    # only the days the windows cover (the indicators still run over every day)
+    features = compute_features(bars, last_days=WINDOW_DAYS + task.predict_days - 1)
     windows = prediction_windows(features, task.predict_days)  # a view: no copy
     loaded = task.loaded_model or cached_model(task.model_dir, task.device)
     batch = inference_batch(
