@@ -257,8 +257,10 @@ def _add_navbar_link(scheduler) -> None:
 
 class DashboardFeed:
     """A runner progress watcher: sends the snapshot to the plugin with
-    ``client.log_event`` at most every ``every_s`` seconds (and the final one). A failure
-    logs one warning and turns the feed off; the run goes on."""
+    ``client.log_event`` at most every ``every_s`` seconds (and the final one), with only
+    the events not sent before (the scheduler keeps each topic's last 1000 messages:
+    distributed.admin.low-level-log-length). A failure logs one warning and turns the
+    feed off; the run goes on."""
 
     def __init__(self, client, every_s: float = FEED_EVERY_S):
         self.client = client
@@ -267,13 +269,19 @@ class DashboardFeed:
         self.sent = 0
         self.seconds = 0.0  # time spent in log_event (round trips to the scheduler)
         self.off = False
+        self.events_sent: set[str] = set()
 
     def __call__(self, snapshot: dict) -> None:
         now = time.monotonic()
         if self.off or (not snapshot.get("final") and now - self.last < self.every_s):
             return
         self.last = now
-        msg = {"kind": "progress", "sent": time.time(), "snapshot": jsonable(snapshot)}
+        snap = jsonable(snapshot)
+        events = snap.get("events") or []
+        keyed = [(json.dumps(e, sort_keys=True), e) for e in events]
+        snap["events"] = [e for k, e in keyed if k not in self.events_sent]
+        self.events_sent = {k for k, _ in keyed}  # the runner sends its last few every time
+        msg = {"kind": "progress", "sent": time.time(), "snapshot": snap}
         try:
             self.client.log_event(TOPIC, msg)
         except Exception as exc:  # noqa: BLE001 (the page must never fail the run)
