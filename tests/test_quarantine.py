@@ -212,8 +212,8 @@ def test_each_bad_bar_quarantines_its_stock_with_the_first_bad_row_and_what_is_w
 # ---------------------------------------------- stocks on a real market ----
 
 N_STOCKS, N_DAYS = 60, 150
-PREDICT = ("--lookback-days", "140", "--use-gpu", "false", "--mem-gb", "4", "--cpus", "2",
-           "--batch-size", "10")  # fmt: skip
+PREDICT = ("--lookback-days", "140", "--use-gpu", "false", "--mem", "4G", "--cpus", "2",
+           "--chunk-size", "10")  # fmt: skip
 
 
 @pytest.fixture(scope="module")

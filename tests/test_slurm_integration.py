@@ -43,13 +43,13 @@ def test_rendered_script_runs_and_the_job_sees_its_mem(slurm_env: dict, tmp_path
         "slurm",
         "render",
         "stocks",
-        "--mem-gb",
-        "2",
+        "--mem",
+        "1908M",
         "--cpus",
         "2",
         "--stocks",
         "60",
-        "--walltime",
+        "--time",
         "00:05:00",
         "--partition",
         slurm_env["partition"],
@@ -60,7 +60,7 @@ def test_rendered_script_runs_and_the_job_sees_its_mem(slurm_env: dict, tmp_path
     ]
     result = CliRunner().invoke(main, argv)
     assert result.exit_code == 0, result.output
-    script = result.output
+    script = result.stdout
     mem = re.search(r"^#SBATCH --mem=(\d+)M$", script, re.M).group(1)
     cpus = re.search(r"^#SBATCH --cpus-per-task=(\d+)$", script, re.M).group(1)
     # Run the rendered script as it is, except the workload line: the job plans the same
@@ -87,9 +87,9 @@ def test_rendered_script_runs_and_the_job_sees_its_mem(slurm_env: dict, tmp_path
     assert plan_in_job["resources"]["memory_bytes"] == int(mem) * MiB
     assert plan_in_job["resources"]["memory_source"].startswith("SLURM_MEM_PER_NODE")
     outside = CliRunner().invoke(
-        main, ["plan", "stocks", "--stocks", "60", "--mem-gb", "2", "--cpus", "2", "--json"]
+        main, ["plan", "stocks", "--stocks", "60", "--mem", "1908M", "--cpus", "2", "--json"]
     )
-    assert plan_in_job["memory_limit_bytes"] >= json.loads(outside.output)["memory_limit_bytes"]
+    assert plan_in_job["memory_limit_bytes"] >= json.loads(outside.stdout)["memory_limit_bytes"]
 
 
 def _tiny_plan(settings: dict):
