@@ -140,7 +140,7 @@ config_options = _stack(
 def mem_option(help: str) -> Callable:
     """``--mem`` (sbatch's units) and its old spelling ``--mem-gb`` (decimal GB)."""
     return _stack(
-        click.option("--mem", "mem", default=None, help=f"{help}, {MEM_HELP}."),
+        click.option("--mem", "mem", default=None, metavar="SIZE", help=f"{help}, {MEM_HELP}."),
         renamed("--mem-gb", "--mem", "mem", type=float, convert=_gb_to_bytes("--mem-gb"),
                 example="sbatch units: --mem 12G is 12 GiB; --mem-gb 12 was 12e9 bytes"),
     )  # fmt: skip
@@ -148,11 +148,12 @@ def mem_option(help: str) -> Callable:
 
 def cpus_option(help: str) -> Callable:
     """``-c``/``--cpus`` (sbatch's ``-c``/``--cpus-per-task`` is accepted too)."""
-    return click.option("-c", "--cpus", "--cpus-per-task", "cpus", type=int, default=None, help=help)
+    return click.option("-c", "--cpus", "--cpus-per-task", "cpus", type=int, default=None,
+                        metavar="N", help=help)
 
 
 gpu_mem_option = _stack(
-    click.option("--gpu-mem", default=None,
+    click.option("--gpu-mem", default=None, metavar="SIZE",
                  help=f"Memory of each planned GPU, {MEM_HELP} (default 16G)."),
     renamed("--gpu-mem-gb", "--gpu-mem", "gpu_mem", type=float,
             convert=_gb_to_bytes("--gpu-mem-gb"), example="e.g. --gpu-mem 80G"),
@@ -161,7 +162,7 @@ gpu_mem_option = _stack(
 allocation_options = _stack(
     mem_option("Memory of the allocation"),
     cpus_option("CPUs of the allocation (sbatch -c, --cpus-per-task)."),
-    click.option("--gpus", default=None, help=f"{GPUS_HELP}."),
+    click.option("--gpus", default=None, metavar="[TYPE:]N", help=f"{GPUS_HELP}."),
     gpu_mem_option,
 )
 

@@ -34,13 +34,13 @@ from .workload import Workload
 def _render_options(func):
     @mem_option("Memory of the job's node allocation to plan for (the plan sets #SBATCH --mem)")
     @cpus_option("CPUs of the allocation to plan for (sbatch -c, --cpus-per-task).")
-    @click.option("--gpus", default=None,
+    @click.option("--gpus", default=None, metavar="[TYPE:]N",
                   help=f"{GPUS_HELP}; written as #SBATCH --gpus and planned for.")
-    @click.option("--gres", default=None,
+    @click.option("--gres", default=None, metavar="gpu[:TYPE][:N]",
                   help="Generic resources as sbatch --gres, e.g. gpu:2 or gpu:a100:2; "
                   "written as #SBATCH --gres, its GPUs planned for.")
     @gpu_mem_option
-    @click.option("-t", "--time", "time", default=None,
+    @click.option("-t", "--time", "time", default=None, metavar="LIMIT",
                   help="Time limit as sbatch --time: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or "
                   "D-HH:MM:SS (default cluster.walltime).")
     @renamed("--walltime", "--time", "time", example="same formats, e.g. --time 02:00:00")
