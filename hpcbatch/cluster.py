@@ -280,7 +280,11 @@ def _slurm(
     jobs = int(cluster_cfg.get("jobs") or 1)
     try:
         if adapt_max:
-            cluster.adapt(minimum_jobs=1, maximum_jobs=int(adapt_max))
+            # At least adapt_max jobs: Dask's adaptive target counts the tasks the
+            # scheduler holds, and the runner keeps only 2 x the present workers' threads
+            # in flight, so from one job it never asked for a second (a 3-job driver ran
+            # on one). Adaptive still resubmits jobs whose workers retire at --lifetime.
+            cluster.adapt(minimum_jobs=int(adapt_max), maximum_jobs=int(adapt_max))
         else:
             cluster.scale(jobs=jobs)
     except Exception as exc:  # noqa: BLE001
@@ -367,8 +371,10 @@ class WorkerJobWatch:
         ask_every_s: float = 10.0,
         max_failed_starts: int = 3,
         out: TextIO | None = None,
+        node_check_s: float = 600.0,
     ) -> None:
         self.cluster = cluster
+        self.node_check_s = node_check_s
         self.every_s = every_s
         self.ask_every_s = ask_every_s
         self.max_failed_starts = max_failed_starts
@@ -378,6 +384,7 @@ class WorkerJobWatch:
         self._explained: dict[str, dict] = {}  # job id -> explain_job's answer
         self._addresses: dict[str, tuple[str, str | None]] = {}  # address -> (job name, id)
         self._had_workers: set[str] = set()
+        self._seen: dict[str, str] = {}  # job id -> job name, of jobs whose workers came
         self._unknown: dict[str, int] = {}
         self._present: dict[str, int] = {}  # job name -> its workers at the last look
         self._asked: dict[str, float] = {}  # job id -> when SLURM was last asked about it
@@ -420,6 +427,10 @@ class WorkerJobWatch:
         """One look: record which job each worker runs in; find and replace ended jobs."""
         from .slurm import FINISHED_STATES
 
+        with self._lock:
+            checking = [e for e in self.lost if "node_check_until" in e]
+        for entry in checking:
+            self._node_check(entry)
         jobs, spec, workers = self._snapshot()
         job_of_worker = {
             f"{name}{suffix}": name for name, s in spec.items() for suffix in s.get("group", [""])
@@ -435,6 +446,8 @@ class WorkerJobWatch:
             with self._lock:
                 self._addresses[address] = (name, job_id)
                 self._had_workers.add(name)
+                if job_id:
+                    self._seen[str(job_id)] = name
                 for entry in self.lost:
                     if entry.get("replacement") == name and entry.get("replacement_ready") is None:
                         entry["replacement_job_id"] = job_id
@@ -466,6 +479,34 @@ class WorkerJobWatch:
             elif state not in FINISHED_STATES:
                 continue
             self._ended(name, job, str(job_id), state)
+        self._dropped(jobs, spec)
+
+    def _dropped(self, jobs: dict, spec: dict) -> None:
+        """Jobs SpecCluster dropped while their name stays in its spec: their workers were
+        lost for ``distributed.deploy.lost-worker-timeout`` (a dead node, a killed job),
+        so it cancelled the job and submits the name again; explain them once ended."""
+        from .slurm import FINISHED_STATES
+
+        current = {str(getattr(j, "job_id", None)) for j in jobs.values()}
+        for job_id, name in list(self._seen.items()):
+            if job_id in current:
+                continue
+            if job_id in self._by_job or name not in spec:  # handled, or scaled down
+                del self._seen[job_id]
+                continue
+            if time.monotonic() - self._asked.get(job_id, -1e9) < 2.0:
+                continue
+            self._asked[job_id] = time.monotonic()
+            state = _job_state(job_id)
+            if state is None:
+                self._unknown[job_id] = self._unknown.get(job_id, 0) + 1
+                if self._unknown[job_id] < 3:
+                    continue
+                state = "UNKNOWN"
+            elif state not in FINISHED_STATES:  # Dask's scancel has not landed yet
+                continue
+            del self._seen[job_id]
+            self._ended(name, None, job_id, state, by_dask=True)
 
     def _explain(self, job_id: str, state: str) -> dict:
         """Why the ended job ``job_id`` ended (asked once, then remembered)."""
@@ -483,7 +524,7 @@ class WorkerJobWatch:
         self._explained[job_id] = known
         return dict(known)
 
-    def _ended(self, name: str, job, job_id: str, state: str) -> None:
+    def _ended(self, name: str, job, job_id: str, state: str, *, by_dask: bool = False) -> None:
         entry = {
             "job_id": job_id,
             "name": name,
@@ -492,9 +533,14 @@ class WorkerJobWatch:
         }
         had_workers = name in self._had_workers
         entry["had_workers"] = had_workers
+        if had_workers and entry["reason"] == "cancelled":
+            # Dask cancels a job whose workers stayed lost (lost-worker-timeout, 15 s)
+            # before SLURM calls a dead node DOWN: watch the node a while (_node_check)
+            entry["node_check_until"] = time.monotonic() + self.node_check_s
         with self._lock:
             self.lost.append(entry)
             self._by_job[job_id] = entry
+        self._node_check(entry)
         if self._stop.is_set():
             return
         if had_workers:
@@ -513,12 +559,48 @@ class WorkerJobWatch:
         why = f"{entry['state']} -> {entry['reason']}: {entry['detail']}"
         if entry["reason"] == "completed":  # its workers retired: Dask's lifetime option
             why = f"{entry['state']}: its workers retired at their lifetime, before the walltime"
+        if by_dask:  # SpecCluster submits the same name again: that job is the replacement
+            with self._lock:
+                entry["replacement"], entry["replacement_ready"] = name, None
+            print(f"\nSLURM worker job {job_id} ended ({why}) after its workers were lost: "
+                  "Dask submitted a replacement job", file=self.out, flush=True)  # fmt: skip
+            return
         print(
             f"\nSLURM worker job {job_id} ended ({why}): submitting a replacement job",
             file=self.out,
             flush=True,
         )
         self.cluster.loop.add_callback(self._replace, name, job, entry)
+
+    def _node_check(self, entry: dict) -> None:
+        """A cancelled job that had lost its workers: if SLURM now calls its node down or
+        not responding, the reason is ``node`` (the entry and the explanation change)."""
+        from .slurm import job_info, node_trouble, sacct_record
+
+        until = entry.get("node_check_until")
+        if until is None or time.monotonic() - entry.get("node_checked", -1e9) < 2.0:
+            return
+        entry["node_checked"] = time.monotonic()
+        if "nodes" not in entry:
+            fields = job_info(entry["job_id"]) or sacct_record(entry["job_id"]) or {}
+            entry["nodes"] = fields.get("NodeList", "")
+        trouble = node_trouble(entry["nodes"])
+        if trouble is None:
+            if time.monotonic() > until:
+                entry.pop("node_check_until", None)
+            return
+        detail = (
+            f"node {trouble}: its workers were lost, then Dask cancelled the job "
+            "(distributed.deploy.lost-worker-timeout)"
+        )
+        with self._lock:
+            entry.update(reason="node", detail=detail)
+            entry.pop("node_check_until", None)
+            self._explained[entry["job_id"]] = {
+                "state": entry["state"], "reason": "node", "detail": detail
+            }  # fmt: skip
+        print(f"SLURM worker job {entry['job_id']} was lost with its {detail}", file=self.out,
+              flush=True)  # fmt: skip
 
     def _replace(self, name: str, job, entry: dict) -> None:
         """On the cluster's event loop: drop the dead job from the spec, scale back up."""

@@ -385,10 +385,13 @@ def render_sbatch(
         check_workload_args(command_cli, command, argv[len(command) :])
     # cluster.job-extra-directives describe the worker jobs: the single-node job is one,
     # a driver is not (dask-jobqueue puts them on the worker jobs it submits).
-    directives = _gpu_directives(gpus, gres) + list(extra)
+    gpu = _gpu_directives(gpus, gres)
+    directives = list(extra) if driver else gpu + list(extra)
     if not driver:
         directives += list(settings.get("cluster", {}).get("job-extra-directives") or [])
     values = _template_values(job, directives, plan_note)
+    if driver and gpu:  # the GPUs go on the worker jobs, not on the driver
+        values["exports"] += "\n" + _worker_gpu_export(settings, gpu, profile, config_file)
     values.update(
         resume_text=resume_text,
         secret_note=_SECRET_NOTE if secret else "",
@@ -419,6 +422,25 @@ def _gpu_directives(gpus: str | None, gres: str | None) -> list[str]:
         if str(value) != "0":
             out.append(f"{flag}={value}")
     return out
+
+
+def _worker_gpu_export(
+    settings: Mapping[str, Any], gpu: list[str], profile: str | None, config_file: str | None
+) -> str:
+    """A driver's GPUs: ``cluster.job-extra-directives`` of the worker jobs dask-jobqueue
+    submits, exported into the driver's environment (below a profile or --config file in
+    the settings' layers, so one that sets the list itself is refused)."""
+    from . import config as hb_config
+
+    for what, path in (("profile", profile and hb_config.profile_path(profile)),
+                       ("--config file", config_file)):  # fmt: skip
+        if path and "job-extra-directives" in hb_config.read_file(path).get("cluster", {}):
+            raise ConfigError(
+                f"--gpus/--gres with --driver, and the {what} sets cluster.job-extra-directives "
+                f"(it would replace the GPUs): add '{gpu[0]}' to that list instead"
+            )
+    directives = [*gpu, *(settings.get("cluster", {}).get("job-extra-directives") or [])]
+    return f"export DASK_HPCBATCH__CLUSTER__JOB_EXTRA_DIRECTIVES={shlex.quote(repr(directives))}"
 
 
 _SECRET_NOTE = (
@@ -967,6 +989,10 @@ def explain_job(
         except OSError:
             text = ""
     reason, detail = classify_job(fields, text)
+    if reason == "cancelled":  # e.g. by Dask, its workers lost on a node SLURM now calls dead
+        trouble = node_trouble(fields.get("NodeList", ""), run=run)
+        if trouble:
+            detail += f"; its node {trouble} is down now: a node failure may be the cause"
     return JobDeath(
         job_id=str(job_id),
         state=fields.get("JobState", "UNKNOWN").split()[0],
