@@ -121,6 +121,19 @@ def _wait(driver, check, timeout: float, what: str) -> dict:
     raise AssertionError(f"the page never showed {what} within {timeout} s; it shows {seen}")
 
 
+def _watch_splits(driver, seconds: float) -> tuple[dict, float | None]:
+    """Read the page every 0.1 s for ``seconds`` (until a split shows when none has):
+    the last read and when a split was first seen (None: not yet)."""
+    deadline, seen_at = time.monotonic() + seconds, None
+    while True:
+        seen = _read(driver)
+        if seen["splits"] and seen_at is None:
+            seen_at = time.time()
+        if time.monotonic() >= deadline or (seen_at is not None and seconds > 10):
+            return seen, seen_at
+        time.sleep(0.1)
+
+
 def _run_in_thread(fn, **kwargs):
     box: dict = {}
 
@@ -150,22 +163,23 @@ def test_live_page_shows_memory_chunks_and_the_split_of_an_oom(cluster, browser,
                   and len(s["workers"]) == 2, 60, "chunks done and two workers")  # fmt: skip
     assert all(w["process"] > 10 * MiB for w in first["workers"].values()), first
     assert "600 MiB" in first["plan"] and first["reasons"] >= 1 and first["svg"] == 2
-    time.sleep(3)
-    second = _read(browser)
+    unseen = not first["splits"]  # then the moment it appears is measured below
+    second, split_seen = _watch_splits(browser, 3.0)
     assert int(second["counters"]["done"]) > int(first["counters"]["done"]), (first, second)
     assert second["polls"] > first["polls"] + 1
     assert any(second["workers"][n]["process"] != w["process"]
                for n, w in first["workers"].items() if n in second["workers"]), (first, second)
 
-    t0 = time.time()
-    split = _wait(browser, lambda s: s["splits"], 90, "a split")
-    shown_at = time.time()
+    if split_seen is None:
+        _, split_seen = _watch_splits(browser, 90)
+    split = _read(browser)
+    assert split["splits"], "the page never showed a split"
     assert "c000002" in split["splits"][0] and "split into" in split["splits"][0], split
     assert split["kills"] and "memory" in " ".join(split["kills"]), split
-    event = _split_event(client)
-    latency = shown_at - event["time"]
-    print(f"\nsplit shown {latency:.2f} s after the runner recorded it (waited {shown_at - t0:.1f} s)")
-    assert latency < 4.0, latency  # feed 1 s + runner tick 0.5 s + page poll 1 s + slack
+    latency = split_seen - _split_event(client)["time"]
+    print(f"\nsplit shown {latency:.2f} s after the runner recorded it (measured: {unseen})")
+    if unseen:
+        assert latency < 4.0, latency  # feed 1 s + runner tick 0.5 s + page poll 1 s + slack
     both = _wait(browser, lambda s: len(s["workers"]) == 2, 30, "both workers back")
     assert any("restarted" in w["text"] for w in both["workers"].values()), both["workers"]
     height = browser.execute_script("return document.documentElement.scrollHeight")
@@ -183,6 +197,10 @@ def test_live_page_shows_memory_chunks_and_the_split_of_an_oom(cluster, browser,
     assert box["result"].report.chunks_split >= 1
     last = _wait(browser, lambda s: s["counters"].get("done") == "12", 10, "12 chunks done")
     assert "48 / 48" in last["items"], last
+    state = json.loads(_get(_page(client) + "/state.json"))
+    n, elapsed = state["messages"]["n"], state["progress"]["elapsed_s"]
+    print(f"{n} messages from the driver in a run of {elapsed:.1f} s")
+    assert n <= elapsed / dashboard.FEED_EVERY_S + 3, (n, elapsed)  # + run, final, slack
     assert console_errors(browser) == []
 
 
