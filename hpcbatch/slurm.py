@@ -20,6 +20,7 @@ Database URLs are never written into a script: a URL with a password becomes
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import os
@@ -440,7 +441,8 @@ def _worker_gpu_export(
                 f"(it would replace the GPUs): add '{gpu[0]}' to that list instead"
             )
     directives = [*gpu, *(settings.get("cluster", {}).get("job-extra-directives") or [])]
-    return f"export DASK_HPCBATCH__CLUSTER__JOB_EXTRA_DIRECTIVES={shlex.quote(repr(directives))}"
+    # a JSON list is a Python literal too: what Dask parses an environment variable with
+    return f"export DASK_HPCBATCH__CLUSTER__JOB_EXTRA_DIRECTIVES={shlex.quote(json.dumps(directives))}"
 
 
 _SECRET_NOTE = (

@@ -82,11 +82,6 @@ def _resources(opts: dict):
     if cpus is not None and cpus <= 0:
         raise ConfigError(f"--cpus must be positive, got {cpus}")
     gpus = render_gpus(opts["gpus"], opts["gres"])
-    if gpus and opts["driver"]:
-        raise ConfigError(
-            "--gpus/--gres with --driver: the GPUs belong on the worker jobs, not the driver: "
-            "set cluster.job-extra-directives: ['--gpus=N'] in a --config file"
-        )
     return resources_from_options(mem, cpus, gpus, opts["gpu_mem"], plan_ahead=True)
 
 

@@ -342,10 +342,12 @@ CASES: list[Case] = [
         "gpus-and-gres", "slurm", (*RENDER, "--gpus", "1", "--gres", "gpu:1"), r"--gpus or --gres"
     ),
     Case(
-        "gpus-with-driver",
+        "gpus-driver-config-directives",
         "slurm",
-        (*RENDER, "--gpus", "1", "--driver"),
-        r"--gpus/--gres with --driver: .* cluster.job-extra-directives",
+        (*RENDER, "--gpus", "1", "--driver", "--config", "c.yaml"),
+        r"--gpus/--gres with --driver, and the --config file sets cluster.job-extra-directives "
+        r".*add '--gpus=1' to that list instead",
+        setup=_write("c.yaml", "hpcbatch:\n  cluster:\n    job-extra-directives: ['--qos=a']\n"),
     ),
     Case(
         "gpus-shell-chars",

@@ -272,11 +272,55 @@ def test_render_gpu_mistakes_are_one_line() -> None:
         (["--gpus", "1", "--gres", "gpu:1"], "give --gpus or --gres, not both"),
         (["--gpus", "x"], "--gpus 'x' is not a GPU count"),
         (["--gres", "gpu:a:b:c"], "is not gpu[:TYPE][:N]"),
-        (["--gpus", "1", "--driver"], "the GPUs belong on the worker jobs"),
+        (["--gpus", "1;id"], "--gpus '1;id' is not a GPU count"),
     ):
         result = invoke(*base, *extra)
         assert result.exit_code == 2, (extra, result.output)
         assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_driver_gpus_go_on_the_worker_jobs_not_the_driver(monkeypatch, tmp_path: Path) -> None:
+    """--driver --gpus: the driver job asks for no GPU; the worker jobs dask-jobqueue
+    submits get it through cluster.job-extra-directives exported in the driver script."""
+    import shlex
+
+    import dask
+
+    from hpcbatch import config as hb_config
+    from hpcbatch import slurm
+    from hpcbatch.planner import make_plan
+    from hpcbatch.resources import detect_resources
+    from hpcbatch.stocks.footprint import stocks_footprint
+
+    result = invoke("slurm", "render", "stocks", "--driver", "--mem", "16G", "-c", "4",
+                    "--stocks", "100", "--gres", "gpu:a100:2")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    script = result.stdout
+    assert "#SBATCH --gres" not in script and "#SBATCH --gpus" not in script
+    assert "from the plan for 16.00 GiB, 4 CPUs, 2 GPUs (16.00 GiB each)" in script
+    export = re.search(r"^export DASK_HPCBATCH__CLUSTER__JOB_EXTRA_DIRECTIVES=(.*)$", script, re.M)
+    assert export, script
+    # what the driver's settings become with that environment (as the shell sets it)
+    value = shlex.split(export.group(1))[0]
+    monkeypatch.setenv("DASK_HPCBATCH__CLUSTER__JOB_EXTRA_DIRECTIVES", value)
+    dask.config.refresh()
+    try:
+        settings = hb_config.load()
+        assert settings["cluster"]["job-extra-directives"] == ["--gres=gpu:a100:2"]
+        res = detect_resources(memory_bytes=16 * GiB, cpus=4, gpus=2, plan_ahead=True)
+        plan = make_plan(stocks_footprint(100, 400, 10), res, hb_config.plan_settings(settings))
+        kwargs = slurm.slurm_cluster_kwargs(plan, settings).kwargs
+        assert kwargs["job_extra_directives"] == ["--gres=gpu:a100:2"]  # on each worker job
+    finally:
+        monkeypatch.delenv("DASK_HPCBATCH__CLUSTER__JOB_EXTRA_DIRECTIVES")
+        dask.config.refresh()
+    # a --config file that sets the list itself would replace the GPUs: refused, with the fix
+    config = tmp_path / "c.yaml"
+    config.write_text("hpcbatch:\n  cluster:\n    job-extra-directives: ['--qos=gpu']\n")
+    refused = invoke("slurm", "render", "stocks", "--driver", "--mem", "16G", "-c", "4",
+                     "--stocks", "100", "--gpus", "2", "--config", str(config))  # fmt: skip
+    assert refused.exit_code == 2
+    assert "add '--gpus=2' to that list instead" in refused.stderr
 
 
 # ------------------------------------------------------- the driver's --mem ----
