@@ -265,3 +265,90 @@ def _hpcbatch(*args: str) -> subprocess.CompletedProcess:
 
     result = CliRunner().invoke(main, list(args))
     return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+
+# ----------------------------------------------------------- real SLURM ----
+
+DRIVER_JOB = """#!/bin/bash
+#SBATCH --job-name=hpcbatch-status-test
+#SBATCH --cpus-per-task=2
+#SBATCH --mem=2000M
+#SBATCH --output={out}/job-%j.out
+exec {python} {out}/driver.py
+"""
+
+DRIVER = """
+import sys
+sys.path.insert(0, {tests!r})
+import hpcbatch
+import runs_helpers as rsh
+
+if __name__ == "__main__":
+    hpcbatch.map(rsh.slow_square, list(range(80)), per_item=True, run_id="in-slurm",
+                 report_dir={reports!r}, chunk_size=2, scratch={out!r},
+                 footprint={{"per_item_bytes": 1000, "fixed_bytes": 0}})
+"""
+
+
+@pytest.mark.slurm
+def test_a_slurm_driver_job_is_listed_with_its_job_id_live_and_after(slurm_env, tmp_path):
+    from hpcbatch import slurm
+
+    reports = tmp_path / "reports"
+    script = tmp_path / "driver.sbatch"
+    script.write_text(DRIVER_JOB.format(out=str(tmp_path), python=sys.executable))
+    (tmp_path / "driver.py").write_text(
+        DRIVER.format(out=str(tmp_path), tests=str(HERE), reports=str(reports))
+    )
+    job_id = slurm.submit(script, sbatch_args=["--chdir", str(tmp_path)])
+    path = reports / "in-slurm" / "progress.json"
+    listed_running = False
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        data = _read(path)
+        if data and data["state"] != "running":
+            break
+        if (slurm.job_info(job_id) or {}).get("JobState") in slurm.FINISHED_STATES:
+            break
+        if data and data["items_done"] > 0 and not listed_running:
+            done = _hpcbatch("runs", str(reports))
+            listed_running = bool(
+                re.search(rf"^in-slurm\s+map\s+running\s.*\s{job_id}\s", done.stdout, re.M)
+            )
+            assert listed_running, done.stdout
+        time.sleep(0.3)
+    info = slurm.wait_for_job(job_id, timeout=60)
+    output = "".join(p.read_text() for p in tmp_path.glob("job-*.out"))
+    assert info["JobState"] == "COMPLETED", output
+    assert listed_running, "the run was never seen running"
+    data = _read(path)
+    assert data["state"] == "finished" and data["slurm_job_id"] == job_id
+    done = _hpcbatch("runs", str(reports))
+    print(done.stdout)  # shown with -s: a real listing of a SLURM run
+    assert re.search(rf"^in-slurm\s+map\s+finished\s+80/80 \(100%\)\s.*\s{job_id}\s", done.stdout,
+                     re.M), done.stdout  # fmt: skip
+
+
+@pytest.mark.slurm
+def test_a_run_on_another_node_is_interrupted_when_its_slurm_job_is_gone(slurm_env, tmp_path):
+    from hpcbatch import slurm
+    from hpcbatch.runs import read_run, write_json_atomic
+
+    script = tmp_path / "sleep.sbatch"
+    script.write_text("#!/bin/bash\n#SBATCH --mem=100M\nsleep 120\n")
+    job_id = slurm.submit(script, sbatch_args=["--chdir", str(tmp_path)])
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    write_json_atomic(run_dir / "progress.json", {
+        "run_id": "r", "state": "running", "host": "a-compute-node", "pid": 1,
+        "slurm_job_id": job_id, "n_items": 10, "items_done": 3, "started": time.time(),
+        "updated": time.time() - 3600,  # old: squeue's word counts, not the age
+    })  # fmt: skip
+    try:
+        assert read_run(run_dir).state == "running"
+    finally:
+        subprocess.run(["scancel", job_id], check=True, env=slurm_env["env"])
+    deadline = time.monotonic() + 60
+    while (view := read_run(run_dir)).state == "running" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert view.state == "interrupted" and f"SLURM job {job_id}" in view.why, view
