@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -35,6 +36,7 @@ WRITE_EVERY_S = 2.0
 #: (from progress.json or the ledger) and it counts as interrupted.
 STALE_S = 120.0
 ENDED = ("finished", "failed", "interrupted", "already-finished")
+_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")  # a URL's password, never written
 
 
 # ---------------------------------------------------------------- writing ----
@@ -58,7 +60,7 @@ def who_runs() -> dict:
         "host": socket.gethostname(),
         "slurm_job_id": job or None,
         "slurm_nodes": os.environ.get("SLURM_JOB_NODELIST") or None,
-        "command": " ".join(sys.argv),
+        "command": " ".join(_PASSWORD.sub(r"\1***@", arg) for arg in sys.argv),
         "cwd": os.getcwd(),
     }
 

@@ -352,3 +352,15 @@ def test_a_run_on_another_node_is_interrupted_when_its_slurm_job_is_gone(slurm_e
     while (view := read_run(run_dir)).state == "running" and time.monotonic() < deadline:
         time.sleep(0.5)
     assert view.state == "interrupted" and f"SLURM job {job_id}" in view.why, view
+
+
+def test_progress_json_never_holds_a_password(tmp_path, monkeypatch):
+    from hpcbatch.runs import ProgressFile
+
+    url = "postgresql://me:s3cret@db.example:5432/prices"
+    monkeypatch.setattr(sys, "argv", ["hpcbatch", "run", "stocks", "--db-url", url])
+    watcher = ProgressFile(tmp_path, workload="stocks", ledger_url=url)
+    watcher({"run_id": "x", "state": "running", "final": False, "items_done": 0})
+    text = (tmp_path / "progress.json").read_text()
+    assert "s3cret" not in text and "postgresql://me:***@db.example:5432/prices" in text
+    assert "ledger" not in json.loads(text)  # a ledger URL with a password is left out
