@@ -339,7 +339,7 @@ def _sbatch_test_only(job_script: str, timeout_s: float = 20.0) -> None:
     why = "; ".join(dict.fromkeys(said[-2:])) or f"exit code {r.returncode}"
     raise ClusterStartError(
         f"sbatch refused the SLURM worker job ({why}): fix the partition, account or "
-        "limits (cluster.queue, cluster.account, --mem, --walltime) or see "
+        "limits (cluster.queue, cluster.account, --mem, --time) or see "
         "'hpcbatch slurm render'"
     )
 
@@ -675,7 +675,7 @@ def _address(address: str | None, timeout: float, stack: ExitStack, security=Non
 
     if not address:
         raise ConfigError(
-            "backend 'address' needs a scheduler: pass --address tcp://HOST:8786 or a "
+            "backend 'address' needs a scheduler: pass --cluster tcp://HOST:8786 or a "
             "scheduler file (cluster.address in the config)"
         )
     is_file = not address.startswith(("tcp://", "tls://", "ws://", "wss://", "inproc://", "ucx://"))
