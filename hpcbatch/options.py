@@ -113,10 +113,12 @@ def accepts_renamed(func: Callable) -> Callable:
     return wrapper
 
 
-def _gb_to_bytes(flag: str) -> Callable[[float], int]:
+def _gb_to_bytes(flag: str, new: str) -> Callable[[float], int]:
+    """The old decimal-GB flags (``--mem-gb 12`` = 12e9 bytes) keep their meaning."""
+
     def convert(value: float) -> int:
         if not value > 0:
-            raise ConfigError(f"{flag} must be positive, got {value:g}: e.g. --mem 12G")
+            raise ConfigError(f"{flag} must be positive, got {value:g}: e.g. {new} 12G")
         return int(value * 1e9)
 
     return convert
@@ -141,7 +143,7 @@ def mem_option(help: str) -> Callable:
     """``--mem`` (sbatch's units) and its old spelling ``--mem-gb`` (decimal GB)."""
     return _stack(
         click.option("--mem", "mem", default=None, metavar="SIZE", help=f"{help}, {MEM_HELP}."),
-        renamed("--mem-gb", "--mem", "mem", type=float, convert=_gb_to_bytes("--mem-gb"),
+        renamed("--mem-gb", "--mem", "mem", type=float, convert=_gb_to_bytes("--mem-gb", "--mem"),
                 example="sbatch units: --mem 12G is 12 GiB; --mem-gb 12 was 12e9 bytes"),
     )  # fmt: skip
 
@@ -156,7 +158,7 @@ gpu_mem_option = _stack(
     click.option("--gpu-mem", default=None, metavar="SIZE",
                  help=f"Memory of each planned GPU, {MEM_HELP} (default 16G)."),
     renamed("--gpu-mem-gb", "--gpu-mem", "gpu_mem", type=float,
-            convert=_gb_to_bytes("--gpu-mem-gb"), example="e.g. --gpu-mem 80G"),
+            convert=_gb_to_bytes("--gpu-mem-gb", "--gpu-mem"), example="e.g. --gpu-mem 80G"),
 )  # fmt: skip
 
 allocation_options = _stack(

@@ -38,7 +38,7 @@ def test_plan_stocks_json_has_the_keys():
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert set(data) >= PLAN_KEYS
-    assert data["footprint_source"] == "analytic (uncalibrated)"
+    assert data["footprint_source"].startswith("analytic, constants measured 2026-11-23 on")
     assert data["predicted_peak_bytes"] <= data["memory_fraction"] * data["memory_limit_bytes"]
     assert data["resources"]["memory_bytes"] == 12 * 1024**3  # sbatch's G is GiB
     assert data["n_workers"] * data["memory_limit_bytes"] <= 12 * 1024**3
@@ -63,7 +63,7 @@ def test_plan_plain_output_is_a_table_and_reasons():
     out = result.stdout
     assert out.splitlines()[0].startswith("workers")
     assert "chunk size                 100 stocks" in out  # the profile's batch size
-    assert "footprint                  analytic (uncalibrated)" in out
+    assert "footprint                  analytic, constants measured 2026-11-23 on" in out
     assert "\nwhy:\n  - allocation:" in out
 
 
@@ -88,13 +88,13 @@ def test_infeasible_plan_says_what_to_request():
 def test_infeasible_stocks_plan_suggests_a_mem_that_covers_the_need():
     """Issue 14: 'needs at least 2.1 GB ... request --mem=2G' read as too little. The need
     is also given in GiB, the units of SLURM's --mem=NG, and N GiB covers it."""
-    result = invoke("plan", "stocks", "--mem", "1900M", "--chunk-size", "400")
+    result = invoke("plan", "stocks", "--mem", "1000M", "--chunk-size", "400")
     assert result.exit_code == 2
     message = result.stderr
     need_gb = float(message.split("needs at least ")[1].split(" GB")[0])
     need_gib = float(message.split(" GB (")[1].split(" GiB")[0])
     requested_gib = int(message.split("request --mem=")[1].split("G")[0])
-    assert need_gb > 2.0 and abs(need_gib * 1024**3 - need_gb * 1e9) < 0.1e9
+    assert need_gb * 1e9 > 1000 * 2**20 and abs(need_gib * 1024**3 - need_gb * 1e9) < 0.1e9
     assert requested_gib >= need_gib and requested_gib * 1024**3 >= need_gb * 1e9 - 0.1e9
     assert "SLURM's G is GiB" in message
 
