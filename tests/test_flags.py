@@ -373,3 +373,30 @@ def test_docs_table_lists_every_old_spelling_with_its_new_one() -> None:
             if isinstance(param, RenamedOption):
                 row = re.search(rf"^\| `{re.escape(param.old)}`.*$", table, re.M)
                 assert row and param.new.split()[0] in row.group(0), (path, param.old)
+
+
+# ------------------------------------------------------ against a real sbatch ----
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(240)
+def test_mem_is_what_a_real_sbatch_allocates(slurm_env: dict, tmp_path: Path) -> None:
+    """Each --mem text, given to the real sbatch, gives the job SLURM_MEM_PER_NODE MiB
+    equal to what hpcbatch reads from the same text."""
+    from hpcbatch import slurm
+
+    script = tmp_path / "mem.sbatch"
+    script.write_text("#!/bin/bash\necho \"MEM=$SLURM_MEM_PER_NODE\"\n")
+    texts = ("1000", "1000M", "512K", "2049K", "2G", "2GB", "1g", "1500mb")
+    jobs = {
+        text: slurm.submit(script, sbatch_args=[
+            f"--mem={text}", "--partition", slurm_env["partition"], "--chdir", str(tmp_path),
+            f"--output=mem-{i}-%j.out"])  # fmt: skip
+        for i, text in enumerate(texts)
+    }
+    for i, (text, job_id) in enumerate(jobs.items()):
+        info = slurm.wait_for_job(job_id, timeout=120)
+        out = (tmp_path / f"mem-{i}-{job_id}.out").read_text()
+        assert info["JobState"] == "COMPLETED", out
+        mib = int(re.search(r"MEM=(\d+)", out).group(1))
+        assert mib * MiB == parse_mem(text), (text, mib)
