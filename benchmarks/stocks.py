@@ -1,7 +1,7 @@
 """Stock batch prediction: the naive way vs hpcbatch vs the model-only floor (prints JSON).
 
-For each size (stocks x days in SQLite, --predict-days windows per stock) the script
-generates the market once, saves a model of the chosen size (random weights, real
+For each model and size (stocks x days in SQLite, ``predict_days`` windows per stock) the
+script generates the market once, saves a model of that size (random weights, real
 normalisation statistics: throughput and memory do not depend on the weights), then runs
 every contender in a fresh Python process:
 
@@ -9,13 +9,30 @@ every contender in a fresh Python process:
   windows into one array, predicts them and upserts the predictions.
 - ``hpcbatch``: ``hpcbatch.stocks.predict`` on a LocalCluster shaped by the plan.
 - ``floor``: the same windows already in memory (built before the clock starts), through
-  the model in one process: the most a pipeline could reach on this machine.
+  the model in one process at the task's inference batch: the most a pipeline could
+  reach on this machine.
 
-Memory is measured, never estimated: each process's peak RSS (VmHWM) and, for hpcbatch,
-every worker process sampled every 0.1 s (per-process peaks and the peak of the sum over
-the driver, nannies and workers).  Throughput is windows per second of wall time.
+Throughput is windows per second of wall time (hpcbatch: from the call to ``predict``
+to its return, cluster start and stop included).  Memory is measured the same way for
+every contender, from this (parent) process: every 0.1 s it reads ``/proc/PID/status``
+of the contender and of all its descendants (the list refreshed every 0.5 s): VmHWM per
+process (its exact peak) and the sum of VmRSS over the tree (the peak of that sum).
+hpcbatch's run also reports its own per-chunk split (read, features, inference, write)
+summed over the chunks, and the idle share of the workers (startup, dispatch, tail).
 
-    python benchmarks/stocks.py --sizes 500,2000,5000 --days 400 --predict-days 10
+The machine's load average is recorded at the start and end of every contender:
+compare runs only where it stayed low.  The whole set, one command, ~8-12 minutes on a
+quiet 2-core machine::
+
+    python benchmarks/stocks.py --out-dir benchmarks
+
+It writes ``results-stocks-small.json`` (small model, 500 / 2,000 / 5,000 stocks x
+10 prediction days) and ``results-stocks-full.json`` (full model, the same sizes x 1
+prediction day: the full model is ~30x slower per window, so one window per stock keeps
+the set under 12 minutes); 500 stocks is the per-worker-peak reference (flatness = the
+largest worker peak at 5,000 over that at 500).  Smoke test::
+
+    python benchmarks/stocks.py --models tiny:2 --sizes 60,120 --out-dir /tmp/bench
 """
 
 from __future__ import annotations
@@ -23,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 import threading
@@ -32,52 +50,105 @@ from pathlib import Path
 import numpy as np
 
 MB = 1024**2
+SAMPLE_S = 0.1  # the memory sampling period, the same for every contender
+REFRESH_S = 0.5  # how often the contender's process tree is listed again
+DEFAULT_MODELS = "small:10,full:1"
 
 
-def vm_hwm() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
+# ----------------------------------------------------------------- memory ----
+
+
+def _status(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) in bytes of ``pid`` (0, 0 once it is gone)."""
+    rss = hwm = 0
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) * 1024
+            elif line.startswith("VmHWM:"):
+                hwm = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return rss, hwm
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry.name}/stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[-200:]
+    except OSError:
+        return ""
 
 
 class TreeSampler:
-    """Samples RSS of this process and all its descendants every ``interval`` seconds."""
+    """VmHWM of every process of ``root``'s tree and the peak of the tree's summed VmRSS."""
 
-    def __init__(self, interval: float = 0.1):
-        import psutil
-
-        self.proc = psutil.Process()
-        self.interval = interval
+    def __init__(self, root: int):
+        self.root = root
         self.peaks: dict[int, dict] = {}
         self.total_peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        import psutil
-
+        pids: list[int] = []
+        listed = 0.0
         while not self._stop.is_set():
+            now = time.monotonic()
+            if now - listed >= REFRESH_S:
+                pids, listed = _descendants(self.root), now
             total = 0
-            for p in [self.proc, *self.proc.children(recursive=True)]:
-                try:
-                    rss = p.memory_info().rss
-                    name = " ".join(p.cmdline())
-                except psutil.Error:
+            for pid in pids:
+                rss, hwm = _status(pid)
+                if not rss:
                     continue
                 total += rss
-                entry = self.peaks.setdefault(p.pid, {"peak": 0, "cmd": name[-200:]})
-                entry["peak"] = max(entry["peak"], rss)
+                entry = self.peaks.setdefault(pid, {"peak": 0, "cmd": _cmdline(pid)})
+                entry["peak"] = max(entry["peak"], hwm, rss)
             self.total_peak = max(self.total_peak, total)
-            time.sleep(self.interval)
+            self._stop.wait(SAMPLE_S)
 
-    def __enter__(self):
+    def start(self) -> TreeSampler:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc):
+    def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+
+    def split(self) -> dict:
+        """The root's peak, the Dask workers' peaks and the others' (nannies run in the
+        root: LocalCluster keeps them in the driver's process)."""
+        def is_worker(cmd: str) -> bool:
+            return "spawn_main" in cmd or "distributed.cli" in cmd
+
+        children = [e for pid, e in self.peaks.items() if pid != self.root]
+        return {
+            "peak_rss_bytes": self.peaks.get(self.root, {}).get("peak", 0),
+            "worker_peak_rss_bytes": sorted(e["peak"] for e in children if is_worker(e["cmd"])),
+            "other_process_peaks_bytes": sorted(
+                e["peak"] for e in children if not is_worker(e["cmd"])
+            ),
+            "total_peak_rss_bytes": self.total_peak,
+        }
 
 
 # ------------------------------------------------------------ contenders ----
@@ -92,7 +163,7 @@ def _model_loaded(model_dir: str):
 def run_naive(db: str, model_dir: str, lookback: int, predict_days: int) -> dict:
     from hpcbatch.stocks.features import compute_features, min_rows
     from hpcbatch.stocks.model import predict_windows
-    from hpcbatch.stocks.predict import prediction_rows
+    from hpcbatch.stocks.predict import CPU_BATCH, prediction_rows
     from hpcbatch.stocks.schema import init_db, make_engine
     from hpcbatch.stocks.sink import bars_from_rows, bars_query, list_codes, upsert_predictions
     from hpcbatch.stocks.windows import prediction_windows
@@ -105,10 +176,11 @@ def run_naive(db: str, model_dir: str, lookback: int, predict_days: int) -> dict
     with engine.connect() as conn:
         rows = conn.execute(bars_query(codes, lookback)).all()  # everything at once
     bars = bars_from_rows(rows)
+    del rows
     keep = np.flatnonzero(bars.n_rows >= min_rows(predict_days))
     features = compute_features(bars)[keep]
     windows = np.ascontiguousarray(prediction_windows(features, predict_days))  # one big array
-    returns, conf, _ = predict_windows(loaded, windows, 256)
+    returns, conf, _ = predict_windows(loaded, windows, CPU_BATCH)
     dates = bars.dates[keep][:, -predict_days:]
     out = prediction_rows([bars.codes[i] for i in keep], dates, returns, conf, "naive", None)
     with engine.begin() as conn:
@@ -118,7 +190,6 @@ def run_naive(db: str, model_dir: str, lookback: int, predict_days: int) -> dict
         "windows": len(out),
         "wall_s": round(wall, 2),
         "windows_per_s": round(len(out) / wall, 1),
-        "peak_rss_bytes": vm_hwm(),
         "array_bytes": {"features": int(features.nbytes), "windows": int(windows.nbytes)},
     }
 
@@ -126,28 +197,31 @@ def run_naive(db: str, model_dir: str, lookback: int, predict_days: int) -> dict
 def run_floor(db: str, model_dir: str, lookback: int, predict_days: int) -> dict:
     from hpcbatch.stocks.features import compute_features, min_rows
     from hpcbatch.stocks.model import predict_windows
+    from hpcbatch.stocks.predict import CPU_BATCH
     from hpcbatch.stocks.schema import make_engine
-    from hpcbatch.stocks.sink import bars_from_rows, bars_query, list_codes
+    from hpcbatch.stocks.sink import list_codes, read_bars
     from hpcbatch.stocks.windows import prediction_windows
 
     engine = make_engine(db)
     loaded = _model_loaded(model_dir)
-    codes = list_codes(engine)
     with engine.connect() as conn:
-        bars = bars_from_rows(conn.execute(bars_query(codes, lookback)).all())
+        bars = read_bars(conn, list_codes(engine), lookback)
     keep = np.flatnonzero(bars.n_rows >= min_rows(predict_days))
     windows = np.ascontiguousarray(
         prediction_windows(compute_features(bars)[keep], predict_days)
     )
+    del bars
     t0 = time.perf_counter()
-    returns, _, _ = predict_windows(loaded, windows, 256)
+    returns, _, _ = predict_windows(loaded, windows, CPU_BATCH)
     wall = time.perf_counter() - t0
     return {
         "windows": int(returns.size),
         "wall_s": round(wall, 2),
         "windows_per_s": round(returns.size / wall, 1),
-        "peak_rss_bytes": vm_hwm(),
     }
+
+
+SPLIT_KEYS = ("read_s", "features_s", "inference_s", "write_s")
 
 
 def run_hpcbatch(db: str, model_dir: str, lookback: int, predict_days: int) -> dict:
@@ -158,43 +232,39 @@ def run_hpcbatch(db: str, model_dir: str, lookback: int, predict_days: int) -> d
     settings["cluster"]["dashboard-address"] = "127.0.0.1:0"
     opts = PredictOptions(lookback_days=lookback, predict_days=predict_days, use_gpu="false")
     t0 = time.perf_counter()
-    with TreeSampler() as sampler:
-        report = predict(
-            db, model_dir, settings=settings, options=opts, run_id=f"bench-{time.time():.0f}",
-            report_dir=None, progress=False, quiet=True,
-        )
+    report = predict(
+        db, model_dir, settings=settings, options=opts, run_id=f"bench-{time.time():.0f}",
+        report_dir=None, progress=False, quiet=True,
+    )  # fmt: skip
     wall = time.perf_counter() - t0
-    me = os.getpid()
-    workers = {
-        pid: e
-        for pid, e in sampler.peaks.items()
-        if pid != me and ("spawn_main" in e["cmd"] or "distributed.cli" in e["cmd"])
-    }
-    others = {pid: e for pid, e in sampler.peaks.items() if pid != me and pid not in workers}
-    windows = int(report.results_meta.get("windows", 0))
+    meta = report.results_meta or {}
+    windows = int(meta.get("windows", 0))
     plan = report.plan or {}
-    worker_peaks = sorted(e["peak"] for e in workers.values())
+    busy = float(meta.get("seconds", 0.0))
+    n_workers = plan.get("n_workers") or 1
     return {
         "windows": windows,
         "wall_s": round(wall, 2),
         "run_wall_s": report.wall_time_s,
         "windows_per_s": round(windows / wall, 1),
         "windows_per_s_excluding_startup": round(windows / max(report.wall_time_s, 1e-9), 1),
-        "driver_peak_rss_bytes": vm_hwm(),
-        "worker_peak_rss_bytes": worker_peaks,
         "worker_peak_rss_bytes_runner": report.measured_peak_bytes,
-        "other_process_peaks_bytes": sorted(e["peak"] for e in others.values()),
-        "total_peak_rss_bytes": sampler.total_peak,
+        # where the workers' time went: each chunk's steps summed over the chunks, and the
+        # share of n_workers x wall with no chunk running (startup, dispatch, tail, stop)
+        "worker_seconds": {k: round(float(meta.get(k, 0.0)), 2) for k in (*SPLIT_KEYS, "seconds")},
+        "worker_split": {
+            k[:-2]: round(float(meta.get(k, 0.0)) / busy, 3) if busy else None for k in SPLIT_KEYS
+        },
+        "worker_idle_share": round(1 - busy / (n_workers * wall), 3) if wall else None,
         "planned": {
             "n_workers": plan.get("n_workers"),
+            "threads_per_worker": plan.get("threads_per_worker"),
             "chunk_size": plan.get("chunk_size"),
             "n_chunks": plan.get("n_chunks"),
             "memory_limit_bytes": plan.get("memory_limit_bytes"),
             "predicted_peak_bytes": plan.get("predicted_peak_bytes"),
+            "footprint_source": plan.get("footprint_source"),
         },
-        "measured_over_predicted": round(max(worker_peaks) / plan["predicted_peak_bytes"], 3)
-        if worker_peaks and plan.get("predicted_peak_bytes")
-        else None,
         "status": report.status,
     }
 
@@ -216,9 +286,14 @@ def prepare(workdir: Path, stocks: int, days: int, model_size: str, seed: int) -
     db_path = workdir / f"market-{stocks}x{days}-s{seed}.db"
     url = f"sqlite:///{db_path}"
     if not db_path.exists():
-        engine = make_engine(url, create=True)
+        tmp = db_path.with_suffix(".tmp.db")
+        tmp.unlink(missing_ok=True)
+        engine = make_engine(f"sqlite:///{tmp}", create=True)
         generate_market(engine, stocks, days, seed)
+        with engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
         engine.dispose()
+        os.replace(tmp, db_path)
     model_dir = workdir / f"model-{model_size}"
     if not (model_dir / "weights.pt").exists():
         import torch
@@ -254,56 +329,102 @@ def child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
+def run_contender(name: str, url: str, model_dir: str, days: int, predict_days: int) -> dict:
+    """One contender in a fresh process, its process tree sampled from here."""
+    cmd = [
+        sys.executable, __file__, "--contender", name, "--db", url, "--model", model_dir,
+        "--days", str(days), "--predict-days", str(predict_days),
+    ]  # fmt: skip
+    load_start = os.getloadavg()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampler = TreeSampler(proc.pid).start()
+    out, err = proc.communicate()
+    sampler.stop()
+    lines = [x for x in out.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        result: dict = {"error": (err.strip().splitlines() or ["?"])[-1]}
+    else:
+        result = json.loads(lines[-1][len("RESULT ") :])
+    memory = sampler.split()
+    if name != "hpcbatch":
+        memory.pop("worker_peak_rss_bytes")
+    result.update(memory)
+    result["load_avg"] = {"start": [round(x, 2) for x in load_start],
+                          "end": [round(x, 2) for x in os.getloadavg()]}  # fmt: skip
+    return result
+
+
+def machine() -> dict:
+    import distributed
+    import sqlalchemy
+    import torch
+
+    return {
+        "host": platform.node(), "cpus": os.cpu_count(), "machine": platform.machine(),
+        "python": platform.python_version(), "torch": torch.__version__,
+        "numpy": np.__version__, "sqlalchemy": sqlalchemy.__version__,
+        "distributed": distributed.__version__,
+        "memory_sampling": f"/proc/PID/status of each contender's process tree every {SAMPLE_S} s "
+                           "from the parent: VmHWM per process, peak of the summed VmRSS",
+    }  # fmt: skip
+
+
+def run_model(args: argparse.Namespace, model_size: str, predict_days: int) -> dict:
+    results: dict = {
+        "machine": machine(),
+        "command": " ".join(sys.argv),
+        "days": args.days,
+        "predict_days": predict_days,
+        "model_size": model_size,
+        "load_avg_start": [round(x, 2) for x in os.getloadavg()],
+        "sizes": {},
+    }
+    out = Path(args.out_dir) / f"results-stocks-{model_size}.json" if args.out_dir else None
+    for stocks in [int(s) for s in args.sizes.split(",")]:
+        t0 = time.perf_counter()
+        url, model_dir = prepare(Path(args.workdir), stocks, args.days, model_size, args.seed)
+        entry: dict = {"setup_s": round(time.perf_counter() - t0, 1)}
+        for name in args.contenders.split(","):
+            clear_predictions(url)
+            entry[name] = run_contender(name, url, model_dir, args.days, predict_days)
+            print(f"# {model_size} {stocks} stocks, {name}: {json.dumps(entry[name])}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        entry["ratios"] = _ratios(entry)
+        results["sizes"][str(stocks)] = entry
+        results["flatness"] = _flatness(results["sizes"])
+        results["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+        if out:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=DEFAULT_MODELS,
+                    help="SIZE:PREDICT_DAYS,... (default small:10,full:1)")  # fmt: skip
     ap.add_argument("--sizes", default="500,2000,5000")
     ap.add_argument("--days", type=int, default=400)
-    ap.add_argument("--predict-days", type=int, default=10)
-    ap.add_argument("--model-size", default="full")
     ap.add_argument("--contenders", default="naive,hpcbatch,floor")
     ap.add_argument("--workdir", default="/tmp/hpcbatch-bench-stocks")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None, help="Also write the JSON here (updated per size).")
+    ap.add_argument("--out-dir", default=None,
+                    help="Write results-stocks-MODEL.json here (updated after every size).")  # fmt: skip
     ap.add_argument("--contender", help=argparse.SUPPRESS)
     ap.add_argument("--db", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--predict-days", type=int, default=10, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.contender:
         child(args)
         return
-
-    results = {
-        "machine": {"cpus": os.cpu_count(), "note": "shared 2-core machine: compare ratios"},
-        "days": args.days,
-        "predict_days": args.predict_days,
-        "model_size": args.model_size,
-        "sizes": {},
-    }
-    for stocks in [int(s) for s in args.sizes.split(",")]:
-        t0 = time.perf_counter()
-        url, model_dir = prepare(Path(args.workdir), stocks, args.days, args.model_size, args.seed)
-        entry: dict = {"setup_s": round(time.perf_counter() - t0, 1)}
-        for name in args.contenders.split(","):
-            clear_predictions(url)
-            cmd = [
-                sys.executable, __file__, "--contender", name, "--db", url, "--model", model_dir,
-                "--days", str(args.days), "--predict-days", str(args.predict_days),
-            ]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
-            if done.returncode != 0 or not lines:
-                entry[name] = {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
-            else:
-                entry[name] = json.loads(lines[-1][len("RESULT ") :])
-            print(f"# {stocks} stocks, {name}: {json.dumps(entry[name])}", file=sys.stderr, flush=True)
-        entry["ratios"] = _ratios(entry)
-        results["sizes"][str(stocks)] = entry
-        if args.out:
-            Path(args.out).write_text(json.dumps(results, indent=2))
-    results["flatness"] = _flatness(results["sizes"])
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
+    t0 = time.perf_counter()
+    everything = {}
+    for spec in args.models.split(","):
+        size, _, days = spec.partition(":")
+        everything[size] = run_model(args, size, int(days or 10))
+    everything["total_s"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(everything, indent=2))
 
 
 def _ratios(entry: dict) -> dict:
@@ -316,7 +437,7 @@ def _ratios(entry: dict) -> dict:
         out["hpcbatch_over_floor_excluding_startup"] = round(
             h["windows_per_s_excluding_startup"] / f["windows_per_s"], 3
         )
-    if "peak_rss_bytes" in n and "total_peak_rss_bytes" in h:
+    if n.get("peak_rss_bytes") and h.get("total_peak_rss_bytes"):
         out["hpcbatch_total_over_naive_peak"] = round(
             h["total_peak_rss_bytes"] / n["peak_rss_bytes"], 3
         )
@@ -331,8 +452,12 @@ def _flatness(sizes: dict) -> dict | None:
     }
     if len(peaks) < 2:
         return None
-    lo, hi = min(peaks.values()), max(peaks.values())
-    return {"worker_peak_by_size": peaks, "max_over_min": round(hi / lo, 3)}
+    first, last = peaks[min(peaks, key=int)], peaks[max(peaks, key=int)]
+    return {
+        "worker_peak_by_size": peaks,
+        "largest_over_smallest_size": round(last / first, 3),
+        "goal": "<= 1.15",
+    }
 
 
 if __name__ == "__main__":

@@ -16,6 +16,20 @@ from ..planner import Footprint
 
 N_FEATURES = 105
 WINDOW_DAYS = 60
+# Where the constants below come from (issue 15 item 6): measured on one machine, not on
+# the machine at hand; --calibrate measures the fixed and per-stock bytes there.
+PROVENANCE = (
+    "analytic, constants measured 2026-11-23 on the project's 2-core x86_64 Linux build "
+    "machine (Python 3.11, torch 2.x CPU, numpy 2.x, SQLAlchemy 2.x, distributed 2026.x): "
+    "worker baseline 300 MiB from hpcbatch.stocks.probe at size 0 (310 MiB, full model) and "
+    "the benchmark workers; 500 B per fetched row and 80 float64 temporaries per stock-day "
+    "refined with probe runs; driver 384 MiB over the measured 321-325 MiB; checked "
+    "against benchmarks/stocks.py on that machine (measured/predicted per-worker peak "
+    "{checked}); not measured on this machine: --calibrate measures them here"
+).format(
+    checked="0.81-0.84 small model at 500-5,000 stocks, 0.90-0.95 full model at 500-2,000: "
+    "results-stocks-small.json / -full.json of 2026-11-23"
+)
 RAW_COLUMNS = 9
 # A fetched row: SQLAlchemy Row + tuple + 2 str + 7 float objects, plus the column
 # lists and numpy copies made while laying it out.
@@ -74,7 +88,10 @@ def stocks_footprint(
     """Peak bytes per stock in a chunk (raw rows, indicator work, float32 features,
     prediction rows) and per worker (baseline, one inference batch of activations)."""
     raw = lookback_days * (ROW_OBJECT_BYTES + RAW_COLUMNS * 8 * 2)
-    feature_work = lookback_days * (FEATURE_TEMPORARIES * 8 + N_FEATURES * 4)
+    # float64 indicator passes over every day; float32 features kept only for the days
+    # the windows cover (compute_features(last_days=...))
+    kept_days = min(lookback_days, WINDOW_DAYS + predict_days - 1)
+    feature_work = lookback_days * FEATURE_TEMPORARIES * 8 + kept_days * N_FEATURES * 4
     outputs = predict_days * PREDICTION_ROW_BYTES
     per_stock = raw + feature_work + outputs
     per_window = activation_bytes_per_window(model_config)
@@ -93,6 +110,7 @@ def stocks_footprint(
         gpu_per_item_bytes=per_window + 2 * window_bytes,
         gpu_fixed_bytes=model_bytes,
         driver_bytes=DRIVER_BYTES,
+        source=PROVENANCE,
         details=(
             ("raw rows per stock", raw),
             ("feature computation per stock", feature_work),

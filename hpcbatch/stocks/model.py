@@ -230,6 +230,19 @@ def cached_model(model_dir: str | Path, device: str = "cpu") -> LoadedModel:
 # --------------------------------------------------------------- inference ----
 
 
+def match_threads(n: int) -> None:
+    """torch's intra-op threads of this process (a worker: its planned share of the CPUs)."""
+    if n >= 1 and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+def plan_threads(cpus: int, n_workers: int, threads_per_worker: int) -> int:
+    """Intra-op threads per worker process: the node's CPUs not already taken by the
+    workers' task threads, shared out (at least 1; a worker's concurrent tasks share the
+    process-wide setting, so several task threads get 1 each)."""
+    return max(1, int(cpus) // max(1, int(n_workers) * int(threads_per_worker)))
+
+
 def resolve_device(use_gpu: str | bool | None, *, cuda_available: bool | None = None) -> str:
     """``auto`` -> cuda if available else cpu; ``true`` without a GPU is a ConfigError."""
     available = torch.cuda.is_available() if cuda_available is None else cuda_available

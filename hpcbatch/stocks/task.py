@@ -33,7 +33,14 @@ from ..planner import gpu_batch_size
 from ..workload import QUARANTINED
 from .features import WINDOW_DAYS, compute_features, min_rows
 from .footprint import stocks_footprint
-from .model import cached_model, gpu_free_bytes, load_model, predict_windows, resolve_device
+from .model import (
+    cached_model,
+    gpu_free_bytes,
+    load_model,
+    match_threads,
+    predict_windows,
+    resolve_device,
+)
 from .schema import init_db, make_engine, masked, preflight, require_tables, write_transaction
 from .sink import (
     BarCheck,
@@ -93,6 +100,7 @@ class PredictTask:
     loaded_model: Any = None  # in-process use only (probe): a LoadedModel instead of model_dir
     db_outage_s: float = 60.0  # database-outage-timeout: retry this long, then give up
     strict: bool = False  # a bad bar fails the chunk (DataError) instead of quarantining its stock
+    torch_threads: int | None = None  # intra-op threads per worker process (None: torch's own)
 
     def __call__(self, chunk: Any, ctx: Any = None) -> dict:
         from ..retry import with_backoff  # a database restart mid-run: wait, then redo the chunk
@@ -171,9 +179,11 @@ def compute_chunk(
         return [], counts
     if keep.size < len(bars.codes):
         bars = _subset(bars, keep)
+    t0 = time.perf_counter()
     # only the days the windows cover (the indicators still run over every day)
     features = compute_features(bars, last_days=WINDOW_DAYS + task.predict_days - 1)
     windows = prediction_windows(features, task.predict_days)  # a view: no copy
+    t1 = time.perf_counter()
     loaded = task.loaded_model or cached_model(task.model_dir, task.device)
     batch = inference_batch(
         task.device,
@@ -188,7 +198,8 @@ def compute_chunk(
     dates = bars.dates[:, -task.predict_days :]
     version = task.model_version or loaded.version
     rows = prediction_rows(bars.codes, dates, returns, confidence, version, task.run_id)
-    counts.update(windows=len(rows), predictions=len(rows), inference_halvings=halvings)
+    counts.update(windows=len(rows), predictions=len(rows), inference_halvings=halvings,
+                  features_s=round(t1 - t0, 4), inference_s=round(time.perf_counter() - t1, 4))  # fmt: skip
     return rows, counts
 
 
@@ -208,6 +219,8 @@ def predict_chunk(chunk: Any, ctx: Any, task: PredictTask) -> dict:
     """The whole job of one chunk on a worker; only counts come back."""
     t0 = time.perf_counter()
     codes = _codes_of(chunk)
+    if task.torch_threads:
+        match_threads(task.torch_threads)
     engine = engine_for(task.db_url)
     with _read_slot(task), engine.connect() as conn:
         if task.strict:
@@ -221,11 +234,15 @@ def predict_chunk(chunk: Any, ctx: Any, task: PredictTask) -> dict:
     if check.jumps:
         log.warning("chunk %s: %d stock(s) with a 10x jump, kept, e.g. %s", where,
                     len(check.jumps), _first(check.jumps))  # fmt: skip
+    t_read = time.perf_counter() - t0
     rows, counts = compute_chunk(codes, bars, task, check)
     run_id = getattr(ctx, "run_id", None) or task.run_id
     ledger = getattr(ctx, "ledger", None)
+    t_write = time.perf_counter()
     with write_transaction(engine) as conn:  # predictions and ledger row: one transaction
         upsert_predictions(conn, rows, task.upsert_rows)
+        counts["read_s"] = round(t_read, 4)
+        counts["write_s"] = round(time.perf_counter() - t_write, 4)  # the commit not included
         counts["seconds"] = round(time.perf_counter() - t0, 3)
         if ledger is not None:
             ledger.mark_done(run_id, chunk, counts, connection=conn)

@@ -31,6 +31,7 @@ from ..workload import (
     typed_settings,
 )
 from .footprint import MAX_CHUNK_STOCKS, stocks_footprint
+from .model import plan_threads
 from .schema import make_engine, masked
 from .sink import list_codes, select_codes
 from .task import PredictOptions, PredictTask, Prepared, default_run_id, prepare, run_params
@@ -126,6 +127,7 @@ class StocksJob(Job):
             db_outage_s=run.settings.db_outage_s,
             gpu_memory_fraction=run.settings.gpu_memory_fraction,
             read_semaphore=sem,
+            torch_threads=plan_threads(plan.resources.cpus, plan.n_workers, plan.threads_per_worker),
         )
 
 
