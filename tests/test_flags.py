@@ -400,3 +400,23 @@ def test_mem_is_what_a_real_sbatch_allocates(slurm_env: dict, tmp_path: Path) ->
         assert info["JobState"] == "COMPLETED", out
         mib = int(re.search(r"MEM=(\d+)", out).group(1))
         assert mib * MiB == parse_mem(text), (text, mib)
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(240)
+def test_time_is_what_a_real_sbatch_sets(slurm_env: dict, tmp_path: Path) -> None:
+    """Each --time text, given to the real sbatch, gives the job the TimeLimit hpcbatch
+    reads from it (and renders as #SBATCH --time), but for SLURM's whole minutes: it rounds
+    seconds up (30:15 is 31 minutes); hpcbatch keeps the seconds, so its SIGTERM warning
+    and worker lifetimes come from the limit as written, at most 59 s early."""
+    from hpcbatch import slurm
+
+    script = tmp_path / "t.sbatch"
+    script.write_text("#!/bin/bash\ntrue\n")
+    texts = ("90", "30:15", "02:00:00", "1-12", "1-12:30", "2-00:00:05")
+    for text in texts:
+        job_id = slurm.submit(script, sbatch_args=[
+            f"--time={text}", "--partition", slurm_env["partition"], "--chdir", str(tmp_path)])  # fmt: skip
+        info = slurm.wait_for_job(job_id, timeout=120)
+        seconds = slurm.parse_walltime(text)
+        assert info["TimeLimit"] == slurm.format_walltime(-(-seconds // 60) * 60), text
