@@ -145,23 +145,61 @@ def rolling_std(x: np.ndarray, n: int) -> np.ndarray:
     return np.sqrt(np.maximum(var, 0.0))
 
 
+def _edge_padded(x: np.ndarray, n: int) -> np.ndarray:
+    return np.concatenate([np.repeat(x[:, :1], n - 1, axis=1), x], axis=1)
+
+
+def _running(x: np.ndarray, n: int, op: Callable) -> np.ndarray:
+    """``op`` (np.maximum / np.minimum) over the last ``n`` values (edge-padded), by
+    doubling: ~log2(n) whole-array steps instead of an ``n``-long reduction per value;
+    exactly the windows' max / min (NaN propagates the same way)."""
+    acc, w = _edge_padded(x, n), 1
+    while 2 * w <= n:
+        acc = op(acc[:, :-w], acc[:, w:])  # acc[:, j]: op over 2w values from j
+        w *= 2
+    t = x.shape[1]
+    return op(acc[:, :t], acc[:, n - w : n - w + t])
+
+
 def rolling_max(x: np.ndarray, n: int) -> np.ndarray:
-    return _edge_windows(x, n).max(axis=-1)
+    return _running(x, n, np.maximum)
 
 
 def rolling_min(x: np.ndarray, n: int) -> np.ndarray:
-    return _edge_windows(x, n).min(axis=-1)
+    return _running(x, n, np.minimum)
+
+
+def _days_since(x: np.ndarray, n: int, beats: Callable) -> np.ndarray:
+    """Days since the most recent extreme (``beats``: np.greater for the max) within the
+    last ``n`` values, by doubling over (value, position) pairs: the older one wins only
+    if it beats the newer, so ties go to the most recent (as the reversed argmax)."""
+    val = _edge_padded(x, n)
+    pos = np.broadcast_to(np.arange(val.shape[1]), val.shape)
+    w = 1
+
+    def pick(a: slice, b: slice) -> tuple[np.ndarray, np.ndarray]:
+        older = beats(val[:, a], val[:, b])
+        return np.where(older, val[:, a], val[:, b]), np.where(older, pos[:, a], pos[:, b])
+
+    while 2 * w <= n:
+        val, pos = pick(slice(None, -w), slice(w, None))
+        w *= 2
+    t = x.shape[1]
+    _, last = pick(slice(0, t), slice(n - w, n - w + t))
+    return (np.arange(t) + n - 1 - last).astype(np.float64)
 
 
 def days_since_max(x: np.ndarray, n: int) -> np.ndarray:
     """Days since the most recent maximum within the last ``n`` + 1 values."""
-    win = _edge_windows(x, n + 1)[..., ::-1]
-    return win.argmax(axis=-1).astype(np.float64)
+    if np.isnan(x).any():  # argmax's NaN rule (the first NaN wins): the window way
+        return _edge_windows(x, n + 1)[..., ::-1].argmax(axis=-1).astype(np.float64)
+    return _days_since(x, n + 1, np.greater)
 
 
 def days_since_min(x: np.ndarray, n: int) -> np.ndarray:
-    win = _edge_windows(x, n + 1)[..., ::-1]
-    return win.argmin(axis=-1).astype(np.float64)
+    if np.isnan(x).any():
+        return _edge_windows(x, n + 1)[..., ::-1].argmin(axis=-1).astype(np.float64)
+    return _days_since(x, n + 1, np.less)
 
 
 def shift(x: np.ndarray, k: int) -> np.ndarray:

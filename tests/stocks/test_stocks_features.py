@@ -120,6 +120,30 @@ def test_rolling_extremes_and_days_since(series):
     assert F.days_since_max(peak, 25)[0, 15] == 5
 
 
+@pytest.mark.parametrize("n", [1, 2, 9, 14, 25, 26, 60, 64, 500])
+def test_doubling_extremes_equal_the_window_loop_ties_and_nan_included(n):
+    """rolling max/min and days-since by doubling (issue 15) are exactly the edge-padded
+    window's max, min and most recent argmax/argmin, ties (rounded prices) included."""
+    rng = np.random.default_rng(n)
+    x = np.round(rng.random((5, 300)) * 4)  # few distinct values: many ties
+    x[4, 100] = np.nan  # NaN: the window way's result
+    for row in x:
+        padded = [row[0]] * n + list(row)  # n + 1 values per window for days-since
+        wins = [padded[i + 1 : i + n + 1] for i in range(len(row))]
+        since = [padded[i : i + n + 1] for i in range(len(row))]
+        assert np.array_equal(F.rolling_max(row[None], n)[0], [np.max(w) for w in wins], equal_nan=True)
+        assert np.array_equal(F.rolling_min(row[None], n)[0], [np.min(w) for w in wins], equal_nan=True)
+        assert np.array_equal(F.days_since_max(row[None], n)[0], [np.argmax(w[::-1]) for w in since])
+        assert np.array_equal(F.days_since_min(row[None], n)[0], [np.argmin(w[::-1]) for w in since])
+
+
+def test_features_of_the_last_days_equal_the_full_table_there():
+    bars = _bars(4, 300)
+    full = F.compute_features(bars)
+    assert np.array_equal(F.compute_features(bars, last_days=69), full[:, -69:])
+    assert F.compute_features(bars, last_days=1000).shape == full.shape
+
+
 def _bars(n_stocks=3, days=200, seed=1):
     from hpcbatch.stocks.probe import synthetic_rows
     from hpcbatch.stocks.sink import bars_from_rows
