@@ -154,11 +154,13 @@ def _running_workers(mn: dict, driver: str) -> dict[str, str]:
 def test_a_node_dies_mid_run_its_worker_job_is_explained_and_replaced_elsewhere(
     slurm_mn: dict, market: dict, undisturbed: dict, tmp_path: Path, monkeypatch
 ) -> None:
-    """Two worker jobs; the node of the one not beside the driver dies (about 25-30 s
-    until SLURM calls it DOWN); the third node takes the replacement."""
+    """Two worker jobs; the node of the one not beside the driver dies. Dask cancels the
+    job 15 s later and submits it again (the third node is the only one with room);
+    SLURM calls the node DOWN 25-30 s after the kill, so chunks of 8 s keep the run going
+    past that (about 75 s in all)."""
     cluster = slurm_mn["cluster_obj"]
     t0 = time.monotonic()
-    job_id = _submit_driver(slurm_mn, market, tmp_path, 2, monkeypatch, delay_s=6)
+    job_id = _submit_driver(slurm_mn, market, tmp_path, 2, monkeypatch, delay_s=8)
     _wait(lambda: len(_running_workers(slurm_mn, job_id)) == 2, 90, "two worker jobs")
     _wait(lambda: len(_done(tmp_path)) >= 2, 90, "two chunks done")
     driver_node = cluster.run("squeue", "-h", "-j", job_id, "-o", "%N").stdout.strip()
