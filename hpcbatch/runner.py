@@ -805,9 +805,14 @@ class _Shell:
             "n_items": start.n_items,
             "item_name": self.opts.item_name,
             "counters": {
-                "done": c.chunks_done, "in_flight": len(self.in_flight),
-                "retried": c.retried, "split": c.split, "quarantined": len(c.quarantined),
-                "failed": c.failed, "requeued": c.requeued, "skipped": start.skipped,
+                "done": c.chunks_done,
+                "in_flight": len(self.in_flight),
+                "retried": c.retried,
+                "split": c.split,
+                "quarantined": len(c.quarantined),
+                "failed": c.failed,
+                "requeued": c.requeued,
+                "skipped": start.skipped,
                 "tasks_done": c.tasks_done,
             },  # fmt: skip
             "items_done": items_done,
@@ -1091,7 +1096,8 @@ def _finish(shell: _Shell, t_start: float) -> RunReport:
     line = (
         f"run {opts.run_id!r} {status}: {c.chunks_done} chunks ({c.items_done} items, "
         f"{c.tasks_done} tasks) in {report.wall_time_s:.1f} s, {start.skipped} skipped, "
-        f"{c.retried} retried, {c.split} split" + (f"; report in {run_dir}" if run_dir else "")
+        f"{c.retried} retried, {c.split} split"
+        + (f"; report in {run_dir}" if run_dir else "")
         + (f"; {quarantine_line(c.quarantined, opts.item_name)}" if c.quarantined else "")
     )
     if shell.bar.enabled or status != "finished":
