@@ -121,17 +121,26 @@ def _wait(driver, check, timeout: float, what: str) -> dict:
     raise AssertionError(f"the page never showed {what} within {timeout} s; it shows {seen}")
 
 
-def _watch_splits(driver, seconds: float) -> tuple[dict, float | None]:
-    """Read the page every 0.1 s for ``seconds`` (until a split shows when none has):
-    the last read and when a split was first seen (None: not yet)."""
+def _watch_splits(driver, seconds: float, until=None) -> tuple[dict, float | None]:
+    """Read the page every 0.1 s for up to ``seconds``, until ``until(read)`` (default:
+    a split shows): the last read and when a split was first seen (None: not yet)."""
     deadline, seen_at = time.monotonic() + seconds, None
+    until = until or (lambda s: bool(s["splits"]))
     while True:
         seen = _read(driver)
         if seen["splits"] and seen_at is None:
             seen_at = time.time()
-        if time.monotonic() >= deadline or (seen_at is not None and seconds > 10):
+        if time.monotonic() >= deadline or until(seen):
             return seen, seen_at
         time.sleep(0.1)
+
+
+def _changed(first: dict, now: dict) -> bool:
+    """More chunks done and some worker's memory moved (while the kills of the hog
+    chunk restart both workers, nothing finishes for a few seconds)."""
+    return int(now["counters"].get("done") or 0) > int(first["counters"]["done"]) and any(
+        now["workers"].get(n, w)["process"] != w["process"] for n, w in first["workers"].items()
+    )
 
 
 def _run_in_thread(fn, **kwargs):
@@ -164,9 +173,9 @@ def test_live_page_shows_memory_chunks_and_the_split_of_an_oom(cluster, browser,
     assert all(w["process"] > 10 * MiB for w in first["workers"].values()), first
     assert "600 MiB" in first["plan"] and first["reasons"] >= 1 and first["svg"] == 2
     unseen = not first["splits"]  # then the moment it appears is measured below
-    second, split_seen = _watch_splits(browser, 3.0)
+    second, split_seen = _watch_splits(browser, 30.0, until=lambda s: _changed(first, s))
     assert int(second["counters"]["done"]) > int(first["counters"]["done"]), (first, second)
-    assert second["polls"] > first["polls"] + 1
+    assert second["polls"] > first["polls"]
     assert any(second["workers"][n]["process"] != w["process"]
                for n, w in first["workers"].items() if n in second["workers"]), (first, second)
 
@@ -179,7 +188,7 @@ def test_live_page_shows_memory_chunks_and_the_split_of_an_oom(cluster, browser,
     latency = split_seen - _split_event(client)["time"]
     print(f"\nsplit shown {latency:.2f} s after the runner recorded it (measured: {unseen})")
     if unseen:
-        assert latency < 4.0, latency  # feed 1 s + runner tick 0.5 s + page poll 1 s + slack
+        assert latency < 5.0, latency  # runner tick 0.5 s + feed 1 s + page poll 1 s + slack
     both = _wait(browser, lambda s: len(s["workers"]) == 2, 30, "both workers back")
     assert any("restarted" in w["text"] for w in both["workers"].values()), both["workers"]
     height = browser.execute_script("return document.documentElement.scrollHeight")
