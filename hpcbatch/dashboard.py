@@ -232,11 +232,24 @@ def _add_routes(scheduler) -> None:
             self.set_header("Cache-Control", "no-store")
             self.write(json.dumps(body, default=str))
 
-    app.add_handlers(
-        r".*", [(rf"/{ROUTE}/?", Page), (rf"/{ROUTE}/state\.json", State)]
-    )
+    base = _http_prefix(app) + ROUTE
+    app.add_handlers(r".*", [(rf"{base}/?", Page), (rf"{base}/state\.json", State)])
     scheduler._hpcbatch_routes = True
-    log.info("hpcbatch page added to the dashboard: /%s", ROUTE)
+    log.info("hpcbatch page added to the dashboard: %s", base)
+
+
+def _http_prefix(app) -> str:
+    """The dashboard's URL prefix (``--dashboard-prefix``; ``/`` by default), read from
+    Dask's own ``health`` route (the scheduler keeps no attribute for it)."""
+    try:
+        for host in app.default_router.rules:
+            for rule in getattr(host.target, "rules", ()):
+                pattern = rule.matcher.regex.pattern
+                if pattern.endswith("/health$"):
+                    return pattern[: -len("health$")]
+    except AttributeError:  # tornado's router changed: the default prefix
+        pass
+    return "/"
 
 
 def _add_navbar_link(scheduler) -> None:

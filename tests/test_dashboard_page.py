@@ -475,3 +475,19 @@ def test_page_draws_paused_spilled_restarted_and_gpu_workers(browser):
     assert bars == [[4, 4, 6], [3, 4, 6]], bars
     assert seen["counters"]["failed"] == "1" and "40 / 100" in seen["items"]
     assert console_errors(browser) == []
+
+
+def test_page_follows_the_dashboard_prefix():
+    """A scheduler started with ``--dashboard-prefix /dask`` serves ``/dask/hpcbatch``."""
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                     dashboard_address="127.0.0.1:0",
+                     scheduler_kwargs={"http_prefix": "/dask"}) as lc,
+        Client(lc) as client,
+    ):  # fmt: skip
+        assert dashboard.install(client, None, "prefixed")
+        port = lc.scheduler.http_server.port
+        state = json.loads(_get(f"http://127.0.0.1:{port}/dask/hpcbatch/state.json"))
+        assert state["run"]["run_id"] == "prefixed"
+        with pytest.raises(urllib.error.HTTPError):
+            _get(f"http://127.0.0.1:{port}/hpcbatch/state.json")
