@@ -22,8 +22,12 @@ Contenders, each in a fresh process whose whole process tree is watched from out
   planned for the cap and 2 CPUs: latent sites returned in memory (as Predictive
   returns them), observations written to zarr;
 - ``hpcbatch_cluster``: the same with ``cluster="cluster"`` (always a 2-worker local
-  Dask cluster: client + scheduler + nannies + workers all counted);
-- ``hpcbatch_inprocess``: the same with ``cluster="inprocess"``;
+  Dask cluster, workers forked from a forkserver that imported torch and Pyro once, the
+  default: client + scheduler + forkserver + nannies + workers all counted); skipped
+  where the default call already ran on the cluster;
+- ``hpcbatch_spawn``: as ``hpcbatch_cluster`` with ``worker_start="spawn"`` (Dask's own
+  start method: each worker imports torch and Pyro);
+- ``hpcbatch_inprocess`` (not in the default set): ``cluster="inprocess"``;
 - ``floor``: the interpreter with torch and Pyro imported, the inputs, the outputs
   allocated, and the raw guide draws (their time is the floor for samples/s);
 - ``raw_draw`` (once, not per case): torch's NegativeBinomial samples/s on one core
@@ -33,7 +37,8 @@ The same yardstick for everyone: every contender's process tree is sampled every
 (RSS summed, and each process's VmHWM, its own high-water mark, read at each sample);
 ``peak_bytes`` is the sum over the tree's processes of their last-read VmHWM (exact
 for one process, an upper bound for a cluster), ``peak_rss_sampled_bytes`` the highest
-summed RSS seen.  A tree above the cap is killed.  Imports and loading the fit happen
+summed RSS seen and ``peak_pss_sampled_bytes`` the highest summed PSS (pages shared
+between processes, such as torch's libraries under a forkserver, counted once).  A tree above the cap is killed.  Imports and loading the fit happen
 before the clock starts for every contender.  The posterior is an AutoNormal guide
 initialised from the data's moments (no fit: draw cost does not depend on the values).
 
@@ -67,12 +72,12 @@ DEFAULT_CASES = ("latent_5k_4k", "obs_2k_2k", "obs_5k_4k")
 CONTENDERS = (
     "floor",
     "hpcbatch",
-    "hpcbatch_cluster",
-    "hpcbatch_inprocess",
+    "hpcbatch_cluster",  # skipped where the default call already ran on the cluster
+    "hpcbatch_spawn",
     "predictive_parallel",
     "original_loop",
 )
-ALL_CONTENDERS = (*CONTENDERS, "predictive_sequential")
+ALL_CONTENDERS = (*CONTENDERS, "hpcbatch_inprocess", "predictive_sequential")
 SAMPLE_S = 0.1
 
 
@@ -165,12 +170,15 @@ def _hpcbatch(contender, data_dir, guide, args, kwargs, samples, observations, c
     from hpcbatch.resources import Resources
 
     sites = list(technical.LATENT_SITES) + (["y"] if observations else [])
-    cluster = {"hpcbatch": "auto", "hpcbatch_cluster": "cluster"}.get(contender, "inprocess")
+    cluster = {"hpcbatch": "auto", "hpcbatch_cluster": "cluster",
+               "hpcbatch_spawn": "cluster"}.get(contender, "inprocess")  # fmt: skip
+    start = "spawn" if contender == "hpcbatch_spawn" else "forkserver"
     out = data_dir / f"samples-{contender}.zarr" if observations else None
     run = run_sampling(
         technical.technical_model, guide=guide, num_samples=samples, model_args=args,
         model_kwargs=kwargs, return_sites=sites, data_plate=technical.DATA_PLATE,
         split_args=technical.SPLIT_ARGS, out=out, overwrite=True, cluster=cluster,
+        worker_start=start,
         resources=Resources(cap, "the benchmark's cap", 2, "the benchmark"),
         settings=hb_config.load(overrides={"report-dir": str(data_dir / "reports")}),
         report_dir=str(data_dir / "reports"), progress=False,
@@ -257,20 +265,33 @@ def _hwm(proc) -> int:
     return 0
 
 
-def _sample_tree(proc, hwm: dict[int, int]) -> int:
-    """Summed RSS of the tree now; each process's VmHWM recorded in ``hwm``."""
+def _pss(proc) -> int:
+    """A process's proportional set size (shared pages split between their users)."""
+    try:
+        with open(f"/proc/{proc.pid}/smaps_rollup") as handle:
+            for line in handle:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _sample_tree(proc, hwm: dict[int, int]) -> tuple[int, int]:
+    """Summed RSS and PSS of the tree now; each process's VmHWM recorded in ``hwm``."""
     import psutil
 
-    total = 0
+    total, pss = 0, 0
     try:
         procs = [proc] + proc.children(recursive=True)
     except psutil.NoSuchProcess:
-        return 0
+        return 0, 0
     for p in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
             total += p.memory_info().rss
+            pss += _pss(p)
             hwm[p.pid] = max(hwm.get(p.pid, 0), _hwm(p))
-    return total
+    return total, pss
 
 
 def _kill_tree(proc) -> None:
@@ -294,10 +315,10 @@ def _watch(cmd: list[str], cap: int, timeout_s: float) -> tuple[dict, str, str, 
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     proc = psutil.Process(popen.pid)
-    peak, hwm, status = 0, {}, None
+    peak, peak_pss, hwm, status = 0, 0, {}, None
     while popen.poll() is None:
-        rss = _sample_tree(proc, hwm)
-        peak = max(peak, rss)
+        rss, pss = _sample_tree(proc, hwm)
+        peak, peak_pss = max(peak, rss), max(peak_pss, pss)
         if rss > cap:
             status = "out of memory at cap"
             _kill_tree(proc)
@@ -308,7 +329,8 @@ def _watch(cmd: list[str], cap: int, timeout_s: float) -> tuple[dict, str, str, 
             break
         time.sleep(SAMPLE_S)
     stdout, stderr = popen.communicate()
-    row = {"peak_rss_sampled_bytes": peak, "peak_bytes": sum(hwm.values()),
+    row = {"peak_rss_sampled_bytes": peak, "peak_pss_sampled_bytes": peak_pss,
+           "peak_bytes": sum(hwm.values()),
            "processes": len(hwm), "elapsed_s": time.time() - t0}  # fmt: skip
     if status:
         row["status"] = status
@@ -355,7 +377,7 @@ def _ratios(rows: list[dict], raw: dict | None, observations: bool) -> dict:
     """Each hpcbatch contender against Predictive(parallel=True) and the raw draw rate."""
     by = {r["contender"]: r for r in rows if r.get("status") == "ok"}
     ratios = {}
-    peer = by.get("predictive_parallel")
+    peer, floor = by.get("predictive_parallel"), by.get("floor")
     for name, row in by.items():
         if not name.startswith("hpcbatch"):
             continue
@@ -363,6 +385,9 @@ def _ratios(rows: list[dict], raw: dict | None, observations: bool) -> dict:
         if peer:
             entry["speed_vs_predictive_parallel"] = row["samples_per_s"] / peer["samples_per_s"]
             entry["peak_vs_predictive_parallel"] = row["peak_bytes"] / peer["peak_bytes"]
+        if floor:  # the floor: runtime + inputs + outputs (held when they fit)
+            entry["peak_vs_floor"] = row["peak_bytes"] / floor["peak_bytes"]
+            entry["pss_vs_floor"] = row["peak_pss_sampled_bytes"] / floor["peak_pss_sampled_bytes"]
         if observations and raw:
             entry["vs_raw_draw_rate"] = row["values_per_s"] / raw["machine_values_per_s"]
         ratios[name] = entry
@@ -409,6 +434,10 @@ def main() -> None:
         _prepare(data_dir, case["cells"], case["features"])
         rows = []
         for contender in opts.contenders.split(","):
+            default = next((r for r in rows if r["contender"] == "hpcbatch"), {})
+            if contender == "hpcbatch_cluster" and default.get("execution") == "cluster":
+                rows.append({"contender": contender, "status": "skipped: = hpcbatch"})
+                continue
             row = run_contender(contender, data_dir, case, cap, opts.timeout_s)
             print(json.dumps({"case": name, **row}), file=sys.stderr, flush=True)
             rows.append(row)

@@ -11,6 +11,8 @@ again for the run at hand.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..planner import Footprint
 
 FLOAT = 4
@@ -24,16 +26,20 @@ PROVENANCE = (
     "--calibrate measures them here"
 )
 TECHNICAL_DETAIL = (
-    "baseline 400 MiB = 272 MiB at size 0 + a Dask worker's structures; 22 floats per "
+    "baseline 336 MiB = worker RSS 284-300 MiB at the smallest sizes (2026-12-06, "
+    "benchmarks/calibration.py --quick) + 12 %; 22 floats per "
     "feature per sample for the latents; 6 copies per observed value with observations"
 )
 GENERIC_DETAIL = (
-    "baseline 400 MiB as the technical model's; 4 copies of each returned latent byte and "
+    "baseline 336 MiB as the technical model's; 4 copies of each returned latent byte and "
     "6 per data-plate byte, from the technical model's sites, not from this model"
 )
-# Interpreter + torch + Pyro + a Dask worker (the probe measured 272 MiB at size 0;
-# a Dask worker process adds its own structures).
-BASELINE_BYTES = 400 * 1024**2
+# Interpreter + torch + Pyro + a Dask worker.  Was 400 MiB (the probe's 272 MiB at size
+# 0 + a guess for the worker); measured per-worker peaks at the smallest sizes are
+# 284-300 MiB (benchmarks/calibration.py --quick, 2026-12-06, torch 2.13 CPU, pyro
+# 1.9.2, distributed 2026.8; issue 15's quiet run: 340 MiB with 44 MB of chunk), so
+# 400 MiB over-predicted small runs by ~35 % (measured / predicted 0.71-0.74).
+BASELINE_BYTES = 336 * 1024**2
 # The driver: client + in-process scheduler, with torch and Pyro imported. Measured peak
 # RSS 345-356 MiB (benchmarks/results-load-predictive.json, up to 340 chunks' worth).
 DRIVER_BYTES = 416 * 1024**2
@@ -42,6 +48,25 @@ DRIVER_BYTES = 416 * 1024**2
 # the probe at N=5,000, T=4,000: 98 MB per sample for 1,048-cell blocks = 5.8 x
 # block x T x 4 bytes.
 OBS_COPIES = 6
+
+
+# Workers forked from a forkserver that preloaded torch and Pyro (the default for a local
+# cluster, ``worker_start="forkserver"``) hold less of their own: measured 239 vs 302 MiB
+# per worker (benchmarks/predictive.py --cases smoke_obs, 2026-12-06, same machine).
+FORKSERVER_SAVING_BYTES = 64 * 1024**2
+
+
+def forkserver_footprint(footprint: Footprint) -> Footprint:
+    """The analytic footprint for forkserver-started workers (others are left alone:
+    a caller's footprint, or one measured by the probe)."""
+    if not footprint.source.startswith(PROVENANCE[:40]):
+        return footprint
+    return replace(
+        footprint,
+        baseline_bytes=max(0, footprint.baseline_bytes - FORKSERVER_SAVING_BYTES),
+        source=footprint.source + "; workers forked from a preloaded forkserver: baseline "
+        "64 MiB lower (measured 239 vs 302 MiB per worker, 2026-12-06)",
+    )
 
 
 # Bytes one sample may use per block of data-plate rows (the vectorised likelihood of

@@ -24,7 +24,8 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from functools import partial
 from typing import Any
@@ -36,6 +37,7 @@ from ..pipeline import ClusterChoice, RunRequest, plan_job, run_job
 from ..planner import Plan
 from ..resources import detect_resources
 from ..units import format_bytes
+from .footprint import forkserver_footprint
 from .task import (  # noqa: F401  (_create_store, _guide_state: re-exported for benchmarks)
     _ARRAYS,
     _JOBS,
@@ -69,6 +71,11 @@ log = logging.getLogger(__name__)
 # Execution.cluster: "auto" decides (in this process when the job fits one chunk),
 # "cluster" always starts/uses the Dask cluster, "inprocess" never does.
 CLUSTER_CHOICES = ("auto", "cluster", "inprocess")
+# Execution.worker_start: how a local cluster starts its worker processes.  "forkserver"
+# forks them from one server that imported torch, Pyro and zarr once, so their pages
+# are shared (see docs/predictive.md, "Worker start method", for the measurement).
+WORKER_STARTS = ("spawn", "forkserver")
+FORKSERVER_PRELOAD = ("numpy", "torch", "pyro", "zarr", "hpcbatch.predictive.task")
 
 @dataclass(frozen=True)
 class Execution:
@@ -82,7 +89,9 @@ class Execution:
     where the run report goes (none unless given).  ``cluster``: ``"auto"`` (with no
     client: in this process when the whole job fits one chunk of a one-worker plan,
     else the cluster), ``"cluster"`` (always the cluster) or ``"inprocess"`` (as
-    ``client="sync"``).
+    ``client="sync"``).  ``worker_start``: how a *local* cluster starts its workers:
+    ``"forkserver"`` (default; forked from one server that imported torch and Pyro, so
+    their pages are shared) or ``"spawn"`` (Dask's default: each imports them anew).
     """
 
     client: Any = None
@@ -94,8 +103,13 @@ class Execution:
     report_dir: str | os.PathLike | None = None
     progress: bool | None = None  # None: printed only on a terminal (logged either way)
     cluster: str = "auto"
+    worker_start: str = "forkserver"
 
     def __post_init__(self) -> None:
+        if self.worker_start not in WORKER_STARTS:
+            raise ConfigError(
+                f"worker_start must be one of {', '.join(WORKER_STARTS)}, got {self.worker_start!r}"
+            )
         if self.cluster not in CLUSTER_CHOICES:
             raise ConfigError(
                 f"cluster must be one of {', '.join(CLUSTER_CHOICES)}, got {self.cluster!r}"
@@ -257,10 +271,47 @@ def run_prepared(
         finished = _finished_report(job, settings, execution)
         if finished is not None:
             return job.finish(finished)
-        return run_job(job, settings, _run_request(job, settings, execution, calibrate))
+        request = _run_request(job, settings, execution, calibrate)
+        local = execution.client is None and request.cluster.backend == "local"
+        if execution.worker_start == "forkserver" and local:
+            job.footprint = forkserver_footprint(job.footprint)
+            with _forkserver():
+                return run_job(job, settings, request)
+        return run_job(job, settings, request)
     except BaseException as exc:
         job.discard(exc)
         raise
+
+
+@contextmanager
+def _forkserver() -> Iterator[None]:
+    """Local workers forked from a server that imported torch and Pyro once.
+
+    The server starts (once per driver process) with Dask's pre-spawn environment
+    (``OMP_NUM_THREADS=1``, ``MALLOC_TRIM_THRESHOLD_``...), which a nanny could not give
+    a forked worker, and the driver's environment is restored after it started.
+    """
+    from multiprocessing import forkserver
+
+    import dask
+    from distributed.utils import get_mp_context
+
+    method = {"distributed.worker.multiprocessing-method": "forkserver"}
+    with dask.config.set(method):
+        get_mp_context().set_forkserver_preload(["distributed", *FORKSERVER_PRELOAD])
+        environ = dask.config.get("distributed.nanny.pre-spawn-environ")
+        env = {k: str(v) for k, v in environ.items()}
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            forkserver.ensure_running()
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+        yield
 
 
 def _settings(execution: Execution, seed: int) -> dict:

@@ -51,6 +51,10 @@ def test_default_call_of_a_small_job_runs_in_process_and_says_so(tech_fit, caplo
     assert "in-process (cluster='auto')" in run.summary()
     assert any("no cluster started" in r.getMessage() for r in caplog.records)
     assert run.plan.n_workers == 1 and run.plan.chunk_size == 16
+    # the plan says where the footprint's constants came from, not "uncalibrated"
+    source = run.plan.footprint.source
+    assert "measured 2026-11-23" in source and "--calibrate measures them here" in source
+    assert any(source in reason for reason in run.plan.reasons)
     ref = _reference(tech_fit)
     for name in SITES:  # one chunk: bit-identical to Predictive(parallel=True)
         np.testing.assert_array_equal(run.samples[name], ref[name].numpy())
@@ -118,3 +122,19 @@ def test_multi_thread_workers_are_warned_and_take_turns(tech_fit, caplog):
     alone = sample(tech.technical_model, client="sync", chunk_size=4, **_common(tech_fit))
     for name in SITES:  # the lock keeps the two threads' chunks apart: same numbers
         np.testing.assert_array_equal(got[name], alone[name])
+
+
+def test_an_unknown_worker_start_is_refused(tech_fit):
+    with pytest.raises(ConfigError, match="worker_start must be one of spawn, forkserver"):
+        sample(tech.technical_model, worker_start="fork", **_common(tech_fit))
+
+
+def test_spawned_and_forkserver_workers_draw_the_same_samples(tech_fit):
+    from hpcbatch.resources import Resources
+
+    resources = Resources(4 * 1024**3, "test", 2, "test")
+    runs = {start: run_sampling(tech.technical_model, chunk_size=8, resources=resources,
+                                cluster="cluster", worker_start=start, **_common(tech_fit))
+            for start in ("spawn", "forkserver")}  # fmt: skip
+    for name in SITES:
+        np.testing.assert_array_equal(runs["spawn"].samples[name], runs["forkserver"].samples[name])
