@@ -161,11 +161,14 @@ def wait_until(predicate, proc: subprocess.Popen, timeout: float = 120, what: st
 
 
 def dask_workers(driver_pid: int) -> list[psutil.Process]:
-    """The worker processes of a driver's local cluster (spawned by its in-process nannies)."""
+    """The worker processes of a driver's local cluster (started by its in-process nannies)."""
     workers = []
     for child in psutil.Process(driver_pid).children(recursive=True):
         try:
-            if "spawn_main" in " ".join(child.cmdline()):
+            cmd = " ".join(child.cmdline())
+            # spawned, or forked by the forkserver (itself a child of the driver)
+            forked = "forkserver" in cmd and child.ppid() != driver_pid
+            if "spawn_main" in cmd or forked:
                 workers.append(child)
         except psutil.Error:
             continue
