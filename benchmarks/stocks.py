@@ -72,7 +72,8 @@ def _status(pid: int) -> tuple[int, int]:
     return rss, hwm
 
 
-def _descendants(root: int) -> list[int]:
+def _descendants(root: int) -> dict[int, int]:
+    """pid -> parent pid of ``root`` and all its descendants."""
     children: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -83,11 +84,12 @@ def _descendants(root: int) -> list[int]:
         except (OSError, ValueError, IndexError):
             continue
         children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [root]
+    found, todo = {root: 0}, [root]
     while todo:
         pid = todo.pop()
-        found.append(pid)
-        todo += children.get(pid, [])
+        for child in children.get(pid, []):
+            found[child] = pid
+            todo.append(child)
     return found
 
 
@@ -109,7 +111,7 @@ class TreeSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        pids: list[int] = []
+        pids: dict[int, int] = {}
         listed = 0.0
         while not self._stop.is_set():
             now = time.monotonic()
@@ -121,7 +123,9 @@ class TreeSampler:
                 if not rss:
                     continue
                 total += rss
-                entry = self.peaks.setdefault(pid, {"peak": 0, "cmd": _cmdline(pid)})
+                entry = self.peaks.setdefault(
+                    pid, {"peak": 0, "cmd": _cmdline(pid), "parent": pids[pid]}
+                )
                 entry["peak"] = max(entry["peak"], hwm, rss)
             self.total_peak = max(self.total_peak, total)
             self._stop.wait(SAMPLE_S)
@@ -137,16 +141,17 @@ class TreeSampler:
     def split(self) -> dict:
         """The root's peak, the Dask workers' peaks and the others' (nannies run in the
         root: LocalCluster keeps them in the driver's process)."""
-        def is_worker(cmd: str) -> bool:
-            return "spawn_main" in cmd or "distributed.cli" in cmd
+        def is_worker(e: dict) -> bool:  # spawned, dask-worker, or forked by a forkserver
+            parent = self.peaks.get(e["parent"], {}).get("cmd", "")
+            return any(k in e["cmd"] for k in ("spawn_main", "distributed.cli")) or (
+                "forkserver" in e["cmd"] and "forkserver" in parent
+            )
 
         children = [e for pid, e in self.peaks.items() if pid != self.root]
         return {
             "peak_rss_bytes": self.peaks.get(self.root, {}).get("peak", 0),
-            "worker_peak_rss_bytes": sorted(e["peak"] for e in children if is_worker(e["cmd"])),
-            "other_process_peaks_bytes": sorted(
-                e["peak"] for e in children if not is_worker(e["cmd"])
-            ),
+            "worker_peak_rss_bytes": sorted(e["peak"] for e in children if is_worker(e)),
+            "other_process_peaks_bytes": sorted(e["peak"] for e in children if not is_worker(e)),
             "total_peak_rss_bytes": self.total_peak,
         }
 
