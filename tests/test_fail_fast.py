@@ -153,9 +153,11 @@ x = torch.zeros(3)
 guide = AutoNormal(model)
 guide(x)
 """
+# cluster="cluster": this small job would otherwise run in-process (cluster="auto"), where
+# no worker starts and no guard is needed (test_a_small_unguarded_sample_runs_in_process)
 SAMPLE_CALL = (
     "draws = hpcbatch.predictive.sample(model, guide=guide, num_samples=8, model_args=(x,),"
-    " return_sites=['mu'])\n"
+    " return_sites=['mu'], cluster='cluster')\n"
 )
 
 
@@ -190,11 +192,20 @@ def test_an_unguarded_script_is_refused_in_one_line_naming_the_guard(
     assert took < 60, f"took {took:.1f} s"
     last = lines[-1]
     assert last.startswith("hpcbatch.errors.ConfigError: "), output
-    assert "user_script.py line " in last and GUARD in last and "'spawn'" in last, last
+    assert "user_script.py line " in last and GUARD in last, last
+    assert "'spawn'" in last or "'forkserver'" in last, last
     # the user's own traceback only: no worker started, so no multiprocessing flood
     assert len(lines) < 50, output
     for noise in ("bootstrapping", "Nanny", "multiprocessing/spawn.py", "--max-workers"):
         assert noise not in output, output
+
+
+def test_a_small_unguarded_sample_runs_in_process(tmp_path: Path) -> None:
+    call = SAMPLE_CALL.replace(", cluster='cluster'", "") + "print('mu', tuple(draws['mu'].shape))\n"
+    code, output, took = run_script(tmp_path, textwrap.dedent(SAMPLE_BODY) + call)
+    assert code == 0, output
+    assert "mu (8" in output, output
+    assert "bootstrapping" not in output and "Nanny" not in output, output
 
 
 @pytest.mark.slow
