@@ -418,11 +418,16 @@ def main() -> None:
     ap.add_argument("--contender", help=argparse.SUPPRESS)
     ap.add_argument("--db", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
-    ap.add_argument("--predict-days", type=int, default=10, help=argparse.SUPPRESS)
+    ap.add_argument("--model-size", default=None,
+                    help="One model only (the earlier interface): --models SIZE:PREDICT_DAYS")  # fmt: skip
+    ap.add_argument("--predict-days", type=int, default=10,
+                    help="With --model-size: prediction days per stock (10).")  # fmt: skip
     args = ap.parse_args()
     if args.contender:
         child(args)
         return
+    if args.model_size:
+        args.models = f"{args.model_size}:{args.predict_days}"
     t0 = time.perf_counter()
     everything = {}
     for spec in args.models.split(","):
