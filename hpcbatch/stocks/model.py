@@ -93,6 +93,17 @@ class StockModel(nn.Module):
         h = self.blocks(self.proj(h))
         return self.head(h), torch.sigmoid(self.confidence(h[:, -1])).squeeze(-1)
 
+    def predict_last(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` for the last step only: ``(batch, n_features)`` and the confidence.
+
+        Everything after the LSTM works per step, so the other 59 steps' projection,
+        residual blocks and head (discarded by prediction) are skipped: the same values
+        (float32 rounding aside), 1.8x (small) to 3.3x (full) fewer CPU seconds."""
+        h = torch.relu(self.inp(x))
+        h, _ = self.lstm(h)
+        last = self.blocks(self.proj(h[:, -1]))
+        return self.head(last), torch.sigmoid(self.confidence(last)).squeeze(-1)
+
 
 def n_parameters(config: ModelConfig) -> int:
     with torch.device("meta"):
@@ -325,14 +336,19 @@ def predict_windows(
     confidence = np.empty(n, dtype=np.float64)
     mean = torch.from_numpy(loaded.mean).to(loaded.device)
     std = torch.from_numpy(loaded.std).to(loaded.device)
+    last_step = getattr(loaded.model, "predict_last", None)
 
     def step(start: int, stop: int) -> None:
         idx = np.unravel_index(np.arange(start, stop), lead)
         x = torch.from_numpy(np.ascontiguousarray(windows[idx], dtype=np.float32))
         x = ((x.to(loaded.device) - mean) / std).nan_to_num_(0.0)
         with torch.inference_mode():
-            out, conf = loaded.model(x)
-        z = out[:, -1, CLOSE_PCT].float().cpu().numpy()
+            if last_step is not None:
+                out, conf = last_step(x)
+            else:  # a model without predict_last (a wrapper): the whole sequence
+                out, conf = loaded.model(x)
+                out = out[:, -1]
+        z = out[:, CLOSE_PCT].float().cpu().numpy()
         returns[start:stop] = denormalise_return(loaded, z)
         confidence[start:stop] = conf.float().cpu().numpy()
 

@@ -74,7 +74,9 @@ def probe(
     """
     loaded = _model(model_size, model_config)
     with torch.inference_mode():
-        loaded.model(torch.zeros(cpu_batch, loaded.config.window, loaded.config.n_features))
+        loaded.model.predict_last(  # what predict_windows runs
+            torch.zeros(cpu_batch, loaded.config.window, loaded.config.n_features)
+        )
     if size <= 0:
         return {"stocks": 0}
     rows = synthetic_rows(size, lookback_days, seed)

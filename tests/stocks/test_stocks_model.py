@@ -83,6 +83,21 @@ def test_predictions_are_denormalised_to_real_returns(tiny_model):
     assert ret[2] == pytest.approx(M.denormalise_return(loaded, out[0, -1, CLOSE_PCT].numpy()))
 
 
+@pytest.mark.parametrize("size", ["tiny", "small"])
+def test_last_step_prediction_equals_the_whole_sequence_forward(size):
+    """predict_last (what predict_windows runs) skips the discarded 59 steps after the
+    LSTM: the same last-step outputs as forward (issue 15: 1.8-3.3x less CPU)."""
+    torch.manual_seed(0)
+    model = M.StockModel(M.model_config(size)).eval()
+    x = torch.randn(7, 60, 105)
+    with torch.inference_mode():
+        out, conf = model(x)
+        last, last_conf = model.predict_last(x)
+    assert last.shape == (7, 105) and last_conf.shape == (7,)
+    torch.testing.assert_close(last, out[:, -1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(last_conf, conf, rtol=1e-5, atol=1e-6)
+
+
 def _copy(model_dir, tmp_path):
     dst = tmp_path / "m"
     shutil.copytree(model_dir, dst)
