@@ -27,8 +27,8 @@ quiet 2-core machine::
     python benchmarks/stocks.py --out-dir benchmarks
 
 It writes ``results-stocks-small.json`` (small model, 500 / 2,000 / 5,000 stocks x
-10 prediction days) and ``results-stocks-full.json`` (full model, the same sizes x 1
-prediction day: the full model is ~30x slower per window, so one window per stock keeps
+10 prediction days) and ``results-stocks-full.json`` (full model, the same sizes x 2
+prediction days: the full model is ~12x slower per window, so two windows per stock keep
 the set under 12 minutes); 500 stocks is the per-worker-peak reference (flatness = the
 largest worker peak at 5,000 over that at 500).  Smoke test::
 
@@ -52,7 +52,7 @@ import numpy as np
 MB = 1024**2
 SAMPLE_S = 0.1  # the memory sampling period, the same for every contender
 REFRESH_S = 0.5  # how often the contender's process tree is listed again
-DEFAULT_MODELS = "small:10,full:1"
+DEFAULT_MODELS = "small:10,full:2"
 
 
 # ----------------------------------------------------------------- memory ----
@@ -407,7 +407,7 @@ def run_model(args: argparse.Namespace, model_size: str, predict_days: int) -> d
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=DEFAULT_MODELS,
-                    help="SIZE:PREDICT_DAYS,... (default small:10,full:1)")  # fmt: skip
+                    help="SIZE:PREDICT_DAYS,... (default small:10,full:2)")  # fmt: skip
     ap.add_argument("--sizes", default="500,2000,5000")
     ap.add_argument("--days", type=int, default=400)
     ap.add_argument("--contenders", default="naive,hpcbatch,floor")
