@@ -172,8 +172,10 @@ def test_reasons_explain_chunk_and_workers():
     plan = make_plan(stocks_footprint(5000, 400, 10), alloc(12 * GB, 8))
     text = "\n".join(plan.reasons)
     assert "workers: " in text and "chunk: " in text and "predicted peak per worker" in text
-    assert "analytic (uncalibrated)" in text
-    assert plan.to_dict()["footprint_source"] == "analytic (uncalibrated)"
+    # the stocks constants say where they came from (issue 15 item 6), not "uncalibrated"
+    source = plan.to_dict()["footprint_source"]
+    assert source.startswith("analytic, constants measured ") and "--calibrate" in source
+    assert f"footprint {source}" in text
 
 
 def test_few_items_cap_workers():
