@@ -67,6 +67,7 @@ class Calibration:
             "per_item_bytes": self.per_item_bytes,
             "baseline_bytes": self.fixed_bytes,
             "source": self.source,
+            "constants": "",  # measured here: the analytic constants no longer apply
         }
         if self.gpu_per_item_bytes is not None and self.gpu_fixed_bytes is not None:
             values["gpu_per_item_bytes"] = self.gpu_per_item_bytes

@@ -52,6 +52,9 @@ class Footprint:
     #: the allocation keeps at least this much off the workers (see ``reserve_bytes``)
     driver_bytes: int = 0
     source: str = "analytic (uncalibrated)"
+    #: where the analytic constants came from (machine, versions, which runs fitted
+    #: them): said once in the plan's reasons; dropped when a probe measured the footprint
+    constants: str = ""
     details: tuple[tuple[str, int], ...] = ()
     shrink_hints: tuple[str, ...] = ()
 
@@ -184,6 +187,7 @@ class Plan:
             "predicted_peak_bytes": self.predicted_peak_bytes,
             "memory_fraction": self.memory_fraction,
             "footprint_source": self.footprint.source,
+            "footprint_constants": self.footprint.constants,
             "binding": self.binding,
             "gpu_batch_size": self.gpu_batch_size,
             "thresholds": dict(self.thresholds),
@@ -623,6 +627,8 @@ def _reasons(
         f"{peak / limit:.0%} of the {fb(limit)} memory limit (memory fraction {settings.memory_fraction:.0%}); "
         f"footprint {footprint.source}"
     )
+    if footprint.constants:
+        reasons.append(f"footprint constants: {footprint.constants}")
     return reasons
 
 

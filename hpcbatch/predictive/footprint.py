@@ -18,8 +18,9 @@ from ..planner import Footprint
 FLOAT = 4
 # Where the analytic constants below come from (issue 15 item 6): measured, on one
 # machine, not on the machine at hand; --calibrate measures them again for the run.
+SOURCE = "analytic, constants measured 2026-11-23 on the build machine; --calibrate measures them here"
 PROVENANCE = (
-    "analytic, constants measured 2026-11-23 on the project's 2-core x86_64 Linux build "
+    "measured 2026-11-23 on the project's 2-core x86_64 Linux build "
     "machine (torch 2.x CPU, pyro 1.9, distributed 2026.x) by hpcbatch.predictive.probe "
     "(technical model, N=5,000 x T=4,000: {detail}) and benchmarks/load_predictive.py "
     "(driver 345-356 MiB, results-load-predictive.json); not measured on this machine: "
@@ -59,12 +60,12 @@ FORKSERVER_SAVING_BYTES = 64 * 1024**2
 def forkserver_footprint(footprint: Footprint) -> Footprint:
     """The analytic footprint for forkserver-started workers (others are left alone:
     a caller's footprint, or one measured by the probe)."""
-    if not footprint.source.startswith(PROVENANCE[:40]):
+    if footprint.source != SOURCE:
         return footprint
     return replace(
         footprint,
         baseline_bytes=max(0, footprint.baseline_bytes - FORKSERVER_SAVING_BYTES),
-        source=footprint.source + "; workers forked from a preloaded forkserver: baseline "
+        constants=footprint.constants + "; workers forked from a preloaded forkserver: baseline "
         "64 MiB lower (measured 239 vs 302 MiB per worker, 2026-12-06)",
     )
 
@@ -119,7 +120,8 @@ def technical_footprint(
         shared_input_bytes=counts,
         shared_input_mmap=shared_input_mmap,
         driver_bytes=DRIVER_BYTES,
-        source=PROVENANCE.format(detail=TECHNICAL_DETAIL),
+        source=SOURCE,
+        constants=PROVENANCE.format(detail=TECHNICAL_DETAIL),
         details=(
             ("latent sites per sample", latent),
             ("observations per sample", per_item - latent),
@@ -162,7 +164,8 @@ def sampling_footprint(
         shared_input_bytes=shared_input_bytes,
         shared_input_mmap=True,
         driver_bytes=DRIVER_BYTES,
-        source=PROVENANCE.format(detail=GENERIC_DETAIL),
+        source=SOURCE,
+        constants=PROVENANCE.format(detail=GENERIC_DETAIL),
         details=(
             ("returned sites outside the data plate, per sample", latent),
             ("one block of data-plate rows, per sample", rows),

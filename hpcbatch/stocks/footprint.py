@@ -18,8 +18,9 @@ N_FEATURES = 105
 WINDOW_DAYS = 60
 # Where the constants below come from (issue 15 item 6): measured on one machine, not on
 # the machine at hand; --calibrate measures the fixed and per-stock bytes there.
+SOURCE = "analytic, constants measured 2026-11-23 on the build machine; --calibrate measures them here"
 PROVENANCE = (
-    "analytic, constants measured 2026-11-23 on the project's 2-core x86_64 Linux build "
+    "measured 2026-11-23 on the project's 2-core x86_64 Linux build "
     "machine (Python 3.11, torch 2.x CPU, numpy 2.x, SQLAlchemy 2.x, distributed 2026.x): "
     "worker baseline 300 MiB from hpcbatch.stocks.probe at size 0 (310 MiB, full model) and "
     "the benchmark workers; 500 B per fetched row and 80 float64 temporaries per stock-day "
@@ -112,7 +113,8 @@ def stocks_footprint(
         gpu_per_item_bytes=per_window + 2 * window_bytes,
         gpu_fixed_bytes=model_bytes,
         driver_bytes=DRIVER_BYTES,
-        source=PROVENANCE,
+        source=SOURCE,
+        constants=PROVENANCE,
         details=(
             ("raw rows per stock", raw),
             ("feature computation per stock", feature_work),
