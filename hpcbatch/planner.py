@@ -621,15 +621,22 @@ def _reasons(
     reasons.append(
         f"chunk: {plural(chunk, item)} at {fb(footprint.per_item_bytes)} each ({chunk_reason})"
     )
-    reasons.append(
+    return reasons + _peak_reasons(footprint, settings, chunk, peak, limit)
+
+
+def _peak_reasons(
+    footprint: Footprint, settings: PlanSettings, chunk: int, peak: int, limit: int
+) -> list[str]:
+    """The predicted peak, and where the footprint's constants came from."""
+    fb = format_bytes
+    peak_line = (
         f"predicted peak per worker: {fb(peak)} = {fb(footprint.fixed_bytes)} fixed + "
         f"{settings.threads_per_worker} x {chunk} x {fb(footprint.per_item_bytes)}; "
         f"{peak / limit:.0%} of the {fb(limit)} memory limit (memory fraction {settings.memory_fraction:.0%}); "
         f"footprint {footprint.source}"
     )
-    if footprint.constants:
-        reasons.append(f"footprint constants: {footprint.constants}")
-    return reasons
+    constants = [f"footprint constants: {footprint.constants}"] if footprint.constants else []
+    return [peak_line, *constants]
 
 
 def _plan_gpu(

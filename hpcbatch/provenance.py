@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 
+from .security import scrub
+
 #: the packages whose versions a report names: (label, distribution name)
 PACKAGES = (
     ("hpcbatch", "hpcbatch"),
@@ -88,7 +90,7 @@ def collect(
         started_at=iso_utc(started) or "",
         ended_at=iso_utc(ended),
         host=socket.gethostname(),  # not getfqdn: a DNS lookup can hang offline
-        command_line=shlex.join(argv) if argv else "",
+        command_line=scrub(shlex.join(argv)) if argv else "",  # no URL password
         versions=versions(),
         python=sys.version.split()[0],
         slurm_job_id=env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID") or None,
