@@ -27,5 +27,44 @@ def runner_overhead_table(path: Path = HERE / "results-runner-overhead.json") ->
     ])  # fmt: skip
 
 
+MiB = 1024**2
+
+
+def _mib(n: float) -> str:
+    return f"{n / MiB:,.0f} MiB"
+
+
+def stocks_table(paths: tuple[Path, ...] = (HERE / "results-stocks-small.json",
+                                            HERE / "results-stocks-full.json")) -> str:
+    rows = [
+        "| stocks, model (prediction days) | naive windows/s | hpcbatch windows/s | model-only floor windows/s | hpcbatch / naive | hpcbatch / floor | naive peak | hpcbatch per-worker peak (predicted) | hpcbatch total (driver + 2 workers) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    notes = []
+    for path in paths:
+        r = json.loads(path.read_text())
+        for stocks, e in r["sizes"].items():
+            n, h, f, q = e["naive"], e["hpcbatch"], e["floor"], e["ratios"]
+            worker = max(h["worker_peak_rss_bytes"])
+            rows.append(
+                f"| {int(stocks):,}, {r['model_size']} ({r['predict_days']}) | {n['windows_per_s']:,.0f} "
+                f"| {h['windows_per_s']:,.0f} | {f['windows_per_s']:,.0f} "
+                f"| **{q['hpcbatch_over_naive_throughput']:.2f}x** | {q['hpcbatch_over_floor_throughput']:.2f}x "
+                f"| {_mib(n['peak_rss_bytes'])} | {_mib(worker)} ({_mib(h['planned']['predicted_peak_bytes'])}) "
+                f"| {_mib(h['total_peak_rss_bytes'])} |"
+            )
+        flat = r["flatness"]
+        notes.append(
+            f"{r['model_size']} model: per-worker peak {flat['largest_over_smallest_size']:.3f}x from "
+            f"{min(flat['worker_peak_by_size'], key=int)} to {max(flat['worker_peak_by_size'], key=int)} stocks; "
+            f"load average (1 min) {r['load_avg_start'][0]:.2f} -> {r['load_avg_end'][0]:.2f} "
+            f"during the set ({r['machine']['cpus']} cores, torch {r['machine']['torch']}, "
+            f"distributed {r['machine']['distributed']})"
+        )
+    return "\n".join(rows + [""] + [f"- {x}." for x in notes])
+
+
 if __name__ == "__main__":
     print(runner_overhead_table())
+    print()
+    print(stocks_table())

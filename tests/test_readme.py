@@ -6,6 +6,8 @@ import importlib.util
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
@@ -24,11 +26,20 @@ def test_readme_map_snippet_is_the_one_tests_run_and_at_most_15_lines():
     assert "hpcbatch.map(" in snippet
 
 
-def test_readme_runner_overhead_table_is_generated_from_the_committed_json():
+TABLES = ["runner_overhead_table", "stocks_table"]
+
+
+def _tables():
     spec = importlib.util.spec_from_file_location("tables", ROOT / "benchmarks" / "tables.py")
     tables = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tables)
-    assert tables.runner_overhead_table() in README, (
-        "README's runner overhead table differs from benchmarks/results-runner-overhead.json: "
+    return tables
+
+
+@pytest.mark.parametrize("name", TABLES)
+def test_readme_benchmark_tables_are_generated_from_the_committed_json(name: str):
+    table = getattr(_tables(), name)()
+    assert table in README, (
+        f"README's table from benchmarks/tables.py:{name} differs from the committed JSON: "
         "paste the output of 'python benchmarks/tables.py'"
     )
