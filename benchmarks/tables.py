@@ -64,7 +64,49 @@ def stocks_table(paths: tuple[Path, ...] = (HERE / "results-stocks-small.json",
     return "\n".join(rows + [""] + [f"- {x}." for x in notes])
 
 
+def _cell(row: dict | None) -> str:
+    if row is None or row.get("status", "").startswith("skipped"):
+        return "(= default call)" if row else "-"
+    if row["status"] != "ok":
+        return row["status"]
+    return f"{row['elapsed_s']:.1f} s, {_mib(row['peak_bytes'])}"
+
+
+def predictive_table(path: Path = HERE / "results-predictive.json") -> str:
+    r = json.loads(path.read_text())
+    names = [("predictive_parallel", "Predictive(parallel=True)"),
+             ("original_loop", "original loop (batches of 50)"),
+             ("hpcbatch", "`hpcbatch.predictive.sample` (default call)"),
+             ("hpcbatch_cluster", "hpcbatch, 2-worker cluster (forkserver)"),
+             ("hpcbatch_spawn", "hpcbatch, 2-worker cluster (spawn)"),
+             ("floor", "floor (inputs + outputs + raw guide draws)")]  # fmt: skip
+    rows = ["| case | " + " | ".join(label for _, label in names) + " |",
+            "|---" * (len(names) + 1) + "|"]  # fmt: skip
+    notes = []
+    for case in r["cases"].values():
+        by = {row["contender"]: row for row in case["contenders"]}
+        what = "observations" if case["observations"] else "latent sites"
+        rows.append(
+            f"| {what}, {case['cells']:,} x {case['features']:,}, S = {case['samples']:,} | "
+            + " | ".join(_cell(by.get(name)) for name, _ in names) + " |"
+        )
+        where = (by.get("hpcbatch") or {}).get("execution", "")
+        where = "on a 2-worker cluster" if where == "cluster" else where.split(":")[0]
+        notes.append(f"{what} {case['cells']:,} x {case['features']:,}: the default call ran "
+                     f"{where}; " + "; ".join(
+                         f"{k}: " + ", ".join(f"{m} {v:.2f}" for m, v in ratios.items())
+                         for k, ratios in case["ratios"].items()))  # fmt: skip
+    raw = r.get("raw_draw") or {}
+    load = f"{r['load_avg_start'][0]:.2f} -> {r['load_avg_end'][0]:.2f}"
+    return "\n".join(rows + [""] + [f"- {x}." for x in notes] + [
+        f"- Raw draw rate (torch NegativeBinomial, one thread): {raw.get('per_core_values_per_s', 0) / 1e6:.1f}M "
+        f"values/s per core x {raw.get('cores', 0)} cores; {r['cap_bytes'] / 1e9:.0f} GB cap; "
+        f"load average (1 min) {load}; measured {r['started']}."])
+
+
 if __name__ == "__main__":
     print(runner_overhead_table())
     print()
     print(stocks_table())
+    print()
+    print(predictive_table())
