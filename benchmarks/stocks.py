@@ -95,7 +95,8 @@ def _descendants(root: int) -> dict[int, int]:
 
 def _cmdline(pid: int) -> str:
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[-200:]
+        # the head: a forkserver's command line ends in a long preload list and sys.path
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:300]
     except OSError:
         return ""
 

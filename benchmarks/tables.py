@@ -104,9 +104,31 @@ def predictive_table(path: Path = HERE / "results-predictive.json") -> str:
         f"load average (1 min) {load}; measured {r['started']}."])
 
 
+def calibration_table(path: Path = HERE / "results-calibration.json") -> str:
+    r = json.loads(path.read_text())
+    rows = ["| workload | size | plan | predicted per worker | measured per worker | measured / predicted |",
+            "|---|---|---|---|---|---|"]  # fmt: skip
+    for x in r["rows"]:
+        size = ", ".join(f"{k} {v:,}" if isinstance(v, int) and not isinstance(v, bool) else
+                         (k if v is True else f"no {k}" if v is False else f"{k} {v}")
+                         for k, v in x["size"].items())  # fmt: skip
+        ratio = x.get("measured_over_predicted")
+        mark = "" if x.get("ok") else " (outside)"
+        rows.append(
+            f"| {x['workload']} | {size} | {x['plan']} | {_mib(x['predicted_peak_per_worker_bytes'])} "
+            f"| {_mib(x['measured_peak_per_worker_bytes'])} | {ratio:.2f}{mark} |"
+        )
+    load = f"{r['load_avg_start'][0]:.2f} -> {r['load_avg_end'][0]:.2f}"
+    return "\n".join(rows + ["", f"Goal {r['goal']} (within 20 %, on the safe side); "
+                              f"{r['mem_gb']:g} GB and {r['cpus']} CPUs planned, 2 workers; load "
+                              f"average (1 min) {load}; measured {r['started']}."])  # fmt: skip
+
+
 if __name__ == "__main__":
     print(runner_overhead_table())
     print()
     print(stocks_table())
     print()
     print(predictive_table())
+    print()
+    print(calibration_table())

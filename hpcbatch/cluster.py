@@ -33,7 +33,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Any, TextIO
@@ -793,6 +793,41 @@ def _wait(client, n: int, timeout: float, what: str) -> None:
         ) from None
 
 
+@contextmanager
+def forkserver_workers(preload: Sequence[str]) -> Iterator[None]:
+    """Local workers forked from one server that imported ``preload`` (e.g. torch) once.
+
+    Inside the block a LocalCluster starts its workers with multiprocessing
+    ``forkserver``: each worker is a fork of a process that already imported the
+    workload's heavy modules, so it neither pays for the imports on its first chunk nor
+    holds private copies of their pages. The server starts once per driver process, with
+    Dask's pre-spawn environment (``OMP_NUM_THREADS=1``, ``MALLOC_TRIM_THRESHOLD_``...),
+    which a nanny could not give a forked worker; the driver's environment is restored
+    after it started. A server already running keeps its first preload list.
+    """
+    from multiprocessing import forkserver
+
+    import dask
+    from distributed.utils import get_mp_context
+
+    method = {"distributed.worker.multiprocessing-method": "forkserver"}
+    with dask.config.set(method):
+        get_mp_context().set_forkserver_preload(["distributed", *preload])
+        environ = dask.config.get("distributed.nanny.pre-spawn-environ")
+        env = {k: str(v) for k, v in environ.items()}
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            forkserver.ensure_running()
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+        yield
+
+
 def cluster_resources(client, *, detect: Callable[[], Resources] | None = None) -> Resources:
     """The allocation an existing cluster really gives: its workers, as its scheduler
     reports them (count, threads, each worker's memory limit, the GPU a worker reports).
@@ -921,4 +956,3 @@ def _fmt(n: int) -> str:
 def _close_quietly(obj) -> None:
     with suppress(Exception):  # closing must not hide the run's own error
         obj.close()
-

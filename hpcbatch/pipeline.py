@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from . import config as hb_config
 from .calibrate import Calibration, calibrated_footprint, check_probe
-from .cluster import cluster_resources, open_cluster
+from .cluster import cluster_resources, forkserver_workers, open_cluster
 from .dashboard import install as install_dashboard
 from .errors import ConfigError
 from .ledger import Ledger
@@ -220,9 +220,13 @@ def _planned_client(
         return
     resources = request.resources or detect_resources()
     planned = plan_job(job, settings, resources, **plan_kw)
-    with open_cluster(
-        planned.plan, settings, backend=request.cluster.backend, quiet=request.quiet
-    ) as client:
+    local = request.cluster.backend == "local" and job.worker_preload
+    with ExitStack() as stack:
+        if local:  # workers forked from a server that imported the workload's modules
+            stack.enter_context(forkserver_workers(job.worker_preload))
+        client = stack.enter_context(open_cluster(
+            planned.plan, settings, backend=request.cluster.backend, quiet=request.quiet
+        ))  # fmt: skip
         yield planned, client
 
 

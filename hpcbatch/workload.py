@@ -168,6 +168,9 @@ class Job:
     items: Sequence | None = None
     probe_kwargs: Mapping[str, Any] = {}
     probe_sizes: tuple[int, int] | None = None  # --calibrate's sizes (default the workload's)
+    #: modules a local cluster's workers should find imported: when set, they are forked
+    #: from a server that imported them once (:func:`hpcbatch.cluster.forkserver_workers`)
+    worker_preload: tuple[str, ...] = ()
 
     @property
     def n_items(self) -> int:

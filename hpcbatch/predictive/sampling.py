@@ -24,14 +24,14 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from functools import partial
 from typing import Any
 
 from .. import config as hb_config
 from .. import runner
+from ..cluster import forkserver_workers
 from ..errors import ConfigError, HpcbatchError
 from ..pipeline import ClusterChoice, RunRequest, plan_job, run_job
 from ..planner import Plan
@@ -76,6 +76,7 @@ CLUSTER_CHOICES = ("auto", "cluster", "inprocess")
 # are shared (see docs/predictive.md, "Worker start method", for the measurement).
 WORKER_STARTS = ("spawn", "forkserver")
 FORKSERVER_PRELOAD = ("numpy", "torch", "pyro", "zarr", "hpcbatch.predictive.task")
+
 
 @dataclass(frozen=True)
 class Execution:
@@ -283,35 +284,9 @@ def run_prepared(
         raise
 
 
-@contextmanager
-def _forkserver() -> Iterator[None]:
-    """Local workers forked from a server that imported torch and Pyro once.
-
-    The server starts (once per driver process) with Dask's pre-spawn environment
-    (``OMP_NUM_THREADS=1``, ``MALLOC_TRIM_THRESHOLD_``...), which a nanny could not give
-    a forked worker, and the driver's environment is restored after it started.
-    """
-    from multiprocessing import forkserver
-
-    import dask
-    from distributed.utils import get_mp_context
-
-    method = {"distributed.worker.multiprocessing-method": "forkserver"}
-    with dask.config.set(method):
-        get_mp_context().set_forkserver_preload(["distributed", *FORKSERVER_PRELOAD])
-        environ = dask.config.get("distributed.nanny.pre-spawn-environ")
-        env = {k: str(v) for k, v in environ.items()}
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            forkserver.ensure_running()
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-        yield
+def _forkserver():
+    """Local workers forked from a server that imported torch and Pyro once."""
+    return forkserver_workers(FORKSERVER_PRELOAD)
 
 
 def _settings(execution: Execution, seed: int) -> dict:
