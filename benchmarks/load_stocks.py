@@ -231,6 +231,14 @@ def save_random_model(url: str, model_dir: Path, size: str, days: int, seed: int
 # ------------------------------------------------------------------- sampling ----
 
 
+def _is_worker(p) -> bool:
+    cmd = " ".join(p.cmdline())
+    if "spawn_main" in cmd:
+        return True
+    parent = p.parent()
+    return parent is not None and "multiprocessing.forkserver" in " ".join(parent.cmdline())
+
+
 class WorkerSampler:
     """RSS of every Dask worker process (children of this process) every ``interval`` s."""
 
@@ -249,9 +257,11 @@ class WorkerSampler:
 
         while not self._stop.is_set():
             now = time.time()
-            for p in self.me.children():  # the nannies' worker processes, not theirs
+            # the nannies' worker processes: spawned by this process, or forked by the
+            # forkserver it started (stocks workers are; not the server itself)
+            for p in self.me.children(recursive=True):
                 try:
-                    if p.pid not in self.samples and "spawn_main" not in " ".join(p.cmdline()):
+                    if p.pid not in self.samples and not _is_worker(p):
                         continue  # not a worker process (e.g. the resource tracker)
                     rss = p.memory_info().rss
                 except psutil.Error:
