@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -28,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import ConfigError
-from .security import mask_url
+from .security import mask_url, scrub
 
 PROGRESS_FILE = "progress.json"
 WRITE_EVERY_S = 2.0
@@ -36,7 +35,6 @@ WRITE_EVERY_S = 2.0
 #: (from progress.json or the ledger) and it counts as interrupted.
 STALE_S = 120.0
 ENDED = ("finished", "failed", "interrupted", "already-finished")
-_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")  # a URL's password, never written
 
 
 # ---------------------------------------------------------------- writing ----
@@ -60,7 +58,7 @@ def who_runs() -> dict:
         "host": socket.gethostname(),
         "slurm_job_id": job or None,
         "slurm_nodes": os.environ.get("SLURM_JOB_NODELIST") or None,
-        "command": " ".join(_PASSWORD.sub(r"\1***@", arg) for arg in sys.argv),
+        "command": scrub(" ".join(sys.argv)),  # a URL's password is never written
         "cwd": os.getcwd(),
     }
 
