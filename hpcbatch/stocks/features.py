@@ -17,6 +17,7 @@ output is float32, squashed to moderate ranges, and finite (NaN/inf -> 0, clippe
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -27,6 +28,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 N_FEATURES = 105
 WINDOW_DAYS = 60
 WARMUP_DAYS = 60
+LOOKBACK_DAYS = 60  # the longest look-back of a local feature (mom60, position60)
 EPS = 1e-12
 _BLOCK = 128
 PRICE_FIELDS = ("open", "high", "low", "close", "pre_close", "vol", "amount")
@@ -94,22 +96,40 @@ def bars_from_columns(codes: Sequence[str], columns: dict[str, np.ndarray]) -> B
 # -------------------------------------------------------------- primitives ----
 
 
+def _tail(x: np.ndarray, tail: int | None) -> np.ndarray:
+    """The last ``tail`` days of ``x`` (a view; all of them for None)."""
+    return x if tail is None else x[..., max(0, x.shape[-1] - tail) :]
+
+
+@functools.lru_cache(maxsize=512)
+def _ema_powers(alpha: float, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``w^-j``, ``w^(j+1)`` and ``alpha w^j`` for ``j < n`` (``w = 1 - alpha``)."""
+    w, j = 1.0 - alpha, np.arange(n)
+    powers = (w ** (-j), w ** (j + 1), alpha * w**j)
+    for p in powers:
+        p.flags.writeable = False  # shared between calls
+    return powers
+
+
 def ema(x: np.ndarray, alpha: float, init: float | np.ndarray | None = None) -> np.ndarray:
     """``y[t] = (1 - alpha) y[t-1] + alpha x[t]`` along the last axis, ``y[-1] = init``.
 
     ``init`` defaults to the first value (so ``y[0] = x[0]``).  Closed form per block of
-    128 days: ``y[s+j] = w^(j+1) y[s-1] + alpha w^j cumsum(x[s+i] w^-i)``, no row loop.
+    128 days: ``y[s+j] = w^(j+1) y[s-1] + alpha w^j cumsum(x[s+i] w^-i)``, no row loop;
+    each block is computed in place in the output (the powers are cached per alpha).
     """
     x = np.asarray(x, dtype=np.float64)
-    w = 1.0 - alpha
     out = np.empty_like(x)
     prev = x[..., 0].copy() if init is None else np.broadcast_to(init, x.shape[:-1]).astype(float)
     for s in range(0, x.shape[-1], _BLOCK):
         block = x[..., s : s + _BLOCK]
-        j = np.arange(block.shape[-1])
-        scaled = np.cumsum(block * w ** (-j), axis=-1)
-        out[..., s : s + _BLOCK] = w ** (j + 1) * prev[..., None] + alpha * w**j * scaled
-        prev = out[..., s + block.shape[-1] - 1]
+        inv, carry, scale = _ema_powers(alpha, block.shape[-1])
+        seg = out[..., s : s + block.shape[-1]]
+        np.multiply(block, inv, out=seg)
+        np.cumsum(seg, axis=-1, out=seg)
+        seg *= scale
+        seg += carry * prev[..., None]
+        prev = seg[..., -1]
     return out
 
 
@@ -126,23 +146,27 @@ def _edge_windows(x: np.ndarray, n: int) -> np.ndarray:
     return sliding_window_view(padded, n, axis=1)
 
 
-def rolling_sum(x: np.ndarray, n: int) -> np.ndarray:
-    """Sum of the last ``n`` values (edge-padded on the left), by cumulative sums."""
-    padded = np.concatenate([np.repeat(x[:, :1], n, axis=1), x], axis=1)
-    c = np.cumsum(padded, axis=1)
-    return c[:, n:] - c[:, :-n]
+def rolling_sum(x: np.ndarray, n: int, tail: int | None = None) -> np.ndarray:
+    """Sum of the last ``n`` values (edge-padded on the left), by cumulative sums over
+    every day; ``tail``: only the last days of the result (the same values)."""
+    s, t = x.shape
+    c = np.empty((s, n + t))
+    c[:, :n] = x[:, :1]
+    c[:, n:] = x
+    np.cumsum(c, axis=1, out=c)
+    return _tail(c[:, n:], tail) - _tail(c[:, :-n], tail)
 
 
-def sma(x: np.ndarray, n: int) -> np.ndarray:
-    return rolling_sum(x, n) / n
+def sma(x: np.ndarray, n: int, tail: int | None = None) -> np.ndarray:
+    return rolling_sum(x, n, tail) / n
 
 
-def rolling_std(x: np.ndarray, n: int) -> np.ndarray:
+def rolling_std(x: np.ndarray, n: int, tail: int | None = None) -> np.ndarray:
     """Population standard deviation of the last ``n`` values (demeaned for precision)."""
-    centre = x[:, -1:]
-    m = sma(x - centre, n)
-    var = sma((x - centre) ** 2, n) - m**2
-    return np.sqrt(np.maximum(var, 0.0))
+    d = x - x[:, -1:]
+    m = sma(d, n, tail)
+    var = sma(d**2, n, tail) - m**2
+    return np.sqrt(np.maximum(var, 0.0, out=var), out=var)
 
 
 def _edge_padded(x: np.ndarray, n: int) -> np.ndarray:
@@ -228,11 +252,14 @@ def unsquash(feature: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- indicators ----
 
 
-def rsi(close: np.ndarray, n: int) -> np.ndarray:
+def rsi(close: np.ndarray, n: int, tail: int | None = None) -> np.ndarray:
     """Wilder RSI in [0, 100]; 50 where there was no movement at all."""
     delta = close - shift(close, 1)
-    gain = wilder(np.maximum(delta, 0.0), n)
-    loss = wilder(np.maximum(-delta, 0.0), n)
+    return _rsi(np.maximum(delta, 0.0), np.maximum(-delta, 0.0), n, tail)
+
+
+def _rsi(up: np.ndarray, down: np.ndarray, n: int, tail: int | None) -> np.ndarray:
+    gain, loss = _tail(wilder(up, n), tail), _tail(wilder(down, n), tail)
     return div(100.0 * gain, gain + loss, fill=50.0)
 
 
@@ -257,24 +284,26 @@ def atr(high: np.ndarray, low: np.ndarray, prev_close: np.ndarray, n: int = 14) 
     return wilder(true_range(high, low, prev_close), n)
 
 
-def kdj(high, low, close, n: int = 9):
+def kdj(high, low, close, n: int = 9, tail: int | None = None):
     lo, hi = rolling_min(low, n), rolling_max(high, n)
     rsv = div(100.0 * (close - lo), hi - lo, fill=50.0)
     k = ema(rsv, 1 / 3, init=50.0)
-    d = ema(k, 1 / 3, init=50.0)
+    k, d = _tail(k, tail), _tail(ema(k, 1 / 3, init=50.0), tail)
     return k, d, 3 * k - 2 * d
 
 
-def adx(high, low, prev_close, n: int = 14):
+def adx(high, low, prev_close, n: int = 14, tail: int | None = None, tr: np.ndarray | None = None):
+    """ADX, +DI and -DI; ``tr``: the smoothed true range when already at hand."""
     up = high - shift(high, 1)
     down = shift(low, 1) - low
     plus_dm = np.where((up > down) & (up > 0), up, 0.0)
     minus_dm = np.where((down > up) & (down > 0), down, 0.0)
-    tr = wilder(true_range(high, low, prev_close), n)
+    if tr is None:
+        tr = wilder(true_range(high, low, prev_close), n)
     plus_di = div(100 * wilder(plus_dm, n), tr)
     minus_di = div(100 * wilder(minus_dm, n), tr)
     dx = div(100 * np.abs(plus_di - minus_di), plus_di + minus_di)
-    return wilder(dx, n), plus_di, minus_di
+    return _tail(wilder(dx, n), tail), _tail(plus_di, tail), _tail(minus_di, tail)
 
 
 # ------------------------------------------------------------------ features ----
@@ -299,27 +328,51 @@ def _calendar(dates: np.ndarray) -> list[np.ndarray]:
 _Row = tuple[str, Callable[[], np.ndarray]]
 
 
-def _kit(b: Bars) -> SimpleNamespace:
-    """The bars' series and the cached intermediates the feature thunks share."""
-    c, o, h, lo, pc, v, amt = b.close, b.open, b.high, b.low, b.pre_close, b.vol, b.amount
-    cache: dict[str, np.ndarray] = {}
+def _kit(b: Bars, tail: int) -> SimpleNamespace:
+    """The bars' last ``tail`` days and the cached intermediates the feature thunks share.
 
-    def get(key: str, fn: Callable[[], np.ndarray]) -> np.ndarray:
+    ``c, o, h, lo, pc, v, amt`` are the last ``tail`` days; indicators with a longer memory
+    (EMAs, cumulative sums) run over every day of ``C, H, L, PC, V`` and are cut to the tail
+    afterwards, so every value equals the full table's; local ones (shifts, extremes,
+    windows) run on the tail, whose first :data:`LOOKBACK_DAYS` days are their warm-up.
+    """
+    C, H, L, PC, V, AMT = b.close, b.high, b.low, b.pre_close, b.vol, b.amount
+    cache: dict[str, object] = {}
+
+    def get(key: str, fn: Callable[[], object]):
         if key not in cache:
             cache[key] = fn()
         return cache[key]
 
-    pct = lambda: get("pct", lambda: 100 * div(c - pc, pc))  # noqa: E731
+    def cut(x: np.ndarray) -> np.ndarray:
+        return _tail(x, tail)
+
+    c, o, h, lo, pc, v, amt = (cut(x) for x in (C, b.open, H, L, PC, V, AMT))
+    pct_all = lambda: get("pct", lambda: 100 * div(C - PC, PC))  # noqa: E731
+    pct = lambda: cut(pct_all())  # noqa: E731
     lv = lambda: get("lv", lambda: np.log1p(v))  # noqa: E731
-    vol_ma = lambda n: get(f"vma{n}", lambda: sma(v, n))  # noqa: E731
-    ret_std = lambda n: rolling_std(pct(), n) / 3.0  # noqa: E731
-    rng = lambda: get("range", lambda: h - lo)  # noqa: E731
-    tp = lambda: get("tp", lambda: (h + lo + c) / 3)  # noqa: E731
-    obv = lambda: get("obv", lambda: np.cumsum(np.sign(c - pc) * v, axis=1))  # noqa: E731
-    macd_parts = lambda: get("macd", lambda: np.stack(macd(c)))  # noqa: E731
-    kdj_parts = lambda: get("kdj", lambda: np.stack(kdj(h, lo, c)))  # noqa: E731
-    adx_parts = lambda: get("adx", lambda: np.stack(adx(h, lo, pc)))  # noqa: E731
-    boll = lambda: get("boll", lambda: np.stack(bollinger(c)))  # noqa: E731
+    dlv = lambda: get("dlv", lambda: lv() - shift(lv(), 1))  # noqa: E731
+    vol_sum = lambda n: get(f"vsum{n}", lambda: rolling_sum(V, n, tail))  # noqa: E731
+    vol_ma = lambda n: get(f"vma{n}", lambda: vol_sum(n) / n)  # noqa: E731
+    sma_c = lambda n: get(f"sma{n}", lambda: sma(C, n, tail))  # noqa: E731
+    ema_all = lambda n: get(f"ema{n}", lambda: ema_span(C, n))  # noqa: E731
+    ema_c = lambda n: cut(ema_all(n))  # noqa: E731
+    shift_c = lambda n: get(f"shift{n}", lambda: shift(c, n))  # noqa: E731
+    ret_std = lambda n: rolling_std(pct_all(), n, tail) / 3.0  # noqa: E731
+    rng_all = lambda: get("range", lambda: H - L)  # noqa: E731
+    rng = lambda: cut(rng_all())  # noqa: E731
+    tp_all = lambda: get("tp", lambda: (H + L + C) / 3)  # noqa: E731
+    tp = lambda: cut(tp_all())  # noqa: E731
+    obv_all = lambda: get("obv", lambda: np.cumsum(np.sign(C - PC) * V, axis=1))  # noqa: E731
+    obv = lambda: cut(obv_all())  # noqa: E731
+    tr_all = lambda n: get(f"tr{n}", lambda: wilder(get("tr", lambda: true_range(H, L, PC)), n))  # noqa: E731
+    delta = lambda: get("delta", lambda: C - shift(C, 1))  # noqa: E731
+    gains = lambda: get("gains", lambda: (np.maximum(delta(), 0.0), np.maximum(-delta(), 0.0)))  # noqa: E731
+    rsi_c = lambda n: _rsi(*gains(), n, tail)  # noqa: E731
+    macd_parts = lambda: get("macd", lambda: _macd_tail(ema_all(12) - ema_all(26), tail))  # noqa: E731
+    kdj_parts = lambda: get("kdj", lambda: kdj(H, L, C, tail=tail))  # noqa: E731
+    adx_parts = lambda: get("adx", lambda: adx(H, L, PC, tail=tail, tr=tr_all(14)))  # noqa: E731
+    boll = lambda: get("boll", lambda: _bands(sma_c(20), rolling_std(C, 20, tail)))  # noqa: E731
     since_max = lambda n: get(f"dsmax{n}", lambda: days_since_max(h, n))  # noqa: E731
     since_min = lambda n: get(f"dsmin{n}", lambda: days_since_min(lo, n))  # noqa: E731
 
@@ -328,6 +381,27 @@ def _kit(b: Bars) -> SimpleNamespace:
 
     def log_ratio(a: np.ndarray, base: np.ndarray) -> np.ndarray:
         return np.log((a + 1.0) / (base + 1.0))
+
+    limit = np.where(np.char.startswith(np.asarray(b.codes, dtype=str), "300"), 19.8, 9.8)[:, None]
+    dates = cut(b.dates)
+    return SimpleNamespace(**{n: x for n, x in locals().items() if n not in ("b", "get", "cache")})
+
+
+def _macd_tail(line: np.ndarray, tail: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """MACD line, signal and histogram from the full line, cut to the tail."""
+    line, signal = _tail(line, tail), _tail(ema_span(line, 9), tail)
+    return line, signal, line - signal
+
+
+def _bands(mid: np.ndarray, sd: np.ndarray, k: float = 2.0):
+    """Bollinger middle, upper and lower bands (as :func:`bollinger`)."""
+    return mid, mid + k * sd, mid - k * sd
+
+
+def _oscillators(k: SimpleNamespace) -> SimpleNamespace:
+    """Williams %R, price position, CCI, MFI and CMF on the kit's series."""
+    c, h, lo, tp, tp_all, rng_all, tail = k.c, k.h, k.lo, k.tp, k.tp_all, k.rng_all, k.tail
+    C, H, L, V = k.C, k.H, k.L, k.V
 
     def williams(n: int) -> np.ndarray:
         hi, low_n = rolling_max(h, n), rolling_min(lo, n)
@@ -344,23 +418,25 @@ def _kit(b: Bars) -> SimpleNamespace:
         return np.tanh(div(tp() - mean, 0.015 * mad) / 100)
 
     def mfi(n: int = 14) -> np.ndarray:
-        flow = tp() * v
-        up = tp() > shift(tp(), 1)
-        down = tp() < shift(tp(), 1)
-        pos, neg = rolling_sum(np.where(up, flow, 0), n), rolling_sum(np.where(down, flow, 0), n)
+        typical = tp_all()
+        flow = typical * V
+        before = shift(typical, 1)
+        up, down = typical > before, typical < before
+        pos = rolling_sum(np.where(up, flow, 0), n, tail)
+        neg = rolling_sum(np.where(down, flow, 0), n, tail)
         return div(pos, pos + neg, fill=0.5) * 2 - 1
 
     def cmf(n: int = 20) -> np.ndarray:
-        mfv = div((c - lo) - (h - c), rng()) * v
-        return div(rolling_sum(mfv, n), rolling_sum(v, n))
+        mfv = div((C - L) - (H - C), rng_all()) * V
+        return div(rolling_sum(mfv, n, tail), k.vol_sum(n))
 
-    limit = np.where(np.char.startswith(np.asarray(b.codes, dtype=str), "300"), 19.8, 9.8)[:, None]
-    dates = b.dates
-    return SimpleNamespace(**{n: x for n, x in locals().items() if n not in ("b", "get", "cache")})
+    return SimpleNamespace(williams=williams, position=position, cci=cci, mfi=mfi, cmf=cmf)
 
 
 def _price_rows(k: SimpleNamespace) -> list[_Row]:
-    c, o, h, lo, pc, pct, rng, rel = k.c, k.o, k.h, k.lo, k.pc, k.pct, k.rng, k.rel
+    c, o, h, lo, pc, pct, rng, rel, sma_c, ema_c = (
+        k.c, k.o, k.h, k.lo, k.pc, k.pct, k.rng, k.rel, k.sma_c, k.ema_c
+    )
     cal = _calendar(k.dates)
     table: list[_Row] = []
     table += [
@@ -375,33 +451,27 @@ def _price_rows(k: SimpleNamespace) -> list[_Row]:
         ("body_pct", lambda: squash(100 * div(c - o, o))),
         ("range_pct", lambda: squash(100 * div(rng(), pc))),
     ]
-    table += [(f"sma{n}_ratio", lambda n=n: rel(sma(c, n))) for n in (5, 10, 20, 30, 60)]
-    table += [(f"ema{n}_ratio", lambda n=n: rel(ema_span(c, n))) for n in (5, 10, 12, 20, 26, 60)]
+    table += [(f"sma{n}_ratio", lambda n=n: rel(sma_c(n))) for n in (5, 10, 20, 30, 60)]
+    table += [(f"ema{n}_ratio", lambda n=n: rel(ema_c(n))) for n in (5, 10, 12, 20, 26, 60)]
     return table
 
 
 def _trend_rows(k: SimpleNamespace) -> list[_Row]:
-    c, h, lo, pc, macd_parts, kdj_parts, boll = (
-        k.c, k.h, k.lo, k.pc, k.macd_parts, k.kdj_parts, k.boll
+    c, macd_parts, kdj_parts, boll, sma_c, ema_c, tr_all, cut = (
+        k.c, k.macd_parts, k.kdj_parts, k.boll, k.sma_c, k.ema_c, k.tr_all, k.cut
     )
     table: list[_Row] = []
     table += [
-        ("sma5_sma20", lambda: np.tanh(10 * div(sma(c, 5) - sma(c, 20), sma(c, 20)))),
-        ("sma10_sma60", lambda: np.tanh(10 * div(sma(c, 10) - sma(c, 60), sma(c, 60)))),
-        (
-            "ema12_ema26",
-            lambda: np.tanh(10 * div(ema_span(c, 12) - ema_span(c, 26), ema_span(c, 26))),
-        ),
-        ("ema5_slope", lambda: np.tanh(100 * div(ema_span(c, 5) - shift(ema_span(c, 5), 1), c))),
-        (
-            "ema20_slope",
-            lambda: np.tanh(100 * div(ema_span(c, 20) - shift(ema_span(c, 20), 1), c)),
-        ),
+        ("sma5_sma20", lambda: np.tanh(10 * div(sma_c(5) - sma_c(20), sma_c(20)))),
+        ("sma10_sma60", lambda: np.tanh(10 * div(sma_c(10) - sma_c(60), sma_c(60)))),
+        ("ema12_ema26", lambda: np.tanh(10 * div(ema_c(12) - ema_c(26), ema_c(26)))),
+        ("ema5_slope", lambda: np.tanh(100 * div(ema_c(5) - shift(ema_c(5), 1), c))),
+        ("ema20_slope", lambda: np.tanh(100 * div(ema_c(20) - shift(ema_c(20), 1), c))),
         ("macd", lambda: np.tanh(20 * div(macd_parts()[0], c))),
         ("macd_signal", lambda: np.tanh(20 * div(macd_parts()[1], c))),
         ("macd_hist", lambda: np.tanh(40 * div(macd_parts()[2], c))),
     ]
-    table += [(f"rsi{n}", lambda n=n: rsi(c, n) / 50 - 1) for n in (6, 14, 24)]
+    table += [(f"rsi{n}", lambda n=n: k.rsi_c(n) / 50 - 1) for n in (6, 14, 24)]
     table += [
         ("kdj_k", lambda: kdj_parts()[0] / 50 - 1),
         ("kdj_d", lambda: kdj_parts()[1] / 50 - 1),
@@ -409,33 +479,35 @@ def _trend_rows(k: SimpleNamespace) -> list[_Row]:
         ("boll_pos", lambda: np.tanh(div(c - boll()[1] / 2 - boll()[2] / 2, boll()[1] - boll()[2]) * 2)),
         ("boll_width", lambda: np.tanh(5 * div(boll()[1] - boll()[2], boll()[0]))),
         ("boll_pctb", lambda: np.tanh(div(c - boll()[2], boll()[1] - boll()[2], fill=0.5) - 0.5)),
-        ("atr14", lambda: np.tanh(10 * div(atr(h, lo, pc, 14), c))),
-        ("atr5_atr20", lambda: np.tanh(np.log(div(atr(h, lo, pc, 5), atr(h, lo, pc, 20), fill=1.0) + EPS))),
+        ("atr14", lambda: np.tanh(10 * div(cut(tr_all(14)), c))),
+        ("atr5_atr20", lambda: np.tanh(np.log(div(cut(tr_all(5)), cut(tr_all(20)), fill=1.0) + EPS))),
     ]
     return table
 
 
 def _volume_rows(k: SimpleNamespace) -> list[_Row]:
-    c, v, amt, lv, vol_ma, obv, log_ratio = k.c, k.v, k.amt, k.lv, k.vol_ma, k.obv, k.log_ratio
+    c, v, amt, dlv, vol_ma, obv, log_ratio, shift_c = (
+        k.c, k.v, k.amt, k.dlv, k.vol_ma, k.obv, k.log_ratio, k.shift_c
+    )
     table: list[_Row] = []
     table += [(f"vol_ma{n}", lambda n=n: np.tanh(log_ratio(v, vol_ma(n)))) for n in (5, 10, 20)]
     table += [
-        ("vol_change", lambda: np.tanh(lv() - shift(lv(), 1))),
-        ("amount_ma20", lambda: np.tanh(log_ratio(amt, sma(amt, 20)))),
+        ("vol_change", lambda: np.tanh(dlv())),
+        ("amount_ma20", lambda: np.tanh(log_ratio(amt, sma(k.AMT, 20, k.tail)))),
         ("vol_ma5_ma20", lambda: np.tanh(log_ratio(vol_ma(5), vol_ma(20)))),
-        ("obv_dev", lambda: np.tanh(div(obv() - sma(obv(), 20), 20 * vol_ma(20)))),
+        ("obv_dev", lambda: np.tanh(div(obv() - sma(k.obv_all(), 20, k.tail), 20 * vol_ma(20)))),
         ("obv_slope", lambda: np.tanh(div(obv() - shift(obv(), 5), 5 * vol_ma(20)))),
     ]
-    table += [(f"mom{n}", lambda n=n: np.tanh(5 * div(c - shift(c, n), shift(c, n)))) for n in (5, 10, 20, 60)]
-    table += [(f"roc{n}", lambda n=n: np.tanh(10 * div(c - shift(c, n), shift(c, n)))) for n in (3, 12, 40)]
+    table += [(f"mom{n}", lambda n=n: np.tanh(5 * div(c - shift_c(n), shift_c(n)))) for n in (5, 10, 20, 60)]
+    table += [(f"roc{n}", lambda n=n: np.tanh(10 * div(c - shift_c(n), shift_c(n)))) for n in (3, 12, 40)]
     return table
 
 
 def _lag_rows(k: SimpleNamespace) -> list[_Row]:
-    c, o, h, lo, pc, v, pct, lv, ret_std, rng, adx_parts, williams, position, cci, mfi, cmf, limit = (
-        k.c, k.o, k.h, k.lo, k.pc, k.v, k.pct, k.lv, k.ret_std, k.rng, k.adx_parts, k.williams, k.position, k.cci, k.mfi, k.cmf, k.limit
+    c, o, h, lo, pc, v, pct, dlv, ret_std, rng, adx_parts, limit = (
+        k.c, k.o, k.h, k.lo, k.pc, k.v, k.pct, k.dlv, k.ret_std, k.rng, k.adx_parts, k.limit
     )
-    since_max, since_min = k.since_max, k.since_min
+    since_max, since_min, osc = k.since_max, k.since_min, _oscillators(k)
     table: list[_Row] = []
     table += [
         ("candle_body", lambda: div(c - o, rng())),
@@ -446,17 +518,17 @@ def _lag_rows(k: SimpleNamespace) -> list[_Row]:
         ("adx", lambda: adx_parts()[0] / 50 - 1),
         ("plus_di", lambda: adx_parts()[1] / 50 - 1),
         ("minus_di", lambda: adx_parts()[2] / 50 - 1),
-        ("cmf20", cmf),
-        ("williams14", lambda: williams(14)),
-        ("williams28", lambda: williams(28)),
+        ("cmf20", osc.cmf),
+        ("williams14", lambda: osc.williams(14)),
+        ("williams28", lambda: osc.williams(28)),
         ("aroon_up", lambda: 1 - since_max(25) / 12.5),
         ("aroon_down", lambda: 1 - since_min(25) / 12.5),
         ("aroon_osc", lambda: (since_min(25) - since_max(25)) / 25),
-        ("mfi14", mfi),
-        ("cci20", cci),
+        ("mfi14", osc.mfi),
+        ("cci20", osc.cci),
     ]
     table += [(f"close_pct_lag{k}", lambda k=k: squash(shift(pct(), k))) for k in range(1, 11)]
-    table += [(f"vol_change_lag{k}", lambda k=k: np.tanh(shift(lv() - shift(lv(), 1), k))) for k in range(1, 6)]
+    table += [(f"vol_change_lag{k}", lambda k=k: np.tanh(shift(dlv(), k))) for k in range(1, 6)]
     table += [(f"range_pct_lag{k}", lambda k=k: squash(100 * div(shift(rng(), k), shift(pc, k)))) for k in range(1, 4)]
     table += [
         ("gap_up", lambda: (lo > shift(h, 1)).astype(float)),
@@ -466,16 +538,18 @@ def _lag_rows(k: SimpleNamespace) -> list[_Row]:
         ("zero_volume", lambda: (v <= 0).astype(float)),
     ]
     table += [(f"volatility{n}", lambda n=n: np.tanh(ret_std(n))) for n in (5, 20, 60)]
-    table += [(f"position{n}", lambda n=n: position(n)) for n in (20, 60)]
-    table += [("zscore60", lambda: np.tanh(div(c - sma(c, 60), rolling_std(c, 60)) / 2))]
+    table += [(f"position{n}", lambda n=n: osc.position(n)) for n in (20, 60)]
+    table += [("zscore60", lambda: np.tanh(div(c - k.sma_c(60), rolling_std(k.C, 60, k.tail)) / 2))]
     return table
 
 
-def _feature_table(b: Bars) -> list[_Row]:
-    """(name, thunk) pairs; thunks share cached intermediates and run one at a time."""
-    k = _kit(b)
+def _feature_table(b: Bars, tail: int | None = None) -> list[_Row]:
+    """(name, thunk) pairs; each thunk gives the feature's last ``tail`` days (every day
+    for None); thunks share cached intermediates and run one at a time."""
+    t = b.shape[1]
+    k = _kit(b, t if tail is None else max(0, min(t, int(tail))))
     table = _price_rows(k) + _trend_rows(k) + _volume_rows(k) + _lag_rows(k)
-    zeros = lambda: np.zeros(b.shape)  # noqa: E731
+    zeros = lambda: np.zeros((b.shape[0], k.tail))  # noqa: E731
     return table + [(f"reserved{i}", zeros) for i in range(N_FEATURES - len(table))]
 
 
@@ -503,10 +577,11 @@ def compute_features(bars: Bars, clip: float = 10.0, last_days: int | None = Non
     """
     s, t = bars.shape
     keep = t if last_days is None else max(0, min(t, int(last_days)))
+    tail = min(t, keep + LOOKBACK_DAYS)  # local features' warm-up before the kept days
     out = np.empty((s, keep, N_FEATURES), dtype=np.float32)
     with np.errstate(all="ignore"):
-        for j, (_, fn) in enumerate(_feature_table(bars)):
-            out[:, :, j] = fn()[:, t - keep :]
+        for j, (_, fn) in enumerate(_feature_table(bars, tail)):
+            out[:, :, j] = fn()[:, tail - keep :]
     np.nan_to_num(out, copy=False, nan=0.0, posinf=clip, neginf=-clip)
     np.clip(out, -clip, clip, out=out)
     return out

@@ -138,9 +138,15 @@ def test_doubling_extremes_equal_the_window_loop_ties_and_nan_included(n):
 
 
 def test_features_of_the_last_days_equal_the_full_table_there():
-    bars = _bars(4, 300)
+    """Only the last days (plus the local features' warm-up) are computed; every value,
+    padded stocks and a frozen one included, equals the full table's bit for bit."""
+    bars = _bars(6, 300)
+    assert len(set(bars.n_rows.tolist())) > 1  # some stock is padded on the left
+    for name in ("open", "high", "low", "close", "pre_close"):
+        getattr(bars, name)[1, -100:] = 5.0  # frozen for the last 100 days
     full = F.compute_features(bars)
-    assert np.array_equal(F.compute_features(bars, last_days=69), full[:, -69:])
+    for last in (1, 2, 61, 69, 150, 239, 240):
+        assert np.array_equal(F.compute_features(bars, last_days=last), full[:, -last:]), last
     assert F.compute_features(bars, last_days=1000).shape == full.shape
 
 
