@@ -9,10 +9,13 @@ samples come back as a dict of numpy arrays, or the zarr group with ``out=``.
 
 Where the chunks run is an explicit decision (:class:`Execution`'s ``cluster``): the
 default ``"auto"`` runs a job in this process, without Dask, when it fits one chunk
-under the memory fraction of a one-worker plan (a cluster would cost seconds of
-start-up and a worker's imports for a fraction of a second of work, and twice the
-memory); anything larger starts the cluster.  The decision and its reason are logged
-and kept in the run report (``message``) and :attr:`SampleRun.execution`.
+under the memory fraction of a one-worker plan *and* either its drawing is estimated
+to take less than a cluster start (:data:`CLUSTER_START_S`; the estimate times a short
+test draw, :func:`estimate_draw`) or there is one CPU to use (a cluster would add no
+cores).  Anything else starts the cluster: a job larger than one chunk, or a long one
+that the cluster's workers draw on several cores (Pyro's draws use one).  The decision
+and its reason are logged and kept in :attr:`SampleRun.execution` (and in the run
+report's ``message`` of an in-process run).
 
 The chunk task, the zarr layout and the seeds are described in
 :mod:`hpcbatch.predictive.task` (its public names are re-exported here).
@@ -21,13 +24,17 @@ The chunk task, the zarr layout and the seeds are described in
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from functools import partial
 from typing import Any
+
+import torch
 
 from .. import config as hb_config
 from .. import runner
@@ -37,6 +44,7 @@ from ..pipeline import ClusterChoice, RunRequest, plan_job, run_job
 from ..planner import Plan
 from ..resources import detect_resources
 from ..units import format_bytes
+from .core import preserved_rng
 from .footprint import forkserver_footprint
 from .task import (  # noqa: F401  (_create_store, _guide_state: re-exported for benchmarks)
     _ARRAYS,
@@ -76,6 +84,23 @@ CLUSTER_CHOICES = ("auto", "cluster", "inprocess")
 # are shared (see docs/predictive.md, "Worker start method", for the measurement).
 WORKER_STARTS = ("spawn", "forkserver")
 FORKSERVER_PRELOAD = ("numpy", "torch", "pyro", "zarr", "hpcbatch.predictive.task")
+# What starting a local cluster costs before its workers draw, for cluster="auto" (a job
+# whose drawing is estimated shorter runs in this process).  Measured 2026-12-06 on the
+# 2-core development machine (quiet, load < 2), a 16-sample job of the technical model
+# (200 cells x 20 features, 2 workers, forkserver): cluster="cluster" took 4.3-4.5 s
+# (7.1 s with a cold page cache) in a fresh driver (the forkserver imports torch, Pyro
+# and zarr; scheduler, nannies and workers start; inputs shared) and 0.8-1.6 s once the
+# driver's forkserver runs, against 0.12-0.14 s in-process.  A script calls sample()
+# once: the fresh-driver cost, rounded down.
+CLUSTER_START_S = 4.0
+# The timed test draws of estimate_draw: about PROBE_VALUES values of the data plate's
+# rows per sample (at most one block), the samples grown until one draw takes
+# PROBE_TARGET_S; no further draw past PROBE_BUDGET_S in all unless the decision is
+# still open, and none past PROBE_HARD_S (a busy machine's draws take longer).
+PROBE_VALUES = 2**16
+PROBE_TARGET_S = 0.03
+PROBE_BUDGET_S = 0.15
+PROBE_HARD_S = 0.6
 
 
 @dataclass(frozen=True)
@@ -93,6 +118,9 @@ class Execution:
     ``client="sync"``).  ``worker_start``: how a *local* cluster starts its workers:
     ``"forkserver"`` (default; forked from one server that imported torch and Pyro, so
     their pages are shared) or ``"spawn"`` (Dask's default: each imports them anew).
+    ``cluster_start_s``: what ``cluster="auto"`` takes a cluster start to cost, in
+    seconds (None: :data:`CLUSTER_START_S`); a job that fits one chunk and whose drawing
+    is estimated shorter runs in this process (0: every multi-CPU job takes the cluster).
     """
 
     client: Any = None
@@ -105,8 +133,13 @@ class Execution:
     progress: bool | None = None  # None: printed only on a terminal (logged either way)
     cluster: str = "auto"
     worker_start: str = "forkserver"
+    cluster_start_s: float | None = None
 
     def __post_init__(self) -> None:
+        if self.cluster_start_s is not None and not self.cluster_start_s >= 0:
+            raise ConfigError(
+                f"cluster_start_s must be a number of seconds >= 0, got {self.cluster_start_s!r}"
+            )
         if self.worker_start not in WORKER_STARTS:
             raise ConfigError(
                 f"worker_start must be one of {', '.join(WORKER_STARTS)}, got {self.worker_start!r}"
@@ -148,7 +181,7 @@ def run_sampling(model: Callable, *, num_samples: int, **keywords: Any) -> Sampl
     :class:`~hpcbatch.predictive.task.SampleOptions` (chunk_size, cell_block, out,
     overwrite, resume, seed, run_id, shared_dir, compress) and :class:`Execution`
     (client, cluster_backend, resources, settings, memory_fraction, footprint,
-    report_dir, progress).
+    report_dir, progress, cluster, worker_start, cluster_start_s).
 
     With ``out`` and a Dask cluster the run is recorded in a SQLite ledger beside the
     store (:func:`ledger_path`) under a run id derived from :func:`run_params`; a
@@ -220,37 +253,206 @@ def prepare_and_run(
     """Prepare (``prepare(in_process)``) and run, deciding where for ``cluster="auto"``.
 
     The job is first prepared for this process (no inputs written, no ledger) and
-    planned for one worker with its analytic footprint; when that plan's chunk holds
-    every sample the job runs here, else it is prepared again for the cluster.
+    planned for one worker with its analytic footprint; :func:`choose_where` decides
+    from that plan (and a timed test draw) whether it runs here, else it is prepared
+    again for the cluster.  Either way :attr:`SampleRun.execution` says why.
     """
     if not _may_run_here(execution, options, calibrate):
         return run_prepared(prepare(execution.in_process), execution, calibrate)
     job = prepare(True)
     try:
         settings = _settings(execution, job.prep.seed)
-        plan = _local_plan(job, settings, execution, Calibrate(False))
+        resources = execution.resources or detect_resources()
+        plan = _local_plan(job, settings, execution, Calibrate(False), resources)
+        where = choose_where(job, plan, settings["memory-fraction"], resources.cpus,
+                             execution.cluster_start_s)  # fmt: skip
     except BaseException as exc:
         job.discard(exc)
         raise
+    log.info("%s", where.reason)
+    if where.in_process:
+        here = replace(execution, cluster="inprocess")
+        return run_prepared(job, here, Calibrate(False), plan=plan, reason=where.reason)
+    shutil.rmtree(job.prep.scratch, ignore_errors=True)
+    run = run_prepared(prepare(False), execution, calibrate)
+    run.execution = where.reason
+    return run
+
+
+@dataclass(frozen=True)
+class Where:
+    """Where ``cluster="auto"`` runs a job, and why (the line logged and reported)."""
+
+    in_process: bool
+    reason: str
+    estimate: DrawEstimate | None = None
+
+
+@dataclass(frozen=True)
+class DrawEstimate:
+    """A job's drawing time in one process, fitted to timed test draws: ``fixed_s`` per
+    model run (``runs`` of them) plus ``per_value_s`` for each of its ``values``."""
+
+    seconds: float
+    values: int  # the values the job draws: every returned site, every sample
+    per_value_s: float  # the slope of the test draws' time over their values
+    fixed_s: float  # their time at no values: Pyro's tracing, the model's fixed work
+    runs: int  # model runs of the job in one process (blocks of the data plate)
+    probe_samples: tuple[int, ...]  # samples of each test draw
+    probe_rows: int | None  # data-plate rows of the test draws (None: not in blocks)
+    probe_s: float  # what the test draws took in all
+
+    def describe(self) -> str:
+        rows = f" on {self.probe_rows} rows" if self.probe_rows is not None else ""
+        sizes = "/".join(map(str, self.probe_samples))
+        return (
+            f"an estimated {_seconds(self.seconds)} of drawing ({self.values:,} values at "
+            f"{self.per_value_s * 1e9:.3g} ns each, from test draws of {sizes} "
+            f"sample{'s' if self.probe_samples[-1] > 1 else ''}{rows})"
+        )
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.2g} s" if value < 10 else f"{value:,.0f} s"
+
+
+def choose_where(
+    job: PredictiveJob, plan: Plan, fraction: float, cpus: int, cluster_start_s: float | None
+) -> Where:
+    """``cluster="auto"``'s decision for a job prepared in-process and its one-worker
+    ``plan``: here when every sample fits one chunk and either the drawing is estimated
+    shorter than a cluster start (``cluster_start_s``, default :data:`CLUSTER_START_S`)
+    or ``cpus`` is 1; else the cluster."""
     n = job.layout.sites[0].shape[0]
     limit = format_bytes(plan.memory_limit_bytes)
-    fraction = settings["memory-fraction"]
-    if plan.chunk_size >= n:
-        reason = (
-            f"in-process (cluster='auto'): all {n} samples fit one chunk (predicted peak "
-            f"{format_bytes(plan.predicted_peak_bytes)}, under {fraction:g} of {limit}); "
-            "no cluster started (cluster='cluster' starts one)"
-        )
-        log.info("%s", reason)
-        here = replace(execution, cluster="inprocess")
-        return run_prepared(job, here, Calibrate(False), plan=plan, reason=reason)
-    shutil.rmtree(job.prep.scratch, ignore_errors=True)
-    log.info(
-        "cluster (cluster='auto'): %d samples need %d chunks of %d under %g of %s in one "
-        "process: starting the cluster", n, -(-n // plan.chunk_size), plan.chunk_size,
-        fraction, limit,
-    )  # fmt: skip
-    return run_prepared(prepare(False), execution, calibrate)
+    if plan.chunk_size < n:
+        return Where(False, (
+            f"cluster (cluster='auto'): {n} samples need {-(-n // plan.chunk_size)} chunks "
+            f"of {plan.chunk_size} under {fraction:g} of {limit} in one process: starting "
+            "the cluster"
+        ))  # fmt: skip
+    start_s = CLUSTER_START_S if cluster_start_s is None else float(cluster_start_s)
+    fits = (
+        f"all {n} samples fit one chunk (predicted peak "
+        f"{format_bytes(plan.predicted_peak_bytes)}, under {fraction:g} of {limit})"
+    )
+    stay = "no cluster started (cluster='cluster' starts one)"
+    if cpus <= 1:
+        return Where(True, (
+            f"in-process (cluster='auto'): {fits} and there is one CPU to use (a cluster "
+            f"would add no cores): {stay}"
+        ))  # fmt: skip
+    estimate = estimate_draw(job.prep.sampling, enough=start_s)
+    if estimate.seconds < start_s:
+        return Where(True, (
+            f"in-process (cluster='auto'): {fits}; {estimate.describe()}, shorter than a "
+            f"cluster start (~{start_s:g} s): {stay}"
+        ), estimate)  # fmt: skip
+    return Where(False, (
+        f"cluster (cluster='auto'): {fits}, but {estimate.describe()} on one core, longer "
+        f"than a cluster start (~{start_s:g} s), and {cpus} CPUs to draw at once: starting "
+        "the cluster"
+    ), estimate)  # fmt: skip
+
+
+def estimate_draw(sampling: SamplingJob, enough: float | None = None) -> DrawEstimate:
+    """The whole job's drawing time in one process, from test draws timed here (the
+    caller's random state untouched): the same model, guide and inputs, on the job's
+    first samples and, when it runs in blocks, on about :data:`PROBE_VALUES` values of
+    the data plate's rows, with one torch thread (see :func:`_test_draws`).
+
+    Where the last draw took at least 1.25 times the one-sample draw, the line through
+    the two (time over values) gives a fixed cost per model run and a cost per value, and
+    the estimate is both times the job's runs and values; else the last draw's time per
+    value times the job's values (an upper bound: the job spreads the fixed costs over
+    more values).  ``enough``: the time the caller compares with (a cluster start); the
+    draws stop early once the upper bound is well under it."""
+    layout = sampling.layout
+    total = layout.sites[0].shape[0]
+    rows, runs = None, 1
+    if layout.needs_blocks:
+        plate = layout.plate_size or 1
+        per_row = _values(layout, 1, 1) - _values(layout, 1, 0)
+        rows = max(1, min(sampling.block or plate, plate, PROBE_VALUES // max(1, per_row)))
+        runs = -(-plate // (sampling.block or plate))
+    values = _values(layout, total, layout.plate_size or 0)
+
+    def upper(n: int, took: float) -> float:
+        return took / max(1, _values(layout, n, rows or 0)) * values
+
+    points, spent = _test_draws(sampling, rows, total, upper, enough)
+    log.debug("test draws (samples, seconds)%s: %s", f" on {rows} rows" if rows else "",
+              ", ".join(f"({n}, {t:.4f})" for n, t in points))  # fmt: skip
+    (n1, t1), (n2, t2) = points[0], points[-1]
+    v1, v2 = _values(layout, n1, rows or 0), _values(layout, n2, rows or 0)
+    if n2 > n1 and t2 >= 1.25 * t1:  # the slope stands out of the noise
+        per_value = (t2 - t1) / max(1, v2 - v1)
+        fixed = max(0.0, t1 - per_value * v1)
+    else:
+        per_value, fixed = t2 / max(1, v2), 0.0
+    seconds = fixed * runs + per_value * values
+    sizes = tuple(n for n, _ in points)
+    return DrawEstimate(seconds, values, per_value, fixed, runs, sizes, rows, spent)
+
+
+def _test_draws(
+    sampling: SamplingJob, rows: int | None, total: int,
+    upper: Callable[[int, float], float], enough: float | None,
+) -> tuple[list[tuple[int, float]], float]:  # fmt: skip
+    """Timed draws ``[(samples, seconds)]`` and their total: one sample twice (the
+    faster counts), then 4 to 16 times as many samples until a draw takes three times
+    the first (the fixed costs then weigh little) and :data:`PROBE_TARGET_S`, or holds
+    every sample.  A draw that would pass :data:`PROBE_BUDGET_S` is made only while the
+    decision is open (``upper`` bound not under half of ``enough``), within
+    :data:`PROBE_HARD_S`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one core, as a worker draws (and steady on a busy machine)
+    try:
+        first = min(_timed_draw(sampling, 1, rows), _timed_draw(sampling, 1, rows))
+        points, spent = [(1, first)], 2 * first
+        goal = max(PROBE_TARGET_S, 3 * first)
+        while points[-1][0] < total:
+            n, took = points[-1]
+            if len(points) > 1 and took >= goal:
+                break
+            factor = min(16, max(4, math.ceil(goal / max(took, 1e-6))))
+            cost = spent + took * factor
+            if len(points) > 1 and cost > PROBE_BUDGET_S:
+                open_ = enough is not None and upper(n, took) >= enough / 2
+                if not open_ or cost > PROBE_HARD_S:
+                    break
+            n = min(total, n * factor)
+            points.append((n, _timed_draw(sampling, n, rows)))
+            spent += points[-1][1]
+    finally:
+        torch.set_num_threads(threads)
+    return points, spent
+
+
+def _values(layout, n: int, rows: int) -> int:
+    """Values of the returned sites in ``n`` samples, with ``rows`` rows of the plate."""
+    total = 0
+    for site in layout.sites:
+        per_sample = math.prod(site.shape[1:])
+        if site.plate_axis is not None:
+            per_sample = per_sample // max(1, site.shape[site.plate_axis]) * rows
+        total += per_sample
+    return n * total
+
+
+def _timed_draw(sampling: SamplingJob, n: int, rows: int | None) -> float:
+    """Seconds to draw the first ``n`` samples (on ``rows`` rows of the plate), discarded."""
+    if rows is not None:
+        layout = replace(sampling.layout, plate_size=rows)
+        sampling = replace(sampling, layout=layout, block=rows)
+    with preserved_rng():
+        t0 = time.perf_counter()
+        run_chunk(sampling, runner.Chunk("estimate", 0, n), 0, _discard)
+        return time.perf_counter() - t0
+
+
+def _discard(*_piece: Any) -> int:
+    return 0
 
 
 def run_prepared(
@@ -310,8 +512,11 @@ def _run_request(
     )  # fmt: skip
 
 
-def _local_plan(job: PredictiveJob, settings: Mapping, execution: Execution, calibrate: Calibrate):
-    resources = execution.resources or detect_resources()
+def _local_plan(
+    job: PredictiveJob, settings: Mapping, execution: Execution, calibrate: Calibrate,
+    resources: Any = None,
+):  # fmt: skip
+    resources = resources or execution.resources or detect_resources()
     kwargs = {"calibrate": calibrate.wanted, "probe_sizes": calibrate.probe_sizes}
     return plan_job(job, settings, resources, **kwargs).plan
 
@@ -437,7 +642,8 @@ def sample(
     The chunk size comes from the memory planner (or ``chunk_size``); chunks run on the
     Dask workers of ``client``; with no client, ``cluster="auto"`` (the default) runs a
     job that fits one chunk in this process (no Dask; logged, and said in the run
-    report) and starts a local cluster from the plan for anything larger;
+    report) when its drawing is estimated shorter than a cluster start (or there is one
+    CPU), and starts a local cluster from the plan for anything larger or longer;
     ``cluster="cluster"`` always starts it, ``cluster="inprocess"`` (or
     ``client="sync"``) never does.  Returns a dict of numpy arrays shaped as
     Predictive's output (torch tensors with ``as_tensors=True``, as Predictive returns),
@@ -447,7 +653,8 @@ def sample(
     plate's rows for each chunk of samples, conditioned on one draw of the global
     latents, so observations far larger than memory are drawn consistently.  Further
     ``options`` (``cell_block``, ``footprint``, ``settings``, ``shared_dir``,
-    ``compress``, ``run_id``, ``report_dir``, ``progress``) go to :func:`run_sampling`.
+    ``compress``, ``run_id``, ``report_dir``, ``progress``, ``resources``,
+    ``worker_start``, ``cluster_start_s``) go to :func:`run_sampling`.
     """
     run = run_sampling(
         model,
@@ -478,8 +685,11 @@ def sample(
 
 
 __all__ = [
+    "CLUSTER_START_S",
     "Calibrate",
+    "DrawEstimate",
     "Execution",
+    "Where",
     "SampleOptions",
     "SampleRequest",
     "SampleRun",
@@ -487,8 +697,10 @@ __all__ = [
     "CLUSTER_CHOICES",
     "ZARR_CHUNK_BYTES",
     "choose_block",
+    "choose_where",
     "default_run_id",
     "draw_chunk",
+    "estimate_draw",
     "ledger_path",
     "portable_guide",
     "prepare_and_run",

@@ -1,5 +1,6 @@
 """Where ``hpcbatch.predictive.sample`` runs: ``cluster="auto"`` (the default) keeps a
-job that fits one chunk in this process and starts a cluster for larger ones; and
+job that fits one chunk and whose drawing is estimated shorter than a cluster start (or
+that has one CPU) in this process, and starts a cluster for larger or longer ones; and
 ``as_tensors=True`` returns torch tensors as Predictive does."""
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def test_default_call_of_a_small_job_runs_in_process_and_says_so(tech_fit, caplo
     assert run.report.results_meta["execution"] == "in-process"
     assert "in-process (cluster='auto')" in run.execution
     assert "no cluster started" in run.report.message
+    # it names its estimate: a fraction of a second against the cluster start's seconds
+    assert "of drawing" in run.execution and "shorter than a cluster start (~4 s)" in run.execution
     assert "in-process (cluster='auto')" in run.summary()
     assert any("no cluster started" in r.getMessage() for r in caplog.records)
     assert run.plan.n_workers == 1 and run.plan.chunk_size == 16
@@ -101,7 +104,7 @@ def test_a_job_larger_than_one_chunk_keeps_the_cluster(tech_fit, caplog):
     run = run_sampling(tech.technical_model, chunk_size=8, resources=resources,
                        **_common(tech_fit))  # fmt: skip
     assert "execution" not in run.report.results_meta
-    assert run.execution == ""
+    assert run.execution.startswith("cluster (cluster='auto'): 16 samples need 2 chunks")
     assert run.report.n_chunks == 2 and run.report.measured_peak_per_worker
     assert not any("this process" in key for key in run.report.measured_peak_per_worker)
     assert any("starting the cluster" in r.getMessage() for r in caplog.records)
@@ -138,3 +141,79 @@ def test_spawned_and_forkserver_workers_draw_the_same_samples(tech_fit):
             for start in ("spawn", "forkserver")}  # fmt: skip
     for name in SITES:
         np.testing.assert_array_equal(runs["spawn"].samples[name], runs["forkserver"].samples[name])
+
+
+def test_a_job_estimated_longer_than_a_cluster_start_takes_the_cluster(tech_fit, caplog):
+    caplog.set_level(logging.INFO, logger="hpcbatch.predictive.sampling")
+    from hpcbatch.resources import Resources
+
+    resources = Resources(4 * 1024**3, "test", 2, "test")
+    # the same one-chunk job as above, with a cluster start taken to cost nothing
+    run = run_sampling(tech.technical_model, resources=resources, cluster_start_s=0,
+                       **_common(tech_fit))  # fmt: skip
+    assert run.execution.startswith("cluster (cluster='auto'): all 16 samples fit one chunk")
+    assert "longer than a cluster start (~0 s), and 2 CPUs to draw at once" in run.execution
+    assert "of drawing" in run.execution
+    assert any("starting the cluster" in r.getMessage() for r in caplog.records)
+    assert "execution" not in run.report.results_meta
+    assert not any("this process" in key for key in run.report.measured_peak_per_worker)
+    in_process = sample(tech.technical_model, client="sync", chunk_size=run.plan.chunk_size,
+                        **_common(tech_fit))  # fmt: skip
+    for name in SITES:
+        np.testing.assert_array_equal(run.samples[name], in_process[name])
+
+
+def test_one_cpu_keeps_even_a_long_job_in_process(tech_fit):
+    from hpcbatch.resources import Resources
+
+    resources = Resources(4 * 1024**3, "test", 1, "test")
+    run = run_sampling(tech.technical_model, resources=resources, cluster_start_s=0,
+                       **_common(tech_fit))  # fmt: skip
+    assert run.report.results_meta["execution"] == "in-process"
+    assert "there is one CPU to use (a cluster would add no cores)" in run.execution
+    ref = _reference(tech_fit)
+    for name in SITES:
+        np.testing.assert_array_equal(run.samples[name], ref[name].numpy())
+
+
+def test_a_negative_cluster_start_is_refused(tech_fit):
+    with pytest.raises(ConfigError, match="cluster_start_s must be a number of seconds >= 0"):
+        sample(tech.technical_model, cluster_start_s=-1, **_common(tech_fit))
+
+
+def slow_model(x, delay):
+    """Sleeps ``delay`` seconds in every run: drawing it costs at least that."""
+    import time
+
+    import pyro.distributions as dist
+
+    time.sleep(delay)
+    with pyro.plate("rows", x.shape[0]):
+        pyro.sample("y", dist.Normal(x, 1.0))
+
+
+def test_the_estimate_weighs_the_model_s_own_cost_and_keeps_the_random_state():
+    from hpcbatch.predictive.sampling import SampleOptions, SampleRequest, estimate_draw
+    from hpcbatch.predictive.task import prepare_job
+    from hpcbatch.predictive.workload import WORKLOAD
+
+    x = torch.zeros(50)
+
+    def estimate(delay: float):
+        request = SampleRequest(slow_model, 200, model_args=(x, delay))
+        job = prepare_job(WORKLOAD, request, SampleOptions(), in_process=True)
+        try:
+            return estimate_draw(job.prep.sampling)
+        finally:
+            job.discard()
+
+    pyro.set_rng_seed(11)
+    quick = estimate(0.0)
+    after = torch.rand(3)
+    pyro.set_rng_seed(11)
+    assert torch.equal(torch.rand(3), after)  # the test draws left the RNG where it was
+    slow = estimate(0.03)
+    # every model run sleeps 30 ms: the estimate counts at least one run's worth
+    assert slow.seconds >= 0.03
+    assert slow.values == quick.values == 200 * 50 and slow.runs == 1
+    assert len(slow.probe_samples) <= 3 and slow.probe_s < 1.0  # the budget stops the draws
