@@ -184,7 +184,18 @@ def _hpcbatch(contender, data_dir, guide, args, kwargs, samples, observations, c
         report_dir=str(data_dir / "reports"), progress=False,
     )  # fmt: skip
     report = run.report
+    layout, chunk = run.layout, run.plan.chunk_size
+    plate_rows = layout.plate_size or 1
+    in_flight = chunk * layout.per_sample_bytes(in_plate=False)
+    if run.block:  # one block of rows of every plate site, all samples of the chunk
+        in_flight += chunk * run.block * layout.per_sample_bytes(in_plate=True)
+    # inputs a worker holds: every tensor argument but the counts matrix (memory-mapped,
+    # shared: a worker touches the one row latent sampling runs the likelihood on)
+    tensors = [a for a in (*args, *kwargs.values()) if hasattr(a, "nbytes")]
+    inputs = sum(int(a.nbytes) for a in tensors if not (a.dim() == 2 and len(a) == plate_rows))
     return dict(
+        outputs_in_flight_per_worker=in_flight,
+        inputs_per_worker=inputs,
         execution=run.execution or "cluster",
         chunk_size=run.plan.chunk_size,
         n_workers=run.plan.n_workers,
@@ -203,6 +214,9 @@ def _child(contender: str, data_dir: Path, samples: int, observations: bool, cap
     import hpcbatch.predictive.sampling  # noqa: F401  (imports before the clock, as Pyro's)
     from hpcbatch.predictive import technical
 
+    runtime = _vm_rss()  # interpreter + torch + Pyro + distributed + hpcbatch, no data yet
+    if contender == "case_draw":
+        return _case_draw(data_dir)
     data, guide, mu_mean, mu_sd = technical.load_fit(data_dir)
     sites = list(technical.LATENT_SITES) + (["y"] if observations else [])
     # Latent sites: the observed counts are passed (y is not drawn); a knowledgeable
@@ -226,7 +240,53 @@ def _child(contender: str, data_dir: Path, samples: int, observations: bool, cap
     if observations and contender != "floor":
         result["values_per_s"] = samples * data.n_cells * data.n_features / result["wall_s"]
     result["child_vm_hwm_bytes"] = _vm_hwm()
+    result["runtime_rss_bytes"] = runtime
     return result
+
+
+def _vm_rss() -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _case_draw(data_dir: Path, samples: int = 5, rows: int = 200, seconds: float = 3.0) -> dict:
+    """torch's NegativeBinomial samples/s on one core at this case's own parameters
+    (the model's total_count and logits for ``rows`` cells and ``samples`` draws of the
+    guide): the raw draw rate of exactly the draw the job has to make."""
+    import pyro
+    import pyro.poutine as poutine
+    import torch
+
+    from hpcbatch.predictive import core, technical
+
+    torch.set_num_threads(1)
+    data, guide, mu_mean, mu_sd = technical.load_fit(data_dir)
+    args, kwargs = technical.model_inputs(data, mu_mean, mu_sd, with_counts=False)
+    args = tuple(a[:rows] if a is not None else None for a in args)
+    posterior = core.guide_draw(guide, samples, args, kwargs)
+    nest = 2  # the technical model's plates: cells x features
+    shaped = {k: v.reshape((samples,) + (1,) * (nest - v.dim() + 1) + tuple(v.shape[1:]))
+              for k, v in posterior.items()}  # fmt: skip
+    vectorized = pyro.plate("samples", samples, dim=-nest - 1)(technical.technical_model)
+    trace = poutine.trace(poutine.condition(vectorized, shaped)).get_trace(*args, **kwargs)
+    fn = trace.nodes[technical.OBSERVED_SITE]["fn"]
+    fn = getattr(fn, "base_dist", fn)
+    dist = torch.distributions.NegativeBinomial(
+        total_count=fn.total_count.expand(fn.logits.shape).contiguous(), logits=fn.logits,
+        validate_args=False,
+    )  # fmt: skip
+    dist.sample()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        n += dist.sample().numel()
+    per_core = n / (time.perf_counter() - t0)
+    cores = len(os.sched_getaffinity(0))
+    return {"per_core_values_per_s": per_core, "cores": cores,
+            "machine_values_per_s": per_core * cores, "torch_threads": 1,
+            "draw_shape": list(fn.logits.shape)}  # fmt: skip
 
 
 def _raw_draw(seconds: float = 3.0) -> dict:
@@ -373,8 +433,21 @@ def _machine() -> dict:
             "pyro": pyro.__version__, "hpcbatch": getattr(hpcbatch, "__version__", "dev")}  # fmt: skip
 
 
-def _ratios(rows: list[dict], raw: dict | None, observations: bool) -> dict:
-    """Each hpcbatch contender against Predictive(parallel=True) and the raw draw rate."""
+def _per_worker(row: dict, floor: dict) -> dict:
+    """A worker's peak against what it must hold: the runtime (the floor process's RSS
+    after importing torch, Pyro and distributed), its inputs and one chunk's outputs in
+    flight (issue 15 item 3's floor per worker)."""
+    need = floor["runtime_rss_bytes"] + row["inputs_per_worker"]
+    need += row["outputs_in_flight_per_worker"]
+    peak = max(row["measured_peak_each_worker"].values())
+    return {"worker_floor_bytes": need, "worker_peak_bytes": peak,
+            "worker_peak_vs_worker_floor": peak / need}  # fmt: skip
+
+
+def _ratios(rows: list[dict], raw: dict | None, observations: bool,
+            case_draw: dict | None = None) -> dict:  # fmt: skip
+    """Each hpcbatch contender against Predictive(parallel=True), the floor (the whole
+    tree, and per worker) and the raw draw rates (generic, and at the case's parameters)."""
     by = {r["contender"]: r for r in rows if r.get("status") == "ok"}
     ratios = {}
     peer, floor = by.get("predictive_parallel"), by.get("floor")
@@ -390,6 +463,10 @@ def _ratios(rows: list[dict], raw: dict | None, observations: bool) -> dict:
             entry["pss_vs_floor"] = row["peak_pss_sampled_bytes"] / floor["peak_pss_sampled_bytes"]
         if observations and raw:
             entry["vs_raw_draw_rate"] = row["values_per_s"] / raw["machine_values_per_s"]
+        if observations and case_draw:
+            entry["vs_case_draw_rate"] = row["values_per_s"] / case_draw["machine_values_per_s"]
+        if floor and row.get("execution") == "cluster":
+            entry.update(_per_worker(row, floor))
         ratios[name] = entry
     return ratios
 
@@ -441,9 +518,15 @@ def main() -> None:
             row = run_contender(contender, data_dir, case, cap, opts.timeout_s)
             print(json.dumps({"case": name, **row}), file=sys.stderr, flush=True)
             rows.append(row)
+        case_draw = None
+        if case["observations"]:
+            case_draw = run_contender("case_draw", data_dir, case, cap, opts.timeout_s)
         out["cases"][name] = {**case, "prepare_s": time.time() - t0, "load_avg_start": load0,
                               "load_avg_end": os.getloadavg(), "contenders": rows,
-                              "ratios": _ratios(rows, raw, case["observations"])}  # fmt: skip
+                              "case_draw": case_draw,
+                              "ratios": _ratios(rows, raw, case["observations"],
+                                                case_draw if (case_draw or {}).get("status") == "ok"
+                                                else None)}  # fmt: skip
     out["load_avg_end"] = os.getloadavg()
     text = json.dumps(out, indent=2)
     if opts.json_out:

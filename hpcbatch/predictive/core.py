@@ -3,7 +3,12 @@
 Mirrors :class:`pyro.infer.Predictive` with ``parallel=True`` call for call (it calls
 Pyro's own ``_predictive``), so a chunk of ``n`` samples drawn with seed ``s`` is
 bit-identical to ``pyro.set_rng_seed(s); Predictive(model, guide=guide, num_samples=n,
-return_sites=..., parallel=True)(*args, **kwargs)``.
+return_sites=..., parallel=True)(*args, **kwargs)``.  Where the data plate is drawn in
+several blocks of rows (never bit-identical to one Predictive call anyway), each block is
+one vectorised run (:func:`vectorized_draw`): Predictive would first run the model twice
+more, unvectorised, on the block's rows to guess the plate nesting and the site shapes,
+which :func:`inspect_model` found once for the whole job -- with observations and ``n``
+samples per chunk that is ``2/n`` of the drawing done for nothing.
 
 Also owns :func:`inspect_model`: one cheap test run of guide and model that names the
 sites, their full output shapes, the data plate's axis in each site, and checks the
@@ -58,6 +63,7 @@ class Layout:
     split_names: tuple[str, ...]
     needs_blocks: bool  # a returned site lies in the data plate: run block by block
     guide_sites: tuple[str, ...]
+    max_plate_nesting: int | None = None  # from the test run (None: let Pyro guess it)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -156,31 +162,107 @@ def draw_blocks(
     model_kwargs: dict,
     layout: Layout,
     block: int,
+    draw_rows: int | None = None,
 ) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
     """Run the model conditioned on one set of global draws, block of rows by block.
 
     Yields ``(row_start, row_stop, samples)``; sites outside the data plate are the same
     in every block (they come from ``posterior``), so each sample's rows form one draw.
+    With several blocks, each is drawn ``draw_rows`` rows at a time into the block's
+    output (the likelihood's temporaries then stay those of ``draw_rows`` rows).
     """
     n_rows = layout.plate_size or 0
+    lean = block < n_rows and layout.max_plate_nesting is not None
+    step = max(1, min(block, draw_rows or block))
     for start in range(0, n_rows, block):
         stop = min(n_rows, start + block)
+        if lean:  # several blocks: vectorised runs only (see the module's docstring)
+            draws = _lean_block(
+                model, posterior, num_samples, model_args, model_kwargs, layout,
+                (start, stop), step,
+            )  # fmt: skip
+        else:  # one block: Predictive's own call, bit-identical to it
+            args, kwargs = slice_rows(
+                model_args, model_kwargs, layout.split_positions, layout.split_names, start, stop
+            )
+            draws = predictive_draw(
+                model, guide=None, posterior=posterior, num_samples=num_samples,
+                model_args=args, model_kwargs=kwargs, return_sites=layout.names,
+            )  # fmt: skip
+        yield start, stop, draws
+
+
+def _lean_block(model, posterior, num_samples, model_args, model_kwargs, layout, rows, step):
+    """Rows ``rows[0]:rows[1]`` drawn ``step`` rows per vectorised run, into one output."""
+    start, stop = rows
+    out: dict[str, torch.Tensor] = {}
+    for lo in range(start, stop, step):
+        hi = min(stop, lo + step)
         args, kwargs = slice_rows(
-            model_args, model_kwargs, layout.split_positions, layout.split_names, start, stop
+            model_args, model_kwargs, layout.split_positions, layout.split_names, lo, hi
         )
-        yield (
-            start,
-            stop,
-            predictive_draw(
-                model,
-                guide=None,
-                posterior=posterior,
-                num_samples=num_samples,
-                model_args=args,
-                model_kwargs=kwargs,
-                return_sites=layout.names,
-            ),
+        draws = vectorized_draw(
+            model, posterior=posterior, num_samples=num_samples, model_args=args,
+            model_kwargs=kwargs, layout=layout, rows=hi - lo,
+        )  # fmt: skip
+        if step >= stop - start:
+            return draws
+        for site in layout.sites:
+            value = draws[site.name]
+            if site.plate_axis is None:
+                out.setdefault(site.name, value)
+                continue
+            if site.name not in out:
+                shape = list(value.shape)
+                shape[site.plate_axis] = stop - start
+                out[site.name] = torch.empty(shape, dtype=value.dtype)
+            index = [slice(None)] * value.dim()
+            index[site.plate_axis] = slice(lo - start, hi - start)
+            out[site.name][tuple(index)] = value
+        del draws
+    return out
+
+
+# Predictive's name for the plate that vectorises over samples.
+_SAMPLES_PLATE = "_num_predictive_samples"
+
+
+def vectorized_draw(
+    model: Callable,
+    *,
+    posterior: Mapping[str, torch.Tensor],
+    num_samples: int,
+    model_args: tuple,
+    model_kwargs: dict,
+    layout: Layout,
+    rows: int | None,
+) -> dict[str, torch.Tensor]:
+    """The vectorised run of ``Predictive(parallel=True)`` alone, on ``rows`` rows of the
+    data plate: ``layout`` (from :func:`inspect_model`) already knows the plate nesting and
+    the shape of every returned site, which Predictive finds by running the model twice
+    more, unvectorised, before every call.  Same draws as Predictive's vectorised run from
+    the same RNG state (tests/predictive/test_predictive_core.py checks it)."""
+    nesting = int(layout.max_plate_nesting or 0)
+    reshaped = {
+        name: value.reshape(
+            (num_samples,) + (1,) * (nesting - (value.dim() - 1)) + tuple(value.shape[1:])
         )
+        for name, value in posterior.items()
+    }
+    vectorize = pyro.plate(_SAMPLES_PLATE, num_samples, dim=-nesting - 1)
+    run = poutine.condition(vectorize(poutine.mask(model, mask=False)), reshaped)
+    with torch.no_grad():
+        trace = poutine.trace(run).get_trace(*model_args, **model_kwargs)
+    draws = {}
+    for site in layout.sites:
+        shape = [num_samples, *site.shape[1:]]
+        if site.plate_axis is not None:
+            shape[site.plate_axis] = rows
+        value = trace.nodes[site.name]["value"]
+        draws[site.name] = value.expand(shape) if value.numel() < np.prod(shape) else (
+            value.reshape(shape)
+        )
+    return draws
 
 
 # --------------------------------------------------------------- inspect ----
@@ -337,6 +419,7 @@ def inspect_model(
         split_names=names,
         needs_blocks=any(s.plate_axis is not None for s in layouts),
         guide_sites=tuple(latent_values),
+        max_plate_nesting=max_nesting,
     )
 
 

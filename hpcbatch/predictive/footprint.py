@@ -76,9 +76,36 @@ BLOCK_TARGET_BYTES = 64 * 1024**2
 
 
 def auto_block(n_rows: int, row_bytes_per_sample: int) -> int:
-    """Rows of the data plate drawn per model run when observations are requested."""
+    """Rows of the data plate per block (one zarr chunk along the plate, one write)."""
     per_row = max(1, OBS_COPIES * row_bytes_per_sample)
     return max(1, min(n_rows, BLOCK_TARGET_BYTES // per_row))
+
+
+# With several blocks, a block is drawn a few rows at a time into its output: the
+# likelihood's temporaries (OBS_COPIES per value) stay under this for the whole chunk,
+# whatever its samples, so a worker holds its runtime, the block's output (the outputs
+# in flight) and this (issue 15 item 3).  32 MiB: a vectorised run then draws ~1.4 M
+# values (~0.15 s), so a run's fixed cost (~3 ms) is ~2 % of it.
+DRAW_TARGET_BYTES = 32 * 1024**2
+# Copies of a block's output alive at once: the output itself and the transient copy
+# of one zarr chunk while it is written.
+OUTPUT_COPIES = 2
+
+
+def draw_rows(row_bytes_per_sample: int, samples: int, block: int) -> int:
+    """Rows of the data plate per vectorised model run in a chunk of ``samples``."""
+    per_row = max(1, OBS_COPIES * row_bytes_per_sample * max(1, samples))
+    return max(1, min(block, DRAW_TARGET_BYTES // per_row))
+
+
+def observation_bytes(row_bytes_per_sample: int, rows: int, block: int) -> tuple[int, int]:
+    """(fixed, per sample) bytes of drawing observations in blocks of ``block`` of ``rows``
+    rows: one block is one vectorised run (OBS_COPIES per value); several are drawn a few
+    rows at a time into the block's output (DRAW_TARGET_BYTES, at least one row)."""
+    if block >= rows:
+        return 0, OBS_COPIES * block * row_bytes_per_sample
+    per_sample = (OUTPUT_COPIES * block + OBS_COPIES) * row_bytes_per_sample
+    return DRAW_TARGET_BYTES, per_sample
 
 
 # Latent tensors alive per feature per sample: guide draws (unconstrained and
@@ -106,17 +133,18 @@ def technical_footprint(
     planner's chunk of samples then runs block by block.
     """
     latent = _latent_floats_per_feature(groups) * features * FLOAT
-    per_item = latent
+    per_item, fixed = latent, 0
     block = cell_block or auto_block(cells, features * FLOAT)
     if with_observations:
-        per_item += OBS_COPIES * block * features * FLOAT
+        fixed, per_sample = observation_bytes(features * FLOAT, cells, block)
+        per_item += per_sample
     counts = cells * features * FLOAT
     return Footprint(
         workload="predictive",
         item_name="sample",
         n_items=samples,
         per_item_bytes=per_item,
-        baseline_bytes=BASELINE_BYTES + 2 * cells * FLOAT,
+        baseline_bytes=BASELINE_BYTES + 2 * cells * FLOAT + fixed,
         shared_input_bytes=counts,
         shared_input_mmap=shared_input_mmap,
         driver_bytes=DRIVER_BYTES,
@@ -146,6 +174,7 @@ def sampling_footprint(
     row_bytes_per_sample: int = 0,
     rows_per_block: int = 0,
     shared_input_bytes: int = 0,
+    plate_rows: int = 0,
 ) -> Footprint:
     """Per-sample bytes of any model, from the sizes of its returned sites.
 
@@ -154,13 +183,16 @@ def sampling_footprint(
     output (the vectorised likelihood's temporaries).
     """
     latent = LATENT_COPIES * latent_bytes_per_sample
-    rows = OBS_COPIES * row_bytes_per_sample * rows_per_block
+    fixed, rows = 0, 0
+    if row_bytes_per_sample and rows_per_block:
+        fixed, rows = observation_bytes(row_bytes_per_sample, plate_rows or rows_per_block,
+                                        rows_per_block)  # fmt: skip
     return Footprint(
         workload="predictive",
         item_name="sample",
         n_items=samples,
         per_item_bytes=max(1, latent + rows),
-        baseline_bytes=GENERIC_BASELINE_BYTES,
+        baseline_bytes=GENERIC_BASELINE_BYTES + fixed,
         shared_input_bytes=shared_input_bytes,
         shared_input_mmap=True,
         driver_bytes=DRIVER_BYTES,

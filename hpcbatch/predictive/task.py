@@ -51,7 +51,7 @@ from ..runner import Chunk, make_chunks
 from ..security import private_dir
 from ..workload import Job, RunContext, RunIdentity, Sink, Workload
 from . import core, shared
-from .footprint import auto_block, sampling_footprint
+from .footprint import auto_block, draw_rows, sampling_footprint
 
 log = logging.getLogger(__name__)
 
@@ -205,9 +205,10 @@ def draw_chunk(job: SamplingJob, start: int, stop: int, seed: int, emit) -> None
         return
     if job.guide is not None:
         posterior = core.guide_draw(job.guide, n, args, kwargs)
+    rows = draw_rows(layout.per_sample_bytes(in_plate=True), n, job.block)
     for row_start, row_stop, draws in core.draw_blocks(
         job.model, posterior=posterior, num_samples=n, model_args=args, model_kwargs=kwargs,
-        layout=layout, block=job.block,
+        layout=layout, block=job.block, draw_rows=rows,
     ):  # fmt: skip
         for name, value in draws.items():
             site = sites[name]
@@ -869,6 +870,7 @@ def _footprint(footprint, prep: Prepared) -> Footprint:
         row_bytes_per_sample=prep.layout.per_sample_bytes(in_plate=True),
         rows_per_block=prep.block or 0,
         shared_input_bytes=shared.shared_bytes(job.model_args, job.model_kwargs, job.posterior),
+        plate_rows=prep.layout.plate_size or 0,
     )
 
 

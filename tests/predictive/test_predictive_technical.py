@@ -14,7 +14,9 @@ from hpcbatch.errors import DataError
 from hpcbatch.planner import make_plan
 from hpcbatch.predictive import technical
 from hpcbatch.predictive.footprint import (
+    DRAW_TARGET_BYTES,
     OBS_COPIES,
+    OUTPUT_COPIES,
     auto_block,
     sampling_footprint,
     technical_footprint,
@@ -135,7 +137,18 @@ def test_footprint_bounds_the_likelihood_by_the_cell_block():
     with_obs = technical_footprint(20_000, 30_000, 2, 1000, with_observations=True)
     block = auto_block(20_000, 30_000 * 4)
     assert 1 <= block < 20_000
-    assert with_obs.per_item_bytes - latent_only.per_item_bytes == OBS_COPIES * block * 30_000 * 4
+    # several blocks: a sample holds its block's output (OUTPUT_COPIES) and a row's
+    # temporaries; the draw's temporaries for the whole chunk are one fixed budget
+    row = 30_000 * 4
+    assert with_obs.per_item_bytes - latent_only.per_item_bytes == (
+        (OUTPUT_COPIES * block + OBS_COPIES) * row
+    )
+    assert with_obs.baseline_bytes - latent_only.baseline_bytes == DRAW_TARGET_BYTES
+    # one block over every row: Predictive's own vectorised run, OBS_COPIES per value
+    one = technical_footprint(500, 300, 2, 10, with_observations=True)
+    assert one.per_item_bytes - technical_footprint(500, 300, 2, 10).per_item_bytes == (
+        OBS_COPIES * 500 * 300 * 4
+    )
     # Counts are a shared input: one page-cache copy per node, not per worker.
     assert with_obs.shared_input_bytes == 20_000 * 30_000 * 4 and with_obs.shared_input_mmap
     res = Resources(memory_bytes=16 * 1024**3, memory_source="test", cpus=4, cpus_source="test")
@@ -152,5 +165,9 @@ def test_generic_footprint_counts_blocks_and_latents():
         rows_per_block=50,
         shared_input_bytes=10**6,
     )
-    assert fp.per_item_bytes == 4 * 1000 + OBS_COPIES * 40 * 50
+    assert fp.per_item_bytes == 4 * 1000 + OBS_COPIES * 40 * 50  # one block: every row
+    several = sampling_footprint(100, latent_bytes_per_sample=1000, row_bytes_per_sample=40,
+                                 rows_per_block=50, plate_rows=400)  # fmt: skip
+    assert several.per_item_bytes == 4 * 1000 + (OUTPUT_COPIES * 50 + OBS_COPIES) * 40
+    assert several.baseline_bytes == fp.baseline_bytes + DRAW_TARGET_BYTES
     assert fp.node_shared_bytes == 10**6

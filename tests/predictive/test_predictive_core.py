@@ -1,0 +1,118 @@
+"""core.vectorized_draw: Predictive's vectorised run without its two unvectorised ones."""
+
+from __future__ import annotations
+
+import pyro
+import pyro.poutine as poutine
+import pytest
+import torch
+from predictive_models import technical_setup
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_sample
+from pyro.infer.predictive import _guess_max_plate_nesting
+
+from hpcbatch.predictive import core
+from hpcbatch.predictive import technical as tech
+
+SITES = ["alpha_y", "mu_ntc", "phi_y", "y"]
+
+
+@pytest.fixture(scope="module")
+def tech_fit(tmp_path_factory):
+    return technical_setup(tmp_path_factory.mktemp("tech"), cells=120, features=30, steps=20)
+
+
+def _layout(guide, args, kwargs, n):
+    return core.inspect_model(
+        tech.technical_model, guide=guide, posterior=None, num_samples=n, model_args=args,
+        model_kwargs=kwargs, return_sites=SITES, data_plate=tech.DATA_PLATE,
+        split_args=tech.SPLIT_ARGS,
+    )  # fmt: skip
+
+
+def _rows(layout, args, kwargs, start, stop):
+    return core.slice_rows(
+        args, kwargs, layout.split_positions, layout.split_names, start, stop
+    )
+
+
+def test_vectorized_draw_is_predictives_vectorised_run(tech_fit):
+    """From the RNG state Predictive reaches after its two shape-guessing runs, the lean
+    draw returns exactly what Predictive returns: same values, shapes and dtypes."""
+    _, guide, args, kwargs = tech_fit
+    n = 6
+    layout = _layout(guide, args, kwargs, n)
+    assert layout.max_plate_nesting == 2
+    posterior = core.guide_draw(guide, n, args, kwargs)
+    block_args, block_kwargs = _rows(layout, args, kwargs, 40, 75)
+
+    pyro.set_rng_seed(123)
+    ref = core.predictive_draw(
+        tech.technical_model, guide=None, posterior=posterior, num_samples=n,
+        model_args=block_args, model_kwargs=block_kwargs, return_sites=layout.names,
+    )  # fmt: skip
+
+    pyro.set_rng_seed(123)
+    guessing = InitMessenger(init_to_sample)(
+        torch.no_grad()(poutine.mask(tech.technical_model, mask=False))
+    )
+    _guess_max_plate_nesting(guessing, block_args, block_kwargs)  # what Predictive runs first
+    poutine.trace(guessing).get_trace(*block_args, **block_kwargs)  # ... and second
+    got = core.vectorized_draw(
+        tech.technical_model, posterior=posterior, num_samples=n, model_args=block_args,
+        model_kwargs=block_kwargs, layout=layout, rows=35,
+    )  # fmt: skip
+    assert set(got) == set(ref)
+    for name in SITES:
+        assert got[name].shape == ref[name].shape, name
+        assert got[name].dtype == ref[name].dtype
+        assert torch.equal(got[name], ref[name]), name
+    assert got["y"].shape == (n, 35, 30)
+
+
+def test_blocks_run_the_model_once_each_and_one_block_stays_predictive(tech_fit):
+    """Several blocks: one model run per block (Predictive runs it three times); one
+    block covering every row keeps Predictive's own call (bit-identical to it)."""
+    _, guide, args, kwargs = tech_fit
+    n = 4
+    layout = _layout(guide, args, kwargs, n)
+    posterior = core.guide_draw(guide, n, args, kwargs)
+    calls = []
+
+    def counted(*a, **k):
+        calls.append(a[0].shape[0])
+        return tech.technical_model(*a, **k)
+
+    blocks = list(core.draw_blocks(
+        counted, posterior=posterior, num_samples=n, model_args=args, model_kwargs=kwargs,
+        layout=layout, block=50,
+    ))  # fmt: skip
+    assert [(b[0], b[1]) for b in blocks] == [(0, 50), (50, 100), (100, 120)]
+    assert calls == [50, 50, 20]
+    y = torch.cat([b[2]["y"] for b in blocks], dim=1)
+    assert y.shape == (n, 120, 30) and torch.all(y >= 0)
+    for name in ("alpha_y", "mu_ntc", "phi_y"):  # latents: the posterior's, in every block
+        assert all(torch.equal(b[2][name], blocks[0][2][name]) for b in blocks)
+
+    calls.clear()  # a block drawn 20 rows at a time: the same rows, each drawn once
+    pieces = list(core.draw_blocks(
+        counted, posterior=posterior, num_samples=n, model_args=args, model_kwargs=kwargs,
+        layout=layout, block=50, draw_rows=20,
+    ))  # fmt: skip
+    assert calls == [20, 20, 10, 20, 20, 10, 20]
+    assert [(b[0], b[1]) for b in pieces] == [(0, 50), (50, 100), (100, 120)]
+    assert torch.cat([b[2]["y"] for b in pieces], dim=1).shape == (n, 120, 30)
+    assert all(torch.equal(b[2]["mu_ntc"], blocks[0][2]["mu_ntc"]) for b in pieces)
+
+    calls.clear()
+    pyro.set_rng_seed(5)
+    (one,) = core.draw_blocks(
+        counted, posterior=posterior, num_samples=n, model_args=args, model_kwargs=kwargs,
+        layout=layout, block=120,
+    )  # fmt: skip
+    assert len(calls) == 3  # Predictive's two unvectorised runs + the vectorised one
+    pyro.set_rng_seed(5)
+    ref = core.predictive_draw(
+        tech.technical_model, guide=None, posterior=posterior, num_samples=n,
+        model_args=args, model_kwargs=kwargs, return_sites=layout.names,
+    )  # fmt: skip
+    assert torch.equal(one[2]["y"], ref["y"])
