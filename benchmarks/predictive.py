@@ -31,7 +31,16 @@ Contenders, each in a fresh process whose whole process tree is watched from out
 - ``floor``: the interpreter with torch and Pyro imported, the inputs, the outputs
   allocated, and the raw guide draws (their time is the floor for samples/s);
 - ``raw_draw`` (once, not per case): torch's NegativeBinomial samples/s on one core
-  (one torch thread), times the cores: the yardstick for drawing observations.
+  (one torch thread), times the cores: the yardstick for drawing observations;
+- ``case_draw`` (each case with observations): the same at the case's own parameters
+  (the model's total_count and logits for 200 cells): the raw rate of exactly the draw
+  the job makes (the rate depends on the counts' size).
+
+Per worker (cluster runs): each worker's peak RSS (the runner's own sampling) against
+what a worker must hold (issue 15 item 3): the runtime (the RSS of a fresh benchmark
+process after importing torch, Pyro, distributed and hpcbatch, before any data), the
+inputs it holds (every tensor argument but the memory-mapped counts) and one chunk's
+outputs in flight (latent sites of the chunk, one block of rows of the plate sites).
 
 The same yardstick for everyone: every contender's process tree is sampled every 0.1 s
 (RSS summed, and each process's VmHWM, its own high-water mark, read at each sample);

@@ -72,6 +72,10 @@ def _cell(row: dict | None) -> str:
     return f"{row['elapsed_s']:.1f} s, {_mib(row['peak_bytes'])}"
 
 
+def _ratio(name: str, value: float) -> str:
+    return f"{name} {_mib(value)}" if name.endswith("_bytes") else f"{name} {value:.2f}"
+
+
 def predictive_table(path: Path = HERE / "results-predictive.json") -> str:
     r = json.loads(path.read_text())
     names = [("predictive_parallel", "Predictive(parallel=True)"),
@@ -94,8 +98,12 @@ def predictive_table(path: Path = HERE / "results-predictive.json") -> str:
         where = "on a 2-worker cluster" if where == "cluster" else where.split(":")[0]
         notes.append(f"{what} {case['cells']:,} x {case['features']:,}: the default call ran "
                      f"{where}; " + "; ".join(
-                         f"{k}: " + ", ".join(f"{m} {v:.2f}" for m, v in ratios.items())
+                         f"{k}: " + ", ".join(_ratio(m, v) for m, v in ratios.items())
                          for k, ratios in case["ratios"].items()))  # fmt: skip
+        draw = (case.get("case_draw") or {}).get("per_core_values_per_s")
+        if draw:
+            notes[-1] += (f"; raw draw rate at this case's own parameters {draw / 1e6:.1f}M "
+                          "values/s per core")  # fmt: skip
     raw = r.get("raw_draw") or {}
     load = f"{r['load_avg_start'][0]:.2f} -> {r['load_avg_end'][0]:.2f}"
     return "\n".join(rows + [""] + [f"- {x}." for x in notes] + [
