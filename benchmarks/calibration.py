@@ -6,10 +6,13 @@ cluster planned for ``--mem`` / ``--cpus``:
 
 - ``analytic``: planned with the workload's analytic footprint (its reasons say where
   each constant came from);
-- ``calibrated``: planned after ``--calibrate`` (the workload's probe, in fresh
-  processes at size 0 and two sizes; ``hpcbatch run stocks ... --calibrate`` and
-  ``hpcbatch predictive sample ... --calibrate`` do the same).  A user's model has no
-  probe: only its analytic footprint (sized from its returned sites) is checked.
+- ``calibrated``: planned after ``--calibrate`` (the workload's probe at size 0 and two
+  sizes, in child processes started as the run's workers are: forked from the same
+  forkserver, which preloaded the workload's modules; the fitted fixed bytes get
+  ``hpcbatch.calibrate.WORKER_MARGIN`` for the Dask worker around the work;
+  ``hpcbatch run stocks ... --calibrate`` and ``hpcbatch predictive sample ...
+  --calibrate`` do the same).  A user's model has no probe: only its analytic footprint
+  (sized from its returned sites) is checked.
 
 For each run the JSON has the plan's predicted per-worker peak, the highest per-worker
 peak the runner measured (each worker's RSS sampled every 0.1 s by its nanny) and

@@ -2,7 +2,12 @@
 
 Owns calibration only: a *probe* (``"module:function"``, called as
 ``probe(size, **kwargs)``, doing the real per-worker work for ``size`` items) runs
-in a fresh Python process at size 0 and at two sizes ``a < b``.  Each child
+in a child process at size 0 and at two sizes ``a < b``, started the way the run's
+workers are (``start``): a fresh interpreter (``"spawn"``: workers started by Dask's
+default, by SLURM or by another cluster), or a fork of this process's multiprocessing
+forkserver (``"forkserver"``: local workers forked from a server that preloaded the
+workload's modules, see :func:`hpcbatch.cluster.forkserver_workers`; such workers
+share the server's pages and hold ~50-60 MiB less than fresh ones).  Each child
 reports its peak RSS (``VmHWM`` from ``/proc/self/status``; ``ru_maxrss`` where that
 is missing, see :func:`_vm_hwm` for why not always ``ru_maxrss``) and, when
 torch has a CUDA device, its peak CUDA memory, as one JSON line on stdout.  A
@@ -33,6 +38,16 @@ from .units import format_bytes
 _MARK = "HPCBATCH_CALIBRATE "
 # Below this growth between the two probe sizes the slope is mostly noise.
 _MIN_GROWTH_BYTES = 8 * 1024**2
+#: How a probe child starts: as the run's workers start (see the module's docstring).
+STARTS = ("spawn", "forkserver")
+#: A Dask worker holds more than the probe's child: its own state and comms (an idle
+#: forkserver worker 189 MiB vs 184 for a bare fork of the same server), the database or
+#: zarr clients of real chunks and heap growth over many chunks.  Measured 2026-12-06 on
+#: the project's 2-core build machine with forkserver workers: real per-worker peaks
+#: were 1.00-1.07 x the forked probe's fit (stocks, 300 days, small model: 279-297 MiB
+#: vs 279-281 MiB; predictive 2,000 x 2,000: 229-233 vs 230 MiB), so the fitted fixed
+#: bytes get this margin (on the safe side).
+WORKER_MARGIN = 0.10
 
 __all__ = ["Calibration", "CalibrationError", "Measurement", "calibrate", "calibrated_footprint"]
 
@@ -50,16 +65,20 @@ class Calibration:
     probe: str
     sizes: tuple[int, int]
     measurements: tuple[Measurement, ...]  # size 0, a, b
-    fixed_bytes: int
+    fixed_bytes: int  # the fit's fixed bytes + ``margin`` of them
     per_item_bytes: int
     gpu_fixed_bytes: int | None
     gpu_per_item_bytes: int | None
     notes: tuple[str, ...]
+    margin: float = 0.0  # added to the fitted fixed bytes for the Dask worker around it
+    start: str = "spawn"
 
     @property
     def source(self) -> str:
         rss = ", ".join(f"{format_bytes(m.peak_rss_bytes)} at {m.size}" for m in self.measurements)
-        return f"calibrated (probe sizes {self.sizes[0]}, {self.sizes[1]}; peak RSS {rss})"
+        forked = "; forked from the workers' forkserver" if self.start == "forkserver" else ""
+        extra = f"; fixed + {self.margin:.0%} for the Dask worker" if self.margin else ""
+        return f"calibrated (probe sizes {self.sizes[0]}, {self.sizes[1]}; peak RSS {rss}{forked}{extra})"
 
     def apply(self, base: Footprint) -> Footprint:
         """``base`` (usually the analytic footprint) with the measured bytes."""
@@ -84,6 +103,8 @@ class Calibration:
             "gpu_fixed_bytes": self.gpu_fixed_bytes,
             "gpu_per_item_bytes": self.gpu_per_item_bytes,
             "notes": list(self.notes),
+            "margin": self.margin,
+            "start": self.start,
             "source": self.source,
         }
 
@@ -116,9 +137,16 @@ def measure(
     *,
     timeout_s: float = 600,
     import_distributed: bool = True,
+    start: str = "spawn",
 ) -> Measurement:
-    """Run ``probe(size, **probe_kwargs)`` in a fresh process; return its peaks."""
+    """Run ``probe(size, **probe_kwargs)`` in a child process started as ``start`` says
+    (a fresh interpreter, or a fork of this process's forkserver); return its peaks."""
     _split_probe(probe)
+    if start not in STARTS:
+        raise ConfigError(f"probe start {start!r} is not one of {', '.join(STARTS)}")
+    if start == "forkserver":
+        report = _run_forked(probe, size, dict(probe_kwargs or {}), timeout_s, import_distributed)
+        return _measurement(size, report)
     args = [
         sys.executable,
         "-m",
@@ -141,13 +169,54 @@ def measure(
         last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
         how = f"was killed by signal {-done.returncode}" if done.returncode < 0 else "failed"
         raise CalibrationError(f"probe {probe} at size {size} {how}: {last}")
-    report = json.loads(lines[-1][len(_MARK) :])
+    return _measurement(size, json.loads(lines[-1][len(_MARK) :]))
+
+
+def _measurement(size: int, report: Mapping[str, Any]) -> Measurement:
     return Measurement(
         size=int(size),
         peak_rss_bytes=int(report["peak_rss_bytes"]),
         peak_cuda_bytes=report.get("peak_cuda_bytes"),
         wall_s=float(report["wall_s"]),
     )
+
+
+def _run_forked(
+    probe: str, size: int, kwargs: dict, timeout_s: float, import_distributed: bool
+) -> dict:
+    """The probe's report from a child forked by this process's forkserver (the server
+    local Dask workers are forked from: same preloaded modules, same environment).  A
+    server not running yet starts with multiprocessing's defaults."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    reader, writer = ctx.Pipe(duplex=False)
+    child = ctx.Process(
+        target=_forked_child,
+        args=(probe, int(size), kwargs, import_distributed, writer),
+        name=f"hpcbatch-calibrate-{size}",
+        daemon=True,
+    )
+    child.start()
+    writer.close()
+    try:
+        report = reader.recv() if reader.poll(timeout_s) else None
+    except EOFError:  # the child died without a word (killed, e.g. out of memory)
+        report = {}
+    finally:
+        reader.close()
+    if report is None:
+        child.kill()
+        child.join()
+        raise CalibrationError(
+            f"probe {probe} at size {size} ran longer than {timeout_s:g} s: use smaller probe sizes"
+        )
+    child.join()
+    if "error" in report or "peak_rss_bytes" not in report:
+        code = child.exitcode or 0
+        how = f"was killed by signal {-code}" if code < 0 else "failed"
+        raise CalibrationError(f"probe {probe} at size {size} {how}: {report.get('error', '')}")
+    return report
 
 
 def _fit(
@@ -185,11 +254,16 @@ def calibrate(
     import_distributed: bool = True,
     max_size: int | None = None,
     max_retries: int = 2,
+    start: str = "spawn",
+    margin: float = WORKER_MARGIN,
 ) -> Calibration:
     """Measure ``probe`` at size 0 and the two ``sizes``; fit fixed and per-item bytes.
 
     ``import_distributed`` makes each child import ``distributed`` first, so the
-    fixed bytes include what a Dask worker process loads before any task.  When the
+    fixed bytes include what a Dask worker process loads before any task.  ``start``:
+    how each child starts, as the run's workers do (``"spawn"``, ``"forkserver"``).
+    ``margin``: the fraction added to the fitted fixed bytes for what a Dask worker holds
+    beyond the probe (:data:`WORKER_MARGIN`; 0 for the bare fit).  When the
     peak grows by less than 8 MiB between the sizes (noise would dominate the
     slope), the sizes move up to ``(b, 4 b)``, at most ``max_retries`` times and not
     beyond ``max_size`` (e.g. the number of items of the real run); notes say so.
@@ -203,8 +277,9 @@ def calibrate(
 
     def run(size: int) -> Measurement:
         return measure(
-            probe, size, probe_kwargs, timeout_s=timeout_s, import_distributed=import_distributed
-        )
+            probe, size, probe_kwargs, timeout_s=timeout_s,
+            import_distributed=import_distributed, start=start,
+        )  # fmt: skip
 
     zero, first, second = run(0), run(a), run(b)
     notes: list[str] = []
@@ -237,11 +312,13 @@ def calibrate(
         probe=probe,
         sizes=(a, b),
         measurements=runs,
-        fixed_bytes=fixed,
+        fixed_bytes=int(round(fixed * (1 + margin))),
         per_item_bytes=per_item,
         gpu_fixed_bytes=gpu_fixed,
         gpu_per_item_bytes=gpu_per_item,
         notes=tuple(notes),
+        margin=margin,
+        start=start,
     )
 
 
@@ -284,6 +361,16 @@ def _child(probe: str, size: int, kwargs: dict, import_distributed: bool) -> dic
         "peak_cuda_bytes": cuda,
         "wall_s": wall,
     }
+
+
+def _forked_child(probe: str, size: int, kwargs: dict, import_distributed: bool, conn) -> None:
+    """The child forked by the forkserver: its report (or its error) down ``conn``."""
+    try:
+        report: dict = _child(probe, size, kwargs, import_distributed)
+    except BaseException as exc:  # noqa: BLE001 (said to the parent, in one line)
+        report = {"error": f"{type(exc).__name__}: {exc}"}
+    conn.send(report)
+    conn.close()
 
 
 def _vm_hwm() -> int | None:

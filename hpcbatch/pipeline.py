@@ -103,8 +103,11 @@ def calibrate_footprint(
     footprint: Footprint,
     probe_kwargs: Mapping[str, Any],
     probe_sizes: tuple[int, int] | None = None,
+    start: str = "spawn",
 ) -> tuple[Footprint, Calibration]:
-    """``footprint`` measured by the workload's probe in fresh processes."""
+    """``footprint`` measured by the workload's probe in child processes started as the
+    run's workers are (``start``: ``"spawn"``, or ``"forkserver"`` for local workers
+    forked from :func:`~hpcbatch.cluster.forkserver_workers`'s server)."""
     if not workload.probe:
         raise ConfigError(
             f"workload {workload.name!r} has no probe to calibrate with: drop --calibrate, "
@@ -114,8 +117,9 @@ def calibrate_footprint(
     sizes = probe_sizes or workload.probe_sizes
     log.info("calibrating %s: running %s at sizes 0, %s, %s", workload.name, workload.probe, *sizes)
     return calibrated_footprint(
-        footprint, workload.probe, sizes, dict(probe_kwargs), max_size=footprint.n_items
-    )
+        footprint, workload.probe, sizes, dict(probe_kwargs), max_size=footprint.n_items,
+        start=start,
+    )  # fmt: skip
 
 
 def make_planned(
@@ -158,13 +162,16 @@ def plan_job(
     *,
     calibrate: bool | None = None,
     probe_sizes: tuple[int, int] | None = None,
+    probe_start: str = "spawn",
 ) -> Planned:
-    """The plan of a prepared job: its real footprint (measured when asked) on ``resources``."""
+    """The plan of a prepared job: its real footprint (measured when asked, by probes
+    started as ``probe_start`` says: as the run's workers) on ``resources``."""
     footprint, calibration = job.footprint, None
     if settings["calibrate"] if calibrate is None else calibrate:
         footprint, calibration = calibrate_footprint(
-            job.workload, footprint, job.probe_kwargs, probe_sizes or job.probe_sizes
-        )
+            job.workload, footprint, job.probe_kwargs, probe_sizes or job.probe_sizes,
+            probe_start,
+        )  # fmt: skip
     overrides = job.plan_overrides()
     plan = make_planned(job.workload, footprint, resources, settings, overrides)
     return Planned(plan, calibration)
@@ -219,15 +226,24 @@ def _planned_client(
             yield _plan_for_client(job, settings, client, plan_kw), client
         return
     resources = request.resources or detect_resources()
-    planned = plan_job(job, settings, resources, **plan_kw)
-    local = request.cluster.backend == "local" and job.worker_preload
+    local = request.cluster.backend == "local"
     with ExitStack() as stack:
-        if local:  # workers forked from a server that imported the workload's modules
-            stack.enter_context(forkserver_workers(job.worker_preload))
+        if local and job.worker_preload:  # workers forked from a server that imported
+            stack.enter_context(forkserver_workers(job.worker_preload))  # its modules
+        start = "forkserver" if local and _forkserver_method() else "spawn"
+        planned = plan_job(job, settings, resources, **plan_kw, probe_start=start)
         client = stack.enter_context(open_cluster(
             planned.plan, settings, backend=request.cluster.backend, quiet=request.quiet
         ))  # fmt: skip
         yield planned, client
+
+
+def _forkserver_method() -> bool:
+    """Whether local Dask workers start from the forkserver here (inside
+    :func:`~hpcbatch.cluster.forkserver_workers`): a probe then starts the same way."""
+    import dask
+
+    return dask.config.get("distributed.worker.multiprocessing-method", "spawn") == "forkserver"
 
 
 def _plan_for_client(job: Job, settings: Mapping[str, Any], client: Any, plan_kw: dict) -> Planned:

@@ -6,7 +6,13 @@ import textwrap
 
 import pytest
 
-from hpcbatch.calibrate import CalibrationError, calibrate, calibrated_footprint, measure
+from hpcbatch.calibrate import (
+    WORKER_MARGIN,
+    CalibrationError,
+    calibrate,
+    calibrated_footprint,
+    measure,
+)
 from hpcbatch.errors import ConfigError
 from hpcbatch.planner import Footprint
 
@@ -47,6 +53,7 @@ def test_calibrate_fits_known_bytes_per_item(probe_module):
         sizes=(4, 16),
         probe_kwargs={"per_item_mib": 4, "fixed_mib": 32},
         import_distributed=False,
+        margin=0.0,
     )
     assert result.per_item_bytes == pytest.approx(4 * MiB, rel=0.15)
     zero = result.measurements[0].peak_rss_bytes
@@ -129,3 +136,65 @@ def test_growth_retries_stop_at_max_size(probe_module):
     )
     assert result.sizes == (1, 2)
     assert any("mostly noise" in note for note in result.notes)
+
+
+def test_fixed_bytes_get_the_worker_margin_and_the_source_says_so(probe_module):
+    kwargs = {"per_item_mib": 4, "fixed_mib": 32}
+    bare = calibrate(f"{probe_module}:probe", (4, 16), kwargs, import_distributed=False, margin=0)
+    safe = calibrate(f"{probe_module}:probe", (4, 16), kwargs, import_distributed=False)
+    assert safe.margin == WORKER_MARGIN > 0
+    assert safe.fixed_bytes == pytest.approx(bare.fixed_bytes * (1 + WORKER_MARGIN), rel=0.05)
+    assert safe.per_item_bytes == pytest.approx(bare.per_item_bytes, rel=0.15)
+    assert f"fixed + {WORKER_MARGIN:.0%} for the Dask worker" in safe.source
+    assert "for the Dask worker" not in bare.source
+
+
+def _forkserver_probe(tmp_path) -> str:
+    # In a fresh interpreter: a forkserver started in this session keeps its first
+    # preload list (see tests/test_cluster's forkserver test).
+    script = tmp_path / "forked.py"
+    script.write_text(
+        textwrap.dedent("""
+        import json, multiprocessing, sys
+        from hpcbatch.calibrate import measure
+
+        if __name__ == "__main__":
+            multiprocessing.set_forkserver_preload(["numpy", "hb_test_probe"])
+            ballast = b"x" * (400 * 2**20)  # the driver's own memory: not the child's
+            out = {}
+            for start in ("forkserver", "spawn"):
+                m = measure("hb_test_probe:probe", 2, {"per_item_mib": 8, "fixed_mib": 0},
+                            import_distributed=False, start=start)
+                out[start] = m.peak_rss_bytes
+            try:
+                measure("hb_test_probe:crash", 1, import_distributed=False, start="forkserver")
+            except Exception as exc:
+                out["crash"] = f"{type(exc).__name__}: {exc}"
+            print(json.dumps(out))
+    """)
+    )
+    return str(script)
+
+
+def test_probe_forked_from_the_forkserver_measures_its_own_peak(probe_module, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, _forkserver_probe(tmp_path)], capture_output=True, text=True,
+        timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    # The child's peak: the 16 MiB it allocated over what it shares with the server, not
+    # the driver's 400 MiB ballast (a fork of the driver would carry it).
+    assert 16 * MiB < out["forkserver"] < 200 * MiB
+    assert 16 * MiB < out["spawn"] < 200 * MiB
+    assert out["crash"].startswith("CalibrationError: probe hb_test_probe:crash at size 1 failed")
+    assert "probe exploded" in out["crash"]
+
+
+def test_unknown_probe_start_is_refused(probe_module):
+    with pytest.raises(ConfigError, match="probe start"):
+        measure(f"{probe_module}:probe", 0, import_distributed=False, start="fork")

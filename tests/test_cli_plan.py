@@ -38,7 +38,7 @@ def test_plan_stocks_json_has_the_keys():
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert set(data) >= PLAN_KEYS
-    assert data["footprint_source"].startswith("analytic, constants measured 2026-11-23 on")
+    assert data["footprint_source"].startswith("analytic, constants measured 2026-12-06 on")
     assert data["predicted_peak_bytes"] <= data["memory_fraction"] * data["memory_limit_bytes"]
     assert data["resources"]["memory_bytes"] == 12 * 1024**3  # sbatch's G is GiB
     assert data["n_workers"] * data["memory_limit_bytes"] <= 12 * 1024**3
@@ -63,7 +63,7 @@ def test_plan_plain_output_is_a_table_and_reasons():
     out = result.stdout
     assert out.splitlines()[0].startswith("workers")
     assert "chunk size                 100 stocks" in out  # the profile's batch size
-    assert "footprint                  analytic, constants measured 2026-11-23 on" in out
+    assert "footprint                  analytic, constants measured 2026-12-06 on" in out
     assert "\nwhy:\n  - allocation:" in out
 
 

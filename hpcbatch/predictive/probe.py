@@ -5,7 +5,9 @@ model's inputs and a guide initialised from data-like moments (no fit: the cost 
 draw does not depend on the fitted values), then runs exactly what a worker runs for
 a chunk of ``size`` samples (:func:`hpcbatch.predictive.task.sample_chunk_task`),
 writing to a throwaway zarr store.  ``size=0`` loads everything but draws nothing.
-:mod:`hpcbatch.calibrate` runs it in fresh processes and fits fixed + per-sample bytes.
+:mod:`hpcbatch.calibrate` runs it in child processes started as the run's workers are (for
+a local run: forked from the forkserver that preloaded torch, Pyro and zarr) and fits
+fixed + per-sample bytes.
 
 The counts matrix is not created: the predictive draw never reads it (it is the
 shared input, counted from its exact size by the planner).

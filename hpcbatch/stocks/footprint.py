@@ -4,8 +4,9 @@ Figures from the workload (REFERENCE.md, section 1) and the code in this package
 rows fetched as Python tuples, a float64 indicator pass over ``(stocks, days)`` arrays
 written column by column into float32 features, windows that are views (only one
 inference batch is ever copied), and a model whose weights are memory-mapped.  The
-constants were refined with measurements of :mod:`hpcbatch.stocks.probe` on this
-machine (see docs/stocks.md); ``--calibrate`` measures them for the machine at hand.
+worker baseline was fitted to the per-worker peaks of real runs whose local workers are
+forked from a server that preloaded numpy, torch and SQLAlchemy (``PROVENANCE``);
+``--calibrate`` measures the fixed and per-stock bytes for the machine at hand.
 """
 
 from __future__ import annotations
@@ -18,18 +19,22 @@ N_FEATURES = 105
 WINDOW_DAYS = 60
 # Where the constants below come from (issue 15 item 6): measured on one machine, not on
 # the machine at hand; --calibrate measures the fixed and per-stock bytes there.
-SOURCE = "analytic, constants measured 2026-11-23 on the build machine; --calibrate measures them here"
+SOURCE = (
+    "analytic, constants measured 2026-12-06 on the build machine; --calibrate measures them here"
+)
 PROVENANCE = (
-    "measured 2026-11-23 on the project's 2-core x86_64 Linux build "
-    "machine (Python 3.11, torch 2.x CPU, numpy 2.x, SQLAlchemy 2.x, distributed 2026.x): "
-    "worker baseline 300 MiB from hpcbatch.stocks.probe at size 0 (310 MiB, full model) and "
-    "the benchmark workers; 500 B per fetched row and 80 float64 temporaries per stock-day "
-    "refined with probe runs; driver 384 MiB over the measured 321-325 MiB; checked "
-    "against benchmarks/stocks.py on that machine (measured/predicted per-worker peak "
-    "{checked}); not measured on this machine: --calibrate measures them here"
+    "measured 2026-12-06 on the project's 2-core x86_64 Linux build machine (Python "
+    "3.11.7, torch 2.13.0 CPU, numpy 2.4.6, SQLAlchemy 2.1.9, distributed 2026.8.0) with "
+    "local workers forked from a forkserver that preloaded numpy, torch and SQLAlchemy: "
+    "worker baseline 240 MiB + the inference batch + the model's pages, fitted to the "
+    "per-worker peaks of real runs ({checked}); 500 B per fetched row and 80 float64 "
+    "temporaries per stock-day from probe runs (2026-11-23), rows and temporaries not "
+    "alive together; driver 384 MiB over the "
+    "measured 321-334 MiB; not measured on this machine: --calibrate measures them here"
 ).format(
-    checked="0.81-0.84 small model at 500-5,000 stocks, 0.90-0.95 full model at 500-2,000: "
-    "results-stocks-small.json / -full.json of 2026-11-23"
+    checked="small model 279-302 MiB at 200-5,000 stocks x 150-400 days, full model "
+    "485-490 MiB at 500-2,000 stocks x 300-400 days, 10 prediction days, 25-50 stocks a "
+    "chunk: measured/predicted 0.89-0.95"
 )
 RAW_COLUMNS = 9
 # A fetched row: SQLAlchemy Row + tuple + 2 str + 7 float objects, plus the column
@@ -38,9 +43,13 @@ ROW_OBJECT_BYTES = 500
 # Live float64 (stocks x days) intermediates during the feature pass (cached
 # indicators, sliding-window extremes, the where/division temporaries).
 FEATURE_TEMPORARIES = 80
-# Interpreter + numpy + torch + SQLAlchemy + a Dask worker (nanny excluded), measured
-# (probe at size 0: 310 MiB with the full model in its heap; benchmark workers).
-BASELINE_BYTES = 300 * 1024**2
+# Interpreter + numpy + torch + SQLAlchemy + a Dask worker (nanny excluded), forked from
+# the forkserver that preloaded them (Job.worker_preload).  Fitted 2026-12-06 to real
+# runs (helper measurements, benchmarks/calibration.py's cases and more): measured peak
+# minus the inference batch, the model's pages and the chunk's stocks was 200-215 MiB
+# for the small and the full model alike; 240 MiB keeps measured/predicted in 0.85-0.95.
+# Was 300 MiB, fitted to spawned workers (0.73-0.76 once workers were forked).
+BASELINE_BYTES = 240 * 1024**2
 # The driver: client + in-process scheduler, with torch imported to check the model.
 # Measured peak RSS 321-325 MiB (benchmarks/results-stocks-*.json, 500-5,000 stocks).
 DRIVER_BYTES = 384 * 1024**2
@@ -90,24 +99,30 @@ def stocks_footprint(
 ) -> Footprint:
     """Peak bytes per stock in a chunk (raw rows, indicator work, float32 features,
     prediction rows) and per worker (baseline, one inference batch of activations)."""
-    raw = lookback_days * (ROW_OBJECT_BYTES + RAW_COLUMNS * 8 * 2)
+    # The fetched rows are laid out as price columns and dropped before the feature pass
+    # (hpcbatch.stocks.sink.fetch_bar_columns): the peak holds one or the other.
+    rows = lookback_days * ROW_OBJECT_BYTES
+    columns = lookback_days * RAW_COLUMNS * 8 * 2
     # float64 indicator passes over every day; float32 features kept only for the days
     # the windows cover (compute_features(last_days=...))
     kept_days = min(lookback_days, WINDOW_DAYS + predict_days - 1)
     feature_work = lookback_days * FEATURE_TEMPORARIES * 8 + kept_days * N_FEATURES * 4
     outputs = predict_days * PREDICTION_ROW_BYTES
-    per_stock = raw + feature_work + outputs
+    per_stock = max(rows, feature_work) + columns + outputs
     per_window = activation_bytes_per_window(model_config)
     window_bytes = WINDOW_DAYS * N_FEATURES * 4
     activations = inference_batch * (per_window + 2 * window_bytes)
     params = _model_shape(model_config)[3]
     model_bytes = params * 4
+    # Memory-mapped weights are counted once per node, but every worker's RSS (what its
+    # nanny compares with the memory limit) holds the pages it read: all of them.
+    model_pages = model_bytes if model_mmap else 0
     return Footprint(
         workload="stocks",
         item_name="stock",
         n_items=n_stocks,
         per_item_bytes=per_stock,
-        baseline_bytes=BASELINE_BYTES + activations,
+        baseline_bytes=BASELINE_BYTES + activations + model_pages,
         model_bytes=model_bytes,
         model_mmap=model_mmap,
         gpu_per_item_bytes=per_window + 2 * window_bytes,
@@ -116,10 +131,12 @@ def stocks_footprint(
         source=SOURCE,
         constants=PROVENANCE,
         details=(
-            ("raw rows per stock", raw),
+            ("fetched rows per stock (dropped before the features)", rows),
+            ("price columns per stock", columns),
             ("feature computation per stock", feature_work),
             ("prediction rows per stock", outputs),
             ("inference batch per worker", activations),
+            ("memory-mapped model pages in each worker's RSS", model_pages),
         ),
         shrink_hints=(
             f"set --lookback-days {max(130, lookback_days // 2)}"

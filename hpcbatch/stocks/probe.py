@@ -1,7 +1,9 @@
 """Calibration probe: the real per-chunk work for ``size`` stocks, in-process, no database.
 
 Used by :mod:`hpcbatch.calibrate` (``hpcbatch.stocks.probe:probe``), which runs it in a
-fresh process at a few sizes and fits fixed + per-stock bytes from the peak RSS.  It
+child process started as the run's workers are (for a local run: forked from the
+forkserver that preloaded numpy, torch and SQLAlchemy, ``Job.worker_preload``) at a few
+sizes and fits fixed + per-stock bytes from the peak RSS.  It
 builds rows as Python tuples (what a database fetch returns), lays them out, computes
 the 105 features, takes the prediction windows and runs the model in inference batches,
 then builds the prediction rows -- everything a worker does except the SQL round trips.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from hpcbatch.planner import PlanSettings, make_plan
 from hpcbatch.resources import detect_resources
 from hpcbatch.stocks.footprint import MAX_CHUNK_STOCKS, stocks_footprint, stocks_max_chunk
@@ -55,3 +57,42 @@ def test_too_small_an_allocation_names_what_to_request():
 
     with pytest.raises(PlanInfeasibleError, match="request --mem=2G"):
         _plan(5000, mem_gb=1.2)
+
+
+# Per-worker peaks of real runs with forkserver workers (the build machine, 2026-12-06,
+# 10 prediction days; see hpcbatch.stocks.footprint.PROVENANCE):
+# (model, lookback days, stocks a chunk, measured MiB).
+MEASURED_WORKERS = [
+    ("small", 300, 25, 278.7),
+    ("small", 300, 50, 296.7),
+    ("small", 150, 50, 290.4),
+    ("small", 400, 50, 302.4),
+    ("small", 300, 200, 318.4),
+    ("small", 400, 250, 343.3),
+    ("full", 300, 50, 484.6),
+    ("full", 400, 50, 490.4),
+    ("full", 300, 200, 508.9),
+]
+
+
+@pytest.mark.parametrize(("model", "days", "chunk", "measured_mib"), MEASURED_WORKERS)
+def test_analytic_peak_is_within_20_percent_of_real_workers_on_the_safe_side(
+    model, days, chunk, measured_mib
+):
+    config = None if model == "full" else SIZES[model]
+    fp = stocks_footprint(1000, days, 10, model_config=config)
+    predicted = fp.fixed_bytes + chunk * fp.per_item_bytes
+    assert 0.8 <= measured_mib * 2**20 / predicted <= 1.0
+
+
+def test_constants_say_where_they_were_measured_and_how_workers_started():
+    fp = stocks_footprint(100)
+    assert fp.source.startswith("analytic, constants measured 2026-12-06 on")
+    assert "2026-12-06" in fp.constants and "torch 2.13.0" in fp.constants
+    assert "forked from a forkserver" in fp.constants
+    # every worker's RSS holds the memory-mapped model's pages: counted per worker too
+    details = dict(fp.details)
+    assert details["memory-mapped model pages in each worker's RSS"] == fp.model_bytes > 0
+    copied = stocks_footprint(100, model_mmap=False)
+    assert dict(copied.details)["memory-mapped model pages in each worker's RSS"] == 0
+    assert copied.fixed_bytes == fp.fixed_bytes  # the copy is counted once, not twice
