@@ -81,6 +81,8 @@ def bars_from_columns(codes: Sequence[str], columns: dict[str, np.ndarray]) -> B
     pad = np.arange(width)[None, :] < (width - counts)[:, None]
 
     def layout(values: np.ndarray, dtype) -> np.ndarray:
+        if n == n_stocks * width:  # every stock has every day: no padding
+            return np.array(values, dtype=dtype).reshape(n_stocks, width)
         out = np.empty((n_stocks, width), dtype=dtype)
         out[stock_idx, col] = values
         first = values[starts]
@@ -582,8 +584,8 @@ def compute_features(bars: Bars, clip: float = 10.0, last_days: int | None = Non
     with np.errstate(all="ignore"):
         for j, (_, fn) in enumerate(_feature_table(bars, tail)):
             out[:, :, j] = fn()[:, tail - keep :]
-    np.nan_to_num(out, copy=False, nan=0.0, posinf=clip, neginf=-clip)
-    np.clip(out, -clip, clip, out=out)
+    np.clip(out, -clip, clip, out=out)  # +-inf -> +-clip; NaN stays NaN ...
+    np.copyto(out, 0.0, where=np.isnan(out))  # ... and becomes 0
     return out
 
 

@@ -204,9 +204,32 @@ def _columns(
     cols = list(zip(*rows, strict=True))
     if row_codes is None:
         row_codes, cols = np.asarray(cols[0], dtype=object), cols[1:]
-    dates = _numeric(cols[0], np.int64, -1)
-    data = {f: _numeric(cols[1 + i], np.float64, np.nan) for i, f in enumerate(PRICE_FIELDS)}
+    dates = _dates(cols[0])
+    try:  # every price a number: one (fields, rows) array
+        prices = np.array(cols[1:], dtype=np.float64)
+    except (TypeError, ValueError):  # a NULL or text somewhere: column by column
+        data = {f: _numeric(cols[1 + i], np.float64, np.nan) for i, f in enumerate(PRICE_FIELDS)}
+    else:
+        data = dict(zip(PRICE_FIELDS, prices, strict=True))
     return row_codes, dates, data
+
+
+_DATE_DIGITS = 10 ** np.arange(7, -1, -1, dtype=np.int64)
+
+
+def _dates(values: Sequence) -> np.ndarray:
+    """``YYYYMMDD`` dates as int64 (-1 where not a number); read from one byte buffer when
+    every value is 8 ASCII digits (the usual case), else value by value."""
+    n = len(values)
+    try:
+        text = "".join(values).encode("ascii")
+    except (TypeError, UnicodeEncodeError):  # not all text (a NULL, an integer column)
+        text = b""
+    if n and len(text) == 8 * n and set(map(len, values)) == {8}:
+        digits = np.frombuffer(text, dtype=np.uint8).reshape(n, 8) - 48
+        if (digits < 10).all():
+            return digits.astype(np.int64) @ _DATE_DIGITS
+    return _numeric(values, np.int64, -1)
 
 
 def _no_columns() -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:

@@ -1,0 +1,74 @@
+"""The read path of a chunk: SQLite's per-stock seek against the window query, and the
+conversion of fetched rows into columns (fast paths against the value-by-value way)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hpcbatch.stocks.sink import (
+    _columns,
+    _dates,
+    _numeric,
+    bars_query,
+    engine_for,
+    fetch_bar_columns,
+    list_codes,
+    read_screened_bars,
+)
+
+
+def _same(a: tuple, b: tuple) -> None:
+    assert a[0].tolist() == b[0].tolist()
+    assert np.array_equal(a[1], b[1])
+    assert a[2].keys() == b[2].keys()
+    for key in a[2]:
+        assert np.array_equal(a[2][key], b[2][key], equal_nan=True), key
+
+
+def test_sqlite_seek_read_equals_the_window_query(market_url):
+    engine = engine_for(market_url)
+    codes = list_codes(engine)
+    chunk = [codes[3], "NOPE.SZ", *codes[:3], codes[3]]  # unsorted, a missing and a repeated code
+    with engine.connect() as conn:
+        for lookback in (1, 100, 1000):
+            seek = fetch_bar_columns(conn, chunk, lookback)
+            window = _columns(conn.execute(bars_query(chunk, lookback)).all())
+            _same(seek, window)
+            counts = np.unique(seek[0], return_counts=True)[1]
+            assert counts.max() == min(lookback, 150) and len(counts) == 4
+        bars, check = read_screened_bars(conn, codes[:4], 100)
+    assert bars.codes == sorted(codes[:4]) and not check.bad
+    assert bars.close.shape == (4, 100) and (np.diff(bars.dates, axis=1) >= 0).all()
+
+
+def test_dates_read_in_one_pass_equal_the_value_by_value_way():
+    cases = [
+        ["20250102", "20250103", "19991231"],
+        ["20250102", "2025010", "202501034"],  # 8 characters a value on average only
+        ["20250102", None],
+        ["20250102", "2025-1-2"],
+        ["２０２５０１０２", "20250103"],  # not ASCII (int() reads these digits)
+        [20250102, 20250103],  # an integer column
+        ["20250102", " 2025010"],
+        [],
+    ]
+    for values in cases:
+        got = _dates(values)
+        assert got.dtype == np.int64
+        assert got.tolist() == _numeric(values, np.int64, -1).tolist(), values
+    assert _dates(["20250102", "x"]).tolist() == [20250102, -1]
+
+
+def test_prices_with_null_or_text_become_nan_column_by_column():
+    rows = [
+        ("A", "20250101", 1.0, 2.0, 0.5, 1.5, 1.0, 100.0, 10.0),
+        ("A", "20250102", None, 2.0, 0.5, "1.25", 1.0, 100, 10.0),
+        ("A", "20250103", 1.0, 2.0, 0.5, "n/a", 1.0, 100.0, 10.0),
+    ]
+    codes, dates, data = _columns(rows)
+    assert codes.tolist() == ["A"] * 3 and dates.tolist() == [20250101, 20250102, 20250103]
+    assert np.isnan(data["open"]).tolist() == [False, True, False]
+    assert data["close"][:2].tolist() == [1.5, 1.25] and np.isnan(data["close"][2])
+    assert data["vol"].tolist() == [100.0] * 3 and data["vol"].dtype == np.float64
+    clean = _columns([r[:2] + (1.0,) * 7 for r in rows])[2]
+    assert all(v.dtype == np.float64 and v.tolist() == [1.0] * 3 for v in clean.values())
