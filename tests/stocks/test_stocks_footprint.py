@@ -96,3 +96,23 @@ def test_constants_say_where_they_were_measured_and_how_workers_started():
     copied = stocks_footprint(100, model_mmap=False)
     assert dict(copied.details)["memory-mapped model pages in each worker's RSS"] == 0
     assert copied.fixed_bytes == fp.fixed_bytes  # the copy is counted once, not twice
+
+
+def test_a_local_run_calibrates_with_probes_forked_like_its_workers(market_copy, tiny_model):
+    from hpcbatch import config as hb_config
+    from hpcbatch.calibrate import WORKER_MARGIN
+    from hpcbatch.stocks.predict import PredictOptions, predict
+
+    report = predict(
+        market_copy, str(tiny_model), settings=hb_config.load(overrides={"report-dir": None}),
+        options=PredictOptions(lookback_days=120, predict_days=5, use_gpu="false"),
+        resources=detect_resources(memory_bytes=6 * 10**9, cpus=2), backend="local",
+        progress=False, quiet=True, calibrate=True, probe_sizes=(2, 4),
+    )  # fmt: skip
+    assert report.status == "finished"
+    source = report.plan["footprint_source"]
+    assert source.startswith("calibrated (probe sizes ")
+    # the probe ran in children of the forkserver the workers were forked from, and the
+    # fit got the margin for the Dask worker around the work
+    assert "forked from the workers' forkserver" in source
+    assert f"fixed + {WORKER_MARGIN:.0%} for the Dask worker" in source
