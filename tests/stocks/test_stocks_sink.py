@@ -25,10 +25,16 @@ def _same(a: tuple, b: tuple) -> None:
         assert np.array_equal(a[2][key], b[2][key], equal_nan=True), key
 
 
-def test_sqlite_seek_read_equals_the_window_query(market_url):
-    engine = engine_for(market_url)
+def test_sqlite_seek_read_equals_the_window_query(market_copy):
+    engine = engine_for(market_copy)
     codes = list_codes(engine)
     chunk = [codes[3], "NOPE.SZ", *codes[:3], codes[3]]  # unsorted, a missing and a repeated code
+    with engine.begin() as conn:  # a NULL close and a text open: NaN, the stock quarantined
+        last = conn.exec_driver_sql("SELECT max(trade_date) FROM stock_daily").scalar()
+        conn.exec_driver_sql(f"UPDATE stock_daily SET close = NULL WHERE ts_code = '{codes[1]}' "
+                             f"AND trade_date = '{last}'")  # fmt: skip
+        conn.exec_driver_sql(f"UPDATE stock_daily SET open = 'n/a' WHERE ts_code = '{codes[2]}' "
+                             f"AND trade_date = '{last}'")  # fmt: skip
     with engine.connect() as conn:
         for lookback in (1, 100, 1000):
             seek = fetch_bar_columns(conn, chunk, lookback)
@@ -36,9 +42,11 @@ def test_sqlite_seek_read_equals_the_window_query(market_url):
             _same(seek, window)
             counts = np.unique(seek[0], return_counts=True)[1]
             assert counts.max() == min(lookback, 150) and len(counts) == 4
-        bars, check = read_screened_bars(conn, codes[:4], 100)
-    assert bars.codes == sorted(codes[:4]) and not check.bad
-    assert bars.close.shape == (4, 100) and (np.diff(bars.dates, axis=1) >= 0).all()
+        assert np.isnan(seek[2]["close"]).sum() == 1 and np.isnan(seek[2]["open"]).sum() == 1
+        bars, check = read_screened_bars(conn, codes[:5], 100)
+    assert bars.codes == [codes[0], *codes[3:5]] and set(check.bad) == {codes[1], codes[2]}
+    assert bars.close.shape == (3, 100) and (np.diff(bars.dates, axis=1) > 0).all()
+    assert np.isfinite(bars.close).all() and np.isfinite(bars.open).all()
 
 
 def test_dates_read_in_one_pass_equal_the_value_by_value_way():
