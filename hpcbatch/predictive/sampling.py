@@ -362,11 +362,12 @@ def estimate_draw(sampling: SamplingJob, enough: float | None = None) -> DrawEst
     the data plate's rows, with one torch thread (see :func:`_test_draws`).
 
     Where the last draw took at least 1.25 times the one-sample draw, the line through
-    the two (time over values) gives a fixed cost per model run and a cost per value, and
-    the estimate is both times the job's runs and values; else the last draw's time per
-    value times the job's values (an upper bound: the job spreads the fixed costs over
-    more values).  ``enough``: the time the caller compares with (a cluster start); the
-    draws stop early once the upper bound is well under it."""
+    the two (time over values) gives a fixed cost per model run and a cost per value,
+    and the estimate is both times the job's runs and values; else the last draw's time
+    per value times the job's values (an upper bound: the job spreads the fixed costs
+    over more values).  ``enough``: the time the caller compares with (a cluster
+    start); past :data:`PROBE_BUDGET_S` the draws go on only while the estimate is
+    within a factor 2 of it."""
     layout = sampling.layout
     total = layout.sites[0].shape[0]
     rows, runs = None, 1
@@ -377,34 +378,40 @@ def estimate_draw(sampling: SamplingJob, enough: float | None = None) -> DrawEst
         runs = -(-plate // (sampling.block or plate))
     values = _values(layout, total, layout.plate_size or 0)
 
-    def upper(n: int, took: float) -> float:
-        return took / max(1, _values(layout, n, rows or 0)) * values
+    def fit(points: list[tuple[int, float]]) -> tuple[float, float, float, bool]:
+        """(seconds, per value, fixed per run, whether the slope stands out of the
+        noise) from the first and last test draw."""
+        (n1, t1), (n2, t2) = points[0], points[-1]
+        v1, v2 = _values(layout, n1, rows or 0), _values(layout, n2, rows or 0)
+        if n2 > n1 and t2 >= 1.25 * t1:
+            per_value = (t2 - t1) / max(1, v2 - v1)
+            fixed = max(0.0, t1 - per_value * v1)
+            return fixed * runs + per_value * values, per_value, fixed, True
+        return t2 / max(1, v2) * values, t2 / max(1, v2), 0.0, False
 
-    points, spent = _test_draws(sampling, rows, total, upper, enough)
+    def open_(points: list[tuple[int, float]]) -> bool:
+        """Whether more draws could change the decision: the estimate within a factor 2
+        of ``enough``, or an upper bound (no slope yet) not under half of it."""
+        seconds, _, _, line = fit(points)
+        return enough is not None and enough / 2 <= seconds and (not line or seconds <= 2 * enough)
+
+    points, spent = _test_draws(sampling, rows, total, open_)
     log.debug("test draws (samples, seconds)%s: %s", f" on {rows} rows" if rows else "",
               ", ".join(f"({n}, {t:.4f})" for n, t in points))  # fmt: skip
-    (n1, t1), (n2, t2) = points[0], points[-1]
-    v1, v2 = _values(layout, n1, rows or 0), _values(layout, n2, rows or 0)
-    if n2 > n1 and t2 >= 1.25 * t1:  # the slope stands out of the noise
-        per_value = (t2 - t1) / max(1, v2 - v1)
-        fixed = max(0.0, t1 - per_value * v1)
-    else:
-        per_value, fixed = t2 / max(1, v2), 0.0
-    seconds = fixed * runs + per_value * values
+    seconds, per_value, fixed, _ = fit(points)
     sizes = tuple(n for n, _ in points)
     return DrawEstimate(seconds, values, per_value, fixed, runs, sizes, rows, spent)
 
 
 def _test_draws(
     sampling: SamplingJob, rows: int | None, total: int,
-    upper: Callable[[int, float], float], enough: float | None,
+    open_: Callable[[list[tuple[int, float]]], bool],
 ) -> tuple[list[tuple[int, float]], float]:  # fmt: skip
     """Timed draws ``[(samples, seconds)]`` and their total: one sample twice (the
     faster counts), then 4 to 16 times as many samples until a draw takes three times
     the first (the fixed costs then weigh little) and :data:`PROBE_TARGET_S`, or holds
     every sample.  A draw that would pass :data:`PROBE_BUDGET_S` is made only while the
-    decision is open (``upper`` bound not under half of ``enough``), within
-    :data:`PROBE_HARD_S`."""
+    decision is ``open_``, and none past :data:`PROBE_HARD_S`."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one core, as a worker draws (and steady on a busy machine)
     try:
@@ -417,10 +424,12 @@ def _test_draws(
                 break
             factor = min(16, max(4, math.ceil(goal / max(took, 1e-6))))
             cost = spent + took * factor
-            if len(points) > 1 and cost > PROBE_BUDGET_S:
-                open_ = enough is not None and upper(n, took) >= enough / 2
-                if not open_ or cost > PROBE_HARD_S:
-                    break
+            if (
+                len(points) > 1
+                and cost > PROBE_BUDGET_S
+                and (cost > PROBE_HARD_S or not open_(points))
+            ):
+                break
             n = min(total, n * factor)
             points.append((n, _timed_draw(sampling, n, rows)))
             spent += points[-1][1]
