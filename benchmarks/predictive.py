@@ -205,7 +205,10 @@ def _hpcbatch(contender, data_dir, guide, args, kwargs, samples, observations, c
     return dict(
         outputs_in_flight_per_worker=in_flight,
         inputs_per_worker=inputs,
-        execution=run.execution or "cluster",
+        # "cluster", or where it ran in-process and why; execution_reason: the decision
+        # as cluster='auto' said it (its estimate of the drawing time included)
+        execution=run.execution if run.execution.startswith("in-process") else "cluster",
+        execution_reason=run.execution,
         chunk_size=run.plan.chunk_size,
         n_workers=run.plan.n_workers,
         cell_block=run.block,
