@@ -2,7 +2,8 @@
 
 Owns: the read of each stock's last ``lookback`` rows (PostgreSQL: one query per chunk,
 a ``row_number()`` window; SQLite: one index seek per stock on one connection and one
-read snapshot, 2x less CPU than the window, which sorts), per-process engines (one
+read snapshot, 2x less CPU than the window, which sorts; each stock's rows become arrays
+right after its fetch, while they are in the CPU cache), per-process engines (one
 connection pool per worker, not per chunk), and the upsert of predictions: one compiled
 ``INSERT .. ON CONFLICT DO UPDATE`` executed over batches of 200 rows (executemany:
 ~10 us a row; a 200-row VALUES statement compiled per batch cost ~110 us a row).
