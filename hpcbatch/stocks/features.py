@@ -343,7 +343,13 @@ def _kit(b: Bars, tail: int) -> SimpleNamespace:
     C, H, L, PC, V, AMT = b.close, b.high, b.low, b.pre_close, b.vol, b.amount
     cache: dict[str, object] = {}
 
-    def get(key: str, fn: Callable[[], object]):
+    part = tail < C.shape[1]  # only the last days: the cached cuts are small
+
+    def get(key: str, fn: Callable[[], object], spare: bool = False):
+        """``fn()``, computed once; ``spare``: over every day it is recomputed instead
+        (the full table keeps only the few intermediates it always kept)."""
+        if spare and not part:
+            return fn()
         if key not in cache:
             cache[key] = fn()
         return cache[key]
@@ -355,13 +361,13 @@ def _kit(b: Bars, tail: int) -> SimpleNamespace:
     pct_all = lambda: get("pct", lambda: 100 * div(C - PC, PC))  # noqa: E731
     pct = lambda: cut(pct_all())  # noqa: E731
     lv = lambda: get("lv", lambda: np.log1p(v))  # noqa: E731
-    dlv = lambda: get("dlv", lambda: lv() - shift(lv(), 1))  # noqa: E731
-    vol_sum = lambda n: get(f"vsum{n}", lambda: rolling_sum(V, n, tail))  # noqa: E731
+    dlv = lambda: get("dlv", lambda: lv() - shift(lv(), 1), spare=True)  # noqa: E731
+    vol_sum = lambda n: get(f"vsum{n}", lambda: rolling_sum(V, n, tail), spare=True)  # noqa: E731
     vol_ma = lambda n: get(f"vma{n}", lambda: vol_sum(n) / n)  # noqa: E731
-    sma_c = lambda n: get(f"sma{n}", lambda: sma(C, n, tail))  # noqa: E731
-    ema_all = lambda n: get(f"ema{n}", lambda: ema_span(C, n))  # noqa: E731
+    sma_c = lambda n: get(f"sma{n}", lambda: sma(C, n, tail), spare=True)  # noqa: E731
+    ema_all = lambda n: get(f"ema{n}", lambda: ema_span(C, n), spare=True)  # noqa: E731
     ema_c = lambda n: cut(ema_all(n))  # noqa: E731
-    shift_c = lambda n: get(f"shift{n}", lambda: shift(c, n))  # noqa: E731
+    shift_c = lambda n: get(f"shift{n}", lambda: shift(c, n), spare=True)  # noqa: E731
     ret_std = lambda n: rolling_std(pct_all(), n, tail) / 3.0  # noqa: E731
     rng_all = lambda: get("range", lambda: H - L)  # noqa: E731
     rng = lambda: cut(rng_all())  # noqa: E731
@@ -369,9 +375,9 @@ def _kit(b: Bars, tail: int) -> SimpleNamespace:
     tp = lambda: cut(tp_all())  # noqa: E731
     obv_all = lambda: get("obv", lambda: np.cumsum(np.sign(C - PC) * V, axis=1))  # noqa: E731
     obv = lambda: cut(obv_all())  # noqa: E731
-    tr_all = lambda n: get(f"tr{n}", lambda: wilder(get("tr", lambda: true_range(H, L, PC)), n))  # noqa: E731
-    delta = lambda: get("delta", lambda: C - shift(C, 1))  # noqa: E731
-    gains = lambda: get("gains", lambda: (np.maximum(delta(), 0.0), np.maximum(-delta(), 0.0)))  # noqa: E731
+    tr_all = lambda n: get(f"tr{n}", lambda: wilder(get("tr", lambda: true_range(H, L, PC), spare=True), n), spare=True)  # noqa: E731
+    delta = lambda: get("delta", lambda: C - shift(C, 1), spare=True)  # noqa: E731
+    gains = lambda: get("gains", lambda: (np.maximum(delta(), 0.0), np.maximum(-delta(), 0.0)), spare=True)  # noqa: E731
     rsi_c = lambda n: _rsi(*gains(), n, tail)  # noqa: E731
     macd_parts = lambda: get("macd", lambda: _macd_tail(ema_all(12) - ema_all(26), tail))  # noqa: E731
     kdj_parts = lambda: get("kdj", lambda: kdj(H, L, C, tail=tail))  # noqa: E731
