@@ -115,10 +115,11 @@ def _prepare(data_dir: Path, cells: int, features: int) -> None:
     np.savez(fit_dir / "prior.npz", mu_mean=mu_mean, mu_sd=mu_sd)
 
 
-def _vm_hwm() -> int:
+def _vm_hwm(key: str = "VmHWM") -> int:
+    """This process's ``key`` line of /proc/self/status (VmHWM: peak RSS; VmRSS: now)."""
     with open("/proc/self/status") as handle:
         for line in handle:
-            if line.startswith("VmHWM:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     return 0
 
@@ -226,7 +227,7 @@ def _child(contender: str, data_dir: Path, samples: int, observations: bool, cap
     import hpcbatch.predictive.sampling  # noqa: F401  (imports before the clock, as Pyro's)
     from hpcbatch.predictive import technical
 
-    runtime = _vm_rss()  # interpreter + torch + Pyro + distributed + hpcbatch, no data yet
+    runtime = _vm_hwm("VmRSS")  # interpreter + torch + Pyro + distributed + hpcbatch, no data yet
     if contender == "case_draw":
         return _case_draw(data_dir)
     data, guide, mu_mean, mu_sd = technical.load_fit(data_dir)
@@ -254,14 +255,6 @@ def _child(contender: str, data_dir: Path, samples: int, observations: bool, cap
     result["child_vm_hwm_bytes"] = _vm_hwm()
     result["runtime_rss_bytes"] = runtime
     return result
-
-
-def _vm_rss() -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def _case_draw(data_dir: Path, samples: int = 5, rows: int = 200, seconds: float = 3.0) -> dict:
