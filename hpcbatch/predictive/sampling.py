@@ -38,7 +38,6 @@ import torch
 
 from .. import config as hb_config
 from .. import runner
-from ..cluster import forkserver_workers
 from ..errors import ConfigError, HpcbatchError
 from ..pipeline import ClusterChoice, RunRequest, plan_job, run_job
 from ..planner import Plan
@@ -486,18 +485,13 @@ def run_prepared(
         request = _run_request(job, settings, execution, calibrate)
         local = execution.client is None and request.cluster.backend == "local"
         if execution.worker_start == "forkserver" and local:
+            # the pipeline forks local workers from a server that imported these once
+            job.worker_preload = FORKSERVER_PRELOAD
             job.footprint = forkserver_footprint(job.footprint)
-            with _forkserver():
-                return run_job(job, settings, request)
         return run_job(job, settings, request)
     except BaseException as exc:
         job.discard(exc)
         raise
-
-
-def _forkserver():
-    """Local workers forked from a server that imported torch and Pyro once."""
-    return forkserver_workers(FORKSERVER_PRELOAD)
 
 
 def _settings(execution: Execution, seed: int) -> dict:
