@@ -348,10 +348,65 @@ def upsert_statement(dialect: str) -> sa.Insert:
 
 def upsert_predictions(conn: Connection, rows: list[dict], rows_per_statement: int = 200) -> int:
     """Upsert ``rows`` (dicts with every column) by :func:`upsert_statement`, executed over
-    ``rows_per_statement`` rows at a time (executemany)."""
+    ``rows_per_statement`` rows at a time (executemany).  SQLite: the same statement's
+    SQL on the driver's cursor, with the values SQLAlchemy's own bind processors make
+    (the rows land identical; ~1 us a row instead of ~10)."""
     if rows_per_statement < 1:
         raise ConfigError(f"upsert-rows must be at least 1, got {rows_per_statement}")
+    if conn.dialect.name == "sqlite":
+        return _sqlite_upsert(conn, rows, rows_per_statement)
     stmt = upsert_statement(conn.dialect.name)
     for start in range(0, len(rows), rows_per_statement):
         conn.execute(stmt, rows[start : start + rows_per_statement])
     return len(rows)
+
+
+_SQLITE_UPSERT: dict[str, tuple[str, list[str], list]] = {}
+
+
+def _sqlite_upsert_plan(conn: Connection) -> tuple[str, list[str], list]:
+    """The upsert's SQL with ``?`` markers in column order, the column names and each
+    column's bind processor (None where SQLAlchemy binds the value as it is)."""
+    dialect = conn.dialect
+    if dialect.name not in _SQLITE_UPSERT:
+        names = [c.name for c in stock_predictions.columns]
+        quote = dialect.identifier_preparer.quote
+        updates = ", ".join(f"{quote(n)} = excluded.{quote(n)}" for n in names if n not in KEY_COLUMNS)
+        sql = (
+            f"INSERT INTO {quote(stock_predictions.name)} ({', '.join(map(quote, names))}) "
+            f"VALUES ({', '.join('?' * len(names))}) "
+            f"ON CONFLICT ({', '.join(map(quote, KEY_COLUMNS))}) DO UPDATE SET {updates}"
+        )
+        procs = [c.type.dialect_impl(dialect).bind_processor(dialect) for c in stock_predictions.columns]
+        _SQLITE_UPSERT[dialect.name] = (sql, names, procs)
+    return _SQLITE_UPSERT[dialect.name]
+
+
+def _sqlite_upsert(conn: Connection, rows: list[dict], rows_per_statement: int) -> int:
+    """:func:`upsert_predictions` on SQLite: one executemany per ``rows_per_statement``
+    rows on the connection's driver cursor, inside the caller's transaction."""
+    sql, names, procs = _sqlite_upsert_plan(conn)
+    if not rows:
+        return 0
+    columns = []
+    for name, proc in zip(names, procs, strict=True):
+        values = [row[name] for row in rows]
+        columns.append(values if proc is None else _bound(values, proc))
+    params = list(zip(*columns, strict=True))
+    if not conn.in_transaction():
+        conn.begin()  # as conn.execute would (autobegin): the caller commits
+    cursor = conn.connection.cursor()
+    try:
+        for start in range(0, len(params), rows_per_statement):
+            cursor.executemany(sql, params[start : start + rows_per_statement])
+    finally:
+        cursor.close()
+    return len(rows)
+
+
+def _bound(values: list, proc) -> list:
+    """``proc`` over ``values``, called once per distinct object (every row shares one
+    ``prediction_date`` and a few booleans: formatting the date per row cost ~6 us)."""
+    distinct = {id(v): v for v in values}
+    done = {key: proc(v) for key, v in distinct.items()}
+    return [done[id(v)] for v in values]

@@ -3,8 +3,12 @@ conversion of fetched rows into columns (fast paths against the value-by-value w
 
 from __future__ import annotations
 
-import numpy as np
+import datetime as dt
 
+import numpy as np
+import pytest
+
+from hpcbatch.stocks.schema import init_db, make_engine, stock_predictions, write_transaction
 from hpcbatch.stocks.sink import (
     _columns,
     _dates,
@@ -14,6 +18,8 @@ from hpcbatch.stocks.sink import (
     fetch_bar_columns,
     list_codes,
     read_screened_bars,
+    upsert_predictions,
+    upsert_statement,
 )
 
 
@@ -80,3 +86,44 @@ def test_prices_with_null_or_text_become_nan_column_by_column():
     assert data["vol"].tolist() == [100.0] * 3 and data["vol"].dtype == np.float64
     clean = _columns([r[:2] + (1.0,) * 7 for r in rows])[2]
     assert all(v.dtype == np.float64 and v.tolist() == [1.0] * 3 for v in clean.values())
+
+
+def _stored(conn) -> list[tuple]:
+    cols = [c.name for c in stock_predictions.columns]
+    sql = ", ".join(f"{c}, typeof({c})" for c in cols)
+    return conn.exec_driver_sql(f"SELECT {sql} FROM stock_predictions ORDER BY 1, 3, 5").all()
+
+
+def test_sqlite_upsert_on_the_driver_stores_what_sqlalchemy_stores(market_copy, tmp_path):
+    """The SQLite fast path binds the values SQLAlchemy's processors make: every stored
+    value and its storage class equal SQLAlchemy's own executemany; a second upsert
+    updates in place (exactly once), and it rides the caller's transaction."""
+    now = dt.datetime(2026, 12, 6, 19, 52, 7)  # as prediction_rows: no microseconds
+    rows = [
+        {"ts_code": f"{i:06d}.SZ", "trade_date": str(20250101 + d), "model_version": "v1",
+         "predicted_return": r, "predicted_direction": r > 0, "confidence": 0.25 * d,
+         "predicted_return_3d": None if d else 1e-300, "predicted_direction_3d": None if d else True,
+         "prediction_date": now, "run_id": None if i else "run"}
+        for i, r in enumerate([0.1, -2.5e-17, 0.0, float(np.float32(1 / 3))]) for d in range(3)
+    ]  # fmt: skip
+    engine = engine_for(market_copy)
+    other = make_engine(f"sqlite:///{tmp_path / 'other.db'}", create=True)
+    init_db(engine), init_db(other)
+    with write_transaction(engine) as conn:
+        assert upsert_predictions(conn, rows, 5) == len(rows)
+    with write_transaction(other) as conn:
+        for start in range(0, len(rows), 5):
+            conn.execute(upsert_statement("sqlite"), rows[start : start + 5])
+    with engine.connect() as a, other.connect() as b:
+        assert _stored(a) == _stored(b) and len(_stored(a)) == len(rows)
+    changed = [{**r, "predicted_return": -r["predicted_return"], "run_id": "again"} for r in rows]
+    with pytest.raises(RuntimeError), write_transaction(engine) as conn:
+        upsert_predictions(conn, changed)
+        raise RuntimeError("rolled back")
+    with write_transaction(engine) as conn:
+        upsert_predictions(conn, changed[:4])
+    with engine.connect() as conn:
+        stored = _stored(conn)
+    assert len(stored) == len(rows)
+    assert [s[-2] for s in stored].count("again") == 4
+    other.dispose()
