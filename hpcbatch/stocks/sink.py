@@ -109,10 +109,11 @@ def fetch_bar_columns(
     if not conn.in_transaction():
         conn.begin()  # one read snapshot for every stock (ended by the caller's connection)
     cursor = conn.connection.cursor()
-    dates: list = []
+    dates: list[np.ndarray] = []
     prices: list[np.ndarray] = []
     present: list[str] = []
     counts: list[int] = []
+    last: tuple = ()
     try:
         for code in sorted(set(codes)):  # the window query's order: ts_code, then date
             found = cursor.execute(_SQLITE_LAST_ROWS, (code, lookback_days)).fetchall()
@@ -121,7 +122,11 @@ def fetch_bar_columns(
                 # CPU than converting the whole chunk's rows at the end
                 found.reverse()
                 cols = list(zip(*found, strict=True))
-                dates += cols[0]
+                if cols[0] != last:  # stocks mostly share their days: parsed once
+                    last = cols[0]
+                    dates.append(_dates(last))
+                else:
+                    dates.append(dates[-1])
                 prices.append(_prices(cols[1:]))
                 present.append(code)
                 counts.append(len(found))
@@ -131,7 +136,7 @@ def fetch_bar_columns(
         return _no_columns()
     row_codes = np.repeat(np.asarray(present, dtype=object), counts)
     data = dict(zip(PRICE_FIELDS, np.concatenate(prices, axis=1), strict=True))
-    return row_codes, _dates(dates), data
+    return row_codes, np.concatenate(dates), data
 
 
 def read_bars(conn: Connection, codes: Sequence[str], lookback_days: int) -> Bars:

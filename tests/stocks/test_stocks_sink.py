@@ -35,8 +35,17 @@ def test_sqlite_seek_read_equals_the_window_query(market_copy):
     engine = engine_for(market_copy)
     codes = list_codes(engine)
     chunk = [codes[3], "NOPE.SZ", *codes[:3], codes[3]]  # unsorted, a missing and a repeated code
+    chunk += codes[5:9]  # dates: an integer, a malformed one, fewer days, fewer and shifted
     with engine.begin() as conn:  # a NULL close and a text open: NaN, the stock quarantined
         last = conn.exec_driver_sql("SELECT max(trade_date) FROM stock_daily").scalar()
+        first = conn.exec_driver_sql("SELECT min(trade_date) FROM stock_daily").scalar()
+        for code, new_date in ((codes[5], int(last) + 1), (codes[6], "2099-1-2")):
+            conn.exec_driver_sql(f"UPDATE stock_daily SET trade_date = ? WHERE ts_code = '{code}' "
+                                 f"AND trade_date = '{last}'", (new_date,))  # fmt: skip
+        conn.exec_driver_sql(f"DELETE FROM stock_daily WHERE ts_code IN ('{codes[7]}', '{codes[8]}') "
+                             f"AND trade_date = '{first}'")  # fmt: skip
+        conn.exec_driver_sql(f"DELETE FROM stock_daily WHERE ts_code = '{codes[8]}' "
+                             f"AND trade_date = '{last}'")  # fmt: skip
         conn.exec_driver_sql(f"UPDATE stock_daily SET close = NULL WHERE ts_code = '{codes[1]}' "
                              f"AND trade_date = '{last}'")  # fmt: skip
         conn.exec_driver_sql(f"UPDATE stock_daily SET open = 'n/a' WHERE ts_code = '{codes[2]}' "
@@ -47,7 +56,7 @@ def test_sqlite_seek_read_equals_the_window_query(market_copy):
             window = _columns(conn.execute(bars_query(chunk, lookback)).all())
             _same(seek, window)
             counts = np.unique(seek[0], return_counts=True)[1]
-            assert counts.max() == min(lookback, 150) and len(counts) == 4
+            assert counts.max() == min(lookback, 150) and len(counts) == 8
         assert np.isnan(seek[2]["close"]).sum() == 1 and np.isnan(seek[2]["open"]).sum() == 1
         bars, check = read_screened_bars(conn, codes[:5], 100)
     assert bars.codes == [codes[0], *codes[3:5]] and set(check.bad) == {codes[1], codes[2]}
