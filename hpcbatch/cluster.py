@@ -44,6 +44,7 @@ import dask.config
 from .dashboard import page_url
 from .errors import ClusterStartError, ConfigError
 from .planner import Plan
+from .report import preload_plotting
 from .resources import Resources
 from .security import cluster_security
 from .units import format_bytes
@@ -137,6 +138,8 @@ def open_cluster(
         cfg.pop("distributed.scheduler.allowed-failures", None)  # not ours to change
         cfg.pop("distributed.scheduler.worker-saturation", None)
 
+    if settings.get("report-dir"):  # a run's report draws memory.png at its end: the
+        preload_plotting()  # plotting import overlaps the wait for the workers instead
     with ExitStack() as stack:
         stack.enter_context(dask.config.set(cfg))
         if backend == "local":

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -618,6 +619,38 @@ def _kill_legend(kills: tuple[PlotKill, ...]) -> list[str]:
     return [k.label for k in kills]
 
 
+_PLOT_IMPORT: list[threading.Thread] = []  # the background import, started once
+_PLOT_IMPORT_LOCK = threading.Lock()
+
+
+def _plot_api():
+    """matplotlib's figure, its Agg canvas and Line2D: no pyplot (its import and backend
+    selection cost ~0.4 s, and the process's backend stays the caller's)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    return Figure, FigureCanvasAgg, Line2D
+
+
+def _import_quietly() -> None:
+    with contextlib.suppress(Exception):  # plot_memory imports it again, and says why
+        _plot_api()
+
+
+def preload_plotting() -> None:
+    """Import what :func:`plot_memory` draws with in a background thread (once per
+    process), so the import (~0.4 s, more on a busy machine) overlaps a wait, e.g. for the
+    cluster's workers, instead of adding to the end of the run.  The plot itself waits for
+    the import as any import does (the module lock)."""
+    with _PLOT_IMPORT_LOCK:
+        if _PLOT_IMPORT:
+            return
+        thread = threading.Thread(target=_import_quietly, name="hpcbatch-plot-import", daemon=True)
+        _PLOT_IMPORT.append(thread)
+        thread.start()
+
+
 def plot_memory(
     timelines: list[dict],
     path: str | Path,
@@ -631,12 +664,7 @@ def plot_memory(
 ) -> Path:
     """Per-worker RSS over time with the limit, Dask's thresholds, the prediction and the
     memory kills (numbered markers, listed in the legend); see :func:`memory_plot_data`."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-
+    Figure, FigureCanvasAgg, Line2D = _plot_api()
     data = memory_plot_data(
         timelines,
         t0=t0,
@@ -645,7 +673,9 @@ def plot_memory(
         predicted_peak_bytes=predicted_peak_bytes,
         deaths=deaths,
     )
-    fig, ax = plt.subplots(figsize=(11, 5.5), dpi=110)
+    fig = Figure(figsize=(11, 5.5), dpi=110)
+    FigureCanvasAgg(fig)  # draws into memory; savefig writes the PNG
+    ax = fig.subplots()
     handles = []
     for s in data.series:
         (line,) = ax.plot(s.xs, s.ys, lw=1.2, color=s.color, label=s.label or None)
@@ -672,7 +702,6 @@ def plot_memory(
     path = Path(path)
     # what is drawn, for a reader (or a test) of the PNG: its "Description" text chunk
     fig.savefig(path, metadata={"Description": json.dumps(data.summary())})
-    plt.close(fig)
     return path
 
 

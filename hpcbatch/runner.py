@@ -84,6 +84,7 @@ from .report import (
     classify_deaths,
     nanny_memory_timeline,
     plot_memory,
+    preload_plotting,
     remove_scheduler_counter,
     scheduler_max_tasks,
     slurm_memory_kills,
@@ -569,6 +570,7 @@ def run_with(chunks: Sequence[Chunk], task_fn: Callable, client, opts: RunOption
     opts = dataclasses.replace(opts.for_cluster(client), max_bad_items=limit)
     if opts.run_dir is not None:
         opts.run_dir.mkdir(parents=True, exist_ok=True)
+        preload_plotting()  # memory.png's import overlaps the run (once per process)
     shell = _Shell(client, task_fn, opts, start, breaker, grow=grow)
     shell.run()
     return _finish(shell, t_start)

@@ -161,6 +161,29 @@ def test_memory_plot_draws_workers_limit_thresholds_and_kills(tmp_path):
     assert image.std() > 0.05  # not a blank canvas
 
 
+def test_the_plot_imports_ahead_in_a_thread_and_leaves_pyplot_alone(tmp_path):
+    # preload_plotting (called while the workers start) imports what plot_memory draws
+    # with, once; plot_memory never imports pyplot nor changes the process's backend
+    script = f"""
+import sys, threading
+from hpcbatch.report import preload_plotting, plot_memory
+preload_plotting(); preload_plotting()
+threads = [t for t in threading.enumerate() if t.name == "hpcbatch-plot-import"]
+assert len(threads) == 1, threads
+threads[0].join(60)
+assert "matplotlib.backends.backend_agg" in sys.modules
+path = plot_memory([{{"name": "0", "t": [1.0, 2.0], "rss": [1e8, 2e8], "addresses": []}}],
+                   {str(tmp_path / "m.png")!r}, t0=1.0, memory_limit_bytes=None, thresholds=None)
+assert path.stat().st_size > 10_000
+assert "matplotlib.pyplot" not in sys.modules, "pyplot imported"
+"""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_a_sigkilled_worker_process_is_a_memory_death():
     removed = [
         _removed(T0 + 5, "tcp://a:1", f"handle-worker-cleanup-{T0 + 5}"),
