@@ -163,10 +163,13 @@ def plan_job(
     calibrate: bool | None = None,
     probe_sizes: tuple[int, int] | None = None,
     probe_start: str = "spawn",
+    forked: bool = False,
 ) -> Planned:
     """The plan of a prepared job: its real footprint (measured when asked, by probes
-    started as ``probe_start`` says: as the run's workers) on ``resources``."""
-    footprint, calibration = job.footprint, None
+    started as ``probe_start`` says: as the run's workers) on ``resources``; ``forked``:
+    the workers are forked from the server that preloaded ``job.worker_preload`` (see
+    :func:`worker_footprint`)."""
+    footprint, calibration = worker_footprint(job, forked), None
     if settings["calibrate"] if calibrate is None else calibrate:
         footprint, calibration = calibrate_footprint(
             job.workload, footprint, job.probe_kwargs, probe_sizes or job.probe_sizes,
@@ -175,6 +178,17 @@ def plan_job(
     overrides = job.plan_overrides()
     plan = make_planned(job.workload, footprint, resources, settings, overrides)
     return Planned(plan, calibration)
+
+
+def worker_footprint(job: Job, forked: bool = False) -> Footprint:
+    """The job's footprint for the workers it runs on.  Analytic footprints are in
+    spawned-worker terms (SLURM workers, an existing cluster's); workers ``forked`` from
+    the server that preloaded ``job.worker_preload`` (a local cluster) hold less: the
+    job's :class:`~hpcbatch.workload.PreloadSaving` comes off its analytic footprint
+    (a caller's own footprint and a probe's measurement are left as they are)."""
+    if forked and job.worker_preload and job.preload_saving is not None:
+        return job.preload_saving.applied(job.footprint)
+    return job.footprint
 
 
 # ------------------------------------------------------------------ runs ----
@@ -227,11 +241,13 @@ def _planned_client(
         return
     resources = request.resources or detect_resources()
     local = request.cluster.backend == "local"
+    forked = local and bool(job.worker_preload)  # SLURM's and existing workers: spawned
     with ExitStack() as stack:
-        if local and job.worker_preload:  # workers forked from a server that imported
-            stack.enter_context(forkserver_workers(job.worker_preload))  # its modules
+        if forked:  # workers forked from a server that imported its modules: the plan
+            stack.enter_context(forkserver_workers(job.worker_preload))  # takes the saving
         start = "forkserver" if local and _forkserver_method() else "spawn"
-        planned = plan_job(job, settings, resources, **plan_kw, probe_start=start)
+        planned = plan_job(job, settings, resources, **plan_kw, probe_start=start,
+                           forked=forked)  # fmt: skip
         client = stack.enter_context(open_cluster(
             planned.plan, settings, backend=request.cluster.backend, quiet=request.quiet
         ))  # fmt: skip

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from importlib import metadata
 from typing import Any, ClassVar
 
@@ -154,6 +154,37 @@ class Invocation:
     run_id: str | None = None
 
 
+@dataclass(frozen=True)
+class PreloadSaving:
+    """How much less a worker forked from the preload server holds than a spawned one.
+
+    A workload's analytic footprint is in spawned-worker terms: SLURM workers and an
+    existing cluster's workers are fresh processes.  Where the pipeline forks local
+    workers from the server that imported :attr:`Job.worker_preload`, their pages of
+    those modules are shared with it: the pipeline takes ``saving_bytes`` (measured for
+    the workload) off the baseline of the job's analytic footprint, the one whose
+    ``source`` is ``source``, and never off a caller's own footprint or one a probe
+    measured.  ``measured``: where the saving was measured, for the plan's reasons.
+    """
+
+    saving_bytes: int
+    source: str
+    measured: str = ""
+
+    def applied(self, footprint: Footprint) -> Footprint:
+        """``footprint`` for forked workers (unchanged unless it is the analytic one)."""
+        if footprint.source != self.source or self.saving_bytes <= 0:
+            return footprint
+        note = (
+            f"local workers forked from a forkserver that preloaded the workload's modules: "
+            f"baseline {self.saving_bytes / 1024**2:.0f} MiB under the spawned workers' "
+            f"(SLURM, an existing cluster)" + (f", {self.measured}" if self.measured else "")
+        )
+        constants = f"{footprint.constants}; {note}" if footprint.constants else note
+        baseline = max(0, footprint.baseline_bytes - self.saving_bytes)
+        return replace(footprint, baseline_bytes=baseline, constants=constants)
+
+
 class Job:
     """One prepared run of a workload (returned by :meth:`Workload.prepare`).
 
@@ -171,6 +202,9 @@ class Job:
     #: modules a local cluster's workers should find imported: when set, they are forked
     #: from a server that imported them once (:func:`hpcbatch.cluster.forkserver_workers`)
     worker_preload: tuple[str, ...] = ()
+    #: what those forked workers hold less than spawned ones, taken off the analytic
+    #: footprint where the pipeline forks them (:class:`PreloadSaving`); None: nothing
+    preload_saving: PreloadSaving | None = None
 
     @property
     def n_items(self) -> int:

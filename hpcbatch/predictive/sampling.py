@@ -43,8 +43,9 @@ from ..pipeline import ClusterChoice, RunRequest, plan_job, run_job
 from ..planner import Plan
 from ..resources import detect_resources
 from ..units import format_bytes
+from ..workload import PreloadSaving
 from .core import preserved_rng
-from .footprint import forkserver_footprint
+from .footprint import FORKSERVER_MEASURED, FORKSERVER_SAVING_BYTES, SOURCE
 from .task import (  # noqa: F401  (_create_store, _guide_state: re-exported for benchmarks)
     _ARRAYS,
     _JOBS,
@@ -83,6 +84,7 @@ CLUSTER_CHOICES = ("auto", "cluster", "inprocess")
 # are shared (see docs/predictive.md, "Worker start method", for the measurement).
 WORKER_STARTS = ("spawn", "forkserver")
 FORKSERVER_PRELOAD = ("numpy", "torch", "pyro", "zarr", "hpcbatch.predictive.task")
+FORKSERVER_SAVING = PreloadSaving(FORKSERVER_SAVING_BYTES, SOURCE, FORKSERVER_MEASURED)
 # What starting a local cluster costs before its workers draw, for cluster="auto" (a job
 # whose drawing is estimated shorter runs in this process).  Measured 2026-12-06 on the
 # 2-core development machine (quiet, load < 2), a 16-sample job of the technical model
@@ -485,9 +487,10 @@ def run_prepared(
         request = _run_request(job, settings, execution, calibrate)
         local = execution.client is None and request.cluster.backend == "local"
         if execution.worker_start == "forkserver" and local:
-            # the pipeline forks local workers from a server that imported these once
+            # the pipeline forks local workers from a server that imported these once,
+            # and takes their saving off the analytic footprint (not off a caller's)
             job.worker_preload = FORKSERVER_PRELOAD
-            job.footprint = forkserver_footprint(job.footprint)
+            job.preload_saving = FORKSERVER_SAVING
         return run_job(job, settings, request)
     except BaseException as exc:
         job.discard(exc)

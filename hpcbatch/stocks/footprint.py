@@ -4,9 +4,12 @@ Figures from the workload (REFERENCE.md, section 1) and the code in this package
 rows fetched as Python tuples, a float64 indicator pass over ``(stocks, days)`` arrays
 written column by column into float32 features, windows that are views (only one
 inference batch is ever copied), and a model whose weights are memory-mapped.  The
-worker baseline was fitted to the per-worker peaks of real runs whose local workers are
-forked from a server that preloaded numpy, torch and SQLAlchemy (``PROVENANCE``);
-``--calibrate`` measures the fixed and per-stock bytes for the machine at hand.
+worker baseline is in spawned-worker terms (SLURM's workers and an existing cluster's
+are fresh processes); where the pipeline forks local workers from a server that
+preloaded numpy, torch and SQLAlchemy, it takes ``FORKSERVER_SAVING_BYTES`` off
+(:class:`hpcbatch.workload.PreloadSaving`).  Both were fitted to the per-worker peaks
+of real runs (``PROVENANCE``); ``--calibrate`` measures the fixed and per-stock bytes
+for the machine at hand.
 """
 
 from __future__ import annotations
@@ -24,17 +27,19 @@ SOURCE = (
 )
 PROVENANCE = (
     "measured 2026-12-06 on the project's 2-core x86_64 Linux build machine (Python "
-    "3.11.7, torch 2.13.0 CPU, numpy 2.4.6, SQLAlchemy 2.1.9, distributed 2026.8.0) with "
-    "local workers forked from a forkserver that preloaded numpy, torch and SQLAlchemy: "
-    "worker baseline 240 MiB + the inference batch + the model's pages, fitted to the "
-    "per-worker peaks of real runs ({checked}); 500 B per fetched row and 80 float64 "
-    "temporaries per stock-day from probe runs (2026-11-23), rows and temporaries not "
-    "alive together; driver 384 MiB over the "
-    "measured 321-334 MiB; not measured on this machine: --calibrate measures them here"
+    "3.11.7, torch 2.13.0 CPU, numpy 2.4.6, SQLAlchemy 2.1.9, distributed 2026.8.0): "
+    "worker baseline 304 MiB for spawned workers (SLURM, an existing cluster) = 240 MiB "
+    "for local workers forked from a forkserver that preloaded numpy, torch and "
+    "SQLAlchemy + the 64 MiB those share with it, plus the inference batch and the "
+    "model's pages, fitted to the per-worker peaks of real runs ({checked}); 500 B per "
+    "fetched row and 80 float64 temporaries per stock-day from probe runs (2026-11-23), "
+    "rows and temporaries not alive together; driver 384 MiB over the measured 321-334 "
+    "MiB; not measured on this machine: --calibrate measures them here"
 ).format(
-    checked="small model 279-302 MiB at 200-5,000 stocks x 150-400 days, full model "
-    "485-490 MiB at 500-2,000 stocks x 300-400 days, 10 prediction days, 25-50 stocks a "
-    "chunk: measured/predicted 0.89-0.95"
+    checked="forked: small model 279-302 MiB at 200-5,000 stocks x 150-400 days, full "
+    "model 480-490 MiB at 500-2,000 stocks x 300-400 days, 25-50 stocks a chunk, "
+    "measured/predicted 0.89-0.95; spawned: small model 348-353 MiB, full model 539 MiB "
+    "at 500-2,000 stocks x 400 days, 50 stocks a chunk, measured/predicted 0.89-0.93"
 )
 RAW_COLUMNS = 9
 # A fetched row: SQLAlchemy Row + tuple + 2 str + 7 float objects, plus the column
@@ -48,8 +53,24 @@ FEATURE_TEMPORARIES = 80
 # runs (helper measurements, benchmarks/calibration.py's cases and more): measured peak
 # minus the inference batch, the model's pages and the chunk's stocks was 200-215 MiB
 # for the small and the full model alike; 240 MiB keeps measured/predicted in 0.85-0.95.
-# Was 300 MiB, fitted to spawned workers (0.73-0.76 once workers were forked).
-BASELINE_BYTES = 240 * 1024**2
+FORKSERVER_BASELINE_BYTES = 240 * 1024**2
+# What a spawned worker (SLURM, an existing cluster: a fresh process) holds more than a
+# forked one: its own pages of the interpreter, numpy, torch and SQLAlchemy.  Measured
+# 2026-12-06, stocks predict on 2 local workers with the same plan, forked from the
+# forkserver (the default) vs a LocalCluster with multiprocessing spawn given as
+# client=: small model 348-353 vs 293-294 MiB, full model 539 vs 480-484 MiB
+# per worker (500 and 2,000 stocks x 400 days, 10 prediction days, 50 stocks a chunk):
+# 54-60 MiB; 64 MiB keeps both within 0.89-0.94 of the prediction.  The pipeline takes
+# it off where it forks local workers (hpcbatch.workload.PreloadSaving,
+# hpcbatch.stocks.workload.FORKSERVER_SAVING).
+FORKSERVER_SAVING_BYTES = 64 * 1024**2
+FORKSERVER_MEASURED = (
+    "spawned workers measured 54-60 MiB over forked ones (stocks predict, 500-2,000 "
+    "stocks x 400 days, small and full model, 2026-12-06)"
+)
+# The analytic baseline: spawned workers'.  Was 240 MiB for every worker (spawned ones
+# measured 348-353 MiB at the small model against 328 MiB predicted: 1.06-1.08, unsafe).
+BASELINE_BYTES = FORKSERVER_BASELINE_BYTES + FORKSERVER_SAVING_BYTES
 # The driver: client + in-process scheduler, with torch imported to check the model.
 # Measured peak RSS 321-325 MiB (benchmarks/results-stocks-*.json, 500-5,000 stocks).
 DRIVER_BYTES = 384 * 1024**2

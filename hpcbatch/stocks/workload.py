@@ -24,13 +24,20 @@ from ..workload import (
     Invocation,
     Job,
     JobSizes,
+    PreloadSaving,
     RunContext,
     RunIdentity,
     Sink,
     Workload,
     typed_settings,
 )
-from .footprint import MAX_CHUNK_STOCKS, stocks_footprint
+from .footprint import (
+    FORKSERVER_MEASURED,
+    FORKSERVER_SAVING_BYTES,
+    MAX_CHUNK_STOCKS,
+    SOURCE,
+    stocks_footprint,
+)
 from .model import plan_threads
 from .schema import make_engine, masked
 from .sink import list_codes, select_codes
@@ -39,6 +46,9 @@ from .task import PredictOptions, PredictTask, Prepared, default_run_id, prepare
 # A local cluster's workers are forked from a server that imported these once: no torch
 # import on each worker's first chunk (~1.2 s on the 2-core machine), pages shared.
 WORKER_PRELOAD = ("numpy", "torch", "sqlalchemy", "hpcbatch.stocks.task")
+# What those forked workers hold less than spawned ones (SLURM, an existing cluster):
+# the pipeline takes it off the analytic footprint where it forks them.
+FORKSERVER_SAVING = PreloadSaving(FORKSERVER_SAVING_BYTES, SOURCE, FORKSERVER_MEASURED)
 
 PROBE = "hpcbatch.stocks.probe:probe"
 #: Stocks planned for when neither --stocks nor a readable --db after -- says how many.
@@ -80,6 +90,7 @@ class StocksJob(Job):
         self.footprint = prep.footprint
         self.items = prep.codes
         self.worker_preload = WORKER_PRELOAD
+        self.preload_saving = FORKSERVER_SAVING
         self.sink = Sink(ledger_url=str(db_url), commit_on_worker=True, database=str(db_url),
                          description="table stock_predictions")  # fmt: skip
         self.identity = RunIdentity(

@@ -18,6 +18,7 @@ from pyro.infer import Predictive
 from hpcbatch.errors import ConfigError
 from hpcbatch.predictive import sample
 from hpcbatch.predictive import technical as tech
+from hpcbatch.predictive.footprint import FORKSERVER_SAVING_BYTES
 from hpcbatch.predictive.sampling import pyro_seed, run_sampling
 from hpcbatch.runner import chunk_seed
 
@@ -141,6 +142,25 @@ def test_spawned_and_forkserver_workers_draw_the_same_samples(tech_fit):
             for start in ("spawn", "forkserver")}  # fmt: skip
     for name in SITES:
         np.testing.assert_array_equal(runs["spawn"].samples[name], runs["forkserver"].samples[name])
+    # the pipeline takes the forked workers' measured saving off the analytic footprint
+    # (spawned workers keep it as the workload gives it), and the plan says why
+    spawned, forked = runs["spawn"].plan.footprint, runs["forkserver"].plan.footprint
+    assert spawned.baseline_bytes - forked.baseline_bytes == FORKSERVER_SAVING_BYTES == 80 * 2**20
+    assert "forkserver" not in spawned.constants
+    assert "baseline 80 MiB under the spawned workers'" in forked.constants
+    assert "measured 221-269 MiB per worker against 336 MiB spawned" in forked.constants
+
+
+def test_a_callers_footprint_is_not_reduced_for_forkserver_workers(tech_fit):
+    from hpcbatch.planner import Footprint
+    from hpcbatch.resources import Resources
+
+    mine = Footprint("predictive", "sample", 16, per_item_bytes=2**20,
+                     baseline_bytes=300 * 2**20, source="mine")  # fmt: skip
+    run = run_sampling(tech.technical_model, chunk_size=8, cluster="cluster",
+                       resources=Resources(4 * 1024**3, "test", 2, "test"), footprint=mine,
+                       worker_start="forkserver", **_common(tech_fit))  # fmt: skip
+    assert run.plan.footprint == mine
 
 
 def test_a_job_estimated_longer_than_a_cluster_start_takes_the_cluster(tech_fit, caplog):

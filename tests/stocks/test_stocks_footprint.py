@@ -6,7 +6,14 @@ import pytest
 
 from hpcbatch.planner import PlanSettings, make_plan
 from hpcbatch.resources import detect_resources
-from hpcbatch.stocks.footprint import MAX_CHUNK_STOCKS, stocks_footprint, stocks_max_chunk
+from hpcbatch.stocks.footprint import (
+    BASELINE_BYTES,
+    FORKSERVER_BASELINE_BYTES,
+    FORKSERVER_SAVING_BYTES,
+    MAX_CHUNK_STOCKS,
+    stocks_footprint,
+    stocks_max_chunk,
+)
 from hpcbatch.stocks.model import SIZES
 from hpcbatch.stocks.probe import probe
 
@@ -73,15 +80,35 @@ MEASURED_WORKERS = [
     ("full", 400, 50, 490.4),
     ("full", 300, 200, 508.9),
 ]
+# The same with spawned workers (a LocalCluster with multiprocessing spawn given as
+# client=, as SLURM's and an existing cluster's workers start), 400 days, 50 a chunk.
+MEASURED_SPAWNED = [
+    ("small", 400, 50, 348.1),
+    ("small", 400, 50, 352.8),
+    ("full", 400, 50, 539.4),
+]
+
+
+def _predicted(model: str, days: int, chunk: int, forked: bool) -> int:
+    config = None if model == "full" else SIZES[model]
+    fp = stocks_footprint(1000, days, 10, model_config=config)
+    saving = FORKSERVER_SAVING_BYTES if forked else 0
+    return fp.fixed_bytes - saving + chunk * fp.per_item_bytes
 
 
 @pytest.mark.parametrize(("model", "days", "chunk", "measured_mib"), MEASURED_WORKERS)
-def test_analytic_peak_is_within_20_percent_of_real_workers_on_the_safe_side(
+def test_analytic_peak_of_forked_workers_is_within_20_percent_on_the_safe_side(
     model, days, chunk, measured_mib
 ):
-    config = None if model == "full" else SIZES[model]
-    fp = stocks_footprint(1000, days, 10, model_config=config)
-    predicted = fp.fixed_bytes + chunk * fp.per_item_bytes
+    predicted = _predicted(model, days, chunk, forked=True)
+    assert 0.8 <= measured_mib * 2**20 / predicted <= 1.0
+
+
+@pytest.mark.parametrize(("model", "days", "chunk", "measured_mib"), MEASURED_SPAWNED)
+def test_analytic_peak_of_spawned_workers_is_within_20_percent_on_the_safe_side(
+    model, days, chunk, measured_mib
+):
+    predicted = _predicted(model, days, chunk, forked=False)
     assert 0.8 <= measured_mib * 2**20 / predicted <= 1.0
 
 
@@ -89,7 +116,10 @@ def test_constants_say_where_they_were_measured_and_how_workers_started():
     fp = stocks_footprint(100)
     assert fp.source.startswith("analytic, constants measured 2026-12-06 on")
     assert "2026-12-06" in fp.constants and "torch 2.13.0" in fp.constants
-    assert "forked from a forkserver" in fp.constants
+    assert f"worker baseline {BASELINE_BYTES // 2**20} MiB for spawned workers" in fp.constants
+    assert f"{FORKSERVER_BASELINE_BYTES // 2**20} MiB for local workers forked from a " \
+        "forkserver" in fp.constants
+    assert f"the {FORKSERVER_SAVING_BYTES // 2**20} MiB those share" in fp.constants
     # every worker's RSS holds the memory-mapped model's pages: counted per worker too
     details = dict(fp.details)
     assert details["memory-mapped model pages in each worker's RSS"] == fp.model_bytes > 0
