@@ -115,34 +115,42 @@ def _ema_powers(alpha: float, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return powers
 
 
-def ema(x: np.ndarray, alpha: float, init: float | np.ndarray | None = None) -> np.ndarray:
+def ema(
+    x: np.ndarray, alpha: float, init: float | np.ndarray | None = None, tail: int | None = None
+) -> np.ndarray:
     """``y[t] = (1 - alpha) y[t-1] + alpha x[t]`` along the last axis, ``y[-1] = init``.
 
     ``init`` defaults to the first value (so ``y[0] = x[0]``).  Closed form per block of
     128 days: ``y[s+j] = w^(j+1) y[s-1] + alpha w^j cumsum(x[s+i] w^-i)``, no row loop;
     each block is computed in place in the output (the powers are cached per alpha).
+    ``tail``: only the last ``tail`` days are returned; a block before them yields only
+    its last value (the same operations on it, so the same bits).
     """
     x = np.asarray(x, dtype=np.float64)
     out = np.empty_like(x)
     prev = x[..., 0].copy() if init is None else np.broadcast_to(init, x.shape[:-1]).astype(float)
+    first = 0 if tail is None else x.shape[-1] - tail  # the first day returned
     for s in range(0, x.shape[-1], _BLOCK):
         block = x[..., s : s + _BLOCK]
         inv, carry, scale = _ema_powers(alpha, block.shape[-1])
         seg = out[..., s : s + block.shape[-1]]
         np.multiply(block, inv, out=seg)
         np.cumsum(seg, axis=-1, out=seg)
+        if s + block.shape[-1] <= first:  # not returned: only the carry to the next block
+            prev = seg[..., -1] * scale[-1] + carry[-1] * prev
+            continue
         seg *= scale
         seg += carry * prev[..., None]
         prev = seg[..., -1]
-    return out
+    return _tail(out, tail)
 
 
-def ema_span(x: np.ndarray, span: int, init=None) -> np.ndarray:
-    return ema(x, 2.0 / (span + 1), init)
+def ema_span(x: np.ndarray, span: int, init=None, tail: int | None = None) -> np.ndarray:
+    return ema(x, 2.0 / (span + 1), init, tail)
 
 
-def wilder(x: np.ndarray, n: int, init=None) -> np.ndarray:
-    return ema(x, 1.0 / n, init)
+def wilder(x: np.ndarray, n: int, init=None, tail: int | None = None) -> np.ndarray:
+    return ema(x, 1.0 / n, init, tail)
 
 
 def _edge_windows(x: np.ndarray, n: int) -> np.ndarray:
@@ -263,7 +271,7 @@ def rsi(close: np.ndarray, n: int, tail: int | None = None) -> np.ndarray:
 
 
 def _rsi(up: np.ndarray, down: np.ndarray, n: int, tail: int | None) -> np.ndarray:
-    gain, loss = _tail(wilder(up, n), tail), _tail(wilder(down, n), tail)
+    gain, loss = wilder(up, n, tail=tail), wilder(down, n, tail=tail)
     return div(100.0 * gain, gain + loss, fill=50.0)
 
 
@@ -292,7 +300,7 @@ def kdj(high, low, close, n: int = 9, tail: int | None = None):
     lo, hi = rolling_min(low, n), rolling_max(high, n)
     rsv = div(100.0 * (close - lo), hi - lo, fill=50.0)
     k = ema(rsv, 1 / 3, init=50.0)
-    k, d = _tail(k, tail), _tail(ema(k, 1 / 3, init=50.0), tail)
+    k, d = _tail(k, tail), ema(k, 1 / 3, init=50.0, tail=tail)
     return k, d, 3 * k - 2 * d
 
 
@@ -307,13 +315,19 @@ def adx(high, low, prev_close, n: int = 14, tail: int | None = None, tr: np.ndar
     plus_di = div(100 * wilder(plus_dm, n), tr)
     minus_di = div(100 * wilder(minus_dm, n), tr)
     dx = div(100 * np.abs(plus_di - minus_di), plus_di + minus_di)
-    return _tail(wilder(dx, n), tail), _tail(plus_di, tail), _tail(minus_di, tail)
+    return wilder(dx, n, tail=tail), _tail(plus_di, tail), _tail(minus_di, tail)
 
 
 # ------------------------------------------------------------------ features ----
 
 
 def _calendar(dates: np.ndarray) -> list[np.ndarray]:
+    """Weekday, month and day-of-month features, computed once per distinct date (stocks
+    share most of their days; elementwise, so the same values) and gathered."""
+    if dates.size > 1:
+        days, where = np.unique(dates.ravel(), return_inverse=True)
+        if days.size < dates.size:
+            return [f[where].reshape(dates.shape) for f in _calendar(days)]
     year, month, day = dates // 10000, dates // 100 % 100, dates % 100
     days = (
         (year - 1970).astype("datetime64[Y]").astype("datetime64[M]")
@@ -365,7 +379,8 @@ def _kit(b: Bars, tail: int) -> SimpleNamespace:
     vol_sum = lambda n: get(f"vsum{n}", lambda: rolling_sum(V, n, tail), spare=True)  # noqa: E731
     vol_ma = lambda n: get(f"vma{n}", lambda: vol_sum(n) / n)  # noqa: E731
     sma_c = lambda n: get(f"sma{n}", lambda: sma(C, n, tail), spare=True)  # noqa: E731
-    ema_all = lambda n: get(f"ema{n}", lambda: ema_span(C, n), spare=True)  # noqa: E731
+    # MACD needs the 12- and 26-day EMAs on every day; the others only on the tail
+    ema_all = lambda n: get(f"ema{n}", lambda: ema_span(C, n, tail=None if n in (12, 26) else tail), spare=True)  # noqa: E731
     ema_c = lambda n: cut(ema_all(n))  # noqa: E731
     shift_c = lambda n: get(f"shift{n}", lambda: shift(c, n), spare=True)  # noqa: E731
     ret_std = lambda n: rolling_std(pct_all(), n, tail) / 3.0  # noqa: E731
@@ -375,7 +390,7 @@ def _kit(b: Bars, tail: int) -> SimpleNamespace:
     tp = lambda: cut(tp_all())  # noqa: E731
     obv_all = lambda: get("obv", lambda: np.cumsum(np.sign(C - PC) * V, axis=1))  # noqa: E731
     obv = lambda: cut(obv_all())  # noqa: E731
-    tr_all = lambda n: get(f"tr{n}", lambda: wilder(get("tr", lambda: true_range(H, L, PC), spare=True), n), spare=True)  # noqa: E731
+    tr_all = lambda n: get(f"tr{n}", lambda: wilder(get("tr", lambda: true_range(H, L, PC), spare=True), n, tail=None if n == 14 else tail), spare=True)  # noqa: E731 (ADX: 14 days, every day)
     delta = lambda: get("delta", lambda: C - shift(C, 1), spare=True)  # noqa: E731
     gains = lambda: get("gains", lambda: (np.maximum(delta(), 0.0), np.maximum(-delta(), 0.0)), spare=True)  # noqa: E731
     rsi_c = lambda n: _rsi(*gains(), n, tail)  # noqa: E731
@@ -399,7 +414,7 @@ def _kit(b: Bars, tail: int) -> SimpleNamespace:
 
 def _macd_tail(line: np.ndarray, tail: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """MACD line, signal and histogram from the full line, cut to the tail."""
-    line, signal = _tail(line, tail), _tail(ema_span(line, 9), tail)
+    line, signal = _tail(line, tail), ema_span(line, 9, tail=tail)
     return line, signal, line - signal
 
 

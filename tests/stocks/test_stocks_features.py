@@ -202,3 +202,26 @@ def test_bars_layout_right_aligns_and_edge_pads():
     assert bars.codes == ["A", "B"] and list(bars.n_rows) == [3, 1]
     assert bars.close.tolist() == [[1.0, 2.0, 3.0], [9.0, 9.0, 9.0]]
     assert bars.dates[1].tolist() == [20250103] * 3
+
+
+def test_ema_of_the_last_days_equals_the_full_ema_there_bit_for_bit():
+    """``tail``: blocks before the kept days give only their carry; the kept days equal
+    the full recursion's bits (tail inside a block, on a block edge, longer than x)."""
+    x = np.random.default_rng(5).normal(10, 3, size=(4, 3 * F._BLOCK + 17))
+    for alpha, init in ((0.1, None), (2 / 13, None), (1 / 3, 50.0)):
+        full = F.ema(x, alpha, init)
+        for tail in (0, 1, 17, 18, F._BLOCK + 17, F._BLOCK + 18, 200, x.shape[1], 10_000):
+            got = F.ema(x, alpha, init, tail=tail)
+            assert got.shape == (4, min(tail, x.shape[1]))
+            assert np.array_equal(got.view(np.int64), F._tail(full, tail).view(np.int64)), tail
+
+
+def test_calendar_once_per_distinct_date_equals_date_by_date():
+    dates = np.array([[20250102, 20250103, 20250106, 20250106], [20241231, 20250102, 20250103, 20250228],
+                      [20250301, 20250301, 20250301, 20250301]])  # fmt: skip
+    got = F._calendar(dates)
+    assert len(got) == 5 and all(f.shape == dates.shape for f in got)
+    for i, j in np.ndindex(dates.shape):
+        one = F._calendar(dates[i : i + 1, j : j + 1])  # a single date: computed directly
+        assert all(f[i, j].tobytes() == o[0, 0].tobytes() for f, o in zip(got, one, strict=True))
+    assert got[0][0, 2] == np.sin(0.0) and got[4][2, 0] == (1 - 16) / 15.0  # a Monday; the 1st
