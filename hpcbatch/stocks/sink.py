@@ -109,11 +109,10 @@ def fetch_bar_columns(
     if not conn.in_transaction():
         conn.begin()  # one read snapshot for every stock (ended by the caller's connection)
     cursor = conn.connection.cursor()
-    dates: list[np.ndarray] = []
+    dates: list = []
     prices: list[np.ndarray] = []
     present: list[str] = []
     counts: list[int] = []
-    last: tuple = ()
     try:
         for code in sorted(set(codes)):  # the window query's order: ts_code, then date
             found = cursor.execute(_SQLITE_LAST_ROWS, (code, lookback_days)).fetchall()
@@ -122,11 +121,7 @@ def fetch_bar_columns(
                 # CPU than converting the whole chunk's rows at the end
                 found.reverse()
                 cols = list(zip(*found, strict=True))
-                if cols[0] != last:  # stocks mostly share their days: parsed once
-                    last = cols[0]
-                    dates.append(_dates(last))
-                else:
-                    dates.append(dates[-1])
+                dates += cols[0]  # parsed at the end in one pass (stocks' days differ)
                 prices.append(_prices(cols[1:]))
                 present.append(code)
                 counts.append(len(found))
@@ -136,7 +131,7 @@ def fetch_bar_columns(
         return _no_columns()
     row_codes = np.repeat(np.asarray(present, dtype=object), counts)
     data = dict(zip(PRICE_FIELDS, np.concatenate(prices, axis=1), strict=True))
-    return row_codes, np.concatenate(dates), data
+    return row_codes, _dates(dates), data
 
 
 def read_bars(conn: Connection, codes: Sequence[str], lookback_days: int) -> Bars:
@@ -229,21 +224,24 @@ def _prices(cols: Sequence[Sequence]) -> np.ndarray:
         return np.stack([_numeric(col, np.float64, np.nan) for col in cols])
 
 
-_DATE_DIGITS = 10 ** np.arange(7, -1, -1, dtype=np.int64)
+_DATE_DIGITS = (10 ** np.arange(7, -1, -1)).astype(np.float64)  # exact: dates < 2**53
 
 
 def _dates(values: Sequence) -> np.ndarray:
     """``YYYYMMDD`` dates as int64 (-1 where not a number); read from one byte buffer when
-    every value is 8 ASCII digits (the usual case), else value by value."""
+    every value is 8 ASCII digits (the usual case), else value by value.  The buffer is
+    the values each followed by a newline: 8 digits then a newline in every 9 bytes means
+    exactly that (no value holds a newline or has another length)."""
     n = len(values)
     try:
-        text = "".join(values).encode("ascii")
+        text = ("\n".join(values) + "\n").encode("ascii")
     except (TypeError, UnicodeEncodeError):  # not all text (a NULL, an integer column)
         text = b""
-    if n and len(text) == 8 * n and set(map(len, values)) == {8}:
-        digits = np.frombuffer(text, dtype=np.uint8).reshape(n, 8) - 48
-        if (digits < 10).all():
-            return digits.astype(np.int64) @ _DATE_DIGITS
+    if n and len(text) == 9 * n:
+        rows = np.frombuffer(text, dtype=np.uint8).reshape(n, 9)
+        digits = rows[:, :8] - 48
+        if (rows[:, 8] == 10).all() and (digits < 10).all():
+            return (digits @ _DATE_DIGITS).astype(np.int64)
     return _numeric(values, np.int64, -1)
 
 

@@ -73,6 +73,10 @@ def test_dates_read_in_one_pass_equal_the_value_by_value_way():
         ["２０２５０１０２", "20250103"],  # not ASCII (int() reads these digits)
         [20250102, 20250103],  # an integer column
         ["20250102", " 2025010"],
+        ["2025010\n", "20250103"],  # a newline where the buffer's separators go
+        ["20250102\n2025010", "2"],  # 18 characters, 2 values: a newline inside one
+        ["202501\n02", "20250103"],
+        ["20250102"] * 3 + ["2025010", "202501034"],
         [],
     ]
     for values in cases:
