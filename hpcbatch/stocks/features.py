@@ -77,18 +77,18 @@ def bars_from_columns(codes: Sequence[str], columns: dict[str, np.ndarray]) -> B
     starts = np.flatnonzero(np.r_[True, codes_arr[1:] != codes_arr[:-1]])
     counts = np.diff(np.r_[starts, n])
     n_stocks, width = len(starts), int(counts.max())
-    stock_idx = np.repeat(np.arange(n_stocks), counts)
-    rank = np.arange(n) - np.repeat(starts, counts)
-    col = width - np.repeat(counts, counts) + rank
+    # row r of stock i goes to i * width + (width - counts[i]) + its rank: right-aligned
+    flat = np.arange(n) + np.repeat(np.arange(n_stocks) * width + width - counts - starts, counts)
     pad = np.arange(width)[None, :] < (width - counts)[:, None]
 
     def layout(values: np.ndarray, dtype) -> np.ndarray:
         if n == n_stocks * width:  # every stock has every day: no padding
             return np.array(values, dtype=dtype).reshape(n_stocks, width)
-        out = np.empty((n_stocks, width), dtype=dtype)
-        out[stock_idx, col] = values
-        first = values[starts]
-        return np.where(pad, first[:, None], out)
+        out = np.empty(n_stocks * width, dtype=dtype)
+        out[flat] = values
+        out = out.reshape(n_stocks, width)
+        np.copyto(out, values[starts][:, None], where=pad)  # left padding: the first bar
+        return out
 
     arrays = {f: layout(np.asarray(columns[f], dtype=np.float64), np.float64) for f in PRICE_FIELDS}
     dates = layout(np.asarray(columns["trade_date"], dtype=np.int64), np.int64)
