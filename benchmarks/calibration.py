@@ -13,6 +13,12 @@ cluster planned for ``--mem`` / ``--cpus``:
   ``hpcbatch run stocks ... --calibrate`` and ``hpcbatch predictive sample ...
   --calibrate`` do the same).  A user's model has no probe: only its analytic footprint
   (sized from its returned sites) is checked.
+- stocks also ``analytic, spawned workers``: the same job on a cluster whose workers are
+  spawned, fresh processes as SLURM's and an existing cluster's are (a LocalCluster with
+  multiprocessing ``spawn``, as many workers, threads and memory as the local analytic
+  plan, given as ``client=``): planned for the workers there with the analytic footprint
+  in spawned-worker terms, without the forkserver's saving
+  (``hpcbatch.workload.PreloadSaving``) that the local rows' plans take off.
 
 For each run the JSON has the plan's predicted per-worker peak, the highest per-worker
 peak the runner measured (each worker's RSS sampled every 0.1 s by its nanny) and
@@ -38,6 +44,7 @@ import os
 import platform
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -93,19 +100,43 @@ def stocks_cases(work: Path, mem: float, cpus: int) -> list[dict]:
     for n in STOCK_SIZES:
         url, model_dir = bench_stocks.prepare(work / "stocks", n, STOCK_DAYS, "small", 0)
         opts = PredictOptions(lookback_days=STOCK_DAYS, predict_days=10, use_gpu="false")
-        for kind in ("analytic", "calibrated"):
+        local_plan: dict = {}
+        for kind in ("analytic", "calibrated", SPAWNED):
             bench_stocks.clear_predictions(url)
+            kw = dict(settings=_settings(work), options=opts, progress=False, quiet=True,
+                      run_id=f"calibration-{n}-{kind.replace(', ', '-').replace(' ', '-')}-{time.time():.0f}")  # fmt: skip
             t0 = time.perf_counter()
-            report = predict(url, model_dir, settings=_settings(work), options=opts,
-                             resources=_resources(mem, cpus), backend="local",
-                             run_id=f"calibration-{n}-{kind}-{time.time():.0f}",
-                             progress=False, quiet=True, calibrate=kind == "calibrated")  # fmt: skip
+            if kind == SPAWNED:
+                with _spawned_client(local_plan) as client:
+                    report = predict(url, model_dir, client=client, calibrate=False, **kw)
+            else:
+                report = predict(url, model_dir, resources=_resources(mem, cpus),
+                                 backend="local", calibrate=kind == "calibrated", **kw)  # fmt: skip
+            local_plan = local_plan or (report.plan or {})
             source = next((r for r in (report.plan or {}).get("reasons", [])
                            if "footprint" in r), "")  # fmt: skip
             rows.append({"workload": "stocks", "size": {"stocks": n, "days": STOCK_DAYS},
                          **_row(kind, report, time.perf_counter() - t0, source)})  # fmt: skip
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
+
+
+SPAWNED = "analytic, spawned workers"
+
+
+@contextmanager
+def _spawned_client(plan: dict):
+    """A client of spawned workers (as SLURM's and an existing cluster's are), as many
+    and as large as the local analytic ``plan``'s."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    with dask.config.set({"distributed.worker.multiprocessing-method": "spawn"}), \
+            LocalCluster(n_workers=plan.get("n_workers") or 2, processes=True,
+                         threads_per_worker=plan.get("threads_per_worker") or 1,
+                         memory_limit=plan.get("memory_limit_bytes") or "2GiB",
+                         dashboard_address=None) as cluster, Client(cluster) as client:  # fmt: skip
+        yield client
 
 
 def predictive_cases(work: Path, mem: float, cpus: int) -> list[dict]:
