@@ -20,6 +20,7 @@ run on those days plus their :data:`LOOKBACK_DAYS` warm-up only (see :func:`_kit
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -100,6 +101,34 @@ def bars_from_columns(codes: Sequence[str], columns: dict[str, np.ndarray]) -> B
 # -------------------------------------------------------------- primitives ----
 
 
+def cumsum(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``np.cumsum(x, axis=-1, out=out)`` bit for bit, ~4x faster by torch's scan where
+    torch is loaded already (the worker's model): both add ``x[i]`` to the running sum
+    one day after another in float64.  torch starts its sum at +0.0, so a row that starts
+    with -0.0 (whose leading sums numpy keeps at -0.0) goes to numpy, as does anything
+    but writable float64 with non-negative strides."""
+    torch = sys.modules.get("torch")
+    target = x if out is None else out
+    first = x[..., :1]
+    if (
+        torch is None
+        or x.dtype != np.float64
+        or target.dtype != np.float64
+        or x.size == 0
+        or not (x.flags.writeable and target.flags.writeable)
+        or min(x.strides + target.strides, default=0) < 0
+        or (np.signbit(first) & (first == 0)).any()
+    ):
+        return np.cumsum(x, axis=-1, out=out)
+    if out is None:
+        return torch.cumsum(torch.from_numpy(x), dim=-1).numpy()
+    if out is x:
+        torch.from_numpy(x).cumsum_(dim=-1)
+    else:
+        torch.cumsum(torch.from_numpy(x), dim=-1, out=torch.from_numpy(out))
+    return out
+
+
 def _tail(x: np.ndarray, tail: int | None) -> np.ndarray:
     """The last ``tail`` days of ``x`` (a view; all of them for None)."""
     return x if tail is None else x[..., max(0, x.shape[-1] - tail) :]
@@ -135,7 +164,7 @@ def ema(
         inv, carry, scale = _ema_powers(alpha, block.shape[-1])
         seg = out[..., s : s + block.shape[-1]]
         np.multiply(block, inv, out=seg)
-        np.cumsum(seg, axis=-1, out=seg)
+        cumsum(seg, out=seg)
         if s + block.shape[-1] <= first:  # not returned: only the carry to the next block
             prev = seg[..., -1] * scale[-1] + carry[-1] * prev
             continue
@@ -165,7 +194,7 @@ def rolling_sum(x: np.ndarray, n: int, tail: int | None = None) -> np.ndarray:
     c = np.empty((s, n + t))
     c[:, :n] = x[:, :1]
     c[:, n:] = x
-    np.cumsum(c, axis=1, out=c)
+    cumsum(c, out=c)
     return _tail(c[:, n:], tail) - _tail(c[:, :-n], tail)
 
 
@@ -388,7 +417,7 @@ def _kit(b: Bars, tail: int) -> SimpleNamespace:
     rng = lambda: cut(rng_all())  # noqa: E731
     tp_all = lambda: get("tp", lambda: (H + L + C) / 3)  # noqa: E731
     tp = lambda: cut(tp_all())  # noqa: E731
-    obv_all = lambda: get("obv", lambda: np.cumsum(np.sign(C - PC) * V, axis=1))  # noqa: E731
+    obv_all = lambda: get("obv", lambda: cumsum(np.sign(C - PC) * V))  # noqa: E731
     obv = lambda: cut(obv_all())  # noqa: E731
     tr_all = lambda n: get(f"tr{n}", lambda: wilder(get("tr", lambda: true_range(H, L, PC), spare=True), n, tail=None if n == 14 else tail), spare=True)  # noqa: E731 (ADX: 14 days, every day)
     delta = lambda: get("delta", lambda: C - shift(C, 1), spare=True)  # noqa: E731

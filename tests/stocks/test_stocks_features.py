@@ -225,3 +225,26 @@ def test_calendar_once_per_distinct_date_equals_date_by_date():
         one = F._calendar(dates[i : i + 1, j : j + 1])  # a single date: computed directly
         assert all(f[i, j].tobytes() == o[0, 0].tobytes() for f, o in zip(got, one, strict=True))
     assert got[0][0, 2] == np.sin(0.0) and got[4][2, 0] == (1 - 16) / 15.0  # a Monday; the 1st
+
+
+def test_cumsum_by_torch_equals_numpy_bit_for_bit():
+    """The scan behind EMAs and rolling sums: torch's where loaded (as here), numpy's
+    bits every time: leading -0.0, NaN, infinities, views with a row stride, in place."""
+    import torch  # noqa: F401 (loaded: the torch path runs)
+
+    rng = np.random.default_rng(11)
+    for trial in range(60):
+        x = rng.normal(size=(int(rng.integers(1, 60)), int(rng.integers(1, 700)))) * 10.0 ** rng.integers(-5, 8)
+        if trial % 3 == 0:
+            hit = rng.random(x.shape) < 0.02
+            x[hit] = rng.choice([np.nan, np.inf, -np.inf, 0.0, -0.0], size=int(hit.sum()))
+        if trial % 4 == 0:
+            x[: x.shape[0] // 2 + 1, :2] = -0.0  # numpy keeps -0.0 sums; torch starts at +0.0
+        inplace, view = x.copy(), np.concatenate([x, x], axis=1)[:, 1 : 1 + x.shape[1]]
+        with np.errstate(invalid="ignore"):  # inf - inf
+            ref, ref_view = np.cumsum(x, axis=-1), np.cumsum(view, axis=-1)
+            got = [F.cumsum(x), F.cumsum(x, out=np.empty_like(x)), F.cumsum(inplace, out=inplace)]
+            F.cumsum(view, out=view)
+        for g in [*got]:
+            assert np.array_equal(g.view(np.int64), ref.view(np.int64)), trial
+        assert np.array_equal(view.view(np.int64), ref_view.view(np.int64)), trial
