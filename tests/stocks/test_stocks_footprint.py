@@ -79,13 +79,22 @@ MEASURED_WORKERS = [
     ("full", 300, 50, 484.6),
     ("full", 400, 50, 490.4),
     ("full", 300, 200, 508.9),
+    # 500, 2,000 and 5,000 stocks x 400 days (full model: 500 and 2,000), 2026-12-06
+    ("small", 400, 50, 294.0),
+    ("small", 400, 50, 293.0),
+    ("small", 400, 50, 295.2),
+    ("full", 400, 50, 479.6),
+    ("full", 400, 50, 484.4),
 ]
 # The same with spawned workers (a LocalCluster with multiprocessing spawn given as
-# client=, as SLURM's and an existing cluster's workers start), 400 days, 50 a chunk.
+# client=, as SLURM's and an existing cluster's workers start): the same runs as the
+# last five above, 500-5,000 stocks.
 MEASURED_SPAWNED = [
     ("small", 400, 50, 348.1),
     ("small", 400, 50, 352.8),
+    ("small", 400, 50, 365.3),
     ("full", 400, 50, 539.4),
+    ("full", 400, 50, 553.7),
 ]
 
 
