@@ -754,11 +754,18 @@ class _Shell:
         self.t_end = time.time()
 
     def _loop(self) -> None:
+        first = True
         while self._breaker_allows():
             self._submit()
+            if first:  # the first progress line as the first chunks go out, not after a wait
+                first = False
+                self._tick()
             if not self.in_flight:
-                if self.unflushed and self.states.pending and not self._stopping():
-                    self._await_releases()
+                if self.states.pending and not self._stopping():
+                    # no room yet: the last releases had not left the client when
+                    # _submit looked (they may have since: then submit at once)
+                    if self.unflushed:
+                        self._await_releases()
                     continue
                 if not self.breaker.is_open or self.stop.reason or self.fatal is not None:
                     break

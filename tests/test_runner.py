@@ -6,6 +6,7 @@ import functools
 import gc
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -325,6 +326,39 @@ def test_a_batch_log_gets_progress_lines(client, capsys):
     lines = [x for x in err.splitlines() if x.startswith("progress: ")]
     assert lines and "20/20 items (100%)" in lines[-1]
     assert "items/s" in lines[-1] and "ETA" in lines[-1] and "cluster memory" in lines[-1]
+
+
+def test_the_first_progress_line_goes_out_with_the_first_chunks(client, capsys):
+    # logged as the first chunks are submitted (before any has finished), not after the
+    # first wait for results: a log's timeline shows no gap before the first chunk
+    run(make_chunks(8, 2), rh.tiny, client, run_id="first", progress=True, progress_interval=5)
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("progress: ")]
+    first = re.match(r"progress: 0/8 items \(0%\), 0 chunks done, (\d+) in flight", lines[0])
+    assert first and int(first.group(1)) > 0, lines
+
+
+def test_no_chunk_is_left_behind_when_the_releases_leave_just_after_a_full_window(
+    client, monkeypatch
+):
+    # The interleaving a busy machine makes likely: _submit finds no room (the window
+    # is taken by released futures whose release has not left the client yet), then
+    # the client's loop flushes them before the runner looks again.  The run must go on
+    # submitting, not end "finished" with chunks never run.
+    import hpcbatch.runner as runner_mod
+
+    submit = runner_mod._Shell._submit
+
+    def submit_then_flush(self):
+        before = len(self.in_flight)
+        submit(self)
+        if len(self.in_flight) == before and self.unflushed:
+            with self.ac.thread_condition:  # the loop thread's callbacks run meanwhile
+                self.ac.thread_condition.wait_for(lambda: not self.unflushed, timeout=10)
+
+    monkeypatch.setattr(runner_mod._Shell, "_submit", submit_then_flush)
+    report = run(make_chunks(30, 1), rh.tiny, client, run_id="flush", max_in_flight=1,
+                 progress=False)  # fmt: skip
+    assert report.status == "finished" and report.items_done == 30 and report.chunks_done == 30
 
 
 # ------------------------------------------------------ 10,000 chunks ----
