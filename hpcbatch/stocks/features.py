@@ -10,8 +10,9 @@ first value this padding changes nothing, so a stock's features do not depend on
 other stocks of its chunk.  The first :data:`WARMUP_DAYS` real rows of a stock are warm-up
 (rolling windows not yet full); windows never start there.
 
-Everything is numpy on ``(stocks, days)`` float64 arrays; the only Python loops run over
-feature definitions and over blocks of 128 days inside :func:`ema`, never over rows.  The
+Everything is numpy on ``(stocks, days)`` float64 arrays (the running sums by torch's
+scan where torch is loaded: the same bits, see :func:`cumsum`); the only Python loops run
+over feature definitions and over blocks of 128 days inside :func:`ema`, never over rows.  The
 output is float32, squashed to moderate ranges, and finite (NaN/inf -> 0, clipped).
 Where only the last days are wanted, local features (shifts, rolling extremes, windows)
 run on those days plus their :data:`LOOKBACK_DAYS` warm-up only (see :func:`_kit`).
