@@ -45,3 +45,13 @@ def test_write_spanning_chunks_matches_numpy(tmp_path):
     task._ARRAYS.clear()
     got = zarr.open_array(store=str(tmp_path / "s" / "y"), mode="r")[:]
     np.testing.assert_array_equal(got, expected)
+
+
+def test_worker_arrays_skip_the_empty_chunk_scan(tmp_path):
+    """Workers open the store's arrays writing every chunk (no all-fill scan per chunk)."""
+    group = zarr.open_group(store=str(tmp_path / "s"), mode="w")
+    group.create_array("y", shape=(2, 3), chunks=(1, 3), dtype="float32", fill_value=0)
+    task._ARRAYS.clear()
+    array = task._zarr_array(str(tmp_path / "s"), "y")
+    task._ARRAYS.clear()
+    assert array.config.write_empty_chunks is True
