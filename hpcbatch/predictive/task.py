@@ -51,7 +51,13 @@ from ..runner import Chunk, make_chunks
 from ..security import private_dir
 from ..workload import Job, RunContext, RunIdentity, Sink, Workload
 from . import core, shared
-from .footprint import auto_block, draw_rows, sampling_footprint
+from .footprint import (
+    WORKER_MMAP_THRESHOLD,
+    WORKER_TRIM_THRESHOLD,
+    auto_block,
+    draw_rows,
+    sampling_footprint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +268,30 @@ def run_chunk(job: SamplingJob, chunk, seed: int, put: Callable[..., int]) -> di
 
 def sample_chunk_task(chunk, ctx, *, job_path: str, out: str) -> dict:
     """The runner's task: draw one chunk and write its zarr regions on the worker."""
+    keep_freed_memory()
     return run_chunk(_load_job(job_path), chunk, ctx.seed, partial(_write, out))
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+_MALLOC_TUNED: list[bool] = []
+
+
+def keep_freed_memory() -> bool:
+    """Make this worker's glibc keep freed memory for the next vectorised run (once per
+    process): allocations under ``WORKER_MMAP_THRESHOLD`` from the heap, up to
+    ``WORKER_TRIM_THRESHOLD`` free bytes kept at its top (the footprint counts them).
+    False where the C library is not glibc (nothing changed)."""
+    if not _MALLOC_TUNED:
+        try:
+            import ctypes
+
+            mallopt = ctypes.CDLL("libc.so.6").mallopt
+            ok = mallopt(_M_MMAP_THRESHOLD, WORKER_MMAP_THRESHOLD) == 1
+            ok = mallopt(_M_TRIM_THRESHOLD, WORKER_TRIM_THRESHOLD) == 1 and ok
+        except (OSError, AttributeError):
+            ok = False
+        _MALLOC_TUNED.append(ok)
+    return _MALLOC_TUNED[0]
 
 
 class MemorySink:

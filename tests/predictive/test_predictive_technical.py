@@ -14,7 +14,7 @@ from hpcbatch.errors import DataError
 from hpcbatch.planner import make_plan
 from hpcbatch.predictive import technical
 from hpcbatch.predictive.footprint import (
-    DRAW_TARGET_BYTES,
+    DRAW_FIXED_BYTES,
     OBS_COPIES,
     OUTPUT_COPIES,
     auto_block,
@@ -143,7 +143,7 @@ def test_footprint_bounds_the_likelihood_by_the_cell_block():
     assert with_obs.per_item_bytes - latent_only.per_item_bytes == (
         (OUTPUT_COPIES * block + OBS_COPIES) * row
     )
-    assert with_obs.baseline_bytes - latent_only.baseline_bytes == DRAW_TARGET_BYTES
+    assert with_obs.baseline_bytes - latent_only.baseline_bytes == DRAW_FIXED_BYTES
     # one block over every row: Predictive's own vectorised run, OBS_COPIES per value
     one = technical_footprint(500, 300, 2, 10, with_observations=True)
     assert one.per_item_bytes - technical_footprint(500, 300, 2, 10).per_item_bytes == (
@@ -169,5 +169,5 @@ def test_generic_footprint_counts_blocks_and_latents():
     several = sampling_footprint(100, latent_bytes_per_sample=1000, row_bytes_per_sample=40,
                                  rows_per_block=50, plate_rows=400)  # fmt: skip
     assert several.per_item_bytes == 4 * 1000 + (OUTPUT_COPIES * 50 + OBS_COPIES) * 40
-    assert several.baseline_bytes == fp.baseline_bytes + DRAW_TARGET_BYTES
+    assert several.baseline_bytes == fp.baseline_bytes + DRAW_FIXED_BYTES
     assert fp.node_shared_bytes == 10**6
