@@ -105,10 +105,10 @@ def draw_rows(row_bytes_per_sample: int, samples: int, block: int) -> int:
 def observation_bytes(row_bytes_per_sample: int, rows: int, block: int) -> tuple[int, int]:
     """(fixed, per sample) bytes of drawing observations in blocks of ``block`` of ``rows``
     rows: one block is one vectorised run (OBS_COPIES per value); several are drawn a few
-    rows at a time into the block's output (DRAW_TARGET_BYTES, at least one row, and
-    the freed memory a worker keeps: DRAW_FIXED_BYTES)."""
+    rows at a time into the block's output (DRAW_TARGET_BYTES, at least one row).  Both
+    count the freed memory a drawing worker keeps (WORKER_TRIM_THRESHOLD)."""
     if block >= rows:
-        return 0, OBS_COPIES * block * row_bytes_per_sample
+        return WORKER_TRIM_THRESHOLD, OBS_COPIES * block * row_bytes_per_sample
     per_sample = (OUTPUT_COPIES * block + OBS_COPIES) * row_bytes_per_sample
     return DRAW_FIXED_BYTES, per_sample
 
