@@ -83,7 +83,8 @@ DRAW_TARGET_BYTES = 16 * 1024**2
 # back to the OS after each (Dask starts workers with MALLOC_TRIM_THRESHOLD_=65536,
 # which makes glibc map and fault in every temporary afresh): allocations under
 # WORKER_MMAP_THRESHOLD come from the heap, and up to WORKER_TRIM_THRESHOLD free bytes
-# at its top are kept (``task.keep_freed_memory``).  Measured on the technical model,
+# at its top are kept (``task.keep_freed_memory``, for jobs drawn in several blocks,
+# whose temporaries DRAW_TARGET_BYTES bounds).  Measured on the technical model,
 # 5 samples x 34 rows x 4,000 features per run, one process, 2026-12-06: 6.2-6.4 M
 # values per CPU-s with Dask's setting, 7.7-7.9 with these; peak RSS 315 -> 345 MiB.
 WORKER_MMAP_THRESHOLD = 8 * 1024**2
@@ -105,10 +106,10 @@ def draw_rows(row_bytes_per_sample: int, samples: int, block: int) -> int:
 def observation_bytes(row_bytes_per_sample: int, rows: int, block: int) -> tuple[int, int]:
     """(fixed, per sample) bytes of drawing observations in blocks of ``block`` of ``rows``
     rows: one block is one vectorised run (OBS_COPIES per value); several are drawn a few
-    rows at a time into the block's output (DRAW_TARGET_BYTES, at least one row).  Both
-    count the freed memory a drawing worker keeps (WORKER_TRIM_THRESHOLD)."""
+    rows at a time into the block's output (DRAW_TARGET_BYTES, at least one row, and
+    the freed memory such a worker keeps: DRAW_FIXED_BYTES)."""
     if block >= rows:
-        return WORKER_TRIM_THRESHOLD, OBS_COPIES * block * row_bytes_per_sample
+        return 0, OBS_COPIES * block * row_bytes_per_sample
     per_sample = (OUTPUT_COPIES * block + OBS_COPIES) * row_bytes_per_sample
     return DRAW_FIXED_BYTES, per_sample
 

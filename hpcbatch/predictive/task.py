@@ -268,8 +268,11 @@ def run_chunk(job: SamplingJob, chunk, seed: int, put: Callable[..., int]) -> di
 
 def sample_chunk_task(chunk, ctx, *, job_path: str, out: str) -> dict:
     """The runner's task: draw one chunk and write its zarr regions on the worker."""
-    keep_freed_memory()
-    return run_chunk(_load_job(job_path), chunk, ctx.seed, partial(_write, out))
+    job = _load_job(job_path)
+    plate = job.layout.plate_size
+    if job.block and plate and job.block < plate:  # drawn a few rows at a time
+        keep_freed_memory()
+    return run_chunk(job, chunk, ctx.seed, partial(_write, out))
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
