@@ -19,7 +19,7 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, HpcbatchError
 from .features import PRICE_FIELDS, Bars, bars_from_columns
 from .schema import make_engine, stock_daily, stock_predictions
 
@@ -369,20 +369,18 @@ _SQLITE_UPSERT: dict[str, tuple[str, list[str], list]] = {}
 
 
 def _sqlite_upsert_plan(conn: Connection) -> tuple[str, list[str], list]:
-    """The upsert's SQL with ``?`` markers in column order, the column names and each
-    column's bind processor (None where SQLAlchemy binds the value as it is)."""
+    """The upsert's SQL as SQLAlchemy compiles it for the driver (``?`` markers), the
+    column behind each marker and its bind processor (None: bound as it is)."""
     dialect = conn.dialect
     if dialect.name not in _SQLITE_UPSERT:
         names = [c.name for c in stock_predictions.columns]
-        quote = dialect.identifier_preparer.quote
-        updates = ", ".join(f"{quote(n)} = excluded.{quote(n)}" for n in names if n not in KEY_COLUMNS)
-        sql = (
-            f"INSERT INTO {quote(stock_predictions.name)} ({', '.join(map(quote, names))}) "
-            f"VALUES ({', '.join('?' * len(names))}) "
-            f"ON CONFLICT ({', '.join(map(quote, KEY_COLUMNS))}) DO UPDATE SET {updates}"
-        )
-        procs = [c.type.dialect_impl(dialect).bind_processor(dialect) for c in stock_predictions.columns]
-        _SQLITE_UPSERT[dialect.name] = (sql, names, procs)
+        compiled = upsert_statement(dialect.name).compile(dialect=dialect, column_keys=names)
+        order = list(compiled.positiontup or ())
+        if sorted(order) != sorted(names):
+            raise HpcbatchError(f"unexpected upsert parameters {order}: report this as a bug")
+        columns = {c.name: c for c in stock_predictions.columns}
+        procs = [columns[n].type.dialect_impl(dialect).bind_processor(dialect) for n in order]
+        _SQLITE_UPSERT[dialect.name] = (compiled.string, order, procs)
     return _SQLITE_UPSERT[dialect.name]
 
 
