@@ -32,7 +32,7 @@ from .planner import Footprint, Plan, make_plan
 from .resources import Resources, detect_resources
 from .runner import run as run_chunks
 from .runs import progress_watchers
-from .workload import Job, RunContext, RunSettings, Workload
+from .workload import HeapTunedTask, Job, RunContext, RunSettings, Workload
 
 log = logging.getLogger(__name__)
 
@@ -279,9 +279,12 @@ def _run_on(
     sink = job.sink
     ledger = Ledger(sink.ledger_url) if sink.ledger_url else None
     report_dir = request.report_dir if request.report_dir is not None else run_settings.report_dir
+    task = job.task(plan, RunContext(run_id, client, run_settings))
+    if job.worker_heap is not None:
+        task = HeapTunedTask(task, job.worker_heap)
     return run_chunks(
         job.chunks(plan),
-        job.task(plan, RunContext(run_id, client, run_settings)),
+        task,
         client,
         run_id=run_id,
         ledger=ledger,

@@ -185,6 +185,70 @@ class PreloadSaving:
         return replace(footprint, baseline_bytes=baseline, constants=constants)
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+_HEAP_SET: dict[str, tuple[int, int]] = {}  # this process's current tuning, once set
+
+
+@dataclass(frozen=True)
+class HeapTuning:
+    """How a worker's C heap (glibc malloc) should keep freed memory for the next chunk.
+
+    Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536`` so that freed
+    memory goes back to the OS at once.  Setting it also fixes glibc's mmap threshold at
+    128 KiB: every buffer above that (torch's activations, numpy's temporaries) is mapped
+    and faulted in afresh, page by page, each time.  A workload whose chunks reuse large
+    temporaries sets :attr:`Job.worker_heap`: buffers under ``mmap_threshold`` then come
+    from the heap, and up to ``trim_threshold`` free bytes at its top are kept (the
+    workload's footprint counts them: :attr:`kept_bytes`).  ``measured``: why these
+    values, for the plan's reasons.  Applied per worker process by the pipeline
+    (:class:`HeapTunedTask`); nothing changes where the C library is not glibc.
+    """
+
+    mmap_threshold: int
+    trim_threshold: int
+    measured: str = ""
+
+    @property
+    def kept_bytes(self) -> int:
+        """The most freed memory a worker's heap keeps (its footprint counts it)."""
+        return self.trim_threshold
+
+    def apply(self) -> bool:
+        """Set this process's malloc thresholds (once; again only if they differ).
+        False where the C library is not glibc (nothing changed)."""
+        wanted = (self.mmap_threshold, self.trim_threshold)
+        if _HEAP_SET.get("now") == wanted:
+            return True
+        try:
+            import ctypes
+
+            mallopt = ctypes.CDLL("libc.so.6").mallopt
+            ok = mallopt(_M_MMAP_THRESHOLD, self.mmap_threshold) == 1
+            ok = mallopt(_M_TRIM_THRESHOLD, self.trim_threshold) == 1 and ok
+        except (OSError, AttributeError):
+            ok = False
+        if ok:
+            _HEAP_SET["now"] = wanted
+            log.debug("malloc: mmap threshold %d, trim threshold %d", *wanted)
+        return ok
+
+
+@dataclass(frozen=True)
+class HeapTunedTask:
+    """``task`` run with the worker's heap tuned first (:attr:`Job.worker_heap`)."""
+
+    task: Callable
+    heap: HeapTuning
+
+    @property
+    def __name__(self) -> str:  # the runner names its task group after the task
+        return getattr(self.task, "__name__", type(self.task).__name__)
+
+    def __call__(self, chunk: Chunk, ctx: TaskContext) -> Any:
+        self.heap.apply()
+        return self.task(chunk, ctx)
+
+
 class Job:
     """One prepared run of a workload (returned by :meth:`Workload.prepare`).
 
@@ -205,6 +269,9 @@ class Job:
     #: what those forked workers hold less than spawned ones, taken off the analytic
     #: footprint where the pipeline forks them (:class:`PreloadSaving`); None: nothing
     preload_saving: PreloadSaving | None = None
+    #: how the workers' C heap keeps freed memory for the next chunk (the pipeline tunes
+    #: each worker before its chunks run: :class:`HeapTuning`); None: Dask's setting
+    worker_heap: HeapTuning | None = None
 
     @property
     def n_items(self) -> int:

@@ -49,7 +49,7 @@ from ..ledger import Ledger
 from ..planner import Footprint, Plan
 from ..runner import Chunk, make_chunks
 from ..security import private_dir
-from ..workload import Job, RunContext, RunIdentity, Sink, Workload
+from ..workload import HeapTuning, Job, RunContext, RunIdentity, Sink, Workload
 from . import core, shared
 from .footprint import (
     WORKER_MMAP_THRESHOLD,
@@ -275,26 +275,16 @@ def sample_chunk_task(chunk, ctx, *, job_path: str, out: str) -> dict:
     return run_chunk(job, chunk, ctx.seed, partial(_write, out))
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
-_MALLOC_TUNED: list[bool] = []
+#: drawing workers keep freed memory for the next vectorised run (footprint.py says why)
+DRAW_HEAP = HeapTuning(WORKER_MMAP_THRESHOLD, WORKER_TRIM_THRESHOLD)
 
 
 def keep_freed_memory() -> bool:
-    """Make this worker's glibc keep freed memory for the next vectorised run (once per
-    process): allocations under ``WORKER_MMAP_THRESHOLD`` from the heap, up to
+    """Make this worker's glibc keep freed memory for the next vectorised run:
+    allocations under ``WORKER_MMAP_THRESHOLD`` from the heap, up to
     ``WORKER_TRIM_THRESHOLD`` free bytes kept at its top (the footprint counts them).
     False where the C library is not glibc (nothing changed)."""
-    if not _MALLOC_TUNED:
-        try:
-            import ctypes
-
-            mallopt = ctypes.CDLL("libc.so.6").mallopt
-            ok = mallopt(_M_MMAP_THRESHOLD, WORKER_MMAP_THRESHOLD) == 1
-            ok = mallopt(_M_TRIM_THRESHOLD, WORKER_TRIM_THRESHOLD) == 1 and ok
-        except (OSError, AttributeError):
-            ok = False
-        _MALLOC_TUNED.append(ok)
-    return _MALLOC_TUNED[0]
+    return DRAW_HEAP.apply()
 
 
 class MemorySink:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..planner import Footprint
+from ..workload import HeapTuning
 
 N_FEATURES = 105
 WINDOW_DAYS = 60
@@ -75,6 +76,22 @@ FORKSERVER_MEASURED = (
 # The analytic baseline: spawned workers'.  Was 240 MiB for every worker (spawned ones
 # measured 348-365 MiB at the small model against 328 MiB predicted: 1.06-1.11, unsafe).
 BASELINE_BYTES = FORKSERVER_BASELINE_BYTES + FORKSERVER_SAVING_BYTES
+# Workers keep freed memory for the next inference batch (hpcbatch.workload.HeapTuning,
+# StocksJob.worker_heap): with Dask's MALLOC_TRIM_THRESHOLD_ every activation buffer over
+# 128 KiB was mapped and faulted in afresh.  Measured 2026-12-06 (same machine and
+# versions as PROVENANCE), 10 chunks of 50 stocks x 400 days in one process with Dask's
+# environment, torch at 1 thread, inference seconds (features seconds): small model
+# 3.33 (0.39) with Dask's setting, 1.73-1.78 (0.13-0.15) with these, 1.79-1.90 (0.13-0.17)
+# with glibc's own defaults; full model 4.68 / 3.97-4.23 / 3.98-4.18.  An mmap
+# threshold of 8 or 16 MiB, or a trim threshold of 16-32 MiB, left the small model at
+# 2.1-2.6 s.  The footprint counts the trim threshold as kept heap.
+HEAP_MMAP_THRESHOLD = 32 * 1024**2
+HEAP_TRIM_THRESHOLD = 64 * 1024**2
+WORKER_HEAP = HeapTuning(
+    HEAP_MMAP_THRESHOLD,
+    HEAP_TRIM_THRESHOLD,
+    "inference 1.9x faster than with Dask's MALLOC_TRIM_THRESHOLD_ (small model, 2026-12-06)",
+)
 # The driver: client + in-process scheduler, with torch imported to check the model.
 # Measured peak RSS 321-325 MiB (benchmarks/results-stocks-*.json, 500-5,000 stocks).
 DRIVER_BYTES = 384 * 1024**2
@@ -147,7 +164,7 @@ def stocks_footprint(
         item_name="stock",
         n_items=n_stocks,
         per_item_bytes=per_stock,
-        baseline_bytes=BASELINE_BYTES + activations + model_pages,
+        baseline_bytes=BASELINE_BYTES + activations + model_pages + WORKER_HEAP.kept_bytes,
         model_bytes=model_bytes,
         model_mmap=model_mmap,
         gpu_per_item_bytes=per_window + 2 * window_bytes,
@@ -162,6 +179,7 @@ def stocks_footprint(
             ("prediction rows per stock", outputs),
             ("inference batch per worker", activations),
             ("memory-mapped model pages in each worker's RSS", model_pages),
+            ("freed heap a worker keeps for the next batch", WORKER_HEAP.kept_bytes),
         ),
         shrink_hints=(
             f"set --lookback-days {max(130, lookback_days // 2)}"

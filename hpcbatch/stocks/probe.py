@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .features import PRICE_FIELDS
+from .footprint import WORKER_HEAP
 from .generate import BLOCK_STOCKS, _market_returns, simulate_block, stock_codes, trading_calendar
 from .model import LoadedModel, ModelConfig, StockModel, model_config
 from .sink import bars_from_rows
@@ -74,6 +75,7 @@ def probe(
     always reaches full batches, so their activations are fixed per-worker bytes, and
     small probe sizes must not mistake a growing batch for bytes per stock.
     """
+    WORKER_HEAP.apply()  # as the run's workers keep their heap (StocksJob.worker_heap)
     loaded = _model(model_size, model_config)
     with torch.inference_mode():
         loaded.model.predict_last(  # what predict_windows runs

@@ -36,6 +36,7 @@ from .footprint import (
     FORKSERVER_SAVING_BYTES,
     MAX_CHUNK_STOCKS,
     SOURCE,
+    WORKER_HEAP,
     stocks_footprint,
 )
 from .model import plan_threads
@@ -91,6 +92,7 @@ class StocksJob(Job):
         self.items = prep.codes
         self.worker_preload = WORKER_PRELOAD
         self.preload_saving = FORKSERVER_SAVING
+        self.worker_heap = WORKER_HEAP
         self.sink = Sink(ledger_url=str(db_url), commit_on_worker=True, database=str(db_url),
                          description="table stock_predictions")  # fmt: skip
         self.identity = RunIdentity(
