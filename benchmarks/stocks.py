@@ -172,7 +172,7 @@ def _model_loaded(model_dir: str):
 def run_naive(db: str, model_dir: str, lookback: int, predict_days: int) -> dict:
     from hpcbatch.stocks.features import compute_features, min_rows
     from hpcbatch.stocks.model import predict_windows
-    from hpcbatch.stocks.predict import CPU_BATCH, prediction_rows
+    from hpcbatch.stocks.predict import cpu_batch, prediction_rows
     from hpcbatch.stocks.schema import init_db, make_engine
     from hpcbatch.stocks.sink import bars_from_rows, bars_query, list_codes, upsert_predictions
     from hpcbatch.stocks.windows import prediction_windows
@@ -189,7 +189,7 @@ def run_naive(db: str, model_dir: str, lookback: int, predict_days: int) -> dict
     keep = np.flatnonzero(bars.n_rows >= min_rows(predict_days))
     features = compute_features(bars)[keep]
     windows = np.ascontiguousarray(prediction_windows(features, predict_days))  # one big array
-    returns, conf, _ = predict_windows(loaded, windows, CPU_BATCH)
+    returns, conf, _ = predict_windows(loaded, windows, cpu_batch(loaded.config))
     dates = bars.dates[keep][:, -predict_days:]
     out = prediction_rows([bars.codes[i] for i in keep], dates, returns, conf, "naive", None)
     with engine.begin() as conn:
@@ -206,7 +206,7 @@ def run_naive(db: str, model_dir: str, lookback: int, predict_days: int) -> dict
 def run_floor(db: str, model_dir: str, lookback: int, predict_days: int) -> dict:
     from hpcbatch.stocks.features import compute_features, min_rows
     from hpcbatch.stocks.model import predict_windows
-    from hpcbatch.stocks.predict import CPU_BATCH
+    from hpcbatch.stocks.predict import cpu_batch
     from hpcbatch.stocks.schema import make_engine
     from hpcbatch.stocks.sink import list_codes, read_bars
     from hpcbatch.stocks.windows import prediction_windows
@@ -221,7 +221,7 @@ def run_floor(db: str, model_dir: str, lookback: int, predict_days: int) -> dict
     )
     del bars
     t0 = time.perf_counter()
-    returns, _, _ = predict_windows(loaded, windows, CPU_BATCH)
+    returns, _, _ = predict_windows(loaded, windows, cpu_batch(loaded.config))
     wall = time.perf_counter() - t0
     return {
         "windows": int(returns.size),

@@ -198,20 +198,23 @@ class HeapTuning:
     128 KiB: every buffer above that (torch's activations, numpy's temporaries) is mapped
     and faulted in afresh, page by page, each time.  A workload whose chunks reuse large
     temporaries sets :attr:`Job.worker_heap`: buffers under ``mmap_threshold`` then come
-    from the heap, and up to ``trim_threshold`` free bytes at its top are kept (the
-    workload's footprint counts them: :attr:`kept_bytes`).  ``measured``: why these
-    values, for the plan's reasons.  Applied per worker process by the pipeline
+    from the heap, and up to ``trim_threshold`` free bytes at its top are kept.  The
+    workload's footprint counts :attr:`kept_bytes`: ``peak_bytes``, what the kept heap
+    was measured to add to a worker's peak (freed memory is mostly reused by the next
+    batch, not added to it), else the whole trim threshold.  ``measured``: where those
+    numbers come from.  Applied per worker process by the pipeline
     (:class:`HeapTunedTask`); nothing changes where the C library is not glibc.
     """
 
     mmap_threshold: int
     trim_threshold: int
+    peak_bytes: int | None = None
     measured: str = ""
 
     @property
     def kept_bytes(self) -> int:
-        """The most freed memory a worker's heap keeps (its footprint counts it)."""
-        return self.trim_threshold
+        """What a worker's footprint counts for its kept heap."""
+        return self.trim_threshold if self.peak_bytes is None else self.peak_bytes
 
     def apply(self) -> bool:
         """Set this process's malloc thresholds (once; again only if they differ).

@@ -48,8 +48,10 @@ RAW_COLUMNS = 9
 # lists and numpy copies made while laying it out.
 ROW_OBJECT_BYTES = 500
 # Live float64 (stocks x days) intermediates during the feature pass (cached
-# indicators, sliding-window extremes, the where/division temporaries).
-FEATURE_TEMPORARIES = 80
+# indicators, sliding-window extremes, the where/division temporaries).  Was 80; with
+# WORKER_HEAP the per-worker peak grew 0.075-0.087 MiB a stock from 50 to 200-250
+# stocks a chunk (small model, 300-400 days, 2026-12-06), 64 keeps ~3x that.
+FEATURE_TEMPORARIES = 64
 # Interpreter + numpy + torch + SQLAlchemy + a Dask worker (nanny excluded), forked from
 # the forkserver that preloaded them (Job.worker_preload).  Fitted 2026-12-06 to real
 # runs (helper measurements, benchmarks/calibration.py's cases and more): measured peak
@@ -84,13 +86,18 @@ BASELINE_BYTES = FORKSERVER_BASELINE_BYTES + FORKSERVER_SAVING_BYTES
 # 3.33 (0.39) with Dask's setting, 1.73-1.78 (0.13-0.15) with these, 1.79-1.90 (0.13-0.17)
 # with glibc's own defaults; full model 4.68 / 3.97-4.23 / 3.98-4.18.  An mmap
 # threshold of 8 or 16 MiB, or a trim threshold of 16-32 MiB, left the small model at
-# 2.1-2.6 s.  The footprint counts the trim threshold as kept heap.
+# 2.1-2.6 s (trim 32 MiB at the model's own CPU batch: small 2.0 s against 1.55 s).
+# What it adds to the peak, the same runs at the model's CPU batch: +22-23 MiB small
+# (338 -> 360-361 MiB), +19 MiB full (374 -> 393); the footprint counts 32 MiB.
 HEAP_MMAP_THRESHOLD = 32 * 1024**2
 HEAP_TRIM_THRESHOLD = 64 * 1024**2
+HEAP_PEAK_BYTES = 32 * 1024**2
 WORKER_HEAP = HeapTuning(
     HEAP_MMAP_THRESHOLD,
     HEAP_TRIM_THRESHOLD,
-    "inference 1.9x faster than with Dask's MALLOC_TRIM_THRESHOLD_ (small model, 2026-12-06)",
+    HEAP_PEAK_BYTES,
+    "inference 1.9x (small model) and 1.4x (full) faster than with Dask's "
+    "MALLOC_TRIM_THRESHOLD_, +19-23 MiB peak measured, 32 MiB counted (2026-12-06)",
 )
 # The driver: client + in-process scheduler, with torch imported to check the model.
 # Measured peak RSS 321-325 MiB (benchmarks/results-stocks-*.json, 500-5,000 stocks).
@@ -130,12 +137,30 @@ def activation_bytes_per_window(model_config: Any = None) -> int:
     return (WINDOW_DAYS * per_step + 2 * d_model + inner + 2 * N_FEATURES) * 4
 
 
+# Windows per CPU forward pass: as many as keep one batch's activations under this, at
+# most MAX_CPU_BATCH.  Bigger batches only grew the workers: measured 2026-12-06 in one
+# process with Dask's environment and WORKER_HEAP, torch at 1 thread, 4 chunks of 50
+# stocks x 10 days, full model (0.82 MiB a window), inference s / peak RSS MiB: batch 32
+# 7.6 / 363, 64 7.2-7.5 / 397-405, 96 7.8 / 449, 128 7.9 / 487, 256 8.8-9.7 / 590-626;
+# small model (0.22 MiB), 10 chunks: 64 1.80 / 314, 128 1.70 / 331, 256 1.72 / 376.
+ACTIVATION_TARGET_BYTES = 48 * 1024**2
+MAX_CPU_BATCH = 256
+
+
+def cpu_batch(model_config: Any = None) -> int:
+    """Windows per CPU forward pass for the model (``None``: the full one): its batch's
+    activations stay under ``ACTIVATION_TARGET_BYTES`` (256 at most): 58 full, 214
+    small."""
+    per_window = activation_bytes_per_window(model_config)
+    return max(1, min(MAX_CPU_BATCH, ACTIVATION_TARGET_BYTES // per_window))
+
+
 def stocks_footprint(
     n_stocks: int,
     lookback_days: int = 400,
     predict_days: int = 10,
     *,
-    inference_batch: int = 256,
+    inference_batch: int | None = None,
     model_mmap: bool = True,
     model_config: Any = None,
 ) -> Footprint:
@@ -153,7 +178,8 @@ def stocks_footprint(
     per_stock = max(rows, feature_work) + columns + outputs
     per_window = activation_bytes_per_window(model_config)
     window_bytes = WINDOW_DAYS * N_FEATURES * 4
-    activations = inference_batch * (per_window + 2 * window_bytes)
+    batch = inference_batch or cpu_batch(model_config)
+    activations = batch * (per_window + 2 * window_bytes)
     params = _model_shape(model_config)[3]
     model_bytes = params * 4
     # Memory-mapped weights are counted once per node, but every worker's RSS (what its

@@ -19,8 +19,8 @@ from typing import Any
 from .. import config as hb_config
 from ..pipeline import ClusterChoice, RunRequest, run_job
 from ..report import RunReport
+from .footprint import cpu_batch
 from .task import (
-    CPU_BATCH,
     PredictOptions,
     PredictTask,
     compute_chunk,
@@ -35,10 +35,10 @@ from .task import (
 from .workload import WORKLOAD
 
 __all__ = [
-    "CPU_BATCH",
     "PredictOptions",
     "PredictTask",
     "compute_chunk",
+    "cpu_batch",
     "default_run_id",
     "inference_batch",
     "input_fingerprint",

@@ -20,6 +20,7 @@ import torch
 
 from .features import PRICE_FIELDS
 from .footprint import WORKER_HEAP
+from .footprint import cpu_batch as model_cpu_batch
 from .generate import BLOCK_STOCKS, _market_returns, simulate_block, stock_codes, trading_calendar
 from .model import LoadedModel, ModelConfig, StockModel, model_config
 from .sink import bars_from_rows
@@ -66,7 +67,7 @@ def probe(
     predict_days: int = 10,
     model_size: str = "full",
     model_config: dict | None = None,
-    cpu_batch: int = 256,
+    cpu_batch: int | None = None,
     seed: int = 0,
 ) -> dict:
     """Run one chunk of ``size`` stocks (0: just the fixed cost) and return its counts.
@@ -77,6 +78,7 @@ def probe(
     """
     WORKER_HEAP.apply()  # as the run's workers keep their heap (StocksJob.worker_heap)
     loaded = _model(model_size, model_config)
+    cpu_batch = cpu_batch or model_cpu_batch(loaded.config)
     with torch.inference_mode():
         loaded.model.predict_last(  # what predict_windows runs
             torch.zeros(cpu_batch, loaded.config.window, loaded.config.n_features)

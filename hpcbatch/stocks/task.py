@@ -32,7 +32,7 @@ from ..errors import ConfigError
 from ..planner import gpu_batch_size
 from ..workload import QUARANTINED
 from .features import WINDOW_DAYS, compute_features, min_rows
-from .footprint import stocks_footprint
+from .footprint import cpu_batch, stocks_footprint
 from .model import (
     cached_model,
     gpu_free_bytes,
@@ -53,7 +53,6 @@ from .sink import (
 )
 from .windows import prediction_windows
 
-CPU_BATCH = 256
 log = logging.getLogger(__name__)
 
 
@@ -90,7 +89,7 @@ class PredictTask:
     predict_days: int = 10
     model_version: str = "v1"
     device: str = "cpu"
-    cpu_batch: int = CPU_BATCH
+    cpu_batch: int | None = None  # windows per CPU forward pass (None: the model's own)
     planned_gpu_batch: int | None = None
     gpu_per_window_bytes: int = 0
     gpu_memory_fraction: float = 0.8
@@ -187,7 +186,7 @@ def compute_chunk(
     loaded = task.loaded_model or cached_model(task.model_dir, task.device)
     batch = inference_batch(
         task.device,
-        task.cpu_batch,
+        task.cpu_batch or cpu_batch(loaded.config),
         planned_gpu_batch=task.planned_gpu_batch,
         per_window_bytes=task.gpu_per_window_bytes,
         fraction=task.gpu_memory_fraction,

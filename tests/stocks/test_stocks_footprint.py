@@ -63,38 +63,42 @@ def test_too_small_an_allocation_names_what_to_request():
     from hpcbatch.errors import PlanInfeasibleError
 
     with pytest.raises(PlanInfeasibleError, match="request --mem=2G"):
-        _plan(5000, mem_gb=1.2)
+        _plan(5000, mem_gb=1.0)
 
 
 # Per-worker peaks of real runs with forkserver workers (the build machine, 2026-12-06,
-# 10 prediction days; see hpcbatch.stocks.footprint.PROVENANCE):
-# (model, lookback days, stocks a chunk, measured MiB).
+# 10 prediction days, workers keeping their heap (WORKER_HEAP) and each model's own CPU
+# batch; see hpcbatch.stocks.footprint.PROVENANCE): (model, lookback days, stocks a
+# chunk, measured MiB).  The largest of repeated runs where there were several.
 MEASURED_WORKERS = [
-    ("small", 300, 25, 278.7),
-    ("small", 300, 50, 296.7),
-    ("small", 150, 50, 290.4),
-    ("small", 400, 50, 302.4),
-    ("small", 300, 200, 318.4),
-    ("small", 400, 250, 343.3),
-    ("full", 300, 50, 484.6),
-    ("full", 400, 50, 490.4),
-    ("full", 300, 200, 508.9),
-    # 500, 2,000 and 5,000 stocks x 400 days (full model: 500 and 2,000), 2026-12-06
-    ("small", 400, 50, 294.0),
-    ("small", 400, 50, 293.0),
-    ("small", 400, 50, 295.2),
-    ("full", 400, 50, 479.6),
-    ("full", 400, 50, 484.4),
+    ("small", 300, 25, 307.9),
+    ("small", 300, 50, 306.1),
+    ("small", 150, 50, 305.7),
+    ("small", 400, 50, 310.9),
+    ("full", 300, 50, 345.7),
+    ("full", 400, 50, 364.4),  # 349.6-364.4 in four runs
+    # 2,000 and 5,000 stocks x 400 days (full model: 2,000)
+    ("small", 400, 50, 310.7),
+    ("small", 400, 50, 311.2),
+    ("full", 400, 50, 364.4),
+]
+# Chunks far over the 50-stock default: the kept heap takes in the chunk's fetched rows
+# and feature temporaries, which the footprint adds on top (a linear model), so these
+# are predicted ~20 % high: safe, and allowed down to 0.75.
+MEASURED_BIG_CHUNKS = [
+    ("small", 300, 200, 319.2),
+    ("small", 400, 250, 325.3),
+    ("full", 300, 200, 366.1),
 ]
 # The same with spawned workers (a LocalCluster with multiprocessing spawn given as
-# client=, as SLURM's and an existing cluster's workers start): the same runs as the
-# last five above, 500-5,000 stocks.
+# client=, as SLURM's and an existing cluster's workers start): 500, 2,000 and 5,000
+# stocks (full model: 500 and 2,000) x 400 days.
 MEASURED_SPAWNED = [
-    ("small", 400, 50, 348.1),
-    ("small", 400, 50, 352.8),
-    ("small", 400, 50, 365.3),
-    ("full", 400, 50, 539.4),
-    ("full", 400, 50, 553.7),
+    ("small", 400, 50, 381.0),
+    ("small", 400, 50, 374.1),
+    ("small", 400, 50, 388.0),
+    ("full", 400, 50, 407.6),
+    ("full", 400, 50, 408.9),
 ]
 
 
@@ -111,6 +115,12 @@ def test_analytic_peak_of_forked_workers_is_within_20_percent_on_the_safe_side(
 ):
     predicted = _predicted(model, days, chunk, forked=True)
     assert 0.8 <= measured_mib * 2**20 / predicted <= 1.0
+
+
+@pytest.mark.parametrize(("model", "days", "chunk", "measured_mib"), MEASURED_BIG_CHUNKS)
+def test_analytic_peak_of_big_chunks_is_on_the_safe_side(model, days, chunk, measured_mib):
+    predicted = _predicted(model, days, chunk, forked=True)
+    assert 0.75 <= measured_mib * 2**20 / predicted <= 1.0
 
 
 @pytest.mark.parametrize(("model", "days", "chunk", "measured_mib"), MEASURED_SPAWNED)
