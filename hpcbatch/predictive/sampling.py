@@ -302,12 +302,14 @@ class DrawEstimate:
     probe_samples: tuple[int, ...]  # samples of each test draw
     probe_rows: int | None  # data-plate rows of the test draws (None: not in blocks)
     probe_s: float  # what the test draws took in all
+    upper_bound: bool = False  # no slope yet: the last draw's time per value (at most)
 
     def describe(self) -> str:
         rows = f" on {self.probe_rows} rows" if self.probe_rows is not None else ""
         sizes = "/".join(map(str, self.probe_samples))
+        what = "at most" if self.upper_bound else "an estimated"
         return (
-            f"an estimated {_seconds(self.seconds)} of drawing ({self.values:,} values at "
+            f"{what} {_seconds(self.seconds)} of drawing ({self.values:,} values at "
             f"{self.per_value_s * 1e9:.3g} ns each, from test draws of {sizes} "
             f"sample{'s' if self.probe_samples[-1] > 1 else ''}{rows})"
         )
@@ -367,8 +369,9 @@ def estimate_draw(sampling: SamplingJob, enough: float | None = None) -> DrawEst
     and the estimate is both times the job's runs and values; else the last draw's time
     per value times the job's values (an upper bound: the job spreads the fixed costs
     over more values).  ``enough``: the time the caller compares with (a cluster
-    start); past :data:`PROBE_BUDGET_S` the draws go on only while the estimate is
-    within a factor 2 of it."""
+    start): the draws stop as soon as the estimate is under half of it or over twice
+    it (more draws could not change the decision), and past :data:`PROBE_BUDGET_S`
+    they go on only while it is within a factor 2."""
     layout = sampling.layout
     total = layout.sites[0].shape[0]
     rows, runs = None, 1
@@ -396,23 +399,29 @@ def estimate_draw(sampling: SamplingJob, enough: float | None = None) -> DrawEst
         seconds, _, _, line = fit(points)
         return enough is not None and enough / 2 <= seconds and (not line or seconds <= 2 * enough)
 
-    points, spent = _test_draws(sampling, rows, total, open_)
+    def decided(points: list[tuple[int, float]]) -> bool:
+        return enough is not None and not open_(points)
+
+    points, spent = _test_draws(sampling, rows, total, open_, decided)
     log.debug("test draws (samples, seconds)%s: %s", f" on {rows} rows" if rows else "",
               ", ".join(f"({n}, {t:.4f})" for n, t in points))  # fmt: skip
-    seconds, per_value, fixed, _ = fit(points)
+    seconds, per_value, fixed, line = fit(points)
     sizes = tuple(n for n, _ in points)
-    return DrawEstimate(seconds, values, per_value, fixed, runs, sizes, rows, spent)
+    return DrawEstimate(seconds, values, per_value, fixed, runs, sizes, rows, spent, not line)
 
 
 def _test_draws(
     sampling: SamplingJob, rows: int | None, total: int,
     open_: Callable[[list[tuple[int, float]]], bool],
+    decided: Callable[[list[tuple[int, float]]], bool] = lambda _points: False,
 ) -> tuple[list[tuple[int, float]], float]:  # fmt: skip
     """Timed draws ``[(samples, seconds)]`` and their total: one sample twice (the
     faster counts), then 4 to 16 times as many samples until a draw takes three times
-    the first (the fixed costs then weigh little) and :data:`PROBE_TARGET_S`, or holds
-    every sample.  A draw that would pass :data:`PROBE_BUDGET_S` is made only while the
-    decision is ``open_``, and none past :data:`PROBE_HARD_S`."""
+    the first (the fixed costs then weigh little) and :data:`PROBE_TARGET_S`, holds
+    every sample, or the decision is already ``decided`` (a job estimated at most
+    0.75 s against a 4 s cluster start needs no finer estimate).  A draw that would
+    pass :data:`PROBE_BUDGET_S` is made only while the decision is ``open_``, and none
+    past :data:`PROBE_HARD_S`."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one core, as a worker draws (and steady on a busy machine)
     try:
@@ -421,7 +430,7 @@ def _test_draws(
         goal = max(PROBE_TARGET_S, 3 * first)
         while points[-1][0] < total:
             n, took = points[-1]
-            if len(points) > 1 and took >= goal:
+            if len(points) > 1 and (took >= goal or decided(points)):
                 break
             factor = min(16, max(4, math.ceil(goal / max(took, 1e-6))))
             cost = spent + took * factor

@@ -32,16 +32,18 @@ PROVENANCE = (
     "worker baseline 304 MiB for spawned workers (SLURM, an existing cluster) = 240 MiB "
     "for local workers forked from a forkserver that preloaded numpy, torch and "
     "SQLAlchemy + the 64 MiB those share with it, plus the inference batch and the "
-    "model's pages, fitted to the per-worker peaks of real runs ({checked}); 500 B per "
-    "fetched row and 80 float64 temporaries per stock-day from probe runs (2026-11-23), "
-    "rows and temporaries not alive together; driver 384 MiB over the measured 321-334 "
+    "model's pages and 32 MiB of kept heap, fitted to the per-worker peaks of real runs "
+    "({checked}); 500 B per fetched row from probe runs (2026-11-23) and 64 float64 "
+    "temporaries per stock-day (~3x the peaks' growth per stock), rows and temporaries "
+    "not alive together; driver 384 MiB over the measured 321-334 "
     "MiB; not measured on this machine: --calibrate measures them here"
 ).format(
-    checked="forked: small model 279-302 MiB at 200-5,000 stocks x 150-400 days, full "
-    "model 480-490 MiB at 500-2,000 stocks x 300-400 days, 25-50 stocks a chunk, "
-    "measured/predicted 0.89-0.95; spawned: small model 348-365 MiB at 500-5,000 stocks, "
-    "full model 539-554 MiB at 500-2,000 stocks, x 400 days, 50 stocks a chunk, "
-    "measured/predicted 0.89-0.96"
+    checked="forked: small model 306-325 MiB at 500-5,000 stocks x 150-400 days, full "
+    "model 346-366 MiB at 500-2,000 stocks x 300-400 days, 25-250 stocks a chunk, "
+    "measured/predicted 0.81-0.98; spawned: small model 374-388 MiB at 500-5,000 stocks, "
+    "full model 408-409 MiB at 500-2,000 stocks, x 400 days, 50 stocks a chunk, "
+    "measured/predicted 0.91-0.95; workers keeping their heap (WORKER_HEAP) at the "
+    "model's CPU batch (cpu_batch)"
 )
 RAW_COLUMNS = 9
 # A fetched row: SQLAlchemy Row + tuple + 2 str + 7 float objects, plus the column

@@ -237,3 +237,26 @@ def test_the_estimate_weighs_the_model_s_own_cost_and_keeps_the_random_state():
     assert slow.seconds >= 0.03
     assert slow.values == quick.values == 200 * 50 and slow.runs == 1
     assert len(slow.probe_samples) <= 3 and slow.probe_s < 1.0  # the budget stops the draws
+
+
+def test_the_test_draws_stop_once_they_cannot_change_the_decision():
+    from hpcbatch.predictive.sampling import SampleOptions, SampleRequest, estimate_draw
+    from hpcbatch.predictive.task import prepare_job
+    from hpcbatch.predictive.workload import WORKLOAD
+
+    x = torch.zeros(50)
+    request = SampleRequest(slow_model, 4000, model_args=(x, 0.002))
+    job = prepare_job(WORKLOAD, request, SampleOptions(), in_process=True)
+    try:
+        full = estimate_draw(job.prep.sampling)  # no decision to make: drawn to the goal
+        quick = estimate_draw(job.prep.sampling, enough=1000.0)  # far under a start
+    finally:
+        job.discard()
+    # every run sleeps 2 ms: 1, 4, 16... samples until a draw takes 30 ms
+    assert len(full.probe_samples) > 2 and not full.upper_bound
+    # one more draw after the first settles it: the upper bound is far under the start
+    assert quick.probe_samples[:1] == (1,) and len(quick.probe_samples) == 2
+    assert quick.probe_s < full.probe_s
+    assert quick.seconds < 1000.0 / 2 and quick.describe().startswith(
+        "at most " if quick.upper_bound else "an estimated "
+    )
