@@ -169,3 +169,25 @@ def test_runner_and_pipeline_functions_at_most_50_lines(name):
         pytest.fail(f"hpcbatch/{name} is missing")
     long = _long_functions(50, [path])
     assert not long, "functions over 50 lines:\n" + "\n".join(long)
+
+
+def test_the_cli_and_a_plan_do_not_import_torch():
+    """`hpcbatch --help` and `hpcbatch plan` load every installed workload: none of them
+    may import torch (1.3-2 s) before a run needs it (the workers import it)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from hpcbatch.cli import main\n"
+        "try:\n"
+        "    main(['plan', 'stocks', '--mem', '12G', '--cpus', '4', '--json'])\n"
+        "except SystemExit as exc:\n"
+        "    assert exc.code in (0, None), exc.code\n"
+        "print('torch imported' if 'torch' in sys.modules else 'no torch')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("no torch"), out.stdout[-500:]
+    assert '"n_workers"' in out.stdout  # the plan was made

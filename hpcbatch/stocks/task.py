@@ -33,14 +33,6 @@ from ..planner import gpu_batch_size
 from ..workload import QUARANTINED
 from .features import WINDOW_DAYS, compute_features, min_rows
 from .footprint import cpu_batch, stocks_footprint
-from .model import (
-    cached_model,
-    gpu_free_bytes,
-    load_model,
-    match_threads,
-    predict_windows,
-    resolve_device,
-)
 from .schema import init_db, make_engine, masked, preflight, require_tables, write_transaction
 from .sink import (
     BarCheck,
@@ -72,6 +64,8 @@ def inference_batch(
     if not device.startswith("cuda"):
         return cpu_batch
     if free_bytes is None:
+        from .model import gpu_free_bytes
+
         free_bytes = gpu_free_bytes(device)
     fitted = gpu_batch_size(free_bytes, 0, max(1, per_window_bytes), fraction)
     if planned_gpu_batch:
@@ -183,6 +177,8 @@ def compute_chunk(
     features = compute_features(bars, last_days=WINDOW_DAYS + task.predict_days - 1)
     windows = prediction_windows(features, task.predict_days)  # a view: no copy
     t1 = time.perf_counter()
+    from .model import cached_model, predict_windows  # torch: on the workers, not at import
+
     loaded = task.loaded_model or cached_model(task.model_dir, task.device)
     batch = inference_batch(
         task.device,
@@ -219,6 +215,8 @@ def predict_chunk(chunk: Any, ctx: Any, task: PredictTask) -> dict:
     t0 = time.perf_counter()
     codes = _codes_of(chunk)
     if task.torch_threads:
+        from .model import match_threads
+
         match_threads(task.torch_threads)
     engine = engine_for(task.db_url)
     with _read_slot(task), engine.connect() as conn:
@@ -355,6 +353,8 @@ class Prepared:
 
 def prepare(db_url: str, model_dir: str, opts: PredictOptions, *, gpu_memory_fraction: float = 0.8) -> Prepared:
     """Check database, data and model; nothing is written except missing tables."""
+    from .model import load_model, resolve_device
+
     device = resolve_device(opts.use_gpu)
     engine = make_engine(db_url)
     try:

@@ -39,7 +39,6 @@ from .footprint import (
     WORKER_HEAP,
     stocks_footprint,
 )
-from .model import plan_threads
 from .schema import make_engine, masked
 from .sink import list_codes, select_codes
 from .task import PredictOptions, PredictTask, Prepared, default_run_id, prepare, run_params
@@ -136,6 +135,8 @@ class StocksJob(Job):
 
     def task(self, plan: Plan, run: RunContext) -> PredictTask:
         from distributed import Semaphore  # parallel database reads capped at --concurrency
+
+        from .model import plan_threads  # torch: imported when a run starts, not by `plan`
 
         sem = Semaphore(max_leases=self.opts.concurrency, name=f"hpcbatch-db-reads-{run.run_id}")
         return replace(

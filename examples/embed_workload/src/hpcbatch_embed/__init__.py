@@ -6,6 +6,14 @@ shape ``(n, length, features)``, runs each ``(length, features)`` array through 
 ``docs/framework.md`` in hpcbatch for the walk-through.
 """
 
-from .model import Embedder, make_inputs
-
 __all__ = ["Embedder", "make_inputs"]
+
+
+def __getattr__(name: str):
+    # torch only when the model is used: `hpcbatch --help` and `hpcbatch plan` load every
+    # installed workload, and should not wait for torch
+    if name in __all__:
+        from . import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
