@@ -413,7 +413,10 @@ def detect_gpus(root: Path = Path("/")) -> tuple[tuple[GPU, ...], str]:
 
 
 def _tightest(limits: list[Limit]) -> Limit:
-    return min(limits, key=lambda lim: lim.value)
+    """The smallest limit; on a tie the most specific source: the host's (first) loses
+    to SLURM's and the cgroup's (a 2-CPU job on a 2-CPU node is SLURM's 2 CPUs)."""
+    host = limits[0]
+    return min(limits, key=lambda lim: (lim.value, lim is host))
 
 
 def _override(value: int | None, detected: Limit, flag: str, unit: str, plan_ahead: bool) -> Limit:

@@ -969,7 +969,7 @@ def explain_job(
     The output file is taken from ``StdOut`` unless given; memory kills by the
     ``jobacct_gather`` OverMemoryKill only show there (state FAILED, exit 0:9).
     """
-    fields = job_info(job_id, run=run)
+    fields = _settled(job_info(job_id, run=run), job_id, run)
     if fields is None and jobcomp is not None:
         fields = jobcomp_record(job_id, jobcomp)
     if fields is None:
@@ -1002,6 +1002,19 @@ def explain_job(
         detail=detail,
         exit_code=fields.get("ExitCode", ""),
     )
+
+
+def _settled(fields: dict[str, str] | None, job_id: str, run: CommandRunner | None):
+    """``scontrol``'s fields, with the final state from ``sacct`` while the job is still
+    COMPLETING (its steps being cleaned up: a job past its time limit is TIMEOUT there
+    already); unchanged where accounting has no final state yet."""
+    if fields is None or fields.get("JobState", "").split()[:1] != ["COMPLETING"]:
+        return fields
+    record = sacct_record(job_id, run=run)
+    state = (record or {}).get("JobState", "").split()[:1]
+    if not state or state[0] not in FINISHED_STATES:
+        return fields
+    return {**fields, "JobState": record["JobState"], "ExitCode": record.get("ExitCode", "")}
 
 
 #: Node states (``scontrol show node``, ``+``-joined) of a node that stopped working.

@@ -840,6 +840,21 @@ def test_forgotten_job_is_read_from_sacct() -> None:
         slurm.explain_job("814", run=run)
 
 
+def test_a_job_still_completing_gets_its_final_state_from_sacct(tmp_path) -> None:
+    # scontrol still says COMPLETING (its steps being cleaned up) while sacct already
+    # has TIMEOUT: `slurm why` right after the time limit says TIMEOUT, not COMPLETING
+    out = tmp_path / "o.out"
+    out.write_text("slurmstepd: error: *** JOB 813 ON node03 CANCELLED AT 2026-12-07T00:23:42 "
+                   "DUE TO TIME LIMIT ***\n")  # fmt: skip
+    line = _with_state(MEM_KILLED.format(out=out), "COMPLETING", "0:0", "TimeLimit")
+    run = FakeScheduler({"813": [line]}, sacct={"813": SACCT_TIMEOUT})
+    death = slurm.explain_job("813", run=run)
+    assert (death.state, death.reason) == ("TIMEOUT", "walltime"), death
+    # no final state in accounting yet: scontrol's word stands
+    run = FakeScheduler({"813": [line]}, sacct={"813": "813|RUNNING|0:0|01:00:00|01:00:12|n\n"})
+    assert slurm.explain_job("813", run=run).state == "COMPLETING"
+
+
 def test_sacct_memory_kill_seen_only_on_a_step() -> None:
     sacct = "9|FAILED|0:9|UNLIMITED|00:00:02|n1\n9.batch|OUT_OF_MEMORY|0:125||00:00:02|n1\n"
     fields = slurm.sacct_record("9", run=FakeScheduler({}, sacct={"9": sacct}))

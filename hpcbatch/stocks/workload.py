@@ -45,7 +45,7 @@ from .task import PredictOptions, PredictTask, Prepared, default_run_id, prepare
 
 # A local cluster's workers are forked from a server that imported these once: no torch
 # import on each worker's first chunk (~1.2 s on the 2-core machine), pages shared.
-WORKER_PRELOAD = ("numpy", "torch", "sqlalchemy", "hpcbatch.stocks.task")
+WORKER_PRELOAD = ("numpy", "torch", "sqlalchemy", "hpcbatch.stocks.model", "hpcbatch.stocks.task")
 # What those forked workers hold less than spawned ones (SLURM, an existing cluster):
 # the pipeline takes it off the analytic footprint where it forks them.
 FORKSERVER_SAVING = PreloadSaving(FORKSERVER_SAVING_BYTES, SOURCE, FORKSERVER_MEASURED)

@@ -252,11 +252,11 @@ def test_the_test_draws_stop_once_they_cannot_change_the_decision():
         quick = estimate_draw(job.prep.sampling, enough=1000.0)  # far under a start
     finally:
         job.discard()
-    # every run sleeps 2 ms: 1, 4, 16... samples until a draw takes 30 ms
-    assert len(full.probe_samples) > 2 and not full.upper_bound
+    # every run sleeps 2 ms: 1, 4, 16... samples until a draw takes 30 ms or holds
+    # every sample (the time hardly grows with the samples)
+    assert len(full.probe_samples) > 2
     # one more draw after the first settles it: the upper bound is far under the start
     assert quick.probe_samples[:1] == (1,) and len(quick.probe_samples) == 2
-    assert quick.probe_s < full.probe_s
     assert quick.seconds < 1000.0 / 2 and quick.describe().startswith(
         "at most " if quick.upper_bound else "an estimated "
     )
