@@ -234,6 +234,7 @@ SPLIT_KEYS = ("read_s", "features_s", "inference_s", "write_s")
 
 
 def run_hpcbatch(db: str, model_dir: str, lookback: int, predict_days: int) -> dict:
+    import hpcbatch.stocks.model  # noqa: F401  (torch imported before the clock, as for the others)
     from hpcbatch import config as hb_config
     from hpcbatch.stocks.predict import PredictOptions, predict
 
