@@ -831,6 +831,14 @@ def forkserver_workers(preload: Sequence[str]) -> Iterator[None]:
         yield
 
 
+def start_forkserver(preload: Sequence[str]) -> None:
+    """Start :func:`forkserver_workers`'s server now: it imports ``preload`` in its own
+    process while this one goes on (e.g. checks a job's inputs); the cluster started
+    later forks its workers from it.  A server already running is left as it is."""
+    with forkserver_workers(preload):
+        pass
+
+
 def cluster_resources(client, *, detect: Callable[[], Resources] | None = None) -> Resources:
     """The allocation an existing cluster really gives: its workers, as its scheduler
     reports them (count, threads, each worker's memory limit, the GPU a worker reports).

@@ -31,6 +31,7 @@ from .pipeline import (
     load_settings,
     plan_sizes,
     run_job,
+    warm_workers,
     workload_settings,
 )
 from .planner import Plan, plural
@@ -122,6 +123,7 @@ def run_command(w: Workload, name: str | None = None, help: str | None = None) -
         invocation = Invocation(
             seed=RunSettings.from_config(settings).seed, resume=kw["resume"], run_id=kw["run_id"]
         )
+        warm_workers(w, choice)  # the workers' imports overlap the input checks
         job = w.prepare(workload_settings(w, settings), values, invocation)
         request = RunRequest(
             cluster=choice, resources=run_resources(kw["mem"], kw["cpus"], choice.backend),

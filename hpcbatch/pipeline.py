@@ -24,7 +24,7 @@ from typing import Any
 
 from . import config as hb_config
 from .calibrate import Calibration, calibrated_footprint, check_probe
-from .cluster import cluster_resources, forkserver_workers, open_cluster
+from .cluster import cluster_resources, forkserver_workers, open_cluster, start_forkserver
 from .dashboard import install as install_dashboard
 from .errors import ConfigError
 from .ledger import Ledger
@@ -208,6 +208,15 @@ class RunRequest:
     quiet: bool = False
     calibrate: bool | None = None
     probe_sizes: tuple[int, int] | None = None
+
+
+def warm_workers(workload: Workload, cluster: ClusterChoice, client: Any = None) -> None:
+    """Before a local run's job is prepared: start its workers' forkserver, which imports
+    ``workload.worker_preload`` (torch...) in its own process meanwhile.  Nothing for a
+    given client, an existing cluster or SLURM (their workers are not forked here)."""
+    local = client is None and not cluster.existing and cluster.backend == "local"
+    if local and workload.worker_preload:
+        start_forkserver(workload.worker_preload)
 
 
 def run_job(job: Job, settings: Mapping[str, Any], request: RunRequest = RunRequest()) -> Any:

@@ -331,6 +331,10 @@ class Workload:
     probe_sizes: ClassVar[tuple[int, int]] = (4, 16)
     #: the planner's cap on items per chunk when the ``max-chunk`` setting is unset
     max_chunk: ClassVar[int | None] = None
+    #: modules the workers of a local run import before their first chunk: the pipeline
+    #: starts their forkserver before :meth:`prepare` (``pipeline.warm_workers``), so the
+    #: imports overlap the input checks; the job's own ``Job.worker_preload`` forks them
+    worker_preload: ClassVar[tuple[str, ...]] = ()
     #: the command a SLURM job runs for this workload (default ``hpcbatch run NAME``)
     command: ClassVar[tuple[str, ...]] = ()
     #: ``"module:attribute"`` of the workload's own click group (``hpcbatch stocks ...``),

@@ -48,3 +48,45 @@ def test_local_workers_fork_from_a_server_that_imported_the_preload(tmp_path) ->
     assert len({s["ppid"] for s in states}) == 1, states
     # outside the block, workers start as Dask starts them
     assert result["after"] == "spawn"
+
+
+WARM = textwrap.dedent(
+    """
+    import json, sys
+    from multiprocessing import forkserver
+    from hpcbatch.pipeline import ClusterChoice, warm_workers
+    from hpcbatch.workload import Workload
+
+    class Heavy(Workload):
+        name = "heavy"
+        worker_preload = ("xml.dom.minidom",)
+
+    def server():
+        pid = forkserver._forkserver._forkserver_pid
+        if pid is None:
+            return None
+        return open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+
+    seen = {}
+    for backend in ("slurm", "address"):  # workers not forked here: nothing started
+        warm_workers(Heavy(), ClusterChoice(backend, "tcp://127.0.0.1:1"))
+        seen[backend] = server()
+    warm_workers(Heavy(), ClusterChoice("local"), client=object())
+    seen["client"] = server()
+    warm_workers(Heavy(), ClusterChoice("local"))
+    seen["local"] = server()
+    seen["imported here"] = "xml.dom.minidom" in sys.modules
+    print("RESULT " + json.dumps(seen))
+    """
+)
+
+
+def test_a_local_run_starts_its_workers_forkserver_before_the_job_is_prepared() -> None:
+    out = subprocess.run([sys.executable, "-c", WARM], capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    seen = json.loads(out.stdout.split("RESULT ", 1)[1])
+    assert seen["slurm"] is None and seen["address"] is None and seen["client"] is None
+    # started, importing the workload's preload in its own process, not in the driver's
+    assert seen["local"] is not None and "xml.dom.minidom" in seen["local"]
+    assert seen["imported here"] is False

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .. import config as hb_config
-from ..pipeline import ClusterChoice, RunRequest, run_job
+from ..pipeline import ClusterChoice, RunRequest, run_job, warm_workers
 from ..report import RunReport
 from .footprint import cpu_batch
 from .task import (
@@ -76,9 +76,10 @@ def predict(
     """
     settings = dict(settings) if settings is not None else hb_config.load()
     opts = options or PredictOptions.from_settings(settings["stocks"])
-    job = WORKLOAD.prepare_options(str(db_url), str(model_dir), opts)
     cluster = settings["cluster"]
     choice = ClusterChoice(backend or cluster["backend"], address or cluster["address"])
+    warm_workers(WORKLOAD, choice, client)  # the workers' imports overlap the checks
+    job = WORKLOAD.prepare_options(str(db_url), str(model_dir), opts)
     request = RunRequest(
         cluster=choice, resources=resources, client=client, resume=resume, run_id=run_id,
         report_dir=report_dir, progress=progress, quiet=quiet, calibrate=calibrate,

@@ -203,6 +203,7 @@ class StocksWorkload(Workload):
     probe = PROBE
     probe_sizes = (4, 16)
     max_chunk = MAX_CHUNK_STOCKS
+    worker_preload = WORKER_PRELOAD
     command = ("stocks", "predict")
     cli_group = "hpcbatch.stocks.cli:stocks"
 
