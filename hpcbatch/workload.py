@@ -186,7 +186,7 @@ class PreloadSaving:
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
-_HEAP_SET: dict[str, tuple[int, int]] = {}  # this process's current tuning, once set
+_heap_now: tuple[int, int] | None = None  # this process's (mmap, trim) thresholds, once set
 
 
 @dataclass(frozen=True)
@@ -201,15 +201,14 @@ class HeapTuning:
     from the heap, and up to ``trim_threshold`` free bytes at its top are kept.  The
     workload's footprint counts :attr:`kept_bytes`: ``peak_bytes``, what the kept heap
     was measured to add to a worker's peak (freed memory is mostly reused by the next
-    batch, not added to it), else the whole trim threshold.  ``measured``: where those
-    numbers come from.  Applied per worker process by the pipeline
-    (:class:`HeapTunedTask`); nothing changes where the C library is not glibc.
+    batch, not added to it), else the whole trim threshold (the workload's footprint
+    module says where its numbers come from).  Applied per worker process by the
+    pipeline (:class:`HeapTunedTask`); nothing changes where the C library is not glibc.
     """
 
     mmap_threshold: int
     trim_threshold: int
     peak_bytes: int | None = None
-    measured: str = ""
 
     @property
     def kept_bytes(self) -> int:
@@ -219,8 +218,9 @@ class HeapTuning:
     def apply(self) -> bool:
         """Set this process's malloc thresholds (once; again only if they differ).
         False where the C library is not glibc (nothing changed)."""
+        global _heap_now
         wanted = (self.mmap_threshold, self.trim_threshold)
-        if _HEAP_SET.get("now") == wanted:
+        if _heap_now == wanted:
             return True
         try:
             import ctypes
@@ -231,7 +231,7 @@ class HeapTuning:
         except (OSError, AttributeError):
             ok = False
         if ok:
-            _HEAP_SET["now"] = wanted
+            _heap_now = wanted
             log.debug("malloc: mmap threshold %d, trim threshold %d", *wanted)
         return ok
 

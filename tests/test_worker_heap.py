@@ -23,7 +23,7 @@ from hpcbatch.workload import HeapTuning, Job, RunIdentity, Sink, Workload
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 
 BUFFER = 8 * 1024**2  # over Dask's fixed 128 KiB mmap threshold, under the tuned 32 MiB
-TUNED = HeapTuning(32 * 1024**2, 64 * 1024**2, measured="test")
+TUNED = HeapTuning(32 * 1024**2, 64 * 1024**2)
 
 
 def reuse_buffers(chunk, ctx) -> dict:

@@ -94,13 +94,7 @@ BASELINE_BYTES = FORKSERVER_BASELINE_BYTES + FORKSERVER_SAVING_BYTES
 HEAP_MMAP_THRESHOLD = 32 * 1024**2
 HEAP_TRIM_THRESHOLD = 64 * 1024**2
 HEAP_PEAK_BYTES = 32 * 1024**2
-WORKER_HEAP = HeapTuning(
-    HEAP_MMAP_THRESHOLD,
-    HEAP_TRIM_THRESHOLD,
-    HEAP_PEAK_BYTES,
-    "inference 1.9x (small model) and 1.4x (full) faster than with Dask's "
-    "MALLOC_TRIM_THRESHOLD_, +19-23 MiB peak measured, 32 MiB counted (2026-12-06)",
-)
+WORKER_HEAP = HeapTuning(HEAP_MMAP_THRESHOLD, HEAP_TRIM_THRESHOLD, HEAP_PEAK_BYTES)
 # The driver: client + in-process scheduler, with torch imported to check the model.
 # Measured peak RSS 321-325 MiB (benchmarks/results-stocks-*.json, 500-5,000 stocks).
 DRIVER_BYTES = 384 * 1024**2
