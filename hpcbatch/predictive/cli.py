@@ -101,6 +101,13 @@ def fit(data_dir, steps, max_lr, seed) -> None:
 @click.option("--out", "out_path", required=True, help="The zarr store to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 @click.option(
+    "--compress",
+    type=click.Choice(["lz4", "zstd", "none"]),
+    default="lz4",
+    show_default=True,
+    help="The store's codec: lz4 (fast), zstd (smaller), none.",
+)
+@click.option(
     "--resume",
     is_flag=True,
     help="Continue an interrupted run into --out: only chunks not in its ledger run.",
@@ -126,6 +133,7 @@ def sample_cmd(
     seed,
     out_path,
     overwrite,
+    compress,
     resume,
     report_dir,
     as_json,
@@ -152,6 +160,7 @@ def sample_cmd(
         settings=settings,
         out=out_path,
         overwrite=overwrite,
+        compress=compress,
         resume=resume,
         sync=backend == "sync",
         calibrate=calibrate,
@@ -194,6 +203,7 @@ def sample_data_dir(
     settings: dict,
     out,
     overwrite: bool = False,
+    compress: str = "lz4",
     resume: bool = False,
     sync: bool = False,
     calibrate: bool | None = None,
@@ -221,7 +231,7 @@ def sample_data_dir(
         click.echo("calibrating: running the probe in fresh processes ...", err=True)
     options = SampleOptions(
         chunk_size=chunk_size, cell_block=cell_block, out=out, overwrite=overwrite,
-        resume=resume, seed=RunSettings.from_config(settings).seed,
+        resume=resume, seed=RunSettings.from_config(settings).seed, compress=compress,
     )  # fmt: skip
     # The CLI keeps its cluster (and ledger, for --resume) unless --cluster sync:
     # cluster="auto" (in-process when one chunk holds the job) is the Python default.

@@ -669,7 +669,9 @@ def sample(
     latents, so observations far larger than memory are drawn consistently.  Further
     ``options`` (``cell_block``, ``footprint``, ``settings``, ``shared_dir``,
     ``compress``, ``run_id``, ``report_dir``, ``progress``, ``resources``,
-    ``worker_start``, ``cluster_start_s``) go to :func:`run_sampling`.
+    ``worker_start``, ``cluster_start_s``) go to :func:`run_sampling`.  ``compress``
+    is the ``out`` store's codec: ``"lz4"`` (default; lossless, faster to write and
+    read than no codec), ``"zstd"`` (smaller, slower) or ``"none"``.
     """
     run = run_sampling(
         model,

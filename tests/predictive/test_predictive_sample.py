@@ -274,6 +274,47 @@ def test_zarr_output_is_chunked_with_the_samples_and_matches_dict(tech_fit, tmp_
     assert reopened.attrs["hpcbatch"]["chunk_size"] == 7
 
 
+def _codec(array) -> tuple[str, str | None]:
+    (compressor,) = array.compressors or (None,)
+    return type(compressor).__name__, getattr(compressor, "cname", None)
+
+
+def test_store_codec_lz4_by_default_zstd_or_none_on_request_same_values(tech_fit, tmp_path):
+    """The out store is lossless whatever its codec: LZ4 by default, zstd or none asked."""
+    from zarr.codecs import BloscCname
+
+    data, guide, args, kwargs = tech_fit
+    common = dict(
+        guide=guide, num_samples=10, model_args=args, model_kwargs=kwargs,
+        return_sites=TECH_SITES, chunk_size=5, client="sync", seed=3,
+        data_plate=tech.DATA_PLATE, split_args=tech.SPLIT_ARGS, cell_block=60,
+    )  # fmt: skip
+    expected = sample(tech.technical_model, **common)
+    codecs = {}
+    for compress in (None, "zstd", "none", True):
+        path = tmp_path / f"{compress}.zarr"
+        chosen = {} if compress is None else {"compress": compress}
+        sample(tech.technical_model, out=path, **common, **chosen)
+        group = zarr.open_group(str(path), mode="r")
+        for name in TECH_SITES:
+            np.testing.assert_array_equal(group[name][...], expected[name])
+        codecs[compress] = _codec(group["y"])
+    assert codecs[None] == ("BloscCodec", BloscCname.lz4)
+    assert codecs["zstd"] == codecs[True] == ("ZstdCodec", None)
+    assert codecs["none"] == ("NoneType", None)
+
+
+def test_unknown_store_codec_is_refused_before_anything_is_written(tech_fit, tmp_path):
+    from hpcbatch.errors import ConfigError
+
+    data, guide, args, kwargs = tech_fit
+    with pytest.raises(ConfigError, match=r"compress must be one of lz4, zstd, none.*'gzip'"):
+        sample(tech.technical_model, guide=guide, num_samples=4, model_args=args,
+               model_kwargs=kwargs, client="sync", out=tmp_path / "s.zarr",
+               compress="gzip")  # fmt: skip
+    assert not (tmp_path / "s.zarr").exists()
+
+
 @pytest.mark.timeout(240)
 def test_results_do_not_depend_on_the_number_of_workers(tech_fit, tmp_path):
     from distributed import Client, LocalCluster
