@@ -183,6 +183,29 @@ def test_predictive_sample_address_still_works_and_warns(tmp_path: Path) -> None
     assert "tcp://127.0.0.1:1: nothing listens there" in new.stderr
 
 
+def test_predictive_sample_compress_picks_the_store_codec(tmp_path: Path) -> None:
+    """--compress zstd writes a zstd store (LZ4 without it); an unknown codec is refused."""
+    import zarr
+
+    from hpcbatch.predictive.technical import fit, simulate
+
+    simulate(20, 4, 2, seed=0, out=tmp_path / "d")
+    fit(tmp_path / "d", steps=3, seed=0)
+    base = ["predictive", "sample", str(tmp_path / "d"), "--samples", "2", "--cluster", "sync",
+            "--with-observations", "--report-dir", str(tmp_path / "r")]  # fmt: skip
+    codecs = {}
+    for name, extra in (("default", []), ("zstd", ["--compress", "zstd"])):
+        result = invoke(*base, "--out", str(tmp_path / f"{name}.zarr"), *extra)
+        assert result.exit_code == 0, result.output
+        (codec,) = zarr.open_array(store=str(tmp_path / f"{name}.zarr" / "y"), mode="r").compressors
+        codecs[name] = type(codec).__name__
+    assert codecs == {"default": "BloscCodec", "zstd": "ZstdCodec"}
+    bad = invoke(*base, "--out", str(tmp_path / "bad.zarr"), "--compress", "gzip")
+    assert bad.exit_code == 2
+    assert "'gzip' is not one of 'lz4', 'zstd', 'none'" in bad.stderr
+    assert not (tmp_path / "bad.zarr").exists()
+
+
 def test_old_spellings_are_hidden_from_help() -> None:
     for argv in (["plan", "stocks"], ["slurm", "render", "stocks"], ["stocks", "predict"],
                  ["predictive", "sample"], ["resources"]):  # fmt: skip
