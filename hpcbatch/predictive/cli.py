@@ -100,13 +100,8 @@ def fit(data_dir, steps, max_lr, seed) -> None:
 @click.option("--seed", type=int, default=None, help="Run seed (chunk seeds derive from it).")
 @click.option("--out", "out_path", required=True, help="The zarr store to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
-@click.option(
-    "--compress",
-    type=click.Choice(["lz4", "zstd", "none"]),
-    default="lz4",
-    show_default=True,
-    help="The store's codec: lz4 (fast), zstd (smaller), none.",
-)
+@click.option("--compress", type=click.Choice(["lz4", "zstd", "none"]), default="lz4",
+              show_default=True, help="The store's codec: lz4 (fast), zstd (smaller), none.")
 @click.option(
     "--resume",
     is_flag=True,
