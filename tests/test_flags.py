@@ -199,7 +199,13 @@ def test_predictive_sample_compress_picks_the_store_codec(tmp_path: Path) -> Non
         assert result.exit_code == 0, result.output
         (codec,) = zarr.open_array(store=str(tmp_path / f"{name}.zarr" / "y"), mode="r").compressors
         codecs[name] = type(codec).__name__
-    assert codecs == {"default": "BloscCodec", "zstd": "ZstdCodec"}
+    # the generic runner takes it too (a local cluster)
+    run = invoke("run", "predictive", str(tmp_path / "d"), "--samples", "2", "--cpus", "1",
+                 "--out", str(tmp_path / "run.zarr"), "--compress", "none",
+                 "--report-dir", str(tmp_path / "r"))  # fmt: skip
+    assert run.exit_code == 0, run.output
+    codecs["run none"] = zarr.open_array(store=str(tmp_path / "run.zarr" / "mu_ntc"), mode="r").compressors
+    assert codecs == {"default": "BloscCodec", "zstd": "ZstdCodec", "run none": ()}
     bad = invoke(*base, "--out", str(tmp_path / "bad.zarr"), "--compress", "gzip")
     assert bad.exit_code == 2
     assert "'gzip' is not one of 'lz4', 'zstd', 'none'" in bad.stderr

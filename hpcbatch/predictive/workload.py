@@ -97,6 +97,9 @@ def _run_options() -> list:
                      help="Cells per model run with observations."),
         click.Option(["--out"], required=True, help="The zarr store to write."),
         click.Option(["--overwrite"], is_flag=True, help="Replace an existing --out."),
+        click.Option(["--compress"], type=click.Choice(["lz4", "zstd", "none"]),
+                     default="lz4", show_default=True,
+                     help="The store's codec: lz4 (fast), zstd (smaller), none."),
     ]  # fmt: skip
 
 
@@ -111,7 +114,6 @@ class PredictiveWorkload(Workload):
     probe = PROBE
     probe_sizes = (2, 8)
     command = ("predictive", "sample")
-    cli_group = "hpcbatch.predictive.cli:predictive"
     cli_group = "hpcbatch.predictive.cli:predictive"
 
     def size_options(self) -> list:
@@ -170,7 +172,7 @@ class PredictiveWorkload(Workload):
             chunk_size=auto_or_int("--chunk-size", values.get("chunk_size") or settings.chunk_size),
             cell_block=auto_or_int("--cell-block", values.get("cell_block") or settings.cell_block),
             out=values["out"], overwrite=bool(values.get("overwrite")),
-            resume=invocation.resume, seed=invocation.seed, run_id=invocation.run_id,
+            compress=values.get("compress") or "lz4", resume=invocation.resume, seed=invocation.seed, run_id=invocation.run_id,
         )  # fmt: skip
         return technical_job(
             self, values["data_dir"], require_positive("--samples", samples),
