@@ -172,7 +172,8 @@ class PredictiveWorkload(Workload):
             chunk_size=auto_or_int("--chunk-size", values.get("chunk_size") or settings.chunk_size),
             cell_block=auto_or_int("--cell-block", values.get("cell_block") or settings.cell_block),
             out=values["out"], overwrite=bool(values.get("overwrite")),
-            compress=values.get("compress") or "lz4", resume=invocation.resume, seed=invocation.seed, run_id=invocation.run_id,
+            compress=values.get("compress") or "lz4", resume=invocation.resume,
+            seed=invocation.seed, run_id=invocation.run_id,
         )  # fmt: skip
         return technical_job(
             self, values["data_dir"], require_positive("--samples", samples),
