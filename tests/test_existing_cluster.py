@@ -273,7 +273,11 @@ def test_stocks_on_an_existing_cluster_of_small_workers(tmp_path, monkeypatch) -
     assert [w["key"] for w in drawn["workers"]] == sorted(peaks)
     assert len([x for x in drawn["legend"] if x.startswith(("w0 ", "w1 "))]) == 2
     assert not any("None" in x for x in drawn["legend"])
-    assert drawn["data_max_mib"] <= drawn["y_max_mib"] <= 1.5 * limit / MiB
+    # the axis follows what it shows (the killed worker's peak, or the limit), with
+    # headroom for the kill labels; not a fixed multiple of the limit: how far the hog
+    # overshoots before its kill varies (1001.5 MiB of an 800 MiB limit seen in CI)
+    shown = max(drawn["data_max_mib"], limit / MiB)
+    assert drawn["data_max_mib"] <= drawn["y_max_mib"] <= 1.25 * shown
     assert drawn["kills"] == len(kills)
 
 
