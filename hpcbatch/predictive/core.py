@@ -30,7 +30,7 @@ import numpy as np
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.infer.predictive import _guess_max_plate_nesting, _predictive
+from pyro.infer.predictive import _predictive
 from pyro.poutine.util import prune_subsample_sites
 
 from ..errors import ConfigError, DataError
@@ -163,6 +163,7 @@ def draw_blocks(
     layout: Layout,
     block: int,
     draw_rows: int | None = None,
+    lean: bool = False,
 ) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
     """Run the model conditioned on one set of global draws, block of rows by block.
 
@@ -170,9 +171,10 @@ def draw_blocks(
     in every block (they come from ``posterior``), so each sample's rows form one draw.
     With several blocks, each is drawn ``draw_rows`` rows at a time into the block's
     output (the likelihood's temporaries then stay those of ``draw_rows`` rows).
+    ``lean``: vectorised runs even for a single block (not bit-identical to Predictive).
     """
     n_rows = layout.plate_size or 0
-    lean = block < n_rows and layout.max_plate_nesting is not None
+    lean = (lean or block < n_rows) and layout.max_plate_nesting is not None
     step = max(1, min(block, draw_rows or block))
     for start in range(0, n_rows, block):
         stop = min(n_rows, start + block)
@@ -265,6 +267,24 @@ def vectorized_draw(
     return draws
 
 
+def vectorized_guide_draw(
+    guide: Callable, num_samples: int, guide_args: tuple, guide_kwargs: dict, layout: Layout
+) -> dict[str, torch.Tensor]:
+    """The guide's vectorised run alone (its latent draws for ``num_samples`` samples, as
+    :func:`vectorized_draw` conditions the model on them), without the two unvectorised
+    runs Predictive makes first: the same distribution, not Predictive's numbers."""
+    nesting = int(layout.max_plate_nesting or 0)
+    vectorize = pyro.plate(_SAMPLES_PLATE, num_samples, dim=-nesting - 1)
+    with torch.no_grad():
+        trace = poutine.trace(vectorize(guide)).get_trace(*guide_args, **guide_kwargs)
+    trace = prune_subsample_sites(trace)  # the plates' own index sites
+    return {
+        name: site["value"]
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and not site["is_observed"]
+    }
+
+
 # --------------------------------------------------------------- inspect ----
 
 
@@ -334,9 +354,21 @@ def _site_shape(site: dict, max_plate_nesting: int) -> tuple[int, ...]:
     return (1,) * append + tuple(site["value"].shape)
 
 
-def _model_trace(model, args, kwargs):
+def _model_trace(model, args, kwargs, nesting: list[int] | None = None):
+    """The model's trace without the plates' index sites; ``nesting`` gets the plate
+    nesting Pyro's ``_guess_max_plate_nesting`` would find from the same run."""
     with poutine.block(), torch.no_grad():
-        return prune_subsample_sites(poutine.trace(model).get_trace(*args, **kwargs))
+        trace = poutine.trace(model).get_trace(*args, **kwargs)
+    if nesting is not None:
+        dims = [
+            frame.dim
+            for site in trace.nodes.values()
+            if site["type"] == "sample"
+            for frame in site["cond_indep_stack"]
+            if frame.vectorized
+        ]
+        nesting.append(-min(dims) if dims else 0)
+    return prune_subsample_sites(trace)
 
 
 def _describe(exc: BaseException) -> str:
@@ -383,8 +415,11 @@ def inspect_model(
                 in_plate = any(f.name == data_plate for f in site.get("cond_indep_stack", ()))
                 if site["type"] == "sample" and in_plate and name in latent_values:
                     raise _local_latent(data_plate, name, True)
+        nesting: list[int] = []  # as Predictive guesses it, from this same run
         try:
-            trace = _model_trace(poutine.condition(model, latent_values), probe_args, probe_kwargs)
+            trace = _model_trace(
+                poutine.condition(model, latent_values), probe_args, probe_kwargs, nesting
+            )
         except Exception as exc:
             where = (
                 f" on {min(PROBE_ROWS, plate_size)} rows of '{data_plate}'" if data_plate else ""
@@ -392,7 +427,7 @@ def inspect_model(
             raise _model_error(exc, where, latent_values, data_plate, plate_size) from exc
     sample_sites = {name: site for name, site in trace.nodes.items() if site["type"] == "sample"}
     _check_guide(sample_sites, latent_values, guide is not None)
-    max_nesting = _guess_nesting(model, probe_args, probe_kwargs, latent_values)
+    max_nesting = nesting[0]
     chosen = _choose_sites(sample_sites, trace, return_sites, latent_values, guide is not None)
     layouts = []
     for name in chosen:
@@ -491,11 +526,6 @@ def _strip_ones(shape: tuple[int, ...]) -> tuple[int, ...]:
     while shape and shape[0] == 1:
         shape = shape[1:]
     return shape
-
-
-def _guess_nesting(model, args, kwargs, latent_values) -> int:
-    with preserved_rng(), torch.no_grad():
-        return _guess_max_plate_nesting(poutine.condition(model, latent_values), args, kwargs)
 
 
 def _choose_sites(sample_sites, trace, return_sites, latent_values, from_guide) -> list[str]:

@@ -199,9 +199,15 @@ def pyro_seed(chunk_seed: int) -> int:
     return int(chunk_seed) % 2**32
 
 
-def draw_chunk(job: SamplingJob, start: int, stop: int, seed: int, emit) -> None:
-    """Draw samples ``start:stop`` with ``seed``; ``emit(site, value, rows)`` each piece."""
+def draw_chunk(job: SamplingJob, start: int, stop: int, seed: int, emit, lean: bool = False) -> None:
+    """Draw samples ``start:stop`` with ``seed``; ``emit(site, value, rows)`` each piece.
+
+    ``lean``: guide and model run vectorised only (:func:`core.vectorized_draw`), without
+    Predictive's two unvectorised runs of each before: the same distribution and work
+    per value, not Predictive's numbers (:func:`~hpcbatch.predictive.sampling.
+    estimate_draw`'s timed test draws, whose values are thrown away)."""
     layout = job.layout
+    lean = lean and layout.max_plate_nesting is not None
     n = stop - start
     args, kwargs = shared.resolve_all(job.model_args, job.model_kwargs)
     posterior = {k: shared.resolve(v)[start:stop] for k, v in job.posterior.items()}
@@ -214,6 +220,16 @@ def draw_chunk(job: SamplingJob, start: int, stop: int, seed: int, emit) -> None
             model_args, model_kwargs = core.slice_rows(
                 args, kwargs, layout.split_positions, layout.split_names, 0, 1
             )
+        if lean:
+            if job.guide is not None:
+                posterior = core.vectorized_guide_draw(job.guide, n, args, kwargs, layout)
+            draws = core.vectorized_draw(
+                job.model, posterior=posterior, num_samples=n, model_args=model_args,
+                model_kwargs=model_kwargs, layout=layout, rows=None,
+            )  # fmt: skip
+            for name, value in draws.items():
+                emit(sites[name], value, None)
+            return
         draws = core.predictive_draw(
             job.model,
             guide=job.guide,
@@ -228,12 +244,14 @@ def draw_chunk(job: SamplingJob, start: int, stop: int, seed: int, emit) -> None
         for name, value in draws.items():
             emit(sites[name], value, None)
         return
-    if job.guide is not None:
+    if job.guide is not None and lean:
+        posterior = core.vectorized_guide_draw(job.guide, n, args, kwargs, layout)
+    elif job.guide is not None:
         posterior = core.guide_draw(job.guide, n, args, kwargs)
     rows = draw_rows(layout.per_sample_bytes(in_plate=True), n, job.block)
     for row_start, row_stop, draws in core.draw_blocks(
         job.model, posterior=posterior, num_samples=n, model_args=args, model_kwargs=kwargs,
-        layout=layout, block=job.block, draw_rows=rows,
+        layout=layout, block=job.block, draw_rows=rows, lean=lean,
     ):  # fmt: skip
         for name, value in draws.items():
             site = sites[name]
@@ -243,9 +261,12 @@ def draw_chunk(job: SamplingJob, start: int, stop: int, seed: int, emit) -> None
                 emit(site, value, None)
 
 
-def run_chunk(job: SamplingJob, chunk, seed: int, put: Callable[..., int]) -> dict:
+def run_chunk(
+    job: SamplingJob, chunk, seed: int, put: Callable[..., int], lean: bool = False
+) -> dict:
     """Draw one chunk with ``seed``; ``put(site, start, stop, value, rows)`` stores each
-    piece and returns its bytes.  Pyro's globals are guarded (see ``_PYRO_LOCK``)."""
+    piece and returns its bytes.  Pyro's globals are guarded (see ``_PYRO_LOCK``).
+    ``lean``: see :func:`draw_chunk`."""
     written = 0
 
     def emit(site, value, rows):
@@ -257,7 +278,7 @@ def run_chunk(job: SamplingJob, chunk, seed: int, put: Callable[..., int]) -> di
     with _PYRO_LOCK, pyro.get_param_store().scope(), pyro.validation_enabled(False):
         _restore_guide_params(job)
         try:
-            draw_chunk(job, chunk.start, chunk.stop, seed, emit)
+            draw_chunk(job, chunk.start, chunk.stop, seed, emit, lean)
         except RuntimeError as exc:
             # torch's CPU allocator failing is a memory failure: the runner halves the chunk.
             if "can't allocate memory" in str(exc) or "out of memory" in str(exc).lower():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pyro
 import pyro.poutine as poutine
 import pytest
@@ -116,3 +118,61 @@ def test_blocks_run_the_model_once_each_and_one_block_stays_predictive(tech_fit)
         model_args=args, model_kwargs=kwargs, return_sites=layout.names,
     )  # fmt: skip
     assert torch.equal(one[2]["y"], ref["y"])
+
+
+def test_vectorized_guide_draw_is_predictives_vectorised_guide_run(tech_fit):
+    """The guide's lean draw (estimate_draw's test draws) returns, from the RNG state
+    Predictive reaches after its two shape-guessing runs of the guide, exactly the
+    guide draws Predictive returns."""
+    _, guide, args, kwargs = tech_fit
+    n = 5
+    layout = _layout(guide, args, kwargs, n)
+
+    pyro.set_rng_seed(7)
+    ref = core.guide_draw(guide, n, args, kwargs)
+
+    pyro.set_rng_seed(7)
+    guessing = InitMessenger(init_to_sample)(torch.no_grad()(poutine.mask(guide, mask=False)))
+    _guess_max_plate_nesting(guessing, args, kwargs)
+    poutine.trace(guessing).get_trace(*args, **kwargs)
+    got = core.vectorized_guide_draw(guide, n, args, kwargs, layout)
+    assert set(got) == set(ref)
+    for name, value in ref.items():
+        assert got[name].shape == value.shape, name
+        assert torch.equal(got[name], value), name
+
+
+def test_the_test_draws_run_guide_and_model_once_each(tech_fit):
+    """estimate_draw's timed draws are vectorised runs alone: one model run and one guide
+    run per draw (Predictive's call makes three of each), and the estimate adds the two
+    unvectorised runs Predictive makes before the job's own one-block draw."""
+    from hpcbatch.predictive.sampling import SampleOptions, SampleRequest, estimate_draw
+    from hpcbatch.predictive.task import prepare_job
+    from hpcbatch.predictive.workload import WORKLOAD
+
+    _, guide, args, kwargs = tech_fit
+    runs = {"model": 0, "guide": 0}
+
+    @functools.wraps(tech.technical_model)  # its signature names the split arguments
+    def model(*a, **k):
+        runs["model"] += 1
+        return tech.technical_model(*a, **k)
+
+    def counted_guide(*a, **k):
+        runs["guide"] += 1
+        return guide(*a, **k)
+
+    request = SampleRequest(
+        model, 64, guide=counted_guide, model_args=args, model_kwargs=kwargs,
+        return_sites=("alpha_y", "mu_ntc"), data_plate=tech.DATA_PLATE,
+        split_args=tech.SPLIT_ARGS,
+    )  # fmt: skip
+    job = prepare_job(WORKLOAD, request, SampleOptions(), in_process=True)
+    try:
+        runs.update(model=0, guide=0)
+        estimate = estimate_draw(job.prep.sampling)
+    finally:
+        job.discard()
+    draws = len(estimate.probe_samples) + 1  # the first draw is made twice
+    assert runs == {"model": draws, "guide": draws}
+    assert estimate.runs == 1 and estimate.seconds > 0
