@@ -30,8 +30,11 @@ Contenders, each in a fresh process whose whole process tree is watched from out
 - ``hpcbatch_inprocess`` (not in the default set): ``cluster="inprocess"``;
 - ``floor``: the interpreter with torch and Pyro imported, the inputs, the outputs
   allocated, and the raw guide draws (their time is the floor for samples/s);
-- ``raw_draw`` (once, not per case): torch's NegativeBinomial samples/s on one core
-  (one torch thread), times the cores: the yardstick for drawing observations;
+- ``raw_draw`` (once at the start, and for each case with observations right before
+  and right after the default call, whose ``vs_raw_draw_rate_adjacent`` is against the
+  mean of those two: the machine's speed drifts 10-20 % over minutes): torch's
+  NegativeBinomial samples/s on one core (one torch thread), times the cores: the
+  yardstick for drawing observations;
 - ``case_draw`` (each case with observations): the same at the case's own parameters
   (the model's total_count and logits for 200 cells): the raw rate of exactly the draw
   the job makes (the rate depends on the counts' size).
@@ -456,9 +459,14 @@ def _per_worker(row: dict, floor: dict) -> dict:
 
 
 def _ratios(rows: list[dict], raw: dict | None, observations: bool,
-            case_draw: dict | None = None) -> dict:  # fmt: skip
+            case_draw: dict | None = None, adjacent: list[dict] | None = None) -> dict:  # fmt: skip
     """Each hpcbatch contender against Predictive(parallel=True), the floor (the whole
-    tree, and per worker) and the raw draw rates (generic, and at the case's parameters)."""
+    tree, and per worker) and the raw draw rates (generic, and at the case's parameters);
+    ``adjacent``: the raw rate measured right before and after the default call (their
+    mean is its ``vs_raw_draw_rate_adjacent``)."""
+    adjacent_rate = (
+        sum(a["machine_values_per_s"] for a in adjacent) / len(adjacent) if adjacent else None
+    )
     by = {r["contender"]: r for r in rows if r.get("status") == "ok"}
     ratios = {}
     peer, floor = by.get("predictive_parallel"), by.get("floor")
@@ -474,6 +482,8 @@ def _ratios(rows: list[dict], raw: dict | None, observations: bool,
             entry["pss_vs_floor"] = row["peak_pss_sampled_bytes"] / floor["peak_pss_sampled_bytes"]
         if observations and raw:
             entry["vs_raw_draw_rate"] = row["values_per_s"] / raw["machine_values_per_s"]
+        if observations and adjacent_rate and name == "hpcbatch":
+            entry["vs_raw_draw_rate_adjacent"] = row["values_per_s"] / adjacent_rate
         if observations and case_draw:
             entry["vs_case_draw_rate"] = row["values_per_s"] / case_draw["machine_values_per_s"]
         if floor and row.get("execution") == "cluster":
@@ -506,12 +516,14 @@ def main() -> None:
     out = {"benchmark": "predictive", "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "command": " ".join(sys.argv), "machine": _machine(), "cap_bytes": cap,
            "sample_interval_s": SAMPLE_S, "load_avg_start": os.getloadavg(), "cases": {}}  # fmt: skip
-    raw = None
-    if any(CASES[name]["observations"] for name in opts.cases.split(",")):
+    def raw_draw() -> dict | None:
         watched, stdout, _, _ = _watch([sys.executable, __file__, "--child", "raw_draw"], cap, 120)
         lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
-        raw = json.loads(lines[-1][len("RESULT ") :]) if lines else None
-        out["raw_draw"] = raw
+        return json.loads(lines[-1][len("RESULT ") :]) if lines else None
+
+    raw = None
+    if any(CASES[name]["observations"] for name in opts.cases.split(",")):
+        raw = out["raw_draw"] = raw_draw()
         print(json.dumps({"raw_draw": raw}), file=sys.stderr, flush=True)
     for name in opts.cases.split(","):
         case = dict(CASES[name])
@@ -520,24 +532,32 @@ def main() -> None:
         data_dir = Path(opts.dir) / f"n{case['cells']}_t{case['features']}"
         t0, load0 = time.time(), os.getloadavg()
         _prepare(data_dir, case["cells"], case["features"])
-        rows = []
+        rows, adjacent = [], []
         for contender in opts.contenders.split(","):
             default = next((r for r in rows if r["contender"] == "hpcbatch"), {})
             if contender == "hpcbatch_cluster" and default.get("execution") == "cluster":
                 rows.append({"contender": contender, "status": "skipped: = hpcbatch"})
                 continue
+            # the machine's speed drifts by 10-20 % over minutes: the raw rate is also
+            # measured right before and after the default call, its yardstick
+            paired = case["observations"] and contender == "hpcbatch"
+            if paired:
+                adjacent.append(raw_draw())
             row = run_contender(contender, data_dir, case, cap, opts.timeout_s)
+            if paired:
+                adjacent.append(raw_draw())
             print(json.dumps({"case": name, **row}), file=sys.stderr, flush=True)
             rows.append(row)
         case_draw = None
         if case["observations"]:
             case_draw = run_contender("case_draw", data_dir, case, cap, opts.timeout_s)
+        adjacent = [a for a in adjacent if a]
         out["cases"][name] = {**case, "prepare_s": time.time() - t0, "load_avg_start": load0,
                               "load_avg_end": os.getloadavg(), "contenders": rows,
-                              "case_draw": case_draw,
+                              "case_draw": case_draw, "raw_draw_adjacent": adjacent or None,
                               "ratios": _ratios(rows, raw, case["observations"],
                                                 case_draw if (case_draw or {}).get("status") == "ok"
-                                                else None)}  # fmt: skip
+                                                else None, adjacent)}  # fmt: skip
     out["load_avg_end"] = os.getloadavg()
     text = json.dumps(out, indent=2)
     if opts.json_out:
