@@ -365,8 +365,8 @@ def estimate_draw(sampling: SamplingJob, enough: float | None = None) -> DrawEst
     the data plate's rows, with one torch thread (see :func:`_test_draws`).  The test
     draws are vectorised runs alone (``lean``, ~3x cheaper each than Predictive's call);
     where the job itself draws through Predictive's own call (one block), the two
-    unvectorised runs of guide and model Predictive makes first are added, at a
-    one-sample test draw's time each.
+    unvectorised runs of guide and model Predictive makes first are added, each at the
+    fitted time of a one-sample draw of the whole job.
 
     Where the last draw took at least 1.25 times the one-sample draw, the line through
     the two (time over values) gives a fixed cost per model run and a cost per value,
@@ -385,20 +385,24 @@ def estimate_draw(sampling: SamplingJob, enough: float | None = None) -> DrawEst
         rows = max(1, min(sampling.block or plate, plate, PROBE_VALUES // max(1, per_row)))
         runs = -(-plate // (sampling.block or plate))
     values = _values(layout, total, layout.plate_size or 0)
-    # one block: the job's draw is Predictive's call, two unvectorised runs more
+    # one block: the job's draw is Predictive's call, which first runs guide and model
+    # twice more, unvectorised: each about a one-sample draw of the whole job
     predictive_runs = 2 if runs == 1 else 0
+    one_sample = values / max(1, total)
 
     def fit(points: list[tuple[int, float]]) -> tuple[float, float, float, bool]:
         """(seconds, per value, fixed per run, whether the slope stands out of the
         noise) from the first and last test draw."""
         (n1, t1), (n2, t2) = points[0], points[-1]
         v1, v2 = _values(layout, n1, rows or 0), _values(layout, n2, rows or 0)
-        extra = predictive_runs * t1
         if n2 > n1 and t2 >= 1.25 * t1:
             per_value = (t2 - t1) / max(1, v2 - v1)
             fixed = max(0.0, t1 - per_value * v1)
+            extra = predictive_runs * (fixed + per_value * one_sample)
             return fixed * runs + per_value * values + extra, per_value, fixed, True
-        return t2 / max(1, v2) * values + extra, t2 / max(1, v2), 0.0, False
+        per_value = t2 / max(1, v2)
+        extra = predictive_runs * max(t1, per_value * one_sample)
+        return per_value * values + extra, per_value, 0.0, False
 
     def open_(points: list[tuple[int, float]]) -> bool:
         """Whether more draws could change the decision: the estimate within a factor 2
