@@ -100,6 +100,14 @@ def predictive_table(path: Path = HERE / "results-predictive.json") -> str:
                      f"{where}; " + "; ".join(
                          f"{k}: " + ", ".join(_ratio(m, v) for m, v in ratios.items())
                          for k, ratios in case["ratios"].items()))  # fmt: skip
+        rounds = len((by.get("hpcbatch") or {}).get("rounds_wall_s") or [])
+        if rounds > 1:
+            walls = ", ".join(f"{x:.2f}" for x in by["hpcbatch"]["rounds_wall_s"] if x)
+            peer = ", ".join(f"{x:.2f}" for x in
+                             (by.get("predictive_parallel") or {}).get("rounds_wall_s") or [] if x)  # fmt: skip
+            notes[-1] += (f"; each contender's median of {rounds} rounds, each in a fresh "
+                          f"process (the default call's timed call {walls} s; "
+                          f"Predictive(parallel=True)'s {peer} s)")  # fmt: skip
         draw = (case.get("case_draw") or {}).get("per_core_values_per_s")
         if draw:
             notes[-1] += (f"; raw draw rate at this case's own parameters {draw / 1e6:.1f}M "
