@@ -44,7 +44,7 @@ from ..planner import Plan
 from ..resources import detect_resources
 from ..units import format_bytes
 from ..workload import PreloadSaving
-from .core import preserved_rng
+from .core import _describe, preserved_rng
 from .footprint import FORKSERVER_MEASURED, FORKSERVER_SAVING_BYTES, SOURCE
 from .task import (  # noqa: F401  (_create_store, _guide_state: re-exported for benchmarks)
     _ARRAYS,
@@ -387,14 +387,16 @@ def estimate_draw(sampling: SamplingJob, enough: float | None = None) -> DrawEst
     values = _values(layout, total, layout.plate_size or 0)
     # one block: the job's draw is Predictive's call, which first runs guide and model
     # twice more, unvectorised: each about a one-sample draw of the whole job
-    predictive_runs = 2 if runs == 1 else 0
+    one_block = runs == 1
     one_sample = values / max(1, total)
+    lean = [True]  # the test draws' kind: False once a lean run failed (see _test_draws)
 
     def fit(points: list[tuple[int, float]]) -> tuple[float, float, float, bool]:
         """(seconds, per value, fixed per run, whether the slope stands out of the
         noise) from the first and last test draw."""
         (n1, t1), (n2, t2) = points[0], points[-1]
         v1, v2 = _values(layout, n1, rows or 0), _values(layout, n2, rows or 0)
+        predictive_runs = 2 if one_block and lean[0] else 0
         if n2 > n1 and t2 >= 1.25 * t1:
             per_value = (t2 - t1) / max(1, v2 - v1)
             fixed = max(0.0, t1 - per_value * v1)
@@ -413,7 +415,7 @@ def estimate_draw(sampling: SamplingJob, enough: float | None = None) -> DrawEst
     def decided(points: list[tuple[int, float]]) -> bool:
         return enough is not None and not open_(points)
 
-    points, spent = _test_draws(sampling, rows, total, open_, decided)
+    points, spent = _test_draws(sampling, rows, total, open_, decided, lean)
     log.debug("test draws (samples, seconds)%s: %s", f" on {rows} rows" if rows else "",
               ", ".join(f"({n}, {t:.4f})" for n, t in points))  # fmt: skip
     seconds, per_value, fixed, line = fit(points)
@@ -425,6 +427,7 @@ def _test_draws(
     sampling: SamplingJob, rows: int | None, total: int,
     open_: Callable[[list[tuple[int, float]]], bool],
     decided: Callable[[list[tuple[int, float]]], bool] = lambda _points: False,
+    lean: list[bool] | None = None,
 ) -> tuple[list[tuple[int, float]], float]:  # fmt: skip
     """Timed draws ``[(samples, seconds)]`` and their total: one sample twice (the
     faster counts), then 4 to 16 times as many samples until a draw takes three times
@@ -432,11 +435,20 @@ def _test_draws(
     every sample, or the decision is already ``decided`` (a job estimated at most
     0.75 s against a 4 s cluster start needs no finer estimate).  A draw that would
     pass :data:`PROBE_BUDGET_S` is made only while the decision is ``open_``, and none
-    past :data:`PROBE_HARD_S`."""
+    past :data:`PROBE_HARD_S`.  The draws are lean (vectorised runs alone) unless the
+    first one fails (say a guide whose own plates clash with the model's nesting): then
+    they time Predictive's own call, and ``lean[0]`` becomes False."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one core, as a worker draws (and steady on a busy machine)
     try:
-        first = min(_timed_draw(sampling, 1, rows), _timed_draw(sampling, 1, rows))
+        lean = [True] if lean is None else lean
+        try:
+            once = _timed_draw(sampling, 1, rows, lean=lean[0])
+        except Exception as exc:  # noqa: BLE001 (e.g. a guide's own plates clash there)
+            log.debug("lean test draw failed (%s): timing Predictive's call", _describe(exc))
+            lean[0] = False
+            once = _timed_draw(sampling, 1, rows, lean=False)
+        first = min(once, _timed_draw(sampling, 1, rows, lean=lean[0]))
         points, spent = [(1, first)], 2 * first
         goal = max(PROBE_TARGET_S, 3 * first)
         while points[-1][0] < total:
@@ -452,7 +464,7 @@ def _test_draws(
             ):
                 break
             n = min(total, n * factor)
-            points.append((n, _timed_draw(sampling, n, rows)))
+            points.append((n, _timed_draw(sampling, n, rows, lean=lean[0])))
             spent += points[-1][1]
     finally:
         torch.set_num_threads(threads)
@@ -470,14 +482,14 @@ def _values(layout, n: int, rows: int) -> int:
     return n * total
 
 
-def _timed_draw(sampling: SamplingJob, n: int, rows: int | None) -> float:
+def _timed_draw(sampling: SamplingJob, n: int, rows: int | None, lean: bool = True) -> float:
     """Seconds to draw the first ``n`` samples (on ``rows`` rows of the plate), discarded."""
     if rows is not None:
         layout = replace(sampling.layout, plate_size=rows)
         sampling = replace(sampling, layout=layout, block=rows)
     with preserved_rng():
         t0 = time.perf_counter()
-        run_chunk(sampling, runner.Chunk("estimate", 0, n), 0, _discard, lean=True)
+        run_chunk(sampling, runner.Chunk("estimate", 0, n), 0, _discard, lean=lean)
         return time.perf_counter() - t0
 
 

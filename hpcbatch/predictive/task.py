@@ -199,7 +199,9 @@ def pyro_seed(chunk_seed: int) -> int:
     return int(chunk_seed) % 2**32
 
 
-def draw_chunk(job: SamplingJob, start: int, stop: int, seed: int, emit, lean: bool = False) -> None:
+def draw_chunk(
+    job: SamplingJob, start: int, stop: int, seed: int, emit, lean: bool = False
+) -> None:
     """Draw samples ``start:stop`` with ``seed``; ``emit(site, value, rows)`` each piece.
 
     ``lean``: guide and model run vectorised only (:func:`core.vectorized_draw`), without

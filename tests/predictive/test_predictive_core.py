@@ -142,10 +142,9 @@ def test_vectorized_guide_draw_is_predictives_vectorised_guide_run(tech_fit):
         assert torch.equal(got[name], value), name
 
 
-def test_the_test_draws_run_guide_and_model_once_each(tech_fit):
-    """estimate_draw's timed draws are vectorised runs alone: one model run and one guide
-    run per draw (Predictive's call makes three of each), and the estimate adds the two
-    unvectorised runs Predictive makes before the job's own one-block draw."""
+def _counted_estimate(tech_fit):
+    """estimate_draw on the technical model for 64 latent samples; the runs of guide and
+    model it made, and the estimate."""
     from hpcbatch.predictive.sampling import SampleOptions, SampleRequest, estimate_draw
     from hpcbatch.predictive.task import prepare_job
     from hpcbatch.predictive.workload import WORKLOAD
@@ -173,6 +172,29 @@ def test_the_test_draws_run_guide_and_model_once_each(tech_fit):
         estimate = estimate_draw(job.prep.sampling)
     finally:
         job.discard()
+    return runs, estimate
+
+
+def test_a_failing_lean_test_draw_falls_back_to_predictive_s_call(tech_fit, monkeypatch):
+    """Where the guide's vectorised run alone fails (e.g. its own plates clash with the
+    model's nesting), the test draws time Predictive's own call instead: three runs of
+    guide and model per draw, and nothing added on top."""
+
+    def clash(*_a, **_k):
+        raise ValueError("plate dim clash")
+
+    monkeypatch.setattr(core, "vectorized_guide_draw", clash)
+    runs, estimate = _counted_estimate(tech_fit)
+    draws = len(estimate.probe_samples) + 1  # the first draw is made twice
+    assert runs == {"model": 3 * draws, "guide": 3 * draws}
+    assert estimate.seconds > 0
+
+
+def test_the_test_draws_run_guide_and_model_once_each(tech_fit):
+    """estimate_draw's timed draws are vectorised runs alone: one model run and one guide
+    run per draw (Predictive's call makes three of each), and the estimate adds the two
+    unvectorised runs Predictive makes before the job's own one-block draw."""
+    runs, estimate = _counted_estimate(tech_fit)
     draws = len(estimate.probe_samples) + 1  # the first draw is made twice
     assert runs == {"model": draws, "guide": draws}
     assert estimate.runs == 1 and estimate.seconds > 0
