@@ -354,21 +354,27 @@ def _site_shape(site: dict, max_plate_nesting: int) -> tuple[int, ...]:
     return (1,) * append + tuple(site["value"].shape)
 
 
-def _model_trace(model, args, kwargs, nesting: list[int] | None = None):
-    """The model's trace without the plates' index sites; ``nesting`` gets the plate
-    nesting Pyro's ``_guess_max_plate_nesting`` would find from the same run."""
+def _raw_trace(model, args, kwargs):
+    """The model's trace, the plates' own index sites included."""
     with poutine.block(), torch.no_grad():
-        trace = poutine.trace(model).get_trace(*args, **kwargs)
-    if nesting is not None:
-        dims = [
-            frame.dim
-            for site in trace.nodes.values()
-            if site["type"] == "sample"
-            for frame in site["cond_indep_stack"]
-            if frame.vectorized
-        ]
-        nesting.append(-min(dims) if dims else 0)
-    return prune_subsample_sites(trace)
+        return poutine.trace(model).get_trace(*args, **kwargs)
+
+
+def _model_trace(model, args, kwargs):
+    """The model's trace without the plates' index sites."""
+    return prune_subsample_sites(_raw_trace(model, args, kwargs))
+
+
+def _plate_nesting(raw_trace) -> int:
+    """The plate nesting Pyro's ``_guess_max_plate_nesting`` finds from the same run."""
+    dims = [
+        frame.dim
+        for site in raw_trace.nodes.values()
+        if site["type"] == "sample"
+        for frame in site["cond_indep_stack"]
+        if frame.vectorized
+    ]
+    return -min(dims) if dims else 0
 
 
 def _describe(exc: BaseException) -> str:
@@ -415,19 +421,17 @@ def inspect_model(
                 in_plate = any(f.name == data_plate for f in site.get("cond_indep_stack", ()))
                 if site["type"] == "sample" and in_plate and name in latent_values:
                     raise _local_latent(data_plate, name, True)
-        nesting: list[int] = []  # as Predictive guesses it, from this same run
         try:
-            trace = _model_trace(
-                poutine.condition(model, latent_values), probe_args, probe_kwargs, nesting
-            )
+            raw = _raw_trace(poutine.condition(model, latent_values), probe_args, probe_kwargs)
         except Exception as exc:
             where = (
                 f" on {min(PROBE_ROWS, plate_size)} rows of '{data_plate}'" if data_plate else ""
             )
             raise _model_error(exc, where, latent_values, data_plate, plate_size) from exc
+    trace = prune_subsample_sites(raw)
     sample_sites = {name: site for name, site in trace.nodes.items() if site["type"] == "sample"}
     _check_guide(sample_sites, latent_values, guide is not None)
-    max_nesting = nesting[0]
+    max_nesting = _plate_nesting(raw)  # as Predictive guesses it, from this same run
     chosen = _choose_sites(sample_sites, trace, return_sites, latent_values, guide is not None)
     layouts = []
     for name in chosen:

@@ -389,14 +389,14 @@ def estimate_draw(sampling: SamplingJob, enough: float | None = None) -> DrawEst
     # twice more, unvectorised: each about a one-sample draw of the whole job
     one_block = runs == 1
     one_sample = values / max(1, total)
-    lean = [True]  # the test draws' kind: False once a lean run failed (see _test_draws)
+    draw = _TestDraw(sampling, rows)
 
     def fit(points: list[tuple[int, float]]) -> tuple[float, float, float, bool]:
         """(seconds, per value, fixed per run, whether the slope stands out of the
         noise) from the first and last test draw."""
         (n1, t1), (n2, t2) = points[0], points[-1]
         v1, v2 = _values(layout, n1, rows or 0), _values(layout, n2, rows or 0)
-        predictive_runs = 2 if one_block and lean[0] else 0
+        predictive_runs = 2 if one_block and draw.lean else 0
         if n2 > n1 and t2 >= 1.25 * t1:
             per_value = (t2 - t1) / max(1, v2 - v1)
             fixed = max(0.0, t1 - per_value * v1)
@@ -415,7 +415,7 @@ def estimate_draw(sampling: SamplingJob, enough: float | None = None) -> DrawEst
     def decided(points: list[tuple[int, float]]) -> bool:
         return enough is not None and not open_(points)
 
-    points, spent = _test_draws(sampling, rows, total, open_, decided, lean)
+    points, spent = _test_draws(draw, total, open_, decided)
     log.debug("test draws (samples, seconds)%s: %s", f" on {rows} rows" if rows else "",
               ", ".join(f"({n}, {t:.4f})" for n, t in points))  # fmt: skip
     seconds, per_value, fixed, line = fit(points)
@@ -424,10 +424,9 @@ def estimate_draw(sampling: SamplingJob, enough: float | None = None) -> DrawEst
 
 
 def _test_draws(
-    sampling: SamplingJob, rows: int | None, total: int,
+    draw: _TestDraw, total: int,
     open_: Callable[[list[tuple[int, float]]], bool],
     decided: Callable[[list[tuple[int, float]]], bool] = lambda _points: False,
-    lean: list[bool] | None = None,
 ) -> tuple[list[tuple[int, float]], float]:  # fmt: skip
     """Timed draws ``[(samples, seconds)]`` and their total: one sample twice (the
     faster counts), then 4 to 16 times as many samples until a draw takes three times
@@ -435,20 +434,11 @@ def _test_draws(
     every sample, or the decision is already ``decided`` (a job estimated at most
     0.75 s against a 4 s cluster start needs no finer estimate).  A draw that would
     pass :data:`PROBE_BUDGET_S` is made only while the decision is ``open_``, and none
-    past :data:`PROBE_HARD_S`.  The draws are lean (vectorised runs alone) unless the
-    first one fails (say a guide whose own plates clash with the model's nesting): then
-    they time Predictive's own call, and ``lean[0]`` becomes False."""
+    past :data:`PROBE_HARD_S`."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one core, as a worker draws (and steady on a busy machine)
     try:
-        lean = [True] if lean is None else lean
-        try:
-            once = _timed_draw(sampling, 1, rows, lean=lean[0])
-        except Exception as exc:  # noqa: BLE001 (e.g. a guide's own plates clash there)
-            log.debug("lean test draw failed (%s): timing Predictive's call", _describe(exc))
-            lean[0] = False
-            once = _timed_draw(sampling, 1, rows, lean=False)
-        first = min(once, _timed_draw(sampling, 1, rows, lean=lean[0]))
+        first = min(draw(1), draw(1))
         points, spent = [(1, first)], 2 * first
         goal = max(PROBE_TARGET_S, 3 * first)
         while points[-1][0] < total:
@@ -464,7 +454,7 @@ def _test_draws(
             ):
                 break
             n = min(total, n * factor)
-            points.append((n, _timed_draw(sampling, n, rows, lean=lean[0])))
+            points.append((n, draw(n)))
             spent += points[-1][1]
     finally:
         torch.set_num_threads(threads)
@@ -480,6 +470,26 @@ def _values(layout, n: int, rows: int) -> int:
             per_sample = per_sample // max(1, site.shape[site.plate_axis]) * rows
         total += per_sample
     return n * total
+
+
+class _TestDraw:
+    """Timed, discarded draws of the job's first ``n`` samples (on ``rows`` rows of the
+    plate when it runs in blocks): ``lean`` (vectorised runs alone) unless a lean draw
+    fails (say a guide whose own plates clash with the model's nesting); from then on
+    they time Predictive's own call and ``lean`` is False."""
+
+    def __init__(self, sampling: SamplingJob, rows: int | None):
+        self.sampling, self.rows, self.lean = sampling, rows, True
+
+    def __call__(self, n: int) -> float:
+        try:
+            return _timed_draw(self.sampling, n, self.rows, lean=self.lean)
+        except Exception as exc:  # noqa: BLE001 (any failure of the lean run alone)
+            if not self.lean:
+                raise
+            log.debug("lean test draw failed (%s): timing Predictive's call", _describe(exc))
+            self.lean = False
+            return _timed_draw(self.sampling, n, self.rows, lean=False)
 
 
 def _timed_draw(sampling: SamplingJob, n: int, rows: int | None, lean: bool = True) -> float:

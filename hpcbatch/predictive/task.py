@@ -229,27 +229,27 @@ def draw_chunk(
                 job.model, posterior=posterior, num_samples=n, model_args=model_args,
                 model_kwargs=model_kwargs, layout=layout, rows=None,
             )  # fmt: skip
-            for name, value in draws.items():
-                emit(sites[name], value, None)
-            return
-        draws = core.predictive_draw(
-            job.model,
-            guide=job.guide,
-            posterior=posterior,
-            num_samples=n,
-            model_args=model_args,
-            model_kwargs=model_kwargs,
-            return_sites=layout.names,
-            guide_args=args,
-            guide_kwargs=kwargs,
-        )
+        else:
+            draws = core.predictive_draw(
+                job.model,
+                guide=job.guide,
+                posterior=posterior,
+                num_samples=n,
+                model_args=model_args,
+                model_kwargs=model_kwargs,
+                return_sites=layout.names,
+                guide_args=args,
+                guide_kwargs=kwargs,
+            )
         for name, value in draws.items():
             emit(sites[name], value, None)
         return
-    if job.guide is not None and lean:
-        posterior = core.vectorized_guide_draw(job.guide, n, args, kwargs, layout)
-    elif job.guide is not None:
-        posterior = core.guide_draw(job.guide, n, args, kwargs)
+    if job.guide is not None:
+        posterior = (
+            core.vectorized_guide_draw(job.guide, n, args, kwargs, layout)
+            if lean
+            else core.guide_draw(job.guide, n, args, kwargs)
+        )
     rows = draw_rows(layout.per_sample_bytes(in_plate=True), n, job.block)
     for row_start, row_stop, draws in core.draw_blocks(
         job.model, posterior=posterior, num_samples=n, model_args=args, model_kwargs=kwargs,
