@@ -55,7 +55,9 @@ def _wait_sacct(mn: dict, job_id: str, timeout: float = 60) -> dict[str, list[st
     deadline = time.monotonic() + timeout
     while True:
         rows = _sacct(mn, job_id)
-        if rows.get(job_id, [""])[0].split()[0] in slurm.FINISHED_STATES:
+        # slurmdbd may not have the job yet (no line at all): keep waiting
+        state = (rows.get(job_id, [""])[0].split() or [""])[0]
+        if state in slurm.FINISHED_STATES:
             return rows
         assert time.monotonic() < deadline, rows
         time.sleep(0.5)
