@@ -665,12 +665,10 @@ class WorkerJobWatch:
 def _job_state(job_id) -> str | None:
     """SLURM's state of a job (``scontrol``, else ``sacct``), e.g. ``CANCELLED``; None if
     SLURM does not know it (or cannot be asked)."""
-    from .slurm import job_info, sacct_record
+    from .slurm import job_info, job_state, sacct_record
 
     fields = job_info(job_id) or sacct_record(job_id)
-    if fields is None:
-        return None
-    return (fields.get("JobState") or "UNKNOWN").split()[0]
+    return None if fields is None else job_state(fields)
 
 
 def _address(address: str | None, timeout: float, stack: ExitStack, security=None):

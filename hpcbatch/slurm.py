@@ -801,7 +801,7 @@ def sacct_record(job_id: str, *, run: CommandRunner | None = None) -> dict[str, 
     main = next((r for r in rows if r.get("JobID") == str(job_id)), None)
     if main is None:
         return None
-    state = main.get("State", "UNKNOWN")
+    state = main.get("State") or "UNKNOWN"
     if any(r.get("State", "").startswith("OUT_OF_MEMORY") for r in rows):
         state = "OUT_OF_MEMORY"
     return {
@@ -841,6 +841,13 @@ FINISHED_STATES = {
 }
 
 
+def job_state(fields: Mapping[str, str] | None) -> str:
+    """The state word of a job's fields (``CANCELLED`` of ``CANCELLED by 0``);
+    ``UNKNOWN`` where there is none (no fields, an empty state)."""
+    words = ((fields or {}).get("JobState") or "").split()
+    return words[0] if words else "UNKNOWN"
+
+
 def wait_for_job(
     job_id: str,
     *,
@@ -858,7 +865,7 @@ def wait_for_job(
             info = jobcomp_record(job_id, jobcomp)
         if info is None:
             info = sacct_record(job_id, run=run)
-        state = (info or {}).get("JobState", "").split()[0] if info else ""
+        state = job_state(info) if info else ""
         if state in FINISHED_STATES:
             return info or {}
         if info is None:
@@ -919,7 +926,7 @@ def _seconds_left(fields: Mapping[str, str]) -> int | None:
 
 def classify_job(fields: Mapping[str, str], output: str = "") -> tuple[str, str]:
     """(reason, detail) from a job's state fields and the tail of its output."""
-    state = fields.get("JobState", "UNKNOWN").split()[0]
+    state = job_state(fields)
     exit_code = fields.get("ExitCode", "")
     lines = output.splitlines()
 
@@ -997,7 +1004,7 @@ def explain_job(
             detail += f"; its node {trouble} is down now: a node failure may be the cause"
     return JobDeath(
         job_id=str(job_id),
-        state=fields.get("JobState", "UNKNOWN").split()[0],
+        state=job_state(fields),
         reason=reason,
         detail=detail,
         exit_code=fields.get("ExitCode", ""),
@@ -1008,11 +1015,10 @@ def _settled(fields: dict[str, str] | None, job_id: str, run: CommandRunner | No
     """``scontrol``'s fields, with the final state from ``sacct`` while the job is still
     COMPLETING (its steps being cleaned up: a job past its time limit is TIMEOUT there
     already); unchanged where accounting has no final state yet."""
-    if fields is None or fields.get("JobState", "").split()[:1] != ["COMPLETING"]:
+    if fields is None or job_state(fields) != "COMPLETING":
         return fields
     record = sacct_record(job_id, run=run)
-    state = (record or {}).get("JobState", "").split()[:1]
-    if not state or state[0] not in FINISHED_STATES:
+    if record is None or job_state(record) not in FINISHED_STATES:
         return fields
     return {**fields, "JobState": record["JobState"], "ExitCode": record.get("ExitCode", "")}
 

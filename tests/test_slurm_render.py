@@ -920,6 +920,25 @@ def test_wait_for_job_finds_a_forgotten_job_in_sacct() -> None:
         slurm.wait_for_job("5", run=FakeScheduler({}), sleep=lambda s: None)
 
 
+def test_a_job_accounting_has_no_state_for_yet_is_waited_for_not_a_crash() -> None:
+    """slurmdbd lags behind slurmctld: sacct may print the job with an empty State
+    before its final one (and an empty JobState must not crash classification)."""
+    empty = "814||0:0|01:00:00|00:00:01|node03\n"
+    calls = iter([empty, empty, SACCT_TIMEOUT.replace("813", "814")])
+    run = FakeScheduler({}, sacct={"814": empty})
+    sleeps: list[float] = []
+
+    def lagging(argv):
+        if argv[0] == "sacct":
+            run.sacct["814"] = next(calls)
+        return run(argv)
+
+    info = slurm.wait_for_job("814", run=lagging, poll=0.5, sleep=sleeps.append)
+    assert info["JobState"] == "TIMEOUT" and sleeps == [0.5, 0.5]
+    assert slurm.job_state({"JobState": ""}) == "UNKNOWN"
+    assert slurm.classify_job({"JobState": "", "ExitCode": "0:9"})[0]
+
+
 def test_templates_ship_inside_the_package() -> None:
     """A non-editable install has no checkout: the templates must be package data."""
     import fnmatch
