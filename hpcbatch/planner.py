@@ -444,7 +444,7 @@ def make_plan(
     peak = footprint.fixed_bytes + threads * chunk * footprint.per_item_bytes
     if n < top:
         binding = _memory_binding(footprint, settings)
-    elif chunk == capacity and chunk_reason.startswith("memory"):
+    elif chunk_reason.startswith("memory"):
         binding = "memory (chunk size)"
     else:
         binding = cap_reason
@@ -545,7 +545,46 @@ def _choose_chunk(
     if settings.max_chunk is not None:
         options.append((settings.max_chunk, "max-chunk setting"))
     options.append((footprint.n_items, f"all {plural(footprint.n_items, item)} in one chunk"))
-    return min(options, key=lambda option: option[0])
+    chunk, reason = min(options, key=lambda option: option[0])
+    slots = n * settings.threads_per_worker
+    even = _even_tail(footprint.n_items, chunk, slots, settings.min_chunk)
+    if even != chunk:
+        n_items = footprint.n_items
+        reason += (
+            f"; {math.ceil(n_items / even)} chunks of {even}, not {math.ceil(n_items / chunk)} "
+            f"of {chunk}, share out evenly: at most {plural(_span(n_items, even, slots), item)} "
+            f"per {'thread' if settings.threads_per_worker > 1 else 'worker'}, "
+            f"not {_span(n_items, chunk, slots)}"
+        )
+    return even, reason
+
+
+def _span(n_items: int, chunk: int, slots: int) -> int:
+    """Items on the busiest of ``slots`` when chunks of ``chunk`` go to whichever is free
+    (all items taking the same time): the full chunks dealt round, the short last one to
+    a least-loaded slot."""
+    full, rest = divmod(n_items, chunk)
+    if full % slots:
+        return math.ceil(full / slots) * chunk
+    return full // slots * chunk + rest
+
+
+def _even_tail(n_items: int, chunk: int, slots: int, min_chunk: int) -> int:
+    """The chunk, at most ``chunk`` and at least ``min_chunk``, that leaves the shortest
+    tail: 20 items on 2 workers go as 10 chunks of 2 (10 items each), not 7 of 3 (one
+    worker drawing 11 while the other waits after 9).  Tried: the same number of rounds
+    of chunks over the slots, or one more round; a smaller chunk (more chunks, each with
+    its own overhead) must shorten the busiest slot by at least 1 % (and one item)."""
+    if n_items <= chunk * slots:
+        return chunk  # one round: every slot takes at most one chunk
+    rounds = math.ceil(math.ceil(n_items / chunk) / slots)
+    best, best_span = chunk, _span(n_items, chunk, slots)
+    for r in (rounds, rounds + 1):
+        trial = max(min_chunk, math.ceil(n_items / (r * slots)))
+        span = _span(n_items, trial, slots)
+        if trial < chunk and span <= best_span - max(1, best_span // 100):
+            best, best_span = trial, span
+    return best
 
 
 def _reasons(

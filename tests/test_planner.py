@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import math
 
 import pytest
@@ -39,6 +40,15 @@ def alloc(mem_bytes: int, cpus: int, gpus: tuple[GPU, ...] = ()) -> Resources:
     )
 
 
+def busiest(n_items: int, chunk: int, slots: int) -> int:
+    """Items on the busiest slot when chunks, in order, go to whichever slot is free first
+    (every item taking the same time): simulated, not the planner's formula."""
+    loads = [0] * slots
+    for start in range(0, n_items, chunk):
+        heapq.heapreplace(loads, loads[0] + min(chunk, n_items - start))
+    return max(loads)
+
+
 def check_plan(plan, footprint: Footprint, res: Resources, st_: PlanSettings) -> None:
     """Every invariant a user relies on."""
     assert plan.predicted_peak_bytes <= plan.memory_fraction * plan.memory_limit_bytes
@@ -62,9 +72,17 @@ def check_plan(plan, footprint: Footprint, res: Resources, st_: PlanSettings) ->
         per_chunk = min(st_.chunk_size or st_.min_chunk, footprint.n_items)
         assert plan.n_workers == math.ceil(footprint.n_items / per_chunk) < res.cpus
     elif plan.binding == "memory (chunk size)":
+        # the largest chunk that fits, or that chunk evened out over the workers' slots
         threads = plan.threads_per_worker
-        bigger = footprint.fixed_bytes + threads * (plan.chunk_size + 1) * footprint.per_item_bytes
+        room = plan.memory_fraction * plan.memory_limit_bytes - footprint.fixed_bytes
+        largest = int(room // (threads * footprint.per_item_bytes))
+        bigger = footprint.fixed_bytes + threads * (largest + 1) * footprint.per_item_bytes
         assert bigger > plan.memory_fraction * plan.memory_limit_bytes
+        slots = plan.n_workers * threads
+        assert plan.chunk_size <= largest
+        assert busiest(footprint.n_items, plan.chunk_size, slots) <= busiest(
+            footprint.n_items, largest, slots
+        )
     elif plan.binding.startswith("memory"):
         assert plan.n_workers < res.cpus
         assert any(r.startswith(f"workers: {plan.n_workers}, not ") for r in plan.reasons)
@@ -191,6 +209,54 @@ def test_chunk_shrinks_before_workers_drop():
     assert plan.n_workers == 4
     assert plan.binding == "memory (chunk size)"
     assert plan.chunk_size < math.ceil(1000 / (4 * 4))
+
+
+@pytest.mark.parametrize(
+    ("n_items", "chunks", "chunk", "was"),
+    [(20, 10, 2, "not 7 of 3"), (100, 10, 10, "not 8 of 13"), (40, 8, 5, None)],
+)
+def test_the_chunk_is_evened_out_so_no_worker_waits_on_a_tail(n_items, chunks, chunk, was):
+    """20 samples on 2 workers at ~4 chunks per worker: 7 chunks of 3 leave one worker 11
+    samples and the other 9; 10 chunks of 2 give each 10.  40 already shares out evenly."""
+    fp = Footprint("w", "sample", n_items, per_item_bytes=MiB, baseline_bytes=100 * MiB)
+    plan = make_plan(fp, alloc(16 * GB, 2))
+    assert (plan.n_workers, plan.n_chunks, plan.chunk_size) == (2, chunks, chunk)
+    assert busiest(n_items, chunk, 2) == n_items // 2
+    text = "\n".join(plan.reasons)
+    if was:
+        assert f"{chunks} chunks of {chunk}, {was}, share out evenly" in text, text
+        assert f"at most {n_items // 2} samples per worker" in text, text
+    else:
+        assert "share out evenly" not in text
+
+
+def test_a_memory_bound_chunk_is_evened_out_below_what_fits() -> None:
+    """5,000 items where 400 fit: 13 chunks (the last of 200) would leave one worker
+    2,600 items against 2,400; 14 chunks of 358 give at most 2,506."""
+    fp = Footprint("w", "item", 5000, per_item_bytes=MiB, baseline_bytes=100 * MiB)
+    st_ = PlanSettings(n_workers=2, chunk_size=None)
+    res = alloc((2 * (100 + 400) / 0.6 + 256 + 1) * MiB, 2)  # 400 items fit, not 401
+    plan = make_plan(fp, res, st_)
+    check_plan(plan, fp, res, st_)
+    assert plan.binding == "memory (chunk size)"
+    assert (plan.n_chunks, plan.chunk_size) == (14, 358)
+    assert busiest(5000, plan.chunk_size, 2) == 2506 < busiest(5000, 400, 2) == 2600
+    assert any(r.startswith("chunk: 358 items at 1.00 MiB each (memory: the most items whose "
+                            "working set fits under the target; 14 chunks of 358, not 13 of 400")
+               for r in plan.reasons), plan.reasons  # fmt: skip
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 3000), st.integers(1, 6), st.integers(1, 8))
+def test_property_evening_never_lengthens_the_busiest_worker(n_items, cpus, per_worker):
+    fp = Footprint("w", "item", n_items, per_item_bytes=1, baseline_bytes=MiB)
+    plan = make_plan(fp, alloc(64 * GB, cpus), PlanSettings(chunks_per_worker=per_worker))
+    slots = plan.n_workers * plan.threads_per_worker
+    balance = math.ceil(n_items / (plan.n_workers * per_worker))
+    assert plan.chunk_size <= balance
+    assert busiest(n_items, plan.chunk_size, slots) <= busiest(n_items, balance, slots)
+    # at most one more round of chunks over the workers than the balance chunk gives
+    assert plan.n_chunks <= (math.ceil(math.ceil(n_items / balance) / slots) + 1) * slots
 
 
 # ----------------------------------------------------------- the seed case ----
