@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
+import sys
 import subprocess
 import time
 from collections.abc import Iterator
@@ -171,13 +171,13 @@ def _hand_started_cluster(
     base: Path, env: dict, preload: str = "hpcbatch_test_hog"
 ) -> Iterator[str]:
     """`dask scheduler` + two `dask worker` processes; yields the scheduler file."""
-    dask_cli = shutil.which("dask") or pytest.skip("the dask command is not installed")
+    dask_cli = [sys.executable, "-m", "dask"]  # this interpreter's dask, PATH or not
     sched_file = base / "scheduler.json"
     commands = [
-        [dask_cli, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+        [*dask_cli, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
          "--scheduler-file", str(sched_file)],
     ] + [
-        [dask_cli, "worker", "--scheduler-file", str(sched_file), "--nthreads", "1",
+        [*dask_cli, "worker", "--scheduler-file", str(sched_file), "--nthreads", "1",
          "--memory-limit", WORKER_LIMIT, "--preload", preload, "--no-dashboard"]
     ] * 2  # fmt: skip
     procs: list[subprocess.Popen] = []
