@@ -231,12 +231,16 @@ def save_random_model(url: str, model_dir: Path, size: str, days: int, seed: int
 # ------------------------------------------------------------------- sampling ----
 
 
-def _is_worker(p) -> bool:
-    cmd = " ".join(p.cmdline())
-    if "spawn_main" in cmd:
-        return True
+def _is_worker(p, me: int) -> bool:
+    """A nanny's worker process: spawned by this process, or forked by the forkserver
+    this process started.  Not a process a worker forks in turn (a forked worker's
+    command line is the forkserver's, so its own children look alike by name)."""
     parent = p.parent()
-    return parent is not None and "multiprocessing.forkserver" in " ".join(parent.cmdline())
+    if parent is None:
+        return False
+    if parent.pid == me:
+        return "spawn_main" in " ".join(p.cmdline())
+    return parent.ppid() == me and "multiprocessing.forkserver" in " ".join(parent.cmdline())
 
 
 class WorkerSampler:
@@ -261,7 +265,7 @@ class WorkerSampler:
             # forkserver it started (stocks workers are; not the server itself)
             for p in self.me.children(recursive=True):
                 try:
-                    if p.pid not in self.samples and not _is_worker(p):
+                    if p.pid not in self.samples and not _is_worker(p, self.me.pid):
                         continue  # not a worker process (e.g. the resource tracker)
                     rss = p.memory_info().rss
                 except psutil.Error:

@@ -146,9 +146,12 @@ class TreeSampler:
         """The root's peak, the Dask workers' peaks and the others' (nannies run in the
         root: LocalCluster keeps them in the driver's process)."""
         def is_worker(e: dict) -> bool:  # spawned, dask-worker, or forked by a forkserver
-            parent = self.peaks.get(e["parent"], {}).get("cmd", "")
+            # (the forkserver the root started: a process a forked worker forks in turn
+            # carries the same command line, but its parent is that worker)
+            parent = self.peaks.get(e["parent"], {})
             return any(k in e["cmd"] for k in ("spawn_main", "distributed.cli")) or (
-                "forkserver" in e["cmd"] and "forkserver" in parent
+                "forkserver" in e["cmd"] and "forkserver" in parent.get("cmd", "")
+                and parent.get("parent") == self.root
             )
 
         children = [e for pid, e in self.peaks.items() if pid != self.root]

@@ -52,7 +52,12 @@ def test_quick_run_checks_every_size_and_measures_workers(quick_run):
         assert checks["stocks_selected"] == int(n)
         assert checks["prediction_rows"] == checks["stocks_with_enough_history"] * 2 > 0
         assert checks["ledger_chunks"] == entry["plan"]["n_chunks"]
-        assert len(entry["worker_peak_rss_bytes_psutil"]) == entry["plan"]["n_workers"]
+        # one timeline per worker process: the planned workers, and any a nanny restarted
+        workers = entry["plan"]["n_workers"] + entry["worker_deaths"]
+        assert len(entry["worker_peak_rss_bytes_psutil"]) == workers, (
+            entry["worker_peak_rss_bytes_psutil"], entry["worker_deaths"], n,
+            [(t["pid"], t["t"][:1], t["t"][-1:]) for t in saved["sizes"][n].get("timelines", [])],
+        )
         assert all(p > 50 * 1024**2 for p in entry["worker_peak_rss_bytes_psutil"])
         assert entry["predicted_peak_bytes"] > 0
     assert printed["load"]["rows"] > 0
