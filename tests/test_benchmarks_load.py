@@ -105,3 +105,53 @@ def test_nothing_lost_check_catches_a_lost_and_a_stray_row(quick_run):
     stray = mod.check_outputs(*args)
     engine.dispose()
     assert stray["ok"] is False and stray["no_stock_outside_selection"] is False
+
+
+def test_a_forked_workers_own_child_is_not_counted_as_a_worker():
+    """A worker forked by a forkserver carries the server's command line, and so do the
+    processes it forks in turn: only the server's own children are workers."""
+    import multiprocessing
+    import os
+    import time
+
+    import psutil
+
+    mod = _module()
+    ctx = multiprocessing.get_context("forkserver")
+    worker = ctx.Process(target=os.system, args=("sleep 60",))  # a worker that forks a child
+    worker.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not psutil.Process(worker.pid).children():
+            assert time.monotonic() < deadline and worker.is_alive()
+            time.sleep(0.05)
+        child = psutil.Process(worker.pid).children()[0]
+        me = os.getpid()
+        assert mod._is_worker(psutil.Process(worker.pid), me)
+        assert not mod._is_worker(child, me)
+        assert not mod._is_worker(psutil.Process(worker.pid).parent(), me)  # the server
+    finally:
+        for proc in psutil.Process(worker.pid).children(recursive=True):
+            proc.kill()
+        worker.kill()
+        worker.join(10)
+
+
+def test_the_stocks_benchmark_counts_the_forkservers_children_only():
+    spec = importlib.util.spec_from_file_location("bench_stocks", REPO / "benchmarks" / "stocks.py")
+    stocks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stocks)
+    server = "python -c from multiprocessing.forkserver import main; main(8, 9, ['torch'])"
+    sampler = stocks.TreeSampler(root=100)
+    sampler.peaks = {
+        100: {"peak": 500, "cmd": "python stocks.py --contender hpcbatch", "parent": 1},
+        101: {"peak": 300, "cmd": server, "parent": 100},  # the forkserver
+        102: {"peak": 400, "cmd": server, "parent": 101},  # its workers
+        103: {"peak": 410, "cmd": server, "parent": 101},
+        104: {"peak": 200, "cmd": server, "parent": 102},  # a worker's own fork
+        105: {"peak": 10, "cmd": "python -c from multiprocessing.resource_tracker ...",
+              "parent": 100},
+    }  # fmt: skip
+    split = sampler.split()
+    assert split["worker_peak_rss_bytes"] == [400, 410]
+    assert split["other_process_peaks_bytes"] == [10, 200, 300]
