@@ -462,6 +462,34 @@ def _rounds(name: str, contenders: list[str], data_dir, case, cap, opts) -> list
     return rows
 
 
+def measure_raw_draw(cap: int) -> dict | None:
+    """torch's raw NegativeBinomial rate, measured in a fresh process (``--child raw_draw``)."""
+    _watched, stdout, _, _ = _watch([sys.executable, __file__, "--child", "raw_draw"], cap, 120)
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+    return json.loads(lines[-1][len("RESULT ") :]) if lines else None
+
+
+def _observation_rows(name: str, contenders: list[str], data_dir, case, cap, opts):
+    """Each contender once (a case with observations runs for minutes), and the raw draw
+    rate right before and after the default call: the machine's speed drifts by 10-20 %
+    over minutes, and that rate is the call's yardstick.  (rows, the adjacent rates)"""
+    rows, adjacent = [], []
+    for contender in contenders:
+        default = next((r for r in rows if r["contender"] == "hpcbatch"), {})
+        if contender == "hpcbatch_cluster" and default.get("execution") == "cluster":
+            rows.append({"contender": contender, "status": "skipped: = hpcbatch"})
+            continue
+        paired = contender == "hpcbatch"
+        if paired:
+            adjacent.append(measure_raw_draw(cap))
+        row = run_contender(contender, data_dir, case, cap, opts.timeout_s)
+        if paired:
+            adjacent.append(measure_raw_draw(cap))
+        print(json.dumps({"case": name, **row}), file=sys.stderr, flush=True)
+        rows.append(row)
+    return rows, adjacent
+
+
 def _machine() -> dict:
     import psutil
     import pyro
@@ -547,14 +575,9 @@ def main() -> None:
     out = {"benchmark": "predictive", "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "command": " ".join(sys.argv), "machine": _machine(), "cap_bytes": cap,
            "sample_interval_s": SAMPLE_S, "load_avg_start": os.getloadavg(), "cases": {}}  # fmt: skip
-    def raw_draw() -> dict | None:
-        watched, stdout, _, _ = _watch([sys.executable, __file__, "--child", "raw_draw"], cap, 120)
-        lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
-        return json.loads(lines[-1][len("RESULT ") :]) if lines else None
-
     raw = None
     if any(CASES[name]["observations"] for name in opts.cases.split(",")):
-        raw = out["raw_draw"] = raw_draw()
+        raw = out["raw_draw"] = measure_raw_draw(cap)
         print(json.dumps({"raw_draw": raw}), file=sys.stderr, flush=True)
     for name in opts.cases.split(","):
         case = dict(CASES[name])
@@ -563,27 +586,13 @@ def main() -> None:
         data_dir = Path(opts.dir) / f"n{case['cells']}_t{case['features']}"
         t0, load0 = time.time(), os.getloadavg()
         _prepare(data_dir, case["cells"], case["features"])
-        rows, adjacent = [], []
-        if not case["observations"]:
-            rows = _rounds(name, opts.contenders.split(","), data_dir, case, cap, opts)
-        for contender in opts.contenders.split(",") if case["observations"] else ():
-            default = next((r for r in rows if r["contender"] == "hpcbatch"), {})
-            if contender == "hpcbatch_cluster" and default.get("execution") == "cluster":
-                rows.append({"contender": contender, "status": "skipped: = hpcbatch"})
-                continue
-            # the machine's speed drifts by 10-20 % over minutes: the raw rate is also
-            # measured right before and after the default call, its yardstick
-            paired = case["observations"] and contender == "hpcbatch"
-            if paired:
-                adjacent.append(raw_draw())
-            row = run_contender(contender, data_dir, case, cap, opts.timeout_s)
-            if paired:
-                adjacent.append(raw_draw())
-            print(json.dumps({"case": name, **row}), file=sys.stderr, flush=True)
-            rows.append(row)
-        case_draw = None
+        contenders = opts.contenders.split(",")
         if case["observations"]:
+            rows, adjacent = _observation_rows(name, contenders, data_dir, case, cap, opts)
             case_draw = run_contender("case_draw", data_dir, case, cap, opts.timeout_s)
+        else:
+            rows, adjacent = _rounds(name, contenders, data_dir, case, cap, opts), []
+            case_draw = None
         adjacent = [a for a in adjacent if a]
         out["cases"][name] = {**case, "prepare_s": time.time() - t0, "load_avg_start": load0,
                               "load_avg_end": os.getloadavg(), "contenders": rows,

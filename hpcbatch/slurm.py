@@ -865,16 +865,16 @@ def wait_for_job(
             info = jobcomp_record(job_id, jobcomp)
         if info is None:
             info = sacct_record(job_id, run=run)
-        state = job_state(info) if info else ""
+        state = job_state(info)
         if state in FINISHED_STATES:
-            return info or {}
+            return info
         if info is None:
             raise HpcbatchError(
                 f"SLURM does not know job {job_id}: check the job id and SLURM_CONF"
             )
         if time.monotonic() > deadline:
             raise HpcbatchError(
-                f"job {job_id} still {state or 'unknown'} after {timeout:.0f} s: "
+                f"job {job_id} still {state} after {timeout:.0f} s: "
                 f"check squeue -j {job_id}"
             )
         sleep(poll)

@@ -56,8 +56,7 @@ def _wait_sacct(mn: dict, job_id: str, timeout: float = 60) -> dict[str, list[st
     while True:
         rows = _sacct(mn, job_id)
         # slurmdbd may not have the job yet (no line at all): keep waiting
-        state = (rows.get(job_id, [""])[0].split() or [""])[0]
-        if state in slurm.FINISHED_STATES:
+        if slurm.job_state({"JobState": rows.get(job_id, [""])[0]}) in slurm.FINISHED_STATES:
             return rows
         assert time.monotonic() < deadline, rows
         time.sleep(0.5)
