@@ -17,6 +17,12 @@ to its return, cluster start and stop included).  Memory is measured the same wa
 every contender, from this (parent) process: every 0.1 s it reads ``/proc/PID/status``
 of the contender and of all its descendants (the list refreshed every 0.5 s): VmHWM per
 process (its exact peak) and the sum of VmRSS over the tree (the peak of that sum).
+CPU is measured the same way for every contender too: its own process's user + system
+time inside the clock (``getrusage``), plus, from ``/proc/PID/stat`` at the same samples,
+the CPU time of every process it started (hpcbatch: the workers' forkserver and the
+workers).  Their sum over the machine's cores is the shortest wall time that work could
+take, so ``hpcbatch_cpu_bound_over_floor`` is the most hpcbatch could reach against the
+floor here with the CPU it spent (the workers' and the driver's, the forkserver's imports).
 hpcbatch's run also reports its own per-chunk split (read, features, inference, write)
 summed over the chunks, and the idle share of the workers (startup, dispatch, tail).
 
@@ -44,6 +50,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import threading
@@ -96,6 +103,24 @@ def _descendants(root: int) -> dict[int, int]:
     return found
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu(pid: int) -> float:
+    """User + system CPU seconds ``pid`` has used so far (0.0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICK
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _own_cpu() -> float:
+    """This process's user + system CPU seconds (all its threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _cmdline(pid: int) -> str:
     try:
         # the head: a forkserver's command line ends in a long preload list and sys.path
@@ -105,7 +130,9 @@ def _cmdline(pid: int) -> str:
 
 
 class TreeSampler:
-    """VmHWM of every process of ``root``'s tree and the peak of the tree's summed VmRSS."""
+    """VmHWM of every process of ``root``'s tree, the peak of the tree's summed VmRSS and
+    each process's CPU seconds at its last sample (a process sampled every 0.1 s: at most
+    0.1 s of its CPU time, at its very end, is missed)."""
 
     def __init__(self, root: int):
         self.root = root
@@ -131,6 +158,7 @@ class TreeSampler:
                     pid, {"peak": 0, "cmd": _cmdline(pid), "parent": pids[pid]}
                 )
                 entry["peak"] = max(entry["peak"], hwm, rss)
+                entry["cpu_s"] = max(entry.get("cpu_s", 0.0), _cpu(pid))
             self.total_peak = max(self.total_peak, total)
             self._stop.wait(SAMPLE_S)
 
@@ -155,11 +183,16 @@ class TreeSampler:
             )
 
         children = [e for pid, e in self.peaks.items() if pid != self.root]
+        workers = [e for e in children if is_worker(e)]
+        others = [e for e in children if not is_worker(e)]
         return {
             "peak_rss_bytes": self.peaks.get(self.root, {}).get("peak", 0),
-            "worker_peak_rss_bytes": sorted(e["peak"] for e in children if is_worker(e)),
-            "other_process_peaks_bytes": sorted(e["peak"] for e in children if not is_worker(e)),
+            "worker_peak_rss_bytes": sorted(e["peak"] for e in workers),
+            "other_process_peaks_bytes": sorted(e["peak"] for e in others),
             "total_peak_rss_bytes": self.total_peak,
+            # the root's own CPU inside the clock comes from the contender (getrusage)
+            "worker_cpu_s": round(sum(e.get("cpu_s", 0.0) for e in workers), 2),
+            "other_process_cpu_s": round(sum(e.get("cpu_s", 0.0) for e in others), 2),
         }
 
 
@@ -180,7 +213,7 @@ def run_naive(db: str, model_dir: str, lookback: int, predict_days: int) -> dict
     from hpcbatch.stocks.sink import bars_from_rows, bars_query, list_codes, upsert_predictions
     from hpcbatch.stocks.windows import prediction_windows
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _own_cpu()
     engine = make_engine(db)
     init_db(engine)
     loaded = _model_loaded(model_dir)
@@ -201,6 +234,7 @@ def run_naive(db: str, model_dir: str, lookback: int, predict_days: int) -> dict
     return {
         "windows": len(out),
         "wall_s": round(wall, 2),
+        "cpu_s": round(_own_cpu() - cpu0, 2),
         "windows_per_s": round(len(out) / wall, 1),
         "array_bytes": {"features": int(features.nbytes), "windows": int(windows.nbytes)},
     }
@@ -223,12 +257,13 @@ def run_floor(db: str, model_dir: str, lookback: int, predict_days: int) -> dict
         prediction_windows(compute_features(bars)[keep], predict_days)
     )
     del bars
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _own_cpu()
     returns, _, _ = predict_windows(loaded, windows, cpu_batch(loaded.config))
     wall = time.perf_counter() - t0
     return {
         "windows": int(returns.size),
         "wall_s": round(wall, 2),
+        "cpu_s": round(_own_cpu() - cpu0, 2),
         "windows_per_s": round(returns.size / wall, 1),
     }
 
@@ -244,12 +279,13 @@ def run_hpcbatch(db: str, model_dir: str, lookback: int, predict_days: int) -> d
     settings = hb_config.load()
     settings["cluster"]["dashboard-address"] = "127.0.0.1:0"
     opts = PredictOptions(lookback_days=lookback, predict_days=predict_days, use_gpu="false")
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _own_cpu()
     report = predict(
         db, model_dir, settings=settings, options=opts, run_id=f"bench-{time.time():.0f}",
         report_dir=None, progress=False, quiet=True,
     )  # fmt: skip
     wall = time.perf_counter() - t0
+    cpu = _own_cpu() - cpu0
     meta = report.results_meta or {}
     windows = int(meta.get("windows", 0))
     plan = report.plan or {}
@@ -259,6 +295,7 @@ def run_hpcbatch(db: str, model_dir: str, lookback: int, predict_days: int) -> d
         "windows": windows,
         "wall_s": round(wall, 2),
         "run_wall_s": report.wall_time_s,
+        "cpu_s": round(cpu, 2),  # the driver (scheduler, nannies, runner, report)
         "windows_per_s": round(windows / wall, 1),
         "windows_per_s_excluding_startup": round(windows / max(report.wall_time_s, 1e-9), 1),
         "worker_peak_rss_bytes_runner": report.measured_peak_bytes,
@@ -361,7 +398,12 @@ def run_contender(name: str, url: str, model_dir: str, days: int, predict_days: 
     memory = sampler.split()
     if name != "hpcbatch":
         memory.pop("worker_peak_rss_bytes")
+        memory.pop("worker_cpu_s")
     result.update(memory)
+    if "cpu_s" in result:  # the contender's own CPU inside the clock + its children's
+        result["total_cpu_s"] = round(
+            result["cpu_s"] + memory.get("worker_cpu_s", 0.0) + memory["other_process_cpu_s"], 2
+        )
     result["load_avg"] = {"start": [round(x, 2) for x in load_start],
                           "end": [round(x, 2) for x in os.getloadavg()]}  # fmt: skip
     return result
@@ -379,6 +421,9 @@ def machine() -> dict:
         "distributed": distributed.__version__,
         "memory_sampling": f"/proc/PID/status of each contender's process tree every {SAMPLE_S} s "
                            "from the parent: VmHWM per process, peak of the summed VmRSS",
+        "cpu_sampling": "getrusage of the contender's own process inside the clock, plus "
+                        f"/proc/PID/stat utime + stime of the processes it started, every {SAMPLE_S} s",
+        "cores": len(os.sched_getaffinity(0)),
     }  # fmt: skip
 
 
@@ -470,6 +515,12 @@ def _ratios(entry: dict) -> dict:
         out["hpcbatch_over_floor_throughput"] = round(h["windows_per_s"] / f["windows_per_s"], 3)
         out["hpcbatch_over_floor_excluding_startup"] = round(
             h["windows_per_s_excluding_startup"] / f["windows_per_s"], 3
+        )
+    if f.get("windows_per_s") and h.get("total_cpu_s") and h.get("windows"):
+        # hpcbatch's CPU work spread perfectly over every core: its shortest possible wall
+        cores = len(os.sched_getaffinity(0))
+        out["hpcbatch_cpu_bound_over_floor"] = round(
+            h["windows"] / (h["total_cpu_s"] / cores) / f["windows_per_s"], 3
         )
     if n.get("peak_rss_bytes") and h.get("total_peak_rss_bytes"):
         out["hpcbatch_total_over_naive_peak"] = round(

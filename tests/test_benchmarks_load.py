@@ -12,8 +12,10 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import sqlalchemy as sa
 
@@ -144,14 +146,38 @@ def test_the_stocks_benchmark_counts_the_forkservers_children_only():
     server = "python -c from multiprocessing.forkserver import main; main(8, 9, ['torch'])"
     sampler = stocks.TreeSampler(root=100)
     sampler.peaks = {
-        100: {"peak": 500, "cmd": "python stocks.py --contender hpcbatch", "parent": 1},
-        101: {"peak": 300, "cmd": server, "parent": 100},  # the forkserver
-        102: {"peak": 400, "cmd": server, "parent": 101},  # its workers
-        103: {"peak": 410, "cmd": server, "parent": 101},
-        104: {"peak": 200, "cmd": server, "parent": 102},  # a worker's own fork
+        100: {"peak": 500, "cmd": "python stocks.py --contender hpcbatch", "parent": 1,
+              "cpu_s": 9.0},
+        101: {"peak": 300, "cmd": server, "parent": 100, "cpu_s": 1.5},  # the forkserver
+        102: {"peak": 400, "cmd": server, "parent": 101, "cpu_s": 4.0},  # its workers
+        103: {"peak": 410, "cmd": server, "parent": 101, "cpu_s": 4.25},
+        104: {"peak": 200, "cmd": server, "parent": 102, "cpu_s": 0.25},  # a worker's fork
         105: {"peak": 10, "cmd": "python -c from multiprocessing.resource_tracker ...",
-              "parent": 100},
+              "parent": 100, "cpu_s": 0.01},
     }  # fmt: skip
     split = sampler.split()
     assert split["worker_peak_rss_bytes"] == [400, 410]
     assert split["other_process_peaks_bytes"] == [10, 200, 300]
+    # CPU the same way: the workers' apart, the root's own left to the contender (getrusage)
+    assert split["worker_cpu_s"] == 8.25
+    assert split["other_process_cpu_s"] == 1.76
+
+
+def test_the_stocks_benchmark_reads_a_process_cpu_time_as_proc_stat_says():
+    spec = importlib.util.spec_from_file_location("bench_stocks", REPO / "benchmarks" / "stocks.py")
+    stocks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stocks)
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                             "while time.process_time() - t < 0.6: pass\ntime.sleep(30)"])  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while stocks._cpu(busy.pid) < 0.6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        used = stocks._cpu(busy.pid)
+        assert 0.6 <= used < 2.0, used  # the spin's CPU, not wall time or a tick count
+        times = psutil.Process(busy.pid).cpu_times()
+        assert times.user + times.system == pytest.approx(used, abs=0.05)
+    finally:
+        busy.kill()
+        busy.wait()
+    assert stocks._cpu(busy.pid) == 0.0  # gone: nothing, not an error
