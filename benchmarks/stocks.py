@@ -409,6 +409,45 @@ def run_contender(name: str, url: str, model_dir: str, days: int, predict_days: 
     return result
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def speed_probe() -> dict:
+    """The machine's speed right now, one thread, best of 3: a pure-Python loop (reading
+    rows and Dask's own work are Python) and a 512 x 512 float32 matmul (inference).  A
+    virtual machine's speed drifts from day to day and hour to hour (the same loop took
+    1.3-2.8 s within minutes on 2026-12-07): compare sets only where these agree."""
+    import torch
+
+    def loop() -> float:
+        t0, total = time.perf_counter(), 0
+        for i in range(5_000_000):
+            total += i
+        return time.perf_counter() - t0
+
+    def matmul() -> float:
+        a, b = torch.randn(512, 512), torch.randn(512, 512)
+        t0 = time.perf_counter()
+        for _ in range(200):
+            a @ b
+        return time.perf_counter() - t0
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return {"python_loop_s": round(min(loop() for _ in range(3)), 3),
+                "matmul_s": round(min(matmul() for _ in range(3)), 3)}  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+
+
 def machine() -> dict:
     import distributed
     import sqlalchemy
@@ -416,6 +455,7 @@ def machine() -> dict:
 
     return {
         "host": platform.node(), "cpus": os.cpu_count(), "machine": platform.machine(),
+        "cpu_model": _cpu_model(),
         "python": platform.python_version(), "torch": torch.__version__,
         "numpy": np.__version__, "sqlalchemy": sqlalchemy.__version__,
         "distributed": distributed.__version__,
@@ -435,6 +475,7 @@ def run_model(args: argparse.Namespace, model_size: str, predict_days: int) -> d
         "predict_days": predict_days,
         "model_size": model_size,
         "load_avg_start": [round(x, 2) for x in os.getloadavg()],
+        "speed_probe_start": speed_probe(),
         "sizes": {},
     }
     out = Path(args.out_dir) / f"results-stocks-{model_size}.json" if args.out_dir else None
@@ -464,6 +505,7 @@ def run_model(args: argparse.Namespace, model_size: str, predict_days: int) -> d
         results["sizes"][str(stocks)] = entry
         results["flatness"] = _flatness(results["sizes"])
         results["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+        results["speed_probe_end"] = speed_probe()
         if out:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(results, indent=2) + "\n")

@@ -61,7 +61,37 @@ def stocks_table(paths: tuple[Path, ...] = (HERE / "results-stocks-small.json",
             f"during the set ({r['machine']['cpus']} cores, torch {r['machine']['torch']}, "
             f"distributed {r['machine']['distributed']})"
         )
+        if "speed_probe_start" in r:  # the machine's one-thread speed, before and after
+            a, b = r["speed_probe_start"], r["speed_probe_end"]
+            notes[-1] += (f"; speed probe, one thread: Python loop {a['python_loop_s']:.3f} -> "
+                          f"{b['python_loop_s']:.3f} s, matmul {a['matmul_s']:.3f} -> "
+                          f"{b['matmul_s']:.3f} s ({r['machine']['cpu_model']})")  # fmt: skip
     return "\n".join(rows + [""] + [f"- {x}." for x in notes])
+
+
+def stocks_cpu_table(paths: tuple[Path, ...] = (HERE / "results-stocks-small.json",
+                                                HERE / "results-stocks-full.json")) -> str:
+    """Where hpcbatch's CPU went in the stocks table's rounds, and the most it could reach
+    against the floor with that CPU on the machine's cores."""
+    rows = [
+        "| stocks, model | hpcbatch wall | CPU-s: driver | forkserver (+ tracker) | workers | total | floor wall (CPU-s) | hpcbatch / floor | most it could reach with that CPU |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    cores = set()
+    for path in paths:
+        r = json.loads(path.read_text())
+        cores.add(r["machine"].get("cores", r["machine"]["cpus"]))
+        for stocks, e in r["sizes"].items():
+            h, f, q = e["hpcbatch"], e["floor"], e["ratios"]
+            rows.append(
+                f"| {int(stocks):,}, {r['model_size']} | {h['wall_s']:.2f} s | {h['cpu_s']:.2f} "
+                f"| {h['other_process_cpu_s']:.2f} | {h['worker_cpu_s']:.2f} | {h['total_cpu_s']:.2f} "
+                f"| {f['wall_s']:.2f} s ({f['cpu_s']:.2f}) | {q['hpcbatch_over_floor_throughput']:.2f}x "
+                f"| {q['hpcbatch_cpu_bound_over_floor']:.2f}x |"
+            )
+    n = "/".join(str(c) for c in sorted(cores))
+    return "\n".join(rows + ["", f"The last column is the floor's wall time over hpcbatch's total CPU seconds / {n} cores: "
+                              "hpcbatch's work spread perfectly over every core, with nothing waiting."])  # fmt: skip
 
 
 def _cell(row: dict | None) -> str:
@@ -144,6 +174,8 @@ if __name__ == "__main__":
     print(runner_overhead_table())
     print()
     print(stocks_table())
+    print()
+    print(stocks_cpu_table())
     print()
     print(predictive_table())
     print()

@@ -9,8 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path

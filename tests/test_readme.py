@@ -26,7 +26,7 @@ def test_readme_map_snippet_is_the_one_tests_run_and_at_most_15_lines():
     assert "hpcbatch.map(" in snippet
 
 
-TABLES = ["runner_overhead_table", "stocks_table", "predictive_table", "calibration_table"]
+TABLES = ["runner_overhead_table", "stocks_table", "stocks_cpu_table", "predictive_table", "calibration_table"]
 
 
 def _tables():
