@@ -82,6 +82,12 @@ def _status(pid: int) -> tuple[int, int]:
     return rss, hwm
 
 
+def _stat(pid: int | str) -> list[str]:
+    """The fields of ``/proc/PID/stat`` after the command name (state first; the name
+    may hold spaces and parentheses, so it is cut at the last ')')."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def _descendants(root: int) -> dict[int, int]:
     """pid -> parent pid of ``root`` and all its descendants."""
     children: dict[int, list[int]] = {}
@@ -89,8 +95,7 @@ def _descendants(root: int) -> dict[int, int]:
         if not entry.name.isdigit():
             continue
         try:
-            stat = Path(f"/proc/{entry.name}/stat").read_text()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            ppid = int(_stat(entry.name)[1])
         except (OSError, ValueError, IndexError):
             continue
         children.setdefault(ppid, []).append(int(entry.name))
@@ -109,7 +114,7 @@ _TICK = os.sysconf("SC_CLK_TCK")
 def _cpu(pid: int) -> float:
     """User + system CPU seconds ``pid`` has used so far (0.0 once it is gone)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = _stat(pid)  # utime and stime, in clock ticks
         return (int(fields[11]) + int(fields[12])) / _TICK
     except (OSError, ValueError, IndexError):
         return 0.0
@@ -182,9 +187,11 @@ class TreeSampler:
                 and parent.get("parent") == self.root
             )
 
-        children = [e for pid, e in self.peaks.items() if pid != self.root]
-        workers = [e for e in children if is_worker(e)]
-        others = [e for e in children if not is_worker(e)]
+        workers: list[dict] = []
+        others: list[dict] = []
+        for pid, e in self.peaks.items():
+            if pid != self.root:
+                (workers if is_worker(e) else others).append(e)
         return {
             "peak_rss_bytes": self.peaks.get(self.root, {}).get("peak", 0),
             "worker_peak_rss_bytes": sorted(e["peak"] for e in workers),
@@ -506,11 +513,16 @@ def run_model(args: argparse.Namespace, model_size: str, predict_days: int) -> d
         results["sizes"][str(stocks)] = entry
         results["flatness"] = _flatness(results["sizes"])
         results["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
-        results["speed_probe_end"] = speed_probe()
-        if out:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(results, indent=2) + "\n")
+        _save(out, results)  # after every size: a set cut short keeps what it measured
+    results["speed_probe_end"] = speed_probe()
+    _save(out, results)
     return results
+
+
+def _save(out: Path | None, results: dict) -> None:
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
 
 
 def main() -> None:

@@ -61,7 +61,7 @@ def stocks_table(paths: tuple[Path, ...] = (HERE / "results-stocks-small.json",
             f"during the set ({r['machine']['cpus']} cores, torch {r['machine']['torch']}, "
             f"distributed {r['machine']['distributed']})"
         )
-        if "speed_probe_start" in r:  # the machine's one-thread speed, before and after
+        if "speed_probe_end" in r:  # the machine's one-thread speed, before and after
             a, b = r["speed_probe_start"], r["speed_probe_end"]
             notes[-1] += (f"; speed probe, one thread: Python loop {a['python_loop_s']:.3f} -> "
                           f"{b['python_loop_s']:.3f} s, matmul {a['matmul_s']:.3f} -> "

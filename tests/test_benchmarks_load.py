@@ -114,9 +114,6 @@ def test_a_forked_workers_own_child_is_not_counted_as_a_worker():
     processes it forks in turn: only the server's own children are workers."""
     import multiprocessing
     import os
-    import time
-
-    import psutil
 
     mod = _module()
     ctx = multiprocessing.get_context("forkserver")
